@@ -1,0 +1,36 @@
+# lcm-farm: `make demo` renders images with the built-in tiny model; `make test` runs the suite.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+INSTALL = $(PIP) install --quiet --constraint constraints.txt
+
+.PHONY: demo test lint install install-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+
+$(VENV)/.worker-installed: $(BIN)/python pyproject.toml constraints.txt
+	$(INSTALL) --editable '.[worker]'
+	touch $@
+
+$(VENV)/.test-installed: $(BIN)/python pyproject.toml constraints.txt
+	$(INSTALL) --editable '.[test]'
+	touch $@ $(VENV)/.worker-installed
+
+install: $(VENV)/.worker-installed
+install-test: $(VENV)/.test-installed
+
+demo: install
+	$(BIN)/farm generate --model farm/tiny-lcm "a lighthouse at dusk" --num-images 4 --out ./out
+
+lint: install-test
+	$(BIN)/ruff check farm tasks models db migrations tests benchmarks
+	$(BIN)/mypy
+
+test: install-test lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

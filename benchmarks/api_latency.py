@@ -1,0 +1,302 @@
+"""Latency the HTTP API adds around a render: submit → result, minus the worker's render time.
+
+    python benchmarks/api_latency.py [--requests 200] [--concurrency 1] [--steps 2]
+                                     [--modes subscribe,poll-10ms,stream,run]
+
+Starts its own private Redis, PostgreSQL and S3 (moto) servers, ``farm db upgrade``,
+one ``farm worker --model farm/tiny-lcm`` on the CPU and ``farm api`` over plain HTTP
+on 127.0.0.1 (no TLS: the handshake is not what is measured), makes an API key, and
+sends ``--requests`` requests per mode (64x64, ``--steps`` steps, one image,
+``sync_mode: false``) with ``farm.client``:
+
+- ``subscribe``: ``SyncClient.subscribe()`` polling status every 0.1 s, as fal's client does;
+- ``poll-10ms``: the same with a 0.01 s poll, which shows what the 0.1 s interval costs;
+- ``stream``: ``subscribe(use_stream=True)``, following the server-sent status events;
+- ``run``: one blocking ``POST /run/…`` (the server waits on the ledger for the client).
+
+overhead = (result received − submit started) − ``timings.inference`` of the output.
+The ledger's timestamps split it into:
+
+- api: submit sent → job row made (HTTP, key check, validation, idempotency and limit queries);
+- queue: → the worker starts the job (publish, broker hop, worker pickup, job read);
+- store: → the image row is written, less the render itself (safety check, JPEG encode,
+  S3 upload, image row);
+- finish: → the job is COMPLETED in the ledger (progress log, completion check);
+- notice: → the client sees COMPLETED (the poll interval and one status call; for ``run``
+  the server's own wait loop and the output read, so ``result`` is 0 there);
+- result: → the output is received (GET, presigning the URL).
+
+All clocks are this machine's.
+The last line is one JSON object; the headline figures are those of ``--headline``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _stack import ServerStack  # noqa: E402  (benchmarks/_stack.py)
+
+from tests.services import free_port, wait_for  # noqa: E402
+from tests.workers import FARM, WorkerProcess  # noqa: E402
+
+MODES: dict[str, dict[str, Any]] = {
+    "subscribe": {"poll_interval": 0.1},
+    "poll-10ms": {"poll_interval": 0.01},
+    "stream": {"use_stream": True},
+    "run": {},
+}
+STAGES = ("api", "queue", "store", "finish", "notice", "result")
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) by linear interpolation."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    pos = (len(ordered) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+class Stack(ServerStack):
+    """Private servers, one worker and ``farm api``; ``close()`` stops them all."""
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.api: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.start_servers(FARM_MAX_JOBS_IN_FLIGHT="10000")
+        self.key = self.farm("keys", "create", "--owner", "bench", "--name", "api_latency").strip().splitlines()[-1]
+        worker = WorkerProcess(self.env)
+        self.closers.append(worker.stop)
+        worker.start()
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        log = open(self.workdir / "api.log", "wb")  # noqa: SIM115 (closed in close())
+        command = [FARM, "api", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+        self.api = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)  # fmt: skip
+        self.closers.append(self._stop_api)
+        self.closers.append(log.close)
+
+        def healthy() -> bool:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
+                return bool(resp.status == 200)
+
+        wait_for(healthy, "farm api", self.api, 60)
+
+    def _stop_api(self) -> None:
+        if self.api is not None and self.api.poll() is None:
+            os.killpg(self.api.pid, signal.SIGTERM)
+            try:
+                self.api.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.api.pid, signal.SIGKILL)
+                self.api.wait(5)
+
+    def ledger_times(self, ids: list[str]) -> dict[str, tuple[float, ...]]:
+        """request id or idempotency key → Unix times (created, started, last image stored, finished)."""
+        from sqlalchemy import create_engine, text
+
+        query = text("SELECT j.id, j.idempotency_key, j.created_at, j.started_at, max(i.created_at), j.finished_at "
+                     "FROM jobs j JOIN images i ON i.job_id = j.id "
+                     "WHERE j.id = ANY(:ids) OR j.idempotency_key = ANY(:ids) GROUP BY j.id")  # fmt: skip
+        engine = create_engine(self.db_url)
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(query, {"ids": ids}).all()
+        finally:
+            engine.dispose()
+        out = {}
+        for rid, key, *stamps in rows:
+            out[rid] = out[key or rid] = tuple(t.timestamp() for t in stamps)
+        return out
+
+
+def one_request(url: str, key: str, mode: str, payload: dict[str, Any]) -> dict[str, Any]:
+    from farm.client import Completed, Status
+
+    client = _client(url, key)
+    seen: dict[str, float] = {}
+
+    def on_update(status: Status) -> None:
+        if isinstance(status, Completed):
+            seen["done"] = time.time()
+
+    t0 = time.time()
+    if mode == "run":
+        rid = uuid.uuid4().hex  # the run reply has no id: the input's request_id finds the job in the ledger
+        out = client.run({**payload, "request_id": rid})
+    else:
+        handle = client.submit(payload)
+        seen["submitted"] = time.time()
+        rid = handle.request_id
+        out = handle.wait(on_queue_update=on_update, **MODES[mode])
+    t1 = time.time()
+    return {"rid": rid, "t0": t0, "t1": t1, "done": seen.get("done", t1), "inference": out.timings["inference"]}
+
+
+_clients = threading.local()
+
+
+def _client(url: str, key: str) -> Any:
+    from farm.client import SyncClient
+
+    if getattr(_clients, "client", None) is None:
+        _clients.client = SyncClient(url, key=key, max_retries=0)
+    return _clients.client
+
+
+def measure(stack: Stack, mode: str, n: int, concurrency: int, payload: dict[str, Any]) -> dict[str, Any]:
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        samples = list(pool.map(lambda _: one_request(stack.url, stack.key, mode, payload), range(n)))
+    wall = time.perf_counter() - started
+    total = [(s["t1"] - s["t0"]) * 1000 for s in samples]
+    render = [s["inference"] * 1000 for s in samples]
+    overhead = [t - r for t, r in zip(total, render, strict=True)]
+    report: dict[str, Any] = {
+        "requests": n,
+        "p50_overhead_ms": round(pct(overhead, 0.5), 2),
+        "p90_overhead_ms": round(pct(overhead, 0.9), 2),
+        "p99_overhead_ms": round(pct(overhead, 0.99), 2),
+        "mean_overhead_ms": round(statistics.fmean(overhead), 2),
+        "p50_total_ms": round(pct(total, 0.5), 2),
+        "p99_total_ms": round(pct(total, 0.99), 2),
+        "p50_render_ms": round(pct(render, 0.5), 2),
+        "requests_per_s": round(n / wall, 2),
+    }
+    ids = [s["rid"] for s in samples]
+    if ids:
+        times = stack.ledger_times(ids)
+        parts: dict[str, list[float]] = {k: [] for k in STAGES}
+        for s in samples:
+            created, begun, stored, finished = times[s["rid"]]
+            parts["api"].append(created - s["t0"])
+            parts["queue"].append(begun - created)
+            parts["store"].append(stored - begun - s["inference"])
+            parts["finish"].append(finished - stored)
+            parts["notice"].append(s["done"] - finished)
+            parts["result"].append(s["t1"] - s["done"])
+        report["split_p50_ms"] = {k: round(pct(v, 0.5) * 1000, 2) for k, v in parts.items()}
+        report["split_mean_ms"] = {k: round(statistics.fmean(v) * 1000, 2) for k, v in parts.items()}
+        own = [sum(parts[k][i] for k in STAGES if k != "notice") * 1000 for i in range(n)]
+        report["p50_without_notice_ms"] = round(pct(own, 0.5), 2)  # the farm's part, whatever the polling
+    return report
+
+
+def status_call_ms(stack: Stack, payload: dict[str, Any], n: int = 200) -> float:
+    """p50 of one GET status round trip on a finished job: the floor of any poll."""
+    client = _client(stack.url, stack.key)
+    handle = client.submit(payload)
+    handle.wait(poll_interval=0.01)
+    calls = []
+    for _ in range(n):
+        t = time.perf_counter()
+        handle.status()
+        calls.append((time.perf_counter() - t) * 1000)
+    return round(pct(calls, 0.5), 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=200, help="requests per mode")
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=2, choices=(1, 2))
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--headline", default="subscribe", choices=tuple(MODES))
+    parser.add_argument("--no-safety-checker", action="store_true", help="skip the (tiny) safety checker")
+    args = parser.parse_args()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if unknown := set(modes) - set(MODES):
+        parser.error(f"unknown modes {sorted(unknown)}; known: {', '.join(MODES)}")
+    if args.headline not in modes:
+        modes.insert(0, args.headline)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    payload = {"model_name": "farm/tiny-lcm", "prompt": "a lighthouse at dusk", "num_images": 1,
+               "image_size": {"width": 64, "height": 64}, "num_inference_steps": args.steps,
+               "sync_mode": False, "enable_safety_checker": not args.no_safety_checker}  # fmt: skip
+    workdir = Path(tempfile.mkdtemp(prefix="farm-bench-api-"))
+    stack = Stack(workdir)
+    ok = False
+    try:
+        print("starting Redis, PostgreSQL, S3 (moto), farm worker and farm api …", file=sys.stderr)
+        stack.start()
+        for _ in range(args.warmup):
+            one_request(stack.url, stack.key, "poll-10ms", payload)
+        floor = status_call_ms(stack, payload)
+        results = {}
+        for mode in modes:
+            print(f"{mode}: {args.requests} requests, concurrency {args.concurrency} …", file=sys.stderr)
+            results[mode] = measure(stack, mode, args.requests, args.concurrency, payload)
+        ok = True
+    finally:
+        stack.close()
+        if ok:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"kept {workdir} (api.log) for a look", file=sys.stderr)
+
+    print(f"API latency on loopback, plain HTTP, farm/tiny-lcm 64x64 {args.steps} step(s), one image, "
+          f"concurrency {args.concurrency}, {os.cpu_count()} CPUs; one status call p50 {floor} ms")  # fmt: skip
+    print(f"{'mode':<10} {'overhead p50':>12} {'p99':>8} {'total p50':>10} {'render p50':>10}  "
+          f"split p50 ms ({' / '.join(STAGES)})")  # fmt: skip
+    for mode, r in results.items():
+        split = " / ".join(f"{v:.1f}" for v in r["split_p50_ms"].values())
+        print(f"{mode:<10} {r['p50_overhead_ms']:>10.1f}ms {r['p99_overhead_ms']:>6.1f}ms "
+              f"{r['p50_total_ms']:>8.1f}ms {r['p50_render_ms']:>8.1f}ms  {split}")  # fmt: skip
+    print("overhead = total - render; 'notice' is the wait for the next status poll (or event) after the job "
+          "finished, the rest is the farm's own work:")  # fmt: skip
+    for mode, r in results.items():
+        print(f"  {mode}: {r['p50_overhead_ms']:.1f} ms p50 = notice {r['split_p50_ms']['notice']:.1f} ms "
+              f"+ farm {r['p50_without_notice_ms']:.1f} ms (p50s, so the parts do not add up exactly)")  # fmt: skip
+    head = results[args.headline]
+    report = {
+        "benchmark": "api_latency",
+        "headline_mode": args.headline,
+        "requests": head["requests"],
+        "concurrency": args.concurrency,
+        "p50_overhead_ms": head["p50_overhead_ms"],
+        "p99_overhead_ms": head["p99_overhead_ms"],
+        "p50_total_ms": head["p50_total_ms"],
+        "p99_total_ms": head["p99_total_ms"],
+        "p50_without_notice_ms": head["p50_without_notice_ms"],
+        "status_call_p50_ms": floor,
+        "modes": results,
+        "transport": "http on 127.0.0.1 (no TLS)",
+        "model": "farm/tiny-lcm",
+        "image": f"64x64, {args.steps} steps, 1 image, sync_mode false, jpeg",
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

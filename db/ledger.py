@@ -1,0 +1,247 @@
+"""Guarded ledger operations.
+
+Every status change is ``UPDATE jobs SET … WHERE id = :id AND status IN (:allowed)``
+and says whether it applied, so a late or repeated message can never move a job
+backwards. Images are upserted on ``(job_id, index)``, so a redelivered task
+overwrites its rows instead of adding new ones. Callers own the transaction
+(see :func:`db.session.session_scope`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, and_, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from db.models import Image, Job, JobLog, utcnow
+from farm.errors import ConflictError
+from farm.status import ACTIVE, JobStatus
+
+
+def _canonical(value: Any) -> Any:
+    """``value`` as it comes back from a JSON column (tuples become lists, and so on)."""
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
+def _guarded_update(s: Session, request_id: str, allowed: Iterable[JobStatus], **values: Any) -> bool:
+    values.setdefault("updated_at", utcnow())
+    stmt = (
+        update(Job)
+        .where(Job.id == request_id, Job.status.in_(list(allowed)))
+        .values(**values)
+        .execution_options(synchronize_session="fetch")
+    )
+    result = cast(CursorResult[Any], s.execute(stmt))
+    return result.rowcount == 1
+
+
+# Jobs.
+
+
+def get_job(s: Session, request_id: str, owner: str | None = None) -> Job | None:
+    """The job ``request_id``, freshly read; with ``owner``, only if it is that owner's."""
+    stmt = select(Job).where(Job.id == request_id)
+    if owner is not None:
+        stmt = stmt.where(Job.owner == owner)
+    return s.scalars(stmt.execution_options(populate_existing=True)).one_or_none()
+
+
+def _find_existing(
+    s: Session, request_id: str, owner: str, input: dict[str, Any], idempotency_key: str | None
+) -> Job | None:
+    job = get_job(s, request_id)
+    if job is not None:
+        if job.owner != owner:
+            raise ConflictError(f"request id {request_id!r} is already taken")
+        if _canonical(job.input) != input:
+            raise ConflictError(f"request id {request_id!r} was already used for a different request")
+        return job
+    if idempotency_key is not None:
+        stmt = select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key)
+        return s.scalars(stmt.execution_options(populate_existing=True)).one_or_none()
+    return None
+
+
+def create_job(
+    s: Session,
+    *,
+    request_id: str,
+    owner: str,
+    model_name: str,
+    model_key: str,
+    lane: str,
+    source: str,
+    input: dict[str, Any],
+    seed: int,
+    num_images: int,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Insert a job in ``IN_QUEUE``, or return the one already there; ``(job, created)``.
+
+    The same id for the same owner and input, or the same ``(owner, idempotency_key)``,
+    returns the existing job. The same id for another owner or another input raises
+    :class:`ConflictError`. Safe against a concurrent insert of the same job.
+    """
+    input = _canonical(input)
+    existing = _find_existing(s, request_id, owner, input, idempotency_key)
+    if existing is not None:
+        return existing, False
+    job = Job(
+        id=request_id,
+        owner=owner,
+        model_name=model_name,
+        model_key=model_key,
+        lane=str(lane),
+        source=str(source),
+        status=JobStatus.IN_QUEUE,
+        input=input,
+        seed=seed,
+        num_images=num_images,
+        idempotency_key=idempotency_key,
+    )
+    try:
+        with s.begin_nested():
+            s.add(job)
+            s.flush()
+    except IntegrityError:
+        # Someone inserted the same id or idempotency key between our read and our insert.
+        existing = _find_existing(s, request_id, owner, input, idempotency_key)
+        if existing is None:
+            raise
+        return existing, False
+    return job, True
+
+
+def start_job(s: Session, request_id: str) -> bool:
+    """``IN_QUEUE`` → ``IN_PROGRESS``; False if the job was not in the queue."""
+    now = utcnow()
+    return _guarded_update(
+        s, request_id, [JobStatus.IN_QUEUE], status=JobStatus.IN_PROGRESS, started_at=now, updated_at=now
+    )
+
+
+def finish_job(
+    s: Session,
+    request_id: str,
+    status: JobStatus | str,
+    *,
+    error: str | None = None,
+    error_type: str | None = None,
+    result: dict[str, Any] | None = None,
+    inference_seconds: float | None = None,
+) -> bool:
+    """An active job → the terminal ``status``; False if it had already finished (or is unknown)."""
+    status = JobStatus(status)
+    if not status.is_terminal:
+        raise ValueError(f"finish_job needs a terminal status, not {status}")
+    now = utcnow()
+    values: dict[str, Any] = {"status": status, "finished_at": now, "updated_at": now}
+    if error is not None:
+        values["error"] = error
+    if error_type is not None:
+        values["error_type"] = error_type
+    if result is not None:
+        values["result"] = result
+    if inference_seconds is not None:
+        values["inference_seconds"] = inference_seconds
+    return _guarded_update(s, request_id, ACTIVE, **values)
+
+
+def queue_position(s: Session, job: Job) -> int | None:
+    """How many queued jobs of the same model come before ``job`` (0: next); None if not queued."""
+    if job.status != JobStatus.IN_QUEUE:
+        return None
+    earlier = or_(
+        Job.created_at < job.created_at,
+        and_(Job.created_at == job.created_at, Job.id < job.id),
+    )
+    stmt = (
+        select(func.count())
+        .select_from(Job)
+        .where(Job.model_key == job.model_key, Job.status == JobStatus.IN_QUEUE, earlier)
+    )
+    return int(s.scalar(stmt) or 0)
+
+
+# Images.
+
+
+def record_image(
+    s: Session,
+    *,
+    job_id: str,
+    index: int,
+    seed: int,
+    object_key: str,
+    width: int,
+    height: int,
+    content_type: str,
+    size_bytes: int,
+    nsfw: bool,
+    render_seconds: float,
+) -> None:
+    """Insert or overwrite image ``index`` of a job: a redelivered task never adds a second row."""
+    values: dict[str, Any] = {
+        "seed": seed,
+        "object_key": object_key,
+        "width": width,
+        "height": height,
+        "content_type": content_type,
+        "size_bytes": size_bytes,
+        "nsfw": nsfw,
+        "render_seconds": render_seconds,
+    }
+    dialect = s.get_bind().dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        insert = pg_insert if dialect == "postgresql" else sqlite_insert
+        stmt = insert(Image).values(job_id=job_id, index=index, created_at=utcnow(), **values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[Image.job_id, Image.index],
+            set_={**values, "created_at": utcnow()},
+        )
+        s.execute(stmt)
+        return
+    # Other backends: read, then write (not race-safe; the unique constraint still holds).
+    image = s.scalars(select(Image).where(Image.job_id == job_id, Image.index == index)).one_or_none()
+    if image is None:
+        s.add(Image(job_id=job_id, index=index, **values))
+    else:
+        for key, value in values.items():
+            setattr(image, key, value)
+    s.flush()
+
+
+def list_images(s: Session, request_id: str) -> list[Image]:
+    stmt = select(Image).where(Image.job_id == request_id).order_by(Image.index)
+    return list(s.scalars(stmt.execution_options(populate_existing=True)))
+
+
+def done_indices(s: Session, request_id: str) -> set[int]:
+    """The indices of the images of a job that are already recorded."""
+    return set(s.scalars(select(Image.index).where(Image.job_id == request_id)))
+
+
+def count_images(s: Session, request_id: str) -> int:
+    stmt = select(func.count()).select_from(Image).where(Image.job_id == request_id)
+    return int(s.scalar(stmt) or 0)
+
+
+# Logs.
+
+
+def add_log(
+    s: Session, request_id: str, message: str, *, level: str = "INFO", source: str = "worker"
+) -> None:
+    s.add(JobLog(job_id=request_id, message=message, level=level, source=source, timestamp=utcnow()))
+    s.flush()
+
+
+def get_logs(s: Session, request_id: str) -> list[JobLog]:
+    stmt = select(JobLog).where(JobLog.job_id == request_id).order_by(JobLog.timestamp, JobLog.id)
+    return list(s.scalars(stmt))

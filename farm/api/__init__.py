@@ -1,0 +1,1 @@
+"""The fal-compatible HTTP API (FastAPI)."""

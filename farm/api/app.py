@@ -1,0 +1,108 @@
+"""The fal-compatible HTTP API: one FastAPI app serving both of fal's hosts.
+
+- queue host: ``FAL_QUEUE_RUN_HOST=127.0.0.1:8443/queue`` (or ``127.0.0.1:8443``), served at
+  ``/queue/fal-ai/fast-lcm-diffusion…`` and at ``/fal-ai/fast-lcm-diffusion…``;
+- run host: ``FAL_RUN_HOST=127.0.0.1:8443/run``, served at ``/run/fal-ai/fast-lcm-diffusion``.
+
+Import-light: no torch, diffusers or transformers here (the workers render).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel
+
+from farm.api import errors
+from farm.api.routes_queue import queue_router
+from farm.api.routes_run import router as run_router
+from farm.config import Settings, get_settings
+
+log = logging.getLogger("farm.api")
+
+DESCRIPTION = """\
+fal.ai's queue protocol for `fal-ai/fast-lcm-diffusion`, served by lcm-farm, so that the
+unmodified `fal-client` works against it by environment variables only:
+`FAL_QUEUE_RUN_HOST=<host:port>/queue`, `FAL_RUN_HOST=<host:port>/run`, `FAL_KEY=<id>:<secret>`.
+
+Authenticate with `Authorization: Key <id>:<secret>` (`farm keys create`). Every error has
+`detail` and `error_type`; invalid input is 422 with `detail` naming each bad field.
+"""
+
+
+class Health(BaseModel):
+    status: str = "ok"
+
+
+def _log_dispatcher_exit(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("webhook dispatcher stopped", exc_info=task.exception())
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    from db.migrate import ensure_schema
+    from farm.webhooks import dispatcher
+
+    settings: Settings = app.state.settings
+    await run_in_threadpool(ensure_schema)  # SQLite: migrate; a server database must be at head
+    if not settings.auth_enabled:
+        log.warning(
+            "authentication is OFF (FARM_AUTH_ENABLED=false): every request acts as owner %r",
+            settings.default_owner,
+        )
+    stop = asyncio.Event()
+    task = asyncio.create_task(dispatcher.run_forever(stop), name="farm-webhook-dispatcher")
+    task.add_done_callback(_log_dispatcher_exit)
+    try:
+        yield
+    finally:
+        stop.set()
+        try:
+            await asyncio.wait_for(task, timeout=10)
+        except (TimeoutError, asyncio.CancelledError):
+            task.cancel()
+        except Exception:  # already logged by the done callback
+            pass
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app; ``settings`` default to the process's (``FARM_*`` environment)."""
+    from farm.api.files import router as files_router
+    from farm.webhooks.routes import router as webhook_router
+
+    app = FastAPI(
+        title="lcm-farm",
+        summary="A render farm for Latent Consistency Models, speaking fal's queue protocol.",
+        description=DESCRIPTION,
+        version=_version(),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings or get_settings()
+    errors.install(app)
+
+    @app.get("/health", response_model=Health, summary="Liveness", tags=["meta"])
+    def health() -> Health:
+        """Answers while the process serves requests (no authentication)."""
+        return Health()
+
+    app.include_router(files_router)
+    app.include_router(webhook_router)
+    app.include_router(run_router)
+    app.include_router(queue_router("/queue"))
+    app.include_router(queue_router(""))
+    return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lcm-farm")
+    except PackageNotFoundError:
+        return "0"

@@ -1,0 +1,57 @@
+"""Dependencies of the routes: settings, and the tenant behind ``Authorization: Key …``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader
+
+from farm.api.errors import AuthError
+from farm.config import Settings
+from farm.keys import verify_key
+
+api_key_header = APIKeyHeader(
+    name="Authorization",
+    scheme_name="FalKey",
+    description="`Key <id>:<secret>`, as made by `farm keys create` (fal's `FAL_KEY`).",
+    auto_error=False,
+)
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """Who is asking, and the limits that apply to them."""
+
+    owner: str
+    key_id: str | None
+    max_in_flight: int
+    max_images: int | None
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_tenant(settings: SettingsDep, authorization: Annotated[str | None, Security(api_key_header)]) -> Tenant:
+    """The key's owner; without auth (``FARM_AUTH_ENABLED=false``) the default owner."""
+    if not settings.auth_enabled:
+        return Tenant(settings.default_owner, None, settings.max_jobs_in_flight, None)
+    if not authorization:
+        raise AuthError("missing Authorization header: send `Authorization: Key <id>:<secret>`")
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "key" or not token.strip():
+        raise AuthError("the Authorization header must be `Key <id>:<secret>`")
+    key = verify_key(token)
+    if key is None:
+        raise AuthError("invalid or revoked API key")
+    limit = key.max_in_flight if key.max_in_flight is not None else settings.max_jobs_in_flight
+    return Tenant(key.owner, key.id, limit, key.max_images)
+
+
+TenantDep = Annotated[Tenant, Depends(get_tenant)]

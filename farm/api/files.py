@@ -1,0 +1,151 @@
+"""Uploads: ``POST /storage/upload`` stores a file and returns a URL usable as a LoRA or
+embedding input by the same owner; ``GET /storage/files/…`` reads it back.
+
+The body is either ``multipart/form-data`` with one file field (``file``), or the raw bytes
+with their ``Content-Type`` (name them with ``?file_name=``). Objects are kept under
+``<owner>/uploads/<uuid>/<safe name>``; more than ``upload_max_bytes`` answers 413. The
+returned URL is resolved from storage directly when used as an input (``farm.inputs``).
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import re
+import uuid
+from collections.abc import AsyncGenerator
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from farm.api.deps import SettingsDep, TenantDep
+from farm.api.errors import ERROR_RESPONSES, NOT_FOUND, ErrorBody
+from farm.errors import StorageError
+from farm.storage import get_storage
+
+router = APIRouter(tags=["files"])
+
+MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class UploadResult(BaseModel):
+    url: str = Field(..., description="Where the file is; pass it as a LoRA/embedding `path`.")
+    content_type: str = Field(..., description="The content type it was stored with.")
+    file_name: str = Field(..., description="The stored (sanitised) file name.")
+    file_size: int = Field(..., description="Size in bytes.")
+
+
+def safe_name(name: str | None) -> str:
+    """A file name that is safe as one path segment: letters, digits, '.', '_', '-'."""
+    base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    cleaned = _UNSAFE.sub("_", base).lstrip(".")[:128].strip("_") or "file"
+    return cleaned if cleaned not in (".", "..") else "file"
+
+
+def _too_large(limit: int) -> HTTPException:
+    return HTTPException(413, f"the file is larger than the {limit} bytes allowed (FARM_UPLOAD_MAX_BYTES)")
+
+
+async def _capped(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise _too_large(limit)
+        yield chunk
+
+
+async def _read_multipart(request: Request, limit: int) -> tuple[bytes, str | None, str | None]:
+    parser = MultiPartParser(request.headers, _capped(request, limit + MULTIPART_SLACK), max_files=1, max_fields=8)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise HTTPException(400, f"bad multipart body: {exc.message}") from None
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            upload = next((v for _, v in form.multi_items() if isinstance(v, UploadFile)), None)
+        if upload is None:
+            raise HTTPException(400, "the multipart body has no file part (name it 'file')")
+        data = await upload.read(limit + 1)
+        if len(data) > limit:
+            raise _too_large(limit)
+        return data, upload.filename, upload.content_type
+    finally:
+        await form.close()
+
+
+UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["file"],
+                           "properties": {"file": {"type": "string", "format": "binary"}}},
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@router.post(
+    "/storage/upload",
+    response_model=UploadResult,
+    summary="Upload a file (LoRA, embedding)",
+    responses={**ERROR_RESPONSES, 400: {"model": ErrorBody}, 413: {"model": ErrorBody}},
+    openapi_extra=UPLOAD_BODY,
+)
+async def upload(
+    request: Request,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    file_name: Annotated[str | None, Query(max_length=255, description="Name of a raw-body upload.")] = None,
+) -> UploadResult:
+    """Store the body (multipart `file` field, or raw bytes) and return its URL."""
+    limit = settings.upload_max_bytes
+    declared = request.headers.get("content-length", "")
+    content_type = request.headers.get("content-type", "application/octet-stream")
+    multipart = content_type.lower().startswith("multipart/form-data")
+    if declared.isdigit() and int(declared) > limit + (MULTIPART_SLACK if multipart else 0):
+        raise _too_large(limit)
+    if multipart:
+        data, part_name, part_type = await _read_multipart(request, limit)
+        file_name = file_name or part_name
+        content_type = part_type or "application/octet-stream"
+    else:
+        data = b"".join([chunk async for chunk in _capped(request, limit)])
+    if not data:
+        raise HTTPException(400, "the file is empty")
+    name = safe_name(file_name)
+    key = f"{tenant.owner}/uploads/{uuid.uuid4().hex}/{name}"
+    await run_in_threadpool(get_storage(settings).put, key, data, content_type)
+    base = (settings.public_url or str(request.base_url)).rstrip("/")
+    url = f"{base}/storage/files/{quote(tenant.owner, safe='')}/uploads/{key.split('/')[2]}/{quote(name)}"
+    return UploadResult(url=url, content_type=content_type, file_name=name, file_size=len(data))
+
+
+@router.get(
+    "/storage/files/{owner}/uploads/{upload_id}/{name}",
+    summary="Download an uploaded file",
+    responses={**ERROR_RESPONSES, **NOT_FOUND, 200: {"content": {"application/octet-stream": {}}}},
+    response_class=Response,
+)
+async def download(owner: str, upload_id: str, name: str, tenant: TenantDep, settings: SettingsDep) -> Response:
+    """The bytes of an upload; only its owner may read it (anyone else gets 404)."""
+    if owner != tenant.owner or not re.fullmatch(r"[0-9a-f]{32}", upload_id) or safe_name(name) != name:
+        raise HTTPException(404, "no such file")
+    key = f"{owner}/uploads/{upload_id}/{name}"
+    try:
+        data = await run_in_threadpool(get_storage(settings).get, key)
+    except StorageError as exc:
+        if "not found" in str(exc) or "NoSuchKey" in str(exc):
+            raise HTTPException(404, "no such file") from None
+        raise
+    media = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    return Response(data, media_type=media)

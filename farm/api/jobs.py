@@ -1,0 +1,160 @@
+"""What the routes do with jobs: submit with limits and idempotency, look up by owner, read results.
+
+Blocking (ledger, broker, storage): routes call these from a worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+from urllib.parse import urlparse
+
+from fastapi import Request
+from sqlalchemy import func, select
+
+from db import ledger
+from db.models import Job
+from db.session import session_scope
+from farm import coordinator
+from farm.api.deps import Tenant
+from farm.api.errors import JobFailedError, RequestFieldError, RequestInProgressError, TooManyJobsError
+from farm.api.fal import APP_ID
+from farm.config import Settings
+from farm.errors import InvalidInputError, JobNotFoundError
+from farm.results import build_output
+from farm.schemas import GenerateInput, GenerateOutput
+from farm.status import ACTIVE, JobStatus, Lane
+from farm.storage import get_storage
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def app_base(request: Request, settings: Settings, prefix: str) -> str:
+    """``https://host[:port][/prefix]/fal-ai/fast-lcm-diffusion`` as the client reaches it."""
+    base = (settings.public_url or str(request.base_url)).rstrip("/")
+    return f"{base}{prefix}/{APP_ID}"
+
+
+def get_job(request_id: str, owner: str) -> Job:
+    """The owner's job; JobNotFoundError for an unknown id and for another owner's job alike."""
+    with session_scope() as s:
+        job = ledger.get_job(s, request_id, owner=owner)
+    if job is None:
+        raise JobNotFoundError(f"request {request_id!r} not found")
+    return job
+
+
+def check_webhook(url: str, settings: Settings) -> None:
+    """Refuse a webhook URL that is malformed or reaches an internal address (farm.netguard)."""
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
+        raise RequestFieldError("query", "fal_webhook", "must not contain spaces or control characters")
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise RequestFieldError("query", "fal_webhook", "must be an http(s) URL")
+    try:
+        from farm.netguard import check_url  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return
+    try:
+        check_url(url, settings)
+    except ValueError as exc:
+        raise RequestFieldError("query", "fal_webhook", str(exc)) from None
+
+
+def _check_uploads(inp: GenerateInput, owner: str) -> None:
+    """Refuse upload URLs (LoRA/embedding inputs) of another owner (farm.inputs, when present)."""
+    try:
+        from farm.inputs import check_owner  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return
+    check_owner(inp, owner)
+
+
+def _nul_field(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first string holding a NUL character (PostgreSQL cannot store one)."""
+    if isinstance(value, str):
+        return path or "input" if "\x00" in value else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = _nul_field(v, f"{path}.{k}" if path else str(k))
+        if found:
+            return found
+    return None
+
+
+def _canonical(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
+def _existing(owner: str, key: str) -> Job | None:
+    with session_scope() as s:
+        stmt = select(Job).where(Job.owner == owner, Job.idempotency_key == key)
+        return s.scalars(stmt).one_or_none()
+
+
+def in_flight(owner: str) -> int:
+    """The owner's queued and running jobs."""
+    with session_scope() as s:
+        stmt = select(func.count()).select_from(Job).where(Job.owner == owner, Job.status.in_(list(ACTIVE)))
+        return int(s.scalar(stmt) or 0)
+
+
+def submit_job(
+    inp: GenerateInput,
+    tenant: Tenant,
+    *,
+    lane: Lane,
+    idempotency_key: str | None,
+    webhook_url: str | None,
+    settings: Settings,
+) -> Job:
+    """Submit ``inp`` for the tenant; a repeated idempotency key returns the job it made before.
+
+    The key is the ``Idempotency-Key`` header, else the input's ``request_id``. A key reused
+    with a different input is refused (422) rather than answered with an unrelated job.
+    """
+    bad = _nul_field(inp.model_dump(mode="json"))
+    if bad:
+        raise InvalidInputError(bad, "must not contain NUL characters")
+    key = idempotency_key or inp.request_id or None
+    if key is not None:
+        job = _existing(tenant.owner, key)
+        if job is not None:
+            if _canonical(job.input) != _canonical(inp.model_dump(mode="json")):
+                where, field = ("header", IDEMPOTENCY_HEADER) if idempotency_key else ("body", "request_id")
+                raise RequestFieldError(where, field, f"{key!r} was already used for a different request")
+            return job
+    _check_uploads(inp, tenant.owner)
+    if tenant.max_images is not None and inp.num_images > tenant.max_images:
+        raise InvalidInputError(
+            "num_images", f"must be at most {tenant.max_images} with this API key (got {inp.num_images})"
+        )
+    if webhook_url is not None:
+        check_webhook(webhook_url, settings)
+    running = in_flight(tenant.owner)
+    if running >= tenant.max_in_flight:
+        raise TooManyJobsError(
+            f"{running} requests in flight (queued or running) for this owner; the limit is "
+            f"{tenant.max_in_flight}: wait for some to complete"
+        )
+    rid = coordinator.submit(
+        inp, owner=tenant.owner, lane=lane, source="api", request_id=uuid.uuid4().hex,
+        idempotency_key=key, webhook_url=webhook_url, settings=settings,
+    )  # fmt: skip
+    return get_job(rid, tenant.owner)
+
+
+def read_output(request_id: str, owner: str, settings: Settings) -> GenerateOutput:
+    """The output of a completed job; an error for one that failed, was cancelled or is not done."""
+    with session_scope() as s:
+        job = ledger.get_job(s, request_id, owner=owner)
+        if job is None:
+            raise JobNotFoundError(f"request {request_id!r} not found")
+        status = JobStatus(job.status)
+        if status == JobStatus.COMPLETED:
+            return build_output(s, job, get_storage(settings), settings)
+    if not status.is_terminal:
+        raise RequestInProgressError("Request is still in progress")
+    default = "cancelled" if status == JobStatus.CANCELLED else "render_error"
+    raise JobFailedError(job.error or f"request {status.value.lower()}", job.error_type or default)

@@ -1,0 +1,175 @@
+"""fal's run host: ``POST /run/fal-ai/fast-lcm-diffusion`` answers the output directly.
+
+The job goes on the ``sync`` lane (ahead of queued work) and the request waits for it by
+polling the ledger, without holding a thread. ``X-Fal-Request-Timeout`` (fal_client's
+``start_timeout``) bounds the wait for the job to start; the task time limit bounds the
+whole wait. A caller that hangs up cancels its job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Header, Request
+from fastapi.concurrency import run_in_threadpool
+from sse_starlette import EventSourceResponse
+
+from db import ledger
+from db.session import session_scope
+from farm import coordinator
+from farm.api.deps import SettingsDep, Tenant, TenantDep
+from farm.api.errors import ERROR_RESPONSES, FAILED, ErrorBody, RequestTimeoutError
+from farm.api.fal import APP_ID, fal_status
+from farm.api.jobs import read_output, submit_job
+from farm.api.routes_queue import IdempotencyKey
+from farm.config import Settings
+from farm.errors import FarmError
+from farm.schemas import GenerateInput, GenerateOutput
+from farm.status import JobStatus, Lane
+
+FIRST_POLL_SECONDS = 0.005
+MAX_POLL_SECONDS = 0.1
+DISCONNECT_CHECK_SECONDS = 0.25
+
+StartTimeout = Annotated[
+    float | None,
+    Header(alias="X-Fal-Request-Timeout", gt=0, le=86400,
+           description="Seconds the request may wait for a worker to start it; then it is cancelled (504)."),
+]  # fmt: skip
+
+router = APIRouter(prefix=f"/run/{APP_ID}", tags=["run"])
+
+
+def _job_status(request_id: str) -> JobStatus:
+    with session_scope() as s:
+        job = ledger.get_job(s, request_id)
+        return JobStatus(job.status) if job is not None else JobStatus.CANCELLED
+
+
+async def wait_for_job(
+    request_id: str, request: Request | None, settings: Settings, start_timeout: float | None
+) -> AsyncIterator[JobStatus]:
+    """Yield the job's status each time it changes, until it is terminal.
+
+    Cancels the job when a time limit passes (RequestTimeoutError) or, given ``request``,
+    when the caller disconnects.
+    """
+    started = time.monotonic()
+    delay = FIRST_POLL_SECONDS
+    last: JobStatus | None = None
+    next_disconnect_check = started + DISCONNECT_CHECK_SECONDS
+    while True:
+        status = await run_in_threadpool(_job_status, request_id)
+        if status != last:
+            yield status
+            last = status
+        if status.is_terminal:
+            return
+        now = time.monotonic()
+        waited = now - started
+        if start_timeout is not None and status == JobStatus.IN_QUEUE and waited > start_timeout:
+            await run_in_threadpool(coordinator.cancel, request_id)
+            raise RequestTimeoutError(f"request {request_id} did not start within {start_timeout:g} s; cancelled")
+        if waited > settings.task_time_limit:
+            await run_in_threadpool(coordinator.cancel, request_id)
+            raise RequestTimeoutError(
+                f"request {request_id} did not finish within {settings.task_time_limit} s; cancelled"
+            )
+        if request is not None and now >= next_disconnect_check:
+            next_disconnect_check = now + DISCONNECT_CHECK_SECONDS
+            if await request.is_disconnected():
+                await run_in_threadpool(coordinator.cancel, request_id)
+                return
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, MAX_POLL_SECONDS)
+
+
+async def _submit(
+    inp: GenerateInput, tenant: Tenant, settings: Settings, idempotency_key: str | None
+) -> str:
+    job = await run_in_threadpool(
+        submit_job, inp, tenant, lane=Lane.SYNC, idempotency_key=idempotency_key, webhook_url=None,
+        settings=settings,
+    )  # fmt: skip
+    return job.id
+
+
+@router.post(
+    "",
+    response_model=GenerateOutput,
+    summary="Run a request and wait for its output",
+    responses={
+        **ERROR_RESPONSES,
+        **FAILED,
+        400: {"model": ErrorBody, "description": "The request was cancelled."},
+        429: {"model": ErrorBody, "description": "Too many requests in flight."},
+        504: {"model": ErrorBody, "description": "Did not start (X-Fal-Request-Timeout) or finish in time."},
+    },
+)
+async def run(
+    inp: GenerateInput,
+    request: Request,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKey = None,
+    start_timeout: StartTimeout = None,
+) -> GenerateOutput:
+    """Render and answer the output schema (or the job's error) in one call."""
+    request_id = await _submit(inp, tenant, settings, idempotency_key)
+    async for _ in wait_for_job(request_id, request, settings, start_timeout):
+        pass
+    return await run_in_threadpool(read_output, request_id, tenant.owner, settings)
+
+
+async def _run_events(
+    request_id: str, owner: str, settings: Settings, start_timeout: float | None
+) -> AsyncIterator[dict[str, str]]:
+    finished = False
+    try:
+        # sse-starlette cancels this generator when the caller hangs up: the job is cancelled below
+        async for status in wait_for_job(request_id, None, settings, start_timeout):
+            yield {"event": "status", "data": json.dumps({"request_id": request_id, "status": fal_status(status)})}
+        finished = True
+        output = await run_in_threadpool(read_output, request_id, owner, settings)
+    except FarmError as exc:
+        finished = True
+        yield {"event": "error", "data": json.dumps({"detail": str(exc), "error_type": exc.error_type})}
+        return
+    finally:
+        if not finished:
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(coordinator.cancel, request_id)
+    yield {"event": "output", "data": output.model_dump_json()}
+
+
+@router.post(
+    "/stream",
+    response_class=EventSourceResponse,
+    summary="Run a request and stream its progress, then its output",
+    responses={
+        200: {
+            "description": "Server-sent events: `status` events ({request_id, status}), then one `output` "
+            "event (the output schema) or one `error` event ({detail, error_type}).",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **ERROR_RESPONSES,
+        429: {"model": ErrorBody, "description": "Too many requests in flight."},
+    },
+)
+async def run_stream(
+    inp: GenerateInput,
+    request: Request,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKey = None,
+    start_timeout: StartTimeout = None,
+) -> EventSourceResponse:
+    """Like run, as server-sent events (fal_client's `stream()`)."""
+    request_id = await _submit(inp, tenant, settings, idempotency_key)
+    return EventSourceResponse(_run_events(request_id, tenant.owner, settings, start_timeout), ping=15)
+

@@ -1,0 +1,195 @@
+"""``farm generate`` and ``farm status``: render through the Celery path and follow the ledger."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from db import ledger
+from db.migrate import ensure_schema
+from db.session import session_scope
+from farm import coordinator
+from farm.config import get_settings
+from farm.errors import FarmError, InvalidInputError, JobNotFoundError
+from farm.results import build_output, status_view
+from farm.schemas import ImageSizeName, parse_input
+from farm.status import JobStatus, Lane
+from farm.storage import get_storage
+
+err = Console(stderr=True)
+
+
+def _image_size(value: str) -> Any:
+    if value in ImageSizeName.__members__:
+        return value
+    width, sep, height = value.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise InvalidInputError("image_size", f"must be one of {', '.join(ImageSizeName)} or WIDTHxHEIGHT")
+    return {"width": int(width), "height": int(height)}
+
+
+def _lora(value: str) -> dict[str, Any]:
+    path, sep, scale = value.rpartition(":")
+    if sep and path and _is_float(scale):
+        return {"path": path, "scale": float(scale)}
+    return {"path": value}
+
+
+def _embedding(value: str) -> dict[str, Any]:
+    path, sep, tokens = value.rpartition(":")
+    if sep and path and tokens.startswith("<"):
+        return {"path": path, "tokens": tokens.split(",")}
+    return {"path": value}
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+@click.command()
+@click.argument("prompt")
+@click.option("--model", "model_name", default=None, help="model_name (default: the schema's, SDXL).")
+@click.option("--negative-prompt", default=None)
+@click.option("--image-size", default=None, help="square_hd, square, portrait_4_3, … or WIDTHxHEIGHT.")
+@click.option("--steps", "num_inference_steps", type=int, default=None, help="num_inference_steps (6).")
+@click.option("--seed", type=int, default=None, help="Seed of image 0; image i uses seed + i.")
+@click.option("--guidance-scale", type=float, default=None)
+@click.option("--guidance-rescale", type=float, default=None)
+@click.option("--num-images", type=int, default=None)
+@click.option("--sync-mode/--no-sync-mode", default=False, show_default=True,
+              help="Return images as data URIs in the printed JSON (the CLI defaults to URLs).")
+@click.option("--safety-checker/--no-safety-checker", "enable_safety_checker", default=None)
+@click.option("--safety-checker-version", type=click.Choice(["v1", "v2"]), default=None)
+@click.option("--expand-prompt/--no-expand-prompt", default=None)
+@click.option("--format", "format_", type=click.Choice(["jpeg", "png"]), default=None)
+@click.option("--request-id", default=None)
+@click.option("--lora", "loras", multiple=True, help="PATH[:SCALE], under the files root or a hub id.")
+@click.option("--embedding", "embeddings", multiple=True, help="PATH[:<tok1>,<tok2>].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Save the images into this folder.")
+@click.option("--lane", type=click.Choice([lane.value for lane in Lane]), default=Lane.SYNC.value, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="Device of the in-process worker (embedded mode).")
+@click.option("--timeout", type=float, default=600.0, show_default=True, help="Give up (and cancel) after SECONDS.")
+def generate(prompt: str, model_name: str | None, negative_prompt: str | None, image_size: str | None,
+             num_inference_steps: int | None, seed: int | None, guidance_scale: float | None,
+             guidance_rescale: float | None, num_images: int | None, sync_mode: bool,
+             enable_safety_checker: bool | None, safety_checker_version: str | None,
+             expand_prompt: bool | None, format_: str | None, request_id: str | None, loras: tuple[str, ...],
+             embeddings: tuple[str, ...], out_dir: Path | None, lane: str, device: str, timeout: float) -> None:
+    """Render PROMPT through the farm; print the output JSON and save the images."""
+    fields: dict[str, Any] = {
+        "prompt": prompt, "model_name": model_name, "negative_prompt": negative_prompt,
+        "image_size": _image_size(image_size) if image_size else None,
+        "num_inference_steps": num_inference_steps, "seed": seed, "guidance_scale": guidance_scale,
+        "guidance_rescale": guidance_rescale, "num_images": num_images, "sync_mode": sync_mode,
+        "enable_safety_checker": enable_safety_checker, "safety_checker_version": safety_checker_version,
+        "expand_prompt": expand_prompt, "format": format_, "request_id": request_id,
+        "loras": [_lora(v) for v in loras] or None, "embeddings": [_embedding(v) for v in embeddings] or None,
+    }
+    inp = parse_input({k: v for k, v in fields.items() if v is not None})
+    settings = get_settings()
+    ensure_schema()
+    from tasks.app import get_app
+
+    app = get_app(settings)
+    with contextlib.ExitStack() as stack:
+        if settings.embedded:
+            from tasks.embedded import embedded_worker
+
+            with err.status(f"loading {inp.model_name} in-process (embedded mode, no servers configured)"):
+                stack.enter_context(embedded_worker(app, inp.model_name, device, settings))
+        rid = coordinator.submit(inp, owner=settings.default_owner, lane=Lane(lane), source="cli",
+                                 settings=settings)
+        err.print(f"request {rid}", highlight=False)
+        final = _follow(rid, inp.num_images, timeout)
+    if final != JobStatus.COMPLETED:
+        with session_scope() as s:
+            job = ledger.get_job(s, rid)
+            reason = job.error if job and job.error else final.value
+        raise FarmError(f"request {rid} {final.value.lower()}: {reason}")
+    storage = get_storage(settings)
+    with session_scope() as s:
+        job = ledger.get_job(s, rid)
+        assert job is not None
+        output = build_output(s, job, storage, settings)
+        rows = ledger.list_images(s, rid)
+        saved = []
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for row in rows:
+                path = out_dir / f"{rid}_{row.index}.{row.object_key.rsplit('.', 1)[-1]}"
+                path.write_bytes(storage.get(row.object_key))
+                saved.append(path)
+    click.echo(output.model_dump_json(indent=2))
+    for path in saved:
+        err.print(f"saved {path}", highlight=False)
+
+
+def _follow(rid: str, total: int, timeout: float) -> JobStatus:
+    """Show progress from the ledger until the job ends; cancel it on Ctrl-C or timeout."""
+    deadline = time.monotonic() + timeout
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=err, transient=False) as progress:
+            bar = progress.add_task("queued", total=total)
+            while True:
+                with session_scope() as s:
+                    job = ledger.get_job(s, rid)
+                    assert job is not None
+                    status = JobStatus(job.status)
+                    done = ledger.count_images(s, rid)
+                    where = ledger.queue_position(s, job) if status == JobStatus.IN_QUEUE else None
+                label = f"queued (position {where})" if where is not None else status.value.lower()
+                progress.update(bar, completed=done, description=label)
+                if status.is_terminal:
+                    return status
+                if time.monotonic() > deadline:
+                    _cancel(rid, f"client gave up after {timeout:.0f} s")
+                    return JobStatus.CANCELLED
+                time.sleep(0.05)
+    except KeyboardInterrupt:
+        _cancel(rid, "cancelled by the user (Ctrl-C)")
+        raise
+
+
+def _cancel(rid: str, reason: str) -> None:
+    with session_scope() as s:
+        if ledger.finish_job(s, rid, JobStatus.CANCELLED, error=reason, error_type="cancelled"):
+            ledger.add_log(s, rid, reason, level="WARNING", source="cli")
+
+
+@click.command()
+@click.argument("request_id")
+@click.option("--logs/--no-logs", default=True, show_default=True)
+@click.option("--result", is_flag=True, help="Also print the output JSON of a completed job.")
+def status(request_id: str, logs: bool, result: bool) -> None:
+    """Print the status of REQUEST_ID from the ledger."""
+    settings = get_settings()
+    ensure_schema()
+    with session_scope() as s:
+        job = ledger.get_job(s, request_id)
+        if job is None:
+            raise JobNotFoundError(f"no request {request_id!r} in the ledger")
+        view = status_view(s, job, with_logs=logs)
+        if result and job.status == JobStatus.COMPLETED:
+            view["result"] = build_output(s, job, get_storage(settings), settings).model_dump(mode="json")
+    click.echo(json.dumps(view, indent=2))

@@ -1,0 +1,145 @@
+"""Settings in one typed object (pydantic-settings, prefix ``FARM_``, optional ``.env``).
+
+With nothing set, everything runs embedded: a SQLite ledger and local outputs under
+``data_dir`` and a real Celery worker in-process on an in-memory broker.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "lcm-farm"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FARM_", env_file=".env", extra="ignore")
+
+    # Where things live. Empty means embedded.
+    broker_url: str | None = Field(None, description="Celery broker (redis://…); empty: in-process broker")
+    result_backend: str | None = Field(None, description="Celery result backend; default: the broker URL")
+    database_url: str | None = Field(None, description="SQLAlchemy URL of the ledger; default SQLite")
+    storage_url: str | None = Field(None, description="file:///path or s3://bucket/prefix")
+    s3_endpoint: str | None = Field(None, description="host:port or http(s)://host:port of the S3 server")
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_region: str = "us-east-1"
+    s3_secure: bool | None = Field(None, description="TLS to the S3 server; default from the endpoint scheme")
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    model_dir: Path | None = Field(None, description="Folder of model weights in diffusers layout")
+    files_root: Path | None = Field(None, description="Allowed root for local LoRA/embedding files")
+    extra_models: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="JSON: extra model names (e.g. LCM-distilled checkpoints)"
+    )
+
+    # Request bounds.
+    min_image_side: int = 64
+    max_image_side: int = 2048
+    max_num_images: int = 64
+    max_inference_steps: int = 50
+    max_guidance_scale: float = 20.0
+    max_prompt_chars: int = 4000
+    max_loras: int = 4
+    max_embeddings: int = 4
+
+    # Results.
+    presign_expiry_seconds: int = 3600
+    default_owner: str = "local"
+
+    # Workers.
+    batch_size: int = Field(8, description="Images per render task (and GPU batch)")
+    task_time_limit: int = Field(1800, description="Hard time limit of one render task, seconds")
+    visibility_timeout: int = Field(3600, description="Redis visibility timeout, seconds")
+    publish_timeout: float = Field(5.0, description="Longest a submit waits on the broker, seconds")
+    safety_checker_v1: str = "CompVis/stable-diffusion-safety-checker"
+    safety_checker_v2: str = "Falconsai/nsfw_image_detection"
+    hold_ms: int = Field(
+        50, ge=0, description="farm/hold (a scheduling stand-in, not a model): milliseconds held per image"
+    )
+    dispatch_queue: str = Field("celery", description="Queue of plain farm.generate tasks")
+    log_level: str = "INFO"
+
+    # Flower (`farm flower`).
+    flower_user: str = Field("admin", description="Basic-auth user of `farm flower`")
+    flower_password: str = Field("", description="Basic-auth password of `farm flower`; empty: refuse to start")
+
+    # HTTP API.
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    tls_cert: Path | None = Field(None, description="PEM certificate: serve HTTPS")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    public_url: str | None = Field(None, description="Base URL clients reach the API at (for response_url …)")
+    auth_enabled: bool = Field(True, description="Require `Authorization: Key …`; off only when set false")
+    max_jobs_in_flight: int = Field(100, description="Per owner: queued + running jobs (a key may set less)")
+    file_input_max_bytes: int = Field(64 * 2**20, description="Largest LoRA/embedding URL or data URI input")
+    upload_max_bytes: int = Field(64 * 2**20, description="Largest file accepted by the upload endpoint")
+
+    # Webhooks.
+    webhook_allowlist: list[str] = Field(
+        default_factory=list, description="Hosts or CIDRs a webhook/file URL may reach although internal"
+    )
+    webhook_max_attempts: int = 10
+    webhook_backoff_seconds: float = Field(1.0, description="First retry delay; doubles, with jitter")
+    webhook_backoff_max_seconds: float = 600.0
+    webhook_timeout_seconds: float = 10.0
+    webhook_poll_seconds: float = Field(0.5, description="How often the outbox is polled")
+    webhook_key_path: Path | None = Field(None, description="ED25519 signing key (PEM); default under data_dir")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.task_time_limit >= self.visibility_timeout:
+            raise ValueError(
+                f"task_time_limit ({self.task_time_limit}s) must be below visibility_timeout "
+                f"({self.visibility_timeout}s), or a long task is delivered twice"
+            )
+        if not 8 <= self.min_image_side <= self.max_image_side:
+            raise ValueError("need 8 <= min_image_side <= max_image_side")
+        return self
+
+    # Derived values.
+    @property
+    def embedded(self) -> bool:
+        return not self.broker_url
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or "memory://"
+
+    @property
+    def effective_result_backend(self) -> str:
+        if self.result_backend:
+            return self.result_backend
+        return self.broker_url or "cache+memory://"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'ledger.db'}"
+
+    @property
+    def effective_storage_url(self) -> str:
+        return self.storage_url or (self.data_dir / "outputs").resolve().as_uri()
+
+    @property
+    def effective_files_root(self) -> Path:
+        return (self.files_root or self.data_dir / "files").resolve()
+
+    @property
+    def builtin_model_dir(self) -> Path:
+        """Where built-in tiny weights are written (diffusers layout)."""
+        return self.data_dir / "builtin"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests and CLI options that change the environment)."""
+    get_settings.cache_clear()

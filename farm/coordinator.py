@@ -1,0 +1,125 @@
+"""The coordinator: record a job in the ledger, pick its seed, split it, route it.
+
+Import-light (no torch). Every entry point (CLI, ``farm.generate``, HTTP API) goes
+through :func:`submit`, so every job lands in the ledger the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import uuid
+from collections.abc import Iterator
+
+from db import ledger
+from db.session import session_scope
+from farm.config import Settings, get_settings
+from farm.errors import BrokerUnavailableError
+from farm.schemas import GenerateInput
+from farm.status import JobStatus, Lane
+from farm.webhooks import outbox
+from models.registry import get_model
+from tasks.queues import render_queue
+
+log = logging.getLogger(__name__)
+
+
+def batches(indices: list[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(indices), size):
+        yield indices[start : start + size]
+
+
+def batch_size(model_name: str, settings: Settings) -> int:
+    return max(1, min(settings.batch_size, get_model(model_name, settings).max_batch))
+
+
+def submit(
+    inp: GenerateInput,
+    *,
+    owner: str,
+    lane: Lane = Lane.QUEUE,
+    source: str = "cli",
+    request_id: str | None = None,
+    idempotency_key: str | None = None,
+    webhook_url: str | None = None,
+    republish: bool = False,
+    settings: Settings | None = None,
+) -> str:
+    """Record the job and publish its render tasks; return the request id.
+
+    A repeated submit of the same request (same id, or same idempotency key) returns
+    the existing job and publishes nothing, unless ``republish`` (a redelivered
+    dispatch, whose first attempt may have died between the two steps).
+    If the broker is down the job is marked FAILED and BrokerUnavailableError raised:
+    no job is left behind in a non-terminal state.
+    """
+    settings = settings or get_settings()
+    spec = get_model(inp.model_name, settings)
+    seed = inp.seed if inp.seed is not None else secrets.randbelow(2**31)
+    rid = request_id or inp.request_id or uuid.uuid4().hex
+    with session_scope() as s:
+        job, created = ledger.create_job(
+            s,
+            request_id=rid,
+            owner=owner,
+            model_name=spec.name,
+            model_key=spec.key,
+            lane=lane.value,
+            source=source,
+            input=inp.model_dump(mode="json"),
+            seed=seed,
+            num_images=inp.num_images,
+            idempotency_key=idempotency_key,
+        )
+        rid = job.id
+        if created and webhook_url:
+            job.webhook_url = webhook_url
+        if not created and not (republish and not JobStatus(job.status).is_terminal):
+            return rid
+        ledger.add_log(s, rid, f"queued {inp.num_images} image(s) on {render_queue(spec.key, lane)}",
+                       source="coordinator")
+    publish(rid, inp.num_images, inp.model_name, lane, settings)
+    return rid
+
+
+def publish(rid: str, num_images: int, model_name: str, lane: Lane, settings: Settings) -> None:
+    """Send the render tasks of a job: batches of the model's batch size, on its lane."""
+    from tasks.app import get_app
+
+    app = get_app(settings)
+    spec = get_model(model_name, settings)
+    queue = render_queue(spec.key, lane)
+    try:
+        with app.producer_or_acquire() as producer:
+            for k, chunk in enumerate(batches(list(range(num_images)), batch_size(model_name, settings))):
+                app.send_task(
+                    "farm.render",
+                    kwargs={"request_id": rid, "indices": chunk},
+                    queue=queue,
+                    task_id=f"{rid}.{k}",
+                    producer=producer,
+                )
+    except Exception as exc:  # kombu/redis raise many types for a dead broker
+        reason = f"broker unavailable: {exc}"
+        with session_scope() as s:
+            if ledger.finish_job(s, rid, JobStatus.FAILED, error=reason, error_type="broker_unavailable"):
+                outbox.enqueue(s, rid)
+            ledger.add_log(s, rid, reason, level="ERROR", source="coordinator")
+        raise BrokerUnavailableError(reason) from exc
+
+
+def cancel(rid: str, owner: str | None = None) -> str:
+    """Cancel a job: ``CANCELLATION_REQUESTED``, ``ALREADY_COMPLETED`` or ``NOT_FOUND``.
+
+    A queued job never starts (its tasks see a terminal job and drop); a running one
+    stops before its next batch.
+    """
+    with session_scope() as s:
+        job = ledger.get_job(s, rid, owner=owner)
+        if job is None:
+            return "NOT_FOUND"
+        if not ledger.finish_job(s, rid, JobStatus.CANCELLED, error="cancelled by request", error_type="cancelled"):
+            return "ALREADY_COMPLETED"
+        outbox.enqueue(s, job)
+        ledger.add_log(s, rid, "cancellation requested", level="WARNING", source="api")
+        return "CANCELLATION_REQUESTED"

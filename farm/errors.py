@@ -1,0 +1,85 @@
+"""The one error root of lcm-farm and its precise subclasses.
+
+Each subclass carries an ``http_status`` and an ``error_type`` so the HTTP API and
+the CLI map them in one place.
+"""
+
+from __future__ import annotations
+
+
+class FarmError(Exception):
+    """Raised for any failure that lcm-farm reports to a user."""
+
+    http_status = 500
+    error_type = "internal_error"
+
+
+class InvalidInputError(FarmError):
+    """Raised when a request's input breaks the schema or a configured bound."""
+
+    http_status = 422
+    error_type = "validation_error"
+
+    def __init__(self, field: str, reason: str = "") -> None:
+        # one readable arg, "field: reason", which is also how Celery rebuilds the error
+        if not reason and ": " in field:
+            field, reason = field.split(": ", 1)
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class UnknownModelError(FarmError):
+    """Raised when a model name is not in the registry."""
+
+    http_status = 422
+    error_type = "validation_error"
+
+
+class ModelNotFoundError(FarmError):
+    """Raised when a model's weights cannot be found where the loader looked."""
+
+    http_status = 503
+    error_type = "model_not_found"
+
+
+class JobNotFoundError(FarmError):
+    """Raised when a request id is unknown (or belongs to another owner)."""
+
+    http_status = 404
+    error_type = "not_found"
+
+
+class ConflictError(FarmError):
+    """Raised when a request id is already taken by a different job."""
+
+    http_status = 409
+    error_type = "conflict"
+
+
+class BrokerUnavailableError(FarmError):
+    """Raised when a task cannot be published because the broker is down."""
+
+    http_status = 503
+    error_type = "broker_unavailable"
+
+
+class StorageError(FarmError):
+    """Raised when an object cannot be written to or read from storage."""
+
+    http_status = 502
+    error_type = "storage_error"
+
+
+class RenderError(FarmError):
+    """Raised when a worker fails to render a batch."""
+
+    http_status = 500
+    error_type = "render_error"
+
+
+class LedgerSchemaError(FarmError):
+    """Raised when the ledger's tables are missing or older than the code."""
+
+    http_status = 503
+    error_type = "ledger_not_migrated"

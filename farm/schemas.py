@@ -1,0 +1,264 @@
+"""Input and output schemas of ``fal-ai/fast-lcm-diffusion``, field by field.
+
+Bounds come from settings (``FARM_MAX_NUM_IMAGES`` …); a violation names the field
+and the reason.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from farm.config import get_settings
+from farm.files import resolve_weights_path
+from models.registry import SDXL_BASE, all_models
+
+
+class ImageSizeName(StrEnum):
+    square_hd = "square_hd"
+    square = "square"
+    portrait_4_3 = "portrait_4_3"
+    portrait_16_9 = "portrait_16_9"
+    landscape_4_3 = "landscape_4_3"
+    landscape_16_9 = "landscape_16_9"
+
+
+NAMED_SIZES: dict[ImageSizeName, tuple[int, int]] = {
+    ImageSizeName.square_hd: (1024, 1024),
+    ImageSizeName.square: (512, 512),
+    ImageSizeName.portrait_4_3: (768, 1024),
+    ImageSizeName.portrait_16_9: (576, 1024),
+    ImageSizeName.landscape_4_3: (1024, 768),
+    ImageSizeName.landscape_16_9: (1024, 576),
+}
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+class ImageSize(BaseModel):
+    width: int = Field(512, description="The width of the generated image.")
+    height: int = Field(512, description="The height of the generated image.")
+
+    @field_validator("width", "height")
+    @classmethod
+    def _side(cls, v: int) -> int:
+        s = get_settings()
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8 (got {v})")
+        if not s.min_image_side <= v <= s.max_image_side:
+            raise ValueError(f"must be between {s.min_image_side} and {s.max_image_side} (got {v})")
+        return v
+
+
+def _size_kind(v: Any) -> str:
+    return "named" if isinstance(v, str) else "custom"
+
+
+ImageSizeField = Annotated[
+    Annotated[ImageSizeName, Tag("named")] | Annotated[ImageSize, Tag("custom")],
+    Discriminator(_size_kind),
+]
+
+
+class LoraWeight(BaseModel):
+    path: str = Field(..., description="URL or the path to the LoRA weights. Or HF model name.")
+    scale: float = Field(1.0, ge=-4.0, le=4.0, description="The scale of the LoRA weight.")
+    force: bool = Field(False, description="If set to true, the embedding will be forced to be used.")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        resolve_weights_path(v, get_settings())
+        return v
+
+
+class Embedding(BaseModel):
+    path: str = Field(..., description="URL or the path to the embedding weights.")
+    tokens: list[str] = Field(
+        default_factory=lambda: ["<s0>", "<s1>"], min_length=1, max_length=16,
+        description="The list of tokens to use for the embedding.",
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        resolve_weights_path(v, get_settings())
+        return v
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens(cls, v: list[str]) -> list[str]:
+        for tok in v:
+            if not tok or len(tok) > 64 or any(c.isspace() for c in tok):
+                raise ValueError(f"each token must be 1-64 characters without spaces (got {tok!r})")
+        if len(set(v)) != len(v):
+            raise ValueError("tokens must be distinct")
+        return v
+
+
+class GenerateInput(BaseModel):
+    """Input of ``fal-ai/fast-lcm-diffusion``."""
+
+    model_config = ConfigDict(protected_namespaces=(), extra="forbid")
+
+    model_name: str = Field(SDXL_BASE, description="The name of the model to use.")
+    prompt: str = Field(..., description="The prompt to use for generating the image.")
+    negative_prompt: str = Field("", description="The negative prompt to use.")
+    image_size: ImageSizeField = Field(ImageSizeName.square_hd, description="The size of the image.")
+    num_inference_steps: int = Field(6, description="The number of inference steps to perform.")
+    seed: int | None = Field(None, description="The same seed and prompt give the same image.")
+    guidance_scale: float = Field(1.5, description="The CFG (Classifier Free Guidance) scale.")
+    guidance_rescale: float = Field(0.0, ge=0.0, le=1.0, description="The rescale factor for the CFG.")
+    sync_mode: bool = Field(True, description="Return images as data URIs instead of URLs.")
+    num_images: int = Field(1, description="The number of images to generate.")
+    enable_safety_checker: bool = Field(True, description="If true, the safety checker is enabled.")
+    safety_checker_version: Literal["v1", "v2"] = Field("v1", description="v1: CompVis; v2: a ViT classifier.")
+    expand_prompt: bool = Field(False, description="If true, the prompt is expanded with additional prompts.")
+    format: Literal["jpeg", "png"] = Field("jpeg", description="The format of the generated image.")
+    request_id: str = Field("", description="An id bound to a request.")
+    loras: list[LoraWeight] = Field(default_factory=list, description="LoRA weights to apply.")
+    embeddings: list[Embedding] = Field(default_factory=list, description="Textual-inversion embeddings.")
+
+    @field_validator("model_name")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        models = all_models()
+        if v not in models:
+            raise ValueError(f"unknown model {v!r}; known models: {', '.join(sorted(models))}")
+        return v
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _text(cls, v: str, info: Any) -> str:
+        limit = get_settings().max_prompt_chars
+        if info.field_name == "prompt" and not v.strip():
+            raise ValueError("must not be empty")
+        if len(v) > limit:
+            raise ValueError(f"must be at most {limit} characters (got {len(v)})")
+        return v
+
+    @field_validator("num_inference_steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        limit = get_settings().max_inference_steps
+        if not 1 <= v <= limit:
+            raise ValueError(f"must be between 1 and {limit} (got {v})")
+        return v
+
+    @field_validator("num_images")
+    @classmethod
+    def _num_images(cls, v: int) -> int:
+        limit = get_settings().max_num_images
+        if not 1 <= v <= limit:
+            raise ValueError(f"must be between 1 and {limit} (got {v}); use a bulk job for more")
+        return v
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _guidance(cls, v: float) -> float:
+        limit = get_settings().max_guidance_scale
+        if not 0.0 <= v <= limit:
+            raise ValueError(f"must be between 0 and {limit} (got {v})")
+        return v
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int | None) -> int | None:
+        if v is not None and not 0 <= v < 2**62:
+            raise ValueError(f"must be between 0 and 2**62 - 1 (got {v})")
+        return v
+
+    @field_validator("request_id")
+    @classmethod
+    def _request_id(cls, v: str) -> str:
+        if v and not REQUEST_ID.match(v):
+            raise ValueError("must be 1-128 characters of letters, digits, '.', '_', ':' or '-'")
+        return v
+
+    @field_validator("loras")
+    @classmethod
+    def _loras(cls, v: list[LoraWeight]) -> list[LoraWeight]:
+        limit = get_settings().max_loras
+        if len(v) > limit:
+            raise ValueError(f"at most {limit} LoRAs (got {len(v)})")
+        return v
+
+    @field_validator("embeddings")
+    @classmethod
+    def _embeddings(cls, v: list[Embedding]) -> list[Embedding]:
+        limit = get_settings().max_embeddings
+        if len(v) > limit:
+            raise ValueError(f"at most {limit} embeddings (got {len(v)})")
+        return v
+
+    @model_validator(mode="after")
+    def _tokens_unique(self) -> GenerateInput:
+        tokens = [t for e in self.embeddings for t in e.tokens]
+        if len(set(tokens)) != len(tokens):
+            raise ValueError("embeddings: tokens must be distinct across embeddings")
+        return self
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        if isinstance(self.image_size, ImageSize):
+            return self.image_size.width, self.image_size.height
+        return NAMED_SIZES[self.image_size]
+
+
+class Image(BaseModel):
+    url: str
+    width: int
+    height: int
+    content_type: str = "image/jpeg"
+
+
+class GenerateOutput(BaseModel):
+    """Output of ``fal-ai/fast-lcm-diffusion``."""
+
+    images: list[Image] = Field(..., description="The generated image files info.")
+    timings: dict[str, float] = Field(..., description="Seconds spent per stage, e.g. inference.")
+    seed: int = Field(..., description="Seed of the generated image (the first; image i used seed + i).")
+    has_nsfw_concepts: list[bool] = Field(..., description="Whether each image contains NSFW concepts.")
+    prompt: str = Field(..., description="The prompt used for generating the image.")
+
+
+FieldError = Annotated[tuple[str, str], "field, reason"]
+
+
+def field_errors(exc: ValidationError) -> list[FieldError]:
+    """(field, reason) pairs of a ValidationError, with dotted field paths."""
+    out: list[FieldError] = []
+    for err in exc.errors():
+        # drop the union's branch tags ("named", "custom") from the location
+        loc = [str(p) for p in err["loc"] if p not in ("named", "custom")]
+        field = ".".join(loc) or "input"
+        msg = err["msg"].removeprefix("Value error, ")
+        out.append((field, msg))
+    return out
+
+
+def parse_input(data: dict[str, Any]) -> GenerateInput:
+    """Validate ``data``; raise InvalidInputError naming the first bad field."""
+    from farm.errors import InvalidInputError
+
+    try:
+        return GenerateInput.model_validate(data)
+    except ValidationError as exc:
+        errors = field_errors(exc)
+        field, reason = errors[0]
+        err = InvalidInputError(field, reason)
+        err.errors = errors  # type: ignore[attr-defined]
+        raise err from None

@@ -1,0 +1,33 @@
+"""Job status, shared by the ledger, the coordinator, the API and the client."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class JobStatus(StrEnum):
+    IN_QUEUE = "IN_QUEUE"
+    IN_PROGRESS = "IN_PROGRESS"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
+ACTIVE = frozenset({JobStatus.IN_QUEUE, JobStatus.IN_PROGRESS})
+
+
+class Lane(StrEnum):
+    """Priority lanes, highest first."""
+
+    REALTIME = "realtime"
+    SYNC = "sync"
+    QUEUE = "queue"
+    BULK = "bulk"
+
+
+LANES_BY_PRIORITY = (Lane.REALTIME, Lane.SYNC, Lane.QUEUE, Lane.BULK)

@@ -1,0 +1,182 @@
+"""Output storage: a local directory or any S3 server (the ``minio`` client).
+
+Keys are deterministic, ``<owner>/<request_id>/<index>.<ext>``, so a redelivered task
+overwrites an object instead of duplicating it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlparse
+
+from farm.config import Settings, get_settings
+from farm.errors import StorageError
+
+CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
+EXTENSIONS = {"jpeg": "jpg", "png": "png"}
+
+
+def object_key(owner: str, request_id: str, index: int, fmt: str) -> str:
+    return f"{owner}/{request_id}/{index}.{EXTENSIONS[fmt]}"
+
+
+def data_uri(data: bytes, content_type: str) -> str:
+    return f"data:{content_type};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+class Storage(Protocol):
+    def put(self, key: str, data: bytes, content_type: str) -> None: ...
+    def get(self, key: str) -> bytes: ...
+    def url(self, key: str, expiry_seconds: int) -> str: ...
+    def list(self, prefix: str) -> list[str]: ...
+    def delete(self, key: str) -> None: ...
+
+
+class LocalStorage:
+    """Objects as files under ``root``; URLs are ``file://`` URIs."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if self.root not in path.parents:
+            raise StorageError(f"object key {key!r} escapes the storage root")
+        return path
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # write then rename: a reader never sees half an image, a rewrite replaces it whole
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"object {key!r} not found under {self.root}") from None
+
+    def url(self, key: str, expiry_seconds: int) -> str:
+        return self._path(key).as_uri()
+
+    def list(self, prefix: str) -> list[str]:
+        base = self.root
+        if not base.exists():
+            return []
+        keys = [p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file()]
+        return sorted(k for k in keys if k.startswith(prefix) and not Path(k).name.startswith(".tmp-"))
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+class S3Storage:
+    """Objects in an S3 bucket under an optional prefix; URLs are presigned GETs."""
+
+    def __init__(self, bucket: str, prefix: str, settings: Settings) -> None:
+        from minio import Minio
+
+        if not settings.s3_endpoint:
+            raise StorageError("FARM_STORAGE_URL is s3://… but FARM_S3_ENDPOINT is not set")
+        endpoint = settings.s3_endpoint
+        secure = settings.s3_secure
+        if "://" in endpoint:
+            parsed = urlparse(endpoint)
+            secure = parsed.scheme == "https" if secure is None else secure
+            endpoint = parsed.netloc
+        self.client = Minio(
+            endpoint,
+            access_key=settings.s3_access_key or None,
+            secret_key=settings.s3_secret_key or None,
+            secure=bool(secure),
+            region=settings.s3_region,
+        )
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self._bucket_checked = False
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _ensure_bucket(self) -> None:
+        if self._bucket_checked:
+            return
+        from minio.error import S3Error
+
+        try:
+            if not self.client.bucket_exists(self.bucket):
+                self.client.make_bucket(self.bucket)
+        except S3Error as exc:
+            if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise StorageError(f"cannot create bucket {self.bucket!r}: {exc}") from exc
+        self._bucket_checked = True
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        self._ensure_bucket()
+        try:
+            self.client.put_object(self.bucket, self._key(key), io.BytesIO(data), len(data), content_type)
+        except Exception as exc:
+            raise StorageError(f"cannot store {key!r} in bucket {self.bucket!r}: {exc}") from exc
+
+    def get(self, key: str) -> bytes:
+        try:
+            response = self.client.get_object(self.bucket, self._key(key))
+        except Exception as exc:
+            raise StorageError(f"cannot read {key!r} from bucket {self.bucket!r}: {exc}") from exc
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    def url(self, key: str, expiry_seconds: int) -> str:
+        return self.client.presigned_get_object(
+            self.bucket, self._key(key), expires=timedelta(seconds=expiry_seconds)
+        )
+
+    def list(self, prefix: str) -> list[str]:
+        self._ensure_bucket()
+        full = self._key(prefix)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        objects = self.client.list_objects(self.bucket, prefix=full, recursive=True)
+        return sorted((o.object_name or "")[strip:] for o in objects)
+
+    def delete(self, key: str) -> None:
+        self.client.remove_object(self.bucket, self._key(key))
+
+
+def make_storage(settings: Settings) -> Storage:
+    url = settings.effective_storage_url
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return LocalStorage(Path(unquote(parsed.path)))
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise StorageError(f"FARM_STORAGE_URL {url!r} names no bucket")
+        return S3Storage(parsed.netloc, parsed.path, settings)
+    raise StorageError(f"FARM_STORAGE_URL must be file:///path or s3://bucket/prefix (got {url!r})")
+
+
+_storages: dict[tuple[object, ...], Storage] = {}
+
+
+def get_storage(settings: Settings | None = None) -> Storage:
+    """A storage client per configuration, made once per process."""
+    settings = settings or get_settings()
+    ident = (settings.effective_storage_url, settings.s3_endpoint, settings.s3_access_key, settings.s3_secure)
+    if ident not in _storages:
+        _storages[ident] = make_storage(settings)
+    return _storages[ident]

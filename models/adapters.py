@@ -1,0 +1,197 @@
+"""A request's own LoRAs and textual-inversion embeddings: load, use, unload.
+
+``request_adapters(pipe, params, settings)`` is a context manager: inside it the request's
+LoRAs are active (each under a unique adapter name, weighted by its ``scale``) and its
+embedding tokens are known to the tokenizer(s); on the way out, whatever happened, all LoRA
+layers and added tokens are removed again, so nothing leaks into the next request. (The
+model's own LCM-LoRA is fused into the base weights at load time and is not affected.)
+
+Paths go through ``farm.files.resolve_weights_path``: a file or folder under the allowed
+files root, or a hub id (read from the Hugging Face cache; downloaded unless offline), or a
+URL / data URI, which ``farm.inputs.materialise`` first turns into a cached local file.
+
+LoRA ``force``: a LoRA that does not fit this model (no matching layer, wrong shapes, an
+unknown format) fails the request, unless ``force`` is true: then it is skipped with a
+warning and the request renders without it.
+
+Embedding files: a tensor ``[n, dim]`` (safetensors with one key, or the usual A1111 /
+diffusers layouts) for ``n`` tokens, or one token expanded to ``n`` vectors. SDXL files
+carry ``clip_l`` and ``clip_g`` tensors, loaded into the two text encoders; an SD1.5 model
+takes ``clip_l`` from such a file.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from farm.config import Settings
+from farm.errors import InvalidInputError, ModelNotFoundError
+from farm.files import WeightsRef, resolve_weights_path
+from farm.inputs import materialise
+from farm.schemas import Embedding, GenerateInput, LoraWeight
+from models.loading import cached_snapshot, hub_offline
+
+log = logging.getLogger(__name__)
+
+_request_counter = itertools.count()
+
+
+def _resolve(path: str, field: str, settings: Settings) -> WeightsRef:
+    """The local file or hub id of ``path``; a URL or data URI is fetched to a local file first."""
+    try:
+        ref = resolve_weights_path(path, settings)
+        if ref.kind in ("data", "upload", "url"):
+            ref = WeightsRef("local", str(materialise(ref.kind, ref.value, settings)))
+        return ref
+    except ValueError as exc:
+        raise InvalidInputError(field, str(exc)) from None
+
+
+def _source(what: str, path: str, ref: WeightsRef) -> str:
+    """What to hand to diffusers: the local path, the hub id, or (offline) its cached snapshot."""
+    if ref.kind == "local" or not hub_offline():
+        return ref.value
+    snapshot = cached_snapshot(ref.value)
+    if snapshot is None:
+        raise _unreadable(what, path, ref, LookupError("not in the Hugging Face cache"))
+    return snapshot
+
+
+def _short(path: str) -> str:
+    """``path`` for messages: a data URI can be megabytes long."""
+    return path if len(path) <= 200 else f"{path[:60]}…({len(path)} characters)"
+
+
+def _unreadable(what: str, path: str, ref: WeightsRef, exc: BaseException) -> ModelNotFoundError:
+    where = f"the file {ref.value}" if ref.kind == "local" else f"the Hugging Face cache/hub as {ref.value}"
+    offline = " (offline: HF_HUB_OFFLINE is set)" if ref.kind == "hub" and hub_offline() else ""
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return ModelNotFoundError(
+        f"{what} {_short(path)!r} could not be read from {where}{offline}: {type(exc).__name__}: {first}"
+    )
+
+
+def _adapters_present(pipe: Any) -> set[str]:
+    return {name for names in pipe.get_list_adapters().values() for name in names}
+
+
+def load_loras(pipe: Any, loras: list[LoraWeight], settings: Settings) -> list[str]:
+    """Load ``loras`` as adapters and activate them with their scales; return adapter names."""
+    names: list[str] = []
+    scales: list[float] = []
+    request = next(_request_counter)
+    for i, lora in enumerate(loras):
+        field = f"loras.{i}.path"
+        ref = _resolve(lora.path, field, settings)
+        name = f"farm_r{request}_l{i}"
+        source = _source("LoRA", lora.path, ref)
+        try:
+            pipe.load_lora_weights(source, adapter_name=name)
+            if name not in _adapters_present(pipe):
+                raise ValueError("no layer of this LoRA matches the model")
+        except (ValueError, KeyError, RuntimeError) as exc:  # does not fit this model
+            if not lora.force:
+                raise InvalidInputError(field, f"does not fit this model (force=true skips it): {exc}") from exc
+            log.warning("LoRA %s does not fit %s; skipped (force=true): %s",
+                        _short(lora.path), type(pipe).__name__, exc)
+            if name in _adapters_present(pipe):
+                pipe.delete_adapters(name)
+            continue
+        except Exception as exc:  # OSError, or the hub client's connection errors
+            raise _unreadable("LoRA", lora.path, ref, exc) from exc
+        names.append(name)
+        scales.append(lora.scale)
+    if names:
+        pipe.set_adapters(names, adapter_weights=scales)
+    return names
+
+
+def _embedding_tensors(state: Any, sdxl: bool, field: str) -> list[torch.Tensor]:
+    """The tensor per text encoder (one, or two for SDXL) from a loaded embedding file."""
+    if isinstance(state, torch.Tensor):
+        found: dict[str, Any] = {"": state}
+    elif "clip_l" in state or "clip_g" in state:
+        found = {k: state[k] for k in ("clip_l", "clip_g") if k in state}
+    elif "string_to_param" in state:  # A1111
+        found = {"": state["string_to_param"]["*"]}
+    elif "emb_params" in state:
+        found = {"": state["emb_params"]}
+    elif len(state) == 1:  # diffusers: {token: tensor}
+        found = {"": next(iter(state.values()))}
+    else:
+        raise InvalidInputError(field, f"unrecognised embedding file (keys: {sorted(state)[:5]})")
+    if sdxl:
+        if "clip_l" not in found or "clip_g" not in found:
+            raise InvalidInputError(field, "an SDXL embedding needs both clip_l and clip_g tensors")
+        return [found["clip_l"], found["clip_g"]]
+    tensor = found.get("clip_l", found.get(""))
+    if tensor is None:
+        raise InvalidInputError(field, "no clip_l tensor for this SD1.5-family model")
+    return [tensor]
+
+
+def _encoder_pairs(pipe: Any) -> list[tuple[Any, Any]]:
+    """(tokenizer, text encoder) pairs of the pipeline: one, or two for SDXL."""
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    return pairs
+
+
+def load_embeddings(pipe: Any, embeddings: list[Embedding], settings: Settings) -> bool:
+    """Add the embeddings' tokens to the tokenizer(s) and text encoder(s); True if any."""
+    from diffusers.loaders.textual_inversion import load_textual_inversion_state_dicts
+
+    pairs = _encoder_pairs(pipe)
+    for i, emb in enumerate(embeddings):
+        field = f"embeddings.{i}.path"
+        ref = _resolve(emb.path, field, settings)
+        source = _source("embedding", emb.path, ref)
+        try:
+            state = load_textual_inversion_state_dicts([source])[0]
+        except Exception as exc:  # OSError, or the hub client's connection errors
+            raise _unreadable("embedding", emb.path, ref, exc) from exc
+        tensors = _embedding_tensors(state, sdxl=len(pairs) == 2, field=field)
+        for (tokenizer, text_encoder), tensor in zip(pairs, tensors, strict=True):
+            vectors = tensor if tensor.dim() == 2 else tensor.unsqueeze(0)
+            if len(emb.tokens) == 1:
+                token: str | list[str] = emb.tokens[0]  # one token, possibly several vectors
+            elif vectors.shape[0] == len(emb.tokens):
+                token = list(emb.tokens)
+            else:
+                raise InvalidInputError(
+                    f"embeddings.{i}.tokens",
+                    f"the embedding has {vectors.shape[0]} vectors but {len(emb.tokens)} tokens were given",
+                )
+            try:
+                pipe.load_textual_inversion(vectors, token=token, tokenizer=tokenizer, text_encoder=text_encoder)
+            except ValueError as exc:
+                raise InvalidInputError(field, f"cannot be loaded into this model: {exc}") from exc
+    return bool(embeddings)
+
+
+def unload_all(pipe: Any, loras: bool, embeddings: bool) -> None:
+    """Remove every request LoRA layer and every added (non-special) token."""
+    if loras:
+        pipe.unload_lora_weights()
+    if embeddings:
+        for tokenizer, text_encoder in _encoder_pairs(pipe):
+            if any(not t.special for t in tokenizer.added_tokens_decoder.values()):
+                pipe.unload_textual_inversion(tokenizer=tokenizer, text_encoder=text_encoder)
+
+
+@contextmanager
+def request_adapters(pipe: Any, params: GenerateInput, settings: Settings) -> Iterator[None]:
+    """Apply the request's LoRAs and embeddings for the duration of the block."""
+    try:
+        load_loras(pipe, params.loras, settings)
+        load_embeddings(pipe, params.embeddings, settings)
+        yield
+    finally:
+        unload_all(pipe, loras=bool(params.loras), embeddings=bool(params.embeddings))

@@ -1,0 +1,88 @@
+"""``farm/hold``: a STAND-IN for a GPU model, for scheduling work on a CPU machine.
+
+It computes nothing: each image is *held* for ``FARM_HOLD_MS`` milliseconds (a sleep, as if
+a GPU were busy) and comes back as a flat image of the requested size, its colour derived
+from ``seed + index``. So fan-out, batching, lanes and leases can be measured with real
+workers, broker, ledger and storage, and the hold time is the "GPU" time to compare with.
+Import-light: a worker of ``farm/hold`` never imports torch, diffusers or transformers.
+There is no safety checker (``nsfw`` is always False); LoRAs and embeddings are ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+from PIL import Image
+
+from farm.config import Settings, get_settings
+from farm.errors import RenderError
+from farm.schemas import GenerateInput
+from models.registry import ModelSpec, get_model
+from models.rendered import RenderedImage, RenderResult
+
+__all__ = ["HoldRenderer", "flat_colour"]
+
+log = logging.getLogger(__name__)
+STAND_IN_NOTE = "stand-in, held not rendered"
+
+
+def flat_colour(seed: int, index: int) -> tuple[int, int, int]:
+    """The RGB colour of image ``index`` of a request with ``seed`` (depends on ``seed + index`` only)."""
+    digest = hashlib.sha256(str(seed + index).encode()).digest()
+    return digest[0], digest[1], digest[2]
+
+
+class HoldRenderer:
+    """Same interface as ``models.runtime.Renderer``; holds each image instead of rendering it."""
+
+    spec: ModelSpec
+    device: str
+    loads: int
+    stand_in_note = STAND_IN_NOTE
+
+    def __init__(self, spec: ModelSpec, device: str, settings: Settings) -> None:
+        if spec.family != "hold":
+            raise RenderError(f"{spec.name} is not a hold stand-in")
+        self.spec = spec
+        self.device = device
+        self.settings = settings
+        self.hold_seconds = settings.hold_ms / 1000
+        self.loads = 1
+        self.micro_batch = spec.max_batch
+        self.load_seconds = 0.0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, model_name: str, device: str = "cpu", settings: Settings | None = None) -> HoldRenderer:
+        settings = settings or get_settings()
+        renderer = cls(get_model(model_name, settings), device, settings)
+        log.warning("%s is a STAND-IN (holds %d ms per image, renders flat images): "
+                    "for scheduling measurements only", model_name, settings.hold_ms)
+        return renderer
+
+    def render(self, params: GenerateInput, seed: int, indices: Sequence[int]) -> RenderResult:
+        """Hold ``len(indices)`` × hold_ms, then return flat images; image ``i`` is coloured by ``seed + i``."""
+        indices = list(indices)
+        if params.model_name != self.spec.name:
+            raise RenderError(f"this worker serves {self.spec.name!r}, not {params.model_name!r}")
+        if not indices or len(set(indices)) != len(indices):
+            raise RenderError(f"image indices must be distinct and not empty (got {indices})")
+        bad = [i for i in indices if not 0 <= i < params.num_images]
+        if bad:
+            raise RenderError(f"image indices {bad} outside 0..{params.num_images - 1} (num_images)")
+        size = params.size
+        with self._lock:
+            t0 = time.perf_counter()
+            time.sleep(self.hold_seconds * len(indices))
+            held = time.perf_counter() - t0
+        images = [
+            RenderedImage(index=i, seed=seed + i, image=Image.new("RGB", size, flat_colour(seed, i)),
+                          nsfw=False, render_seconds=held / len(indices))
+            for i in indices
+        ]
+        log.info("%s (%s): held %d image(s) for %.3f s", self.spec.name, STAND_IN_NOTE, len(indices), held)
+        return RenderResult(images=images, prompt=params.prompt, inference_seconds=held)

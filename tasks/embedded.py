@@ -1,0 +1,68 @@
+"""A real Celery worker in this process, for the embedded mode (no servers configured).
+
+Same tasks, same ledger and storage code as a ``farm worker`` process; only the broker
+is in-memory and the pool is ``solo`` in a thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from celery import Celery
+from celery.worker import WorkController
+from celery.worker import state as worker_state
+
+from farm.config import Settings
+from models.registry import get_model
+from tasks.queues import model_queues
+
+
+class _ThreadWorker(WorkController):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.started = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def on_consumer_ready(self, consumer: Any) -> None:
+        self.started.set()
+
+
+@contextmanager
+def embedded_worker(app: Celery, model_name: str, device: str, settings: Settings) -> Iterator[None]:
+    """Load the model, run a worker for its queues in a thread, stop it on exit."""
+    from tasks.runtime import load_renderer
+
+    load_renderer(model_name, device, settings)
+    spec = get_model(model_name, settings)
+    worker = _ThreadWorker(
+        app=app,
+        hostname=f"{spec.key}@embedded",
+        pool="solo",
+        concurrency=1,
+        queues=[settings.dispatch_queue, *model_queues(spec.key)],
+        loglevel="WARNING",
+        without_heartbeat=True,
+        without_mingle=True,
+        without_gossip=True,
+        ready_callback=None,
+    )
+    thread = threading.Thread(target=worker.start, name="farm-embedded-worker", daemon=True)
+    thread.start()
+    if not worker.started.wait(30):
+        raise RuntimeError("the in-process worker did not start within 30 s")
+    try:
+        yield
+    finally:
+        worker_state.should_terminate = 0
+        thread.join(10)
+        worker_state.should_terminate = None
+        if thread.is_alive():
+            # still inside a render (the job was given up on): torch cannot be interrupted, and
+            # interpreter shutdown with that thread in C++ aborts the process
+            global busy_at_exit
+            busy_at_exit = True
+
+
+busy_at_exit = False

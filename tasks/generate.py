@@ -1,0 +1,39 @@
+"""``farm.generate``: the public task. kwargs: the input schema; result: the output schema.
+
+It arrives on the dispatch queue from any plain Celery client, records the job in the
+ledger under the task's own id, fans the job out to the model's queue and returns
+without a result: the worker that stores the job's last image (found from the ledger,
+not from a chord) writes the output schema as this task's result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, Task
+from celery.exceptions import Ignore
+
+from farm import coordinator
+from farm.config import get_settings
+from farm.schemas import parse_input
+from farm.status import Lane
+
+
+def generate(self: Task, **kwargs: Any) -> None:
+    settings = get_settings()
+    inp = parse_input(kwargs)  # InvalidInputError names the field; no job is created
+    delivery = self.request.delivery_info or {}
+    coordinator.submit(
+        inp,
+        owner=settings.default_owner,
+        lane=Lane.QUEUE,
+        source="celery",
+        request_id=self.request.id,
+        republish=bool(delivery.get("redelivered")),
+        settings=settings,
+    )
+    raise Ignore()  # the result is stored when the job completes
+
+
+def register(app: Celery) -> None:
+    app.task(name="farm.generate", bind=True, acks_late=True, ignore_result=False, time_limit=60)(generate)

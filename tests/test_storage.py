@@ -1,0 +1,61 @@
+"""Storage: local folder and a real S3 server over HTTP (moto), deterministic keys."""
+
+from __future__ import annotations
+
+import urllib.request
+import uuid
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+from farm.config import Settings
+from farm.errors import StorageError
+from farm.storage import LocalStorage, S3Storage, data_uri, make_storage, object_key
+
+
+def test_keys_and_data_uris():
+    assert object_key("acme", "req-1", 3, "jpeg") == "acme/req-1/3.jpg"
+    assert object_key("acme", "req-1", 0, "png") == "acme/req-1/0.png"
+    assert data_uri(b"\x89PNG", "image/png") == "data:image/png;base64,iVBORw=="
+
+
+def test_local_storage_overwrites_and_refuses_escapes(tmp_path):
+    store = make_storage(Settings(storage_url=(tmp_path / "o").as_uri(), data_dir=tmp_path))
+    assert isinstance(store, LocalStorage)
+    store.put("a/r/0.jpg", b"one", "image/jpeg")
+    store.put("a/r/0.jpg", b"two", "image/jpeg")  # a redelivery rewrites, never duplicates
+    assert store.get("a/r/0.jpg") == b"two"
+    assert store.list("a/") == ["a/r/0.jpg"]
+    assert store.url("a/r/0.jpg", 60) == (tmp_path / "o" / "a" / "r" / "0.jpg").as_uri()
+    with pytest.raises(StorageError, match="escapes"):
+        store.put("../x.jpg", b"", "image/jpeg")
+    with pytest.raises(StorageError, match="not found"):
+        store.get("a/r/9.jpg")
+
+
+def test_bad_storage_url_is_a_clear_error(tmp_path):
+    with pytest.raises(StorageError, match="file:///path or s3://bucket/prefix"):
+        make_storage(Settings(storage_url="ftp://x", data_dir=tmp_path))
+    with pytest.raises(StorageError, match="FARM_S3_ENDPOINT"):
+        make_storage(Settings(storage_url="s3://bucket", data_dir=tmp_path))
+
+
+def test_s3_storage_on_a_real_server(s3_server, tmp_path):
+    bucket = f"t-{uuid.uuid4().hex[:8]}"
+    settings = Settings(storage_url=f"s3://{bucket}/pre/fix", s3_endpoint=s3_server.url, s3_access_key="testing",
+                        s3_secret_key="testing", data_dir=tmp_path)
+    store = make_storage(settings)
+    assert isinstance(store, S3Storage)
+    store.put("o/r/0.png", b"\x89PNG-one", "image/png")
+    store.put("o/r/0.png", b"\x89PNG-two", "image/png")
+    store.put("o/r/1.png", b"\x89PNG-1", "image/png")
+    assert store.list("o/r/") == ["o/r/0.png", "o/r/1.png"]
+    assert store.get("o/r/0.png") == b"\x89PNG-two"
+    url = store.url("o/r/0.png", 123)
+    assert urlparse(url).path == f"/{bucket}/pre/fix/o/r/0.png"
+    assert parse_qs(urlparse(url).query)["X-Amz-Expires"] == ["123"]
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        assert resp.read() == b"\x89PNG-two"
+        assert resp.headers["Content-Type"] == "image/png"
+    store.delete("o/r/1.png")
+    assert store.list("o/r/") == ["o/r/0.png"]
