@@ -215,3 +215,56 @@ class WebhookAttempt(Base):
     status_code: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
     duration_ms: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class Batch(Base):
+    """A slice of a job's images, the unit a worker claims, renders and stores.
+
+    ``status``: queued → claimed (by ``worker``, until ``lease_expires_at``; the worker's
+    heartbeats push the lease on) → done | failed | cancelled. A claim whose lease ran out
+    is taken back to queued by the reaper and the batch is published again. ``compat``
+    groups batches that can share one GPU batch (same model, size, steps, guidance, LoRAs).
+    """
+
+    __tablename__ = "batches"
+    __table_args__ = (
+        UniqueConstraint("job_id", "k"),
+        Index(None, "model_key", "status", "compat"),
+        Index(None, "status", "lease_expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(128), ForeignKey("jobs.id", ondelete="CASCADE"))
+    k: Mapped[int] = mapped_column(Integer)
+    indices: Mapped[list[int]] = mapped_column(JSONType)
+    model_key: Mapped[str] = mapped_column(String(64))
+    lane: Mapped[str] = mapped_column(String(16))
+    compat: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(256))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"<Batch {self.job_id}.{self.k} {self.status} {self.indices[0]}..{self.indices[-1]}>"
+
+
+class Worker(Base):
+    """A live (or once live) worker process: what it serves, its batch size, its reload counter."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(256), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(256))
+    model_key: Mapped[str] = mapped_column(String(64), index=True)
+    device: Mapped[str] = mapped_column(String(32))
+    max_batch: Mapped[int] = mapped_column(Integer)
+    loads: Mapped[int] = mapped_column(Integer, default=1)
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

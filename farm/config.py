@@ -53,7 +53,19 @@ class Settings(BaseSettings):
     default_owner: str = "local"
 
     # Workers.
-    batch_size: int = Field(8, description="Images per render task (and GPU batch)")
+    batch_size: int = Field(
+        0, ge=0, description="Most images per batch; 0: the model's maximum, on CUDA found from free memory"
+    )
+    lease_seconds: float = Field(
+        30.0, gt=0, description="A claimed batch whose worker stops beating for this long goes back to the pool"
+    )
+    batch_wait_ms: float = Field(
+        15.0, ge=0, description="Longest wait for companion requests to share a GPU batch; 0: no cross-request batching"
+    )
+    batch_retries: int = Field(2, ge=0, description="Retries of a failed batch before its job fails")
+    pipeline_depth: int = Field(
+        1, ge=0, description="Rendered batches that may wait for encode/upload while the next one renders"
+    )
     task_time_limit: int = Field(1800, description="Hard time limit of one render task, seconds")
     visibility_timeout: int = Field(3600, description="Redis visibility timeout, seconds")
     publish_timeout: float = Field(5.0, description="Longest a submit waits on the broker, seconds")

@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid
-from collections.abc import Iterator
+
+from sqlalchemy.orm import Session
 
 from db import ledger
+from db.batches import QUEUED, cancel_open, compat_key, create_batches, get_batches, pool_batch_size, split
 from db.session import session_scope
 from farm.config import Settings, get_settings
 from farm.errors import BrokerUnavailableError
@@ -24,13 +26,22 @@ from tasks.queues import render_queue
 log = logging.getLogger(__name__)
 
 
-def batches(indices: list[int], size: int) -> Iterator[list[int]]:
-    for start in range(0, len(indices), size):
-        yield indices[start : start + size]
+def _compat(inp: GenerateInput, owner: str) -> str:
+    """The cross-request batching key; requests with LoRAs or embeddings batch only with their owner's."""
+    fields = inp.model_dump(mode="json")
+    fields["has_negative_prompt"] = bool(inp.negative_prompt)  # SDXL: no negative prompt ≠ ""
+    if inp.loras or inp.embeddings:
+        fields["owner"] = owner
+    return compat_key(fields)
 
 
-def batch_size(model_name: str, settings: Settings) -> int:
-    return max(1, min(settings.batch_size, get_model(model_name, settings).max_batch))
+def split_job(s: Session, model_name: str, num_images: int, settings: Settings) -> list[list[int]]:
+    """Cut a job into batches: at most the pool's batch size, and at least one per live worker."""
+    spec = get_model(model_name, settings)
+    configured = settings.batch_size or spec.max_batch
+    size = pool_batch_size(s, spec.key, num_images, min(configured, spec.max_batch),
+                           within_seconds=settings.lease_seconds)
+    return split(num_images, size)
 
 
 def submit(
@@ -76,25 +87,29 @@ def submit(
             job.webhook_url = webhook_url
         if not created and not (republish and not JobStatus(job.status).is_terminal):
             return rid
-        ledger.add_log(s, rid, f"queued {inp.num_images} image(s) on {render_queue(spec.key, lane)}",
-                       source="coordinator")
-    publish(rid, inp.num_images, inp.model_name, lane, settings)
+        if created:
+            chunks = split_job(s, spec.name, inp.num_images, settings)
+            create_batches(s, rid, spec.key, lane.value, _compat(inp, owner), chunks)
+            ledger.add_log(s, rid, f"queued {inp.num_images} image(s) in {len(chunks)} batch(es) on "
+                           f"{render_queue(spec.key, lane)}", source="coordinator")
+    publish(rid, settings)
     return rid
 
 
-def publish(rid: str, num_images: int, model_name: str, lane: Lane, settings: Settings) -> None:
-    """Send the render tasks of a job: batches of the model's batch size, on its lane."""
+def publish(rid: str, settings: Settings) -> None:
+    """Send one message per open batch of the job, on its model's lane."""
     from tasks.app import get_app
 
     app = get_app(settings)
-    spec = get_model(model_name, settings)
-    queue = render_queue(spec.key, lane)
+    with session_scope() as s:
+        rows = [(b.k, list(b.indices), render_queue(b.model_key, b.lane))
+                for b in get_batches(s, rid) if b.status == QUEUED]
     try:
         with app.producer_or_acquire() as producer:
-            for k, chunk in enumerate(batches(list(range(num_images)), batch_size(model_name, settings))):
+            for k, indices, queue in rows:
                 app.send_task(
                     "farm.render",
-                    kwargs={"request_id": rid, "indices": chunk},
+                    kwargs={"request_id": rid, "indices": indices, "k": k},
                     queue=queue,
                     task_id=f"{rid}.{k}",
                     producer=producer,
@@ -104,6 +119,7 @@ def publish(rid: str, num_images: int, model_name: str, lane: Lane, settings: Se
         with session_scope() as s:
             if ledger.finish_job(s, rid, JobStatus.FAILED, error=reason, error_type="broker_unavailable"):
                 outbox.enqueue(s, rid)
+            cancel_open(s, rid)
             ledger.add_log(s, rid, reason, level="ERROR", source="coordinator")
         raise BrokerUnavailableError(reason) from exc
 
@@ -111,8 +127,8 @@ def publish(rid: str, num_images: int, model_name: str, lane: Lane, settings: Se
 def cancel(rid: str, owner: str | None = None) -> str:
     """Cancel a job: ``CANCELLATION_REQUESTED``, ``ALREADY_COMPLETED`` or ``NOT_FOUND``.
 
-    A queued job never starts (its tasks see a terminal job and drop); a running one
-    stops before its next batch.
+    A queued job never starts (its open batches are closed, its messages find nothing to
+    claim); a running one stops within its current batch (the worker checks between steps).
     """
     with session_scope() as s:
         job = ledger.get_job(s, rid, owner=owner)
@@ -121,5 +137,6 @@ def cancel(rid: str, owner: str | None = None) -> str:
         if not ledger.finish_job(s, rid, JobStatus.CANCELLED, error="cancelled by request", error_type="cancelled"):
             return "ALREADY_COMPLETED"
         outbox.enqueue(s, job)
+        cancel_open(s, rid)
         ledger.add_log(s, rid, "cancellation requested", level="WARNING", source="api")
         return "CANCELLATION_REQUESTED"

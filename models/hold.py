@@ -22,7 +22,7 @@ from farm.config import Settings, get_settings
 from farm.errors import RenderError
 from farm.schemas import GenerateInput
 from models.registry import ModelSpec, get_model
-from models.rendered import RenderedImage, RenderResult
+from models.rendered import ProgressHook, RenderedImage, RenderItem, RenderResult
 
 __all__ = ["HoldRenderer", "flat_colour"]
 
@@ -64,25 +64,34 @@ class HoldRenderer:
                     "for scheduling measurements only", model_name, settings.hold_ms)
         return renderer
 
+    def find_max_batch(self) -> int:
+        return self.settings.batch_size or self.spec.max_batch
+
     def render(self, params: GenerateInput, seed: int, indices: Sequence[int]) -> RenderResult:
         """Hold ``len(indices)`` × hold_ms, then return flat images; image ``i`` is coloured by ``seed + i``."""
-        indices = list(indices)
-        if params.model_name != self.spec.name:
-            raise RenderError(f"this worker serves {self.spec.name!r}, not {params.model_name!r}")
-        if not indices or len(set(indices)) != len(indices):
-            raise RenderError(f"image indices must be distinct and not empty (got {indices})")
-        bad = [i for i in indices if not 0 <= i < params.num_images]
-        if bad:
-            raise RenderError(f"image indices {bad} outside 0..{params.num_images - 1} (num_images)")
-        size = params.size
+        return self.render_items([RenderItem(params, seed, i) for i in indices])
+
+    def render_items(self, items: Sequence[RenderItem], on_progress: ProgressHook | None = None) -> RenderResult:
+        """Hold each image hold_ms (``on_progress`` after each), then return flat images."""
+        items = list(items)
+        if not items:
+            raise RenderError("no image indices to render")
+        for item in items:
+            if item.params.model_name != self.spec.name:
+                raise RenderError(f"this worker serves {self.spec.name!r}, not {item.params.model_name!r}")
+            if not 0 <= item.index < item.params.num_images:
+                raise RenderError(f"image index {item.index} outside 0..{item.params.num_images - 1} (num_images)")
         with self._lock:
             t0 = time.perf_counter()
-            time.sleep(self.hold_seconds * len(indices))
+            for _ in items:
+                time.sleep(self.hold_seconds)
+                if on_progress is not None:
+                    on_progress()
             held = time.perf_counter() - t0
         images = [
-            RenderedImage(index=i, seed=seed + i, image=Image.new("RGB", size, flat_colour(seed, i)),
-                          nsfw=False, render_seconds=held / len(indices))
-            for i in indices
+            RenderedImage(index=i.index, seed=i.seed + i.index, image=Image.new("RGB", i.params.size,
+                          flat_colour(i.seed, i.index)), nsfw=False, render_seconds=held / len(items), tag=i.tag)
+            for i in items
         ]
-        log.info("%s (%s): held %d image(s) for %.3f s", self.spec.name, STAND_IN_NOTE, len(indices), held)
-        return RenderResult(images=images, prompt=params.prompt, inference_seconds=held)
+        log.info("%s (%s): held %d image(s) for %.3f s", self.spec.name, STAND_IN_NOTE, len(items), held)
+        return RenderResult(images=images, prompt=items[0].params.prompt, inference_seconds=held)

@@ -34,7 +34,7 @@ from farm.schemas import GenerateInput
 from models.adapters import request_adapters
 from models.prompt import expand_prompt
 from models.registry import ModelSpec
-from models.rendered import RenderedImage, RenderResult
+from models.rendered import ProgressHook, RenderedImage, RenderItem, RenderResult
 from models.safety import SafetyCheckers, black_like
 
 log = logging.getLogger(__name__)
@@ -94,43 +94,66 @@ def _pipe_kwargs(pipe: Any, params: GenerateInput) -> dict[str, Any]:
 
 
 def render(pipe: Any, safety: SafetyCheckers, spec: ModelSpec, settings: Settings,
-           params: GenerateInput, seed: int, indices: Sequence[int], micro_batch: int) -> RenderResult:
-    """Render images ``indices`` of request ``params``; image ``i`` uses seed ``seed + i``.
+           items: Sequence[RenderItem], micro_batch: int, on_progress: ProgressHook | None = None) -> RenderResult:
+    """Render ``items`` (images of one request, or of several compatible ones); image ``i`` of a
+    request uses seed ``seed + i``.
 
-    At most ``micro_batch`` images go through the pipeline at once (see the module doc).
+    At most ``micro_batch`` images go through the pipeline at once (see the module doc). Items of
+    different requests must agree on everything but prompt, negative prompt and seed
+    (``db.batches.compat_key``); the first item's request supplies size, steps, guidance, LoRAs.
+    ``on_progress`` is called after every denoising step and may raise to abort.
     """
     # 1. Check inputs
-    indices = list(indices)
-    check_inputs(spec, params, seed, indices, safety)
+    items = list(items)
+    if not items:
+        raise RenderError("no image indices to render")
+    requests: dict[int, tuple[GenerateInput, int, list[int]]] = {}
+    for item in items:
+        requests.setdefault(id(item.params), (item.params, item.seed, []))[2].append(item.index)
+    for params, seed, indices in requests.values():
+        check_inputs(spec, params, seed, indices, safety)
+    first = items[0].params
 
-    # 2. Expand the prompt
-    prompt = expand_prompt(params.prompt) if params.expand_prompt else params.prompt
+    # 2. Expand the prompts
+    prompts = {key: expand_prompt(p.prompt) if p.expand_prompt else p.prompt for key, (p, _, _) in requests.items()}
 
-    kwargs = _pipe_kwargs(pipe, params)
+    kwargs = _pipe_kwargs(pipe, first)
+    use_negative = _uses_cfg(pipe, first.guidance_scale) and any(i.params.negative_prompt for i in items)
+    if _accepts(pipe, "callback_on_step_end") and on_progress is not None:
+        hook = on_progress
+
+        def _step(_pipe: Any, _step: int, _timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+            hook()
+            return callback_kwargs
+
+        kwargs["callback_on_step_end"] = _step
     pil_images: list[Image.Image] = []
     # 3. Apply the request's LoRAs and embeddings (6. unloaded on the way out, whatever happens)
-    with request_adapters(pipe, params, settings):
+    with request_adapters(pipe, first, settings):
         t0 = time.perf_counter()
-        for start in range(0, len(indices), micro_batch):
-            chunk = indices[start : start + micro_batch]
+        for start in range(0, len(items), micro_batch):
+            chunk = items[start : start + micro_batch]
             # 4. One generator per image, on the CPU, seeded seed + index
-            generators = [torch.Generator("cpu").manual_seed(seed + i) for i in chunk]
+            generators = [torch.Generator("cpu").manual_seed(i.seed + i.index) for i in chunk]
             # 5. Denoise and decode
-            batch = {**kwargs, "prompt": [prompt] * len(chunk), "generator": generators}
-            if "negative_prompt" in kwargs:
-                batch["negative_prompt"] = [kwargs["negative_prompt"]] * len(chunk)
+            batch = {**kwargs, "prompt": [prompts[id(i.params)] for i in chunk], "generator": generators}
+            batch.pop("negative_prompt", None)
+            if use_negative:
+                batch["negative_prompt"] = [i.params.negative_prompt or "" for i in chunk]
             pil_images.extend(pipe(**batch).images)
+            if on_progress is not None:
+                on_progress()
         inference_seconds = time.perf_counter() - t0
 
     # 7. Safety check: flagged images become black images of the same size
-    if params.enable_safety_checker:
-        flags = safety.check(pil_images, params.safety_checker_version)
+    if first.enable_safety_checker:
+        flags = safety.check(pil_images, first.safety_checker_version)
     else:
         flags = [False] * len(pil_images)
-    share = inference_seconds / len(indices)
+    share = inference_seconds / len(items)
     images = [
-        RenderedImage(index=i, seed=seed + i, image=black_like(img) if flagged else img,
-                      nsfw=flagged, render_seconds=share)
-        for i, img, flagged in zip(indices, pil_images, flags, strict=True)
+        RenderedImage(index=item.index, seed=item.seed + item.index, image=black_like(img) if flagged else img,
+                      nsfw=flagged, render_seconds=share, tag=item.tag)
+        for item, img, flagged in zip(items, pil_images, flags, strict=True)
     ]
-    return RenderResult(images=images, prompt=prompt, inference_seconds=inference_seconds)
+    return RenderResult(images=images, prompt=prompts[id(first)], inference_seconds=inference_seconds)

@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from PIL import Image
+
+from farm.schemas import GenerateInput
+
+# Called between diffusion steps and between images; it may raise to abort the render.
+ProgressHook = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class RenderItem:
+    """One image to render: image ``index`` of the request ``params``, with seed ``seed + index``.
+
+    Items of different requests may share a GPU batch when their requests agree on model,
+    size, steps, guidance and LoRAs (``db.batches.compat_key``); ``tag`` says whose it is.
+    """
+
+    params: GenerateInput
+    seed: int  # the request's seed
+    index: int
+    tag: str = ""
 
 
 @dataclass
@@ -14,6 +34,7 @@ class RenderedImage:
     image: Image.Image  # blacked out if flagged
     nsfw: bool  # False when the safety checker is disabled
     render_seconds: float  # this image's share of the batch time
+    tag: str = ""  # RenderItem.tag: the request it belongs to
 
 
 @dataclass

@@ -22,13 +22,19 @@ from farm.schemas import GenerateInput
 from models.loading import load_pipeline
 from models.registry import ModelSpec, get_model
 from models.render import RenderedImage, RenderResult, render
+from models.rendered import ProgressHook, RenderItem
 from models.safety import SafetyCheckers
 
-__all__ = ["RenderResult", "RenderedImage", "Renderer"]
+__all__ = ["RenderItem", "RenderResult", "RenderedImage", "Renderer", "batch_from_memory"]
 
 log = logging.getLogger(__name__)
 
 WARMUP_SIDE = 64  # smallest side every supported UNet accepts
+
+
+def batch_from_memory(free_bytes: int, per_image_bytes: int, cap: int, headroom: float = 0.8) -> int:
+    """How many images fit in ``headroom`` of the free memory, between 1 and ``cap``."""
+    return max(1, min(cap, int(free_bytes * headroom) // max(1, per_image_bytes)))
 
 
 class Renderer:
@@ -81,7 +87,34 @@ class Renderer:
 
     def render(self, params: GenerateInput, seed: int, indices: Sequence[int]) -> RenderResult:
         """Render images ``indices`` of ``params``; image ``i`` uses seed ``seed + i``."""
+        return self.render_items([RenderItem(params, seed, i) for i in indices])
+
+    def render_items(self, items: Sequence[RenderItem], on_progress: ProgressHook | None = None) -> RenderResult:
+        """Render images of one or several compatible requests as one batch (see ``models.render``)."""
         with self._lock:
-            return render(
-                self.pipe, self.safety, self.spec, self.settings, params, seed, indices, self.micro_batch
-            )
+            return render(self.pipe, self.safety, self.spec, self.settings, items, self.micro_batch, on_progress)
+
+    def find_max_batch(self) -> int:
+        """The most images per batch on this worker: FARM_BATCH_SIZE if set; on CUDA, what fits
+        in free memory at the model's default size (capped by the model's maximum); else the
+        model's maximum."""
+        if self.settings.batch_size > 0:
+            return self.settings.batch_size
+        if not self.device.startswith("cuda"):
+            return self.spec.max_batch
+        import torch
+
+        device = torch.device(self.device)
+        width, height = self.spec.default_size
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        with self._lock:
+            self.pipe(prompt="probe", height=height, width=width, num_inference_steps=1, guidance_scale=1.0,
+                      output_type="pil")
+        per_image = max(1, torch.cuda.max_memory_allocated(device) - base)
+        free, _total = torch.cuda.mem_get_info(device)
+        fits = batch_from_memory(free, per_image, self.spec.max_batch)
+        log.info("%s on %s: %.2f GiB free, ~%.2f GiB per %dx%d image: batch %d", self.spec.name, self.device,
+                 free / 2**30, per_image / 2**30, width, height, fits)
+        return fits

@@ -32,10 +32,12 @@ class _ThreadWorker(WorkController):
 @contextmanager
 def embedded_worker(app: Celery, model_name: str, device: str, settings: Settings) -> Iterator[None]:
     """Load the model, run a worker for its queues in a thread, stop it on exit."""
+    from tasks.lease import start_services, stop_services
     from tasks.runtime import load_renderer
 
-    load_renderer(model_name, device, settings)
+    renderer = load_renderer(model_name, device, settings)
     spec = get_model(model_name, settings)
+    start_services(app, f"{spec.key}@embedded", renderer, settings)
     worker = _ThreadWorker(
         app=app,
         hostname=f"{spec.key}@embedded",
@@ -55,6 +57,7 @@ def embedded_worker(app: Celery, model_name: str, device: str, settings: Setting
     try:
         yield
     finally:
+        stop_services()
         worker_state.should_terminate = 0
         thread.join(10)
         worker_state.should_terminate = None

@@ -12,13 +12,6 @@ from celery import Celery
 from minio import Minio
 from sqlalchemy import create_engine, text
 
-from db import ledger
-from db.models import Image, utcnow
-from db.session import dispose_engines, session_scope
-from farm import coordinator
-from farm.config import reset_settings
-from farm.schemas import parse_input
-from farm.status import JobStatus, Lane
 from tests.workers import WorkerProcess, clean_env, run_farm
 
 TINY = "farm/tiny-lcm"
@@ -226,55 +219,3 @@ def test_hold_stand_in_through_worker_processes(stack):
     logs = [m for (m,) in _ledger(stack, "SELECT message FROM job_logs WHERE job_id = :id", id=rid)]
     assert any("farm/hold stand-in, held not rendered" in m for m in logs)
     assert all("torch" not in w.output for w in stack["workers"])
-
-
-
-
-def _wait_job(rid: str, predicate, timeout: float = 120):
-    deadline = time.monotonic() + timeout
-    while True:
-        with session_scope() as s:
-            job = ledger.get_job(s, rid)
-            assert job is not None
-            value = predicate(s, job)
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting on {rid}"
-        time.sleep(0.02)
-
-
-def test_sync_request_overtakes_a_bulk_job_within_one_batch(stack, monkeypatch):
-    """Lanes: a worker always takes the highest non-empty lane (realtime > sync > queue > bulk)."""
-    batch = 2
-    stack["env"].update(FARM_HOLD_MS="150", FARM_BATCH_SIZE=str(batch))
-    worker = WorkerProcess(dict(stack["env"]), model="farm/hold")
-    stack["workers"].append(worker)
-    worker.start()
-    for name, value in stack["env"].items():
-        if name.startswith("FARM_"):
-            monkeypatch.setenv(name, value)
-    reset_settings()
-    try:
-        bulk = coordinator.submit(parse_input({"model_name": "farm/hold", "prompt": "bulk", "num_images": 40,
-                                               "image_size": "square", "sync_mode": False}),
-                                  owner="local", lane=Lane.BULK, source="test")
-        _wait_job(bulk, lambda s, job: ledger.count_images(s, bulk) >= 2 * batch)
-        submitted = utcnow()
-        sync = coordinator.submit(parse_input({"model_name": "farm/hold", "prompt": "sync", "num_images": 3 * batch,
-                                               "image_size": "square", "sync_mode": False}),
-                                  owner="local", lane=Lane.SYNC, source="test")
-        finished = _wait_job(sync, lambda s, job: job.finished_at if job.status == JobStatus.COMPLETED else None)
-        with session_scope() as s:
-            bulk_after = [
-                img.index for img in s.query(Image).filter(Image.job_id == bulk).all()
-                if submitted < img.created_at < finished
-            ]
-            bulk_job = ledger.get_job(s, bulk)
-            assert bulk_job is not None and bulk_job.status == JobStatus.IN_PROGRESS
-        # only the bulk batch already running when the sync request came may finish before all
-        # three sync batches: the worker takes the sync lane first each time
-        assert len(bulk_after) <= batch, bulk_after
-        coordinator.cancel(bulk)
-    finally:
-        dispose_engines()
-        reset_settings()

@@ -54,31 +54,37 @@ def worker(model_name: str, device: str, name: str | None, loglevel: str | None)
     app = get_app(settings)
 
     failure = Path(tempfile.mkstemp(prefix="farm-worker-")[1])
+    node = name or f"{spec.key}@{device_label(device)}.%h"
+    shown = node.replace("%h", socket.gethostname())
 
     def _load(**_: Any) -> None:
         # in the pool child, after fork: fresh DB connections, then the model, once
         dispose_engines(close=False)
+        from tasks.lease import start_services
         from tasks.runtime import load_renderer
 
         try:
-            renderer = load_renderer(spec.name, device, settings)
+            renderer = load_renderer(spec.name, device, settings)  # loaded and warmed up
+            services = start_services(app, shown, renderer, settings)  # in the pool, with its batch size
         except Exception as exc:
             # a worker without its model must not take tasks: stop the whole worker
             failure.write_text(f"{type(exc).__name__}: {exc}")
             os.kill(os.getppid(), signal.SIGTERM)
             os._exit(1)
-        print(f"farm worker ready: model={spec.name} device={device} loads={renderer.loads}", flush=True)
+        print(f"farm worker ready: {shown} model={spec.name} device={device} max_batch={services.max_batch} "
+              f"loads={renderer.loads}", flush=True)
 
     def _unload(**_: Any) -> None:
+        from tasks.lease import stop_services
+
+        stop_services()  # stores what was rendered, leaves the pool
         dispose_engines()
 
     worker_process_init.connect(_load, weak=False)
     worker_process_shutdown.connect(_unload, weak=False)
     queues = [settings.dispatch_queue, *model_queues(spec.key)]
-    node = name or f"{spec.key}@{device_label(device)}.%h"
     argv = ["worker", "--pool", "prefork", "--concurrency", "1", "--queues", ",".join(queues),
             "--hostname", node, "--loglevel", (loglevel or settings.log_level).upper(), "--task-events"]
-    shown = node.replace("%h", socket.gethostname())
     click.echo(f"starting {shown} for {spec.name} on {device}; queues: {', '.join(queues)}", err=True)
     sys.stdout.flush()
     try:
