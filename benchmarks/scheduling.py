@@ -53,6 +53,8 @@ from _stack import ServerStack  # noqa: E402  (benchmarks/_stack.py)
 from tests.workers import WorkerProcess  # noqa: E402
 
 HOLD = "farm/hold"
+PHASES = re.compile(r"batch (?P<id>\S+): claim (?P<claim>[\d.]+) ms, render (?P<render>[\d.]+) ms, "
+                    r"hand-off (?P<handoff>[\d.]+) ms")
 CELERY_LINE = re.compile(
     r"^\[(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): \w+/[\w-]+\] Task farm\.render\[(?P<id>[^\]]+)\] "
     r"(?P<what>received|succeeded in (?P<secs>[\d.e-]+)s)"
@@ -156,8 +158,8 @@ def wait_done(rid: str, timeout: float) -> None:
     raise SystemExit(f"job {rid} not completed within {timeout:.0f} s")
 
 
-def ledger_times(rid: str) -> tuple[float, float, float, dict[int, float]]:
-    """(created, started, finished) Unix times of the job and index -> image row time."""
+def ledger_times(rid: str) -> tuple[float, float, float, dict[int, float], list[list[int]]]:
+    """(created, started, finished) Unix times of the job, index -> image row time, and its batches."""
     from sqlalchemy import text
 
     from db.session import session_scope
@@ -166,8 +168,9 @@ def ledger_times(rid: str) -> tuple[float, float, float, dict[int, float]]:
         job = s.execute(text("SELECT created_at, started_at, finished_at FROM jobs WHERE id = :id"),
                         {"id": rid}).one()  # fmt: skip
         rows = s.execute(text('SELECT "index", created_at FROM images WHERE job_id = :id'), {"id": rid}).all()
+        cut = s.execute(text("SELECT k, indices FROM batches WHERE job_id = :id ORDER BY k"), {"id": rid}).all()
     created, started, finished = (t.timestamp() for t in job)
-    return created, started, finished, {i: t.timestamp() for i, t in rows}
+    return created, started, finished, {i: t.timestamp() for i, t in rows}, [list(ix) for _, ix in cut]
 
 
 def parse_log(lines: list[str], rid: str) -> list[tuple[float, float, float, int]]:
@@ -182,24 +185,31 @@ def parse_log(lines: list[str], rid: str) -> list[tuple[float, float, float, int
         if m["what"] == "received":
             got[m["id"]] = ts
         elif m["id"] in got:
-            tasks.append((got[m["id"]], ts, float(m["secs"]), int(m["id"].rsplit(".", 1)[1])))
+            tasks.append((got[m["id"]], ts, float(m["secs"]), int(m["id"][len(rid) + 1 :].split(".")[0])))
     return tasks
 
 
 def profile(stack: Stack, rid: str, t0: float, batch: int, images: int, hold_s: float) -> dict[str, Any]:
-    created, started, finished, rows = ledger_times(rid)
+    created, started, finished, rows, cut = ledger_times(rid)
     per_worker = [sorted(parse_log(w.lines, rid)) for w in stack.workers]
     runs = [t for tasks in per_worker for t in tasks]
-    sizes = [min(batch, images - start) for start in range(0, images, batch)]
-    in_task = [secs - hold_s * sizes[k] for _, _, secs, k in runs]
+    in_task = [secs - hold_s * len(cut[k]) for _, _, secs, k in runs]
     gaps = [b[0] - a[1] for tasks in per_worker for a, b in zip(tasks, tasks[1:], strict=False)]
     spacing = []
-    for start in range(0, images, batch):
-        stamps = sorted(rows[i] for i in range(start, min(start + batch, images)) if i in rows)
+    for indices in cut:
+        stamps = sorted(rows[i] for i in indices if i in rows)
         spacing += [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     ends = [tasks[-1][1] for tasks in per_worker if tasks]
     firsts = [tasks[0][0] for tasks in per_worker if tasks]
+    phases = [m for w in stack.workers for line in w.lines if (m := PHASES.search(line)) and
+              m["id"].startswith(rid + ".")]
+    def mean_ms(name: str) -> float | None:
+        return round(statistics.fmean(float(m[name]) for m in phases), 1) if phases else None
+
     return {
+        "claim_ms_mean": mean_ms("claim"),
+        "render_ms_mean": mean_ms("render"),
+        "handoff_ms_mean": mean_ms("handoff"),
         "tasks": len(runs),
         "tasks_per_worker": [len(t) for t in per_worker],
         "task_run_ms_mean": round(statistics.fmean(r[2] for r in runs) * 1000, 1) if runs else None,
@@ -247,7 +257,7 @@ def main() -> None:
         busy1, total1 = machine_busy()
         cpu = {name: round(cpu_seconds(pids) - cpu0[name], 2) for name, pids in groups.items()}
         time.sleep(0.3)  # let the last Celery log lines arrive
-        _, _, finished, rows = ledger_times(rid)
+        _, _, finished, rows, _ = ledger_times(rid)
         seconds = finished - t0
         prof = profile(stack, rid, t0, args.batch_size, args.images, args.hold_ms / 1000)
         ok = len(rows) == args.images

@@ -43,10 +43,30 @@ def compat_key(input: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def split(num_images: int, size: int) -> list[list[int]]:
-    """Indices ``0..num_images-1`` in consecutive batches of at most ``size``."""
-    size = max(1, size)
-    return [list(range(start, min(start + size, num_images))) for start in range(0, num_images, size)]
+def split(num_images: int, size: int, workers: int = 1) -> list[list[int]]:
+    """Indices ``0..num_images-1`` in consecutive batches of at most ``size``, balanced.
+
+    The number of batches is rounded up to a multiple of ``workers`` (when there are enough
+    images) and batch sizes differ by at most one, so that every worker of the pool gets the
+    same number of images and none is left with a last batch while the others idle. On a
+    long job (two rounds or more) the last round is cut in halves.
+    """
+    size, workers = max(1, size), max(1, workers)
+    count = -(-num_images // size)
+    if workers > 1:
+        count = min(num_images, -(-count // workers) * workers)
+    base, extra = divmod(num_images, max(1, count))
+    out, start = [], 0
+    for k in range(count):
+        length = base + (1 if k < extra else 0)
+        out.append(list(range(start, start + length)))
+        start += length
+    if workers > 1 and count >= 2 * workers:
+        # the last round in halves: workers drift apart over a long job, and the ones that finish
+        # early then wait for the others' last batch; half batches halve that wait
+        head, tail = out[:-workers], out[-workers:]
+        out = head + [half for b in tail for half in (b[: (len(b) + 1) // 2], b[(len(b) + 1) // 2 :]) if half]
+    return out
 
 
 def create_batches(s: Session, job_id: str, model_key: str, lane: str, compat: str,
@@ -126,6 +146,17 @@ def claim_companions(s: Session, first: Batch, worker: str, lease_seconds: float
     _take(picked, worker, lease_seconds)
     s.flush()
     return picked
+
+
+def compatible_in_flight(s: Session, first: Batch) -> bool:
+    """Whether another job's batch that could share ``first``'s GPU batch is being rendered now.
+
+    Only then is it worth waiting for companions: compatible traffic is arriving. A lone
+    request on a quiet pool does not wait.
+    """
+    stmt = select(Batch.id).where(Batch.model_key == first.model_key, Batch.compat == first.compat,
+                                  Batch.status == CLAIMED, Batch.job_id != first.job_id).limit(1)
+    return s.scalar(stmt) is not None
 
 
 def extend(s: Session, batch_ids: Sequence[int], worker: str, lease_seconds: float) -> set[int]:
@@ -220,6 +251,13 @@ def live_workers(s: Session, model_key: str, within_seconds: float) -> list[Work
     stmt = select(Worker).where(Worker.model_key == model_key, Worker.heartbeat_at >= since,
                                 Worker.stopped_at.is_(None)).order_by(Worker.name)
     return list(s.scalars(stmt.execution_options(populate_existing=True)))
+
+
+def pool_split(s: Session, model_key: str, num_images: int, configured: int,
+               within_seconds: float) -> list[list[int]]:
+    """A job's batches for the live pool of ``model_key`` (see :func:`pool_batch_size`, :func:`split`)."""
+    size = pool_batch_size(s, model_key, num_images, configured, within_seconds)
+    return split(num_images, size, workers=len(live_workers(s, model_key, within_seconds)))
 
 
 def pool_batch_size(s: Session, model_key: str, num_images: int, configured: int, within_seconds: float) -> int:

@@ -13,7 +13,7 @@ import uuid
 from sqlalchemy.orm import Session
 
 from db import ledger
-from db.batches import QUEUED, cancel_open, compat_key, create_batches, get_batches, pool_batch_size, split
+from db.batches import QUEUED, cancel_open, compat_key, create_batches, get_batches, pool_split
 from db.session import session_scope
 from farm.config import Settings, get_settings
 from farm.errors import BrokerUnavailableError
@@ -39,9 +39,8 @@ def split_job(s: Session, model_name: str, num_images: int, settings: Settings) 
     """Cut a job into batches: at most the pool's batch size, and at least one per live worker."""
     spec = get_model(model_name, settings)
     configured = settings.batch_size or spec.max_batch
-    size = pool_batch_size(s, spec.key, num_images, min(configured, spec.max_batch),
-                           within_seconds=settings.lease_seconds)
-    return split(num_images, size)
+    return pool_split(s, spec.key, num_images, min(configured, spec.max_batch),
+                      within_seconds=settings.lease_seconds)
 
 
 def submit(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -250,6 +251,9 @@ def start_services(app: Celery, name: str, renderer: Any, settings: Settings) ->
     global _services
     if _services is not None:
         return _services
+    # The render thread drives the GPU in short Python steps between kernels; with the uploader
+    # thread busy encoding, the default 5 ms GIL switch interval would delay each step's wake-up.
+    sys.setswitchinterval(0.001)
     max_batch = int(renderer.find_max_batch())
     with session_scope() as s:
         ledger_batches.register_worker(

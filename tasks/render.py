@@ -5,7 +5,8 @@ The Celery message only says "batch k of job J is ready". The ledger decides:
 1. **Claim** batch k with ``SELECT … FOR UPDATE SKIP LOCKED`` (db.batches). A batch that is done,
    or leased to a live worker, is not claimed: the message was a redelivery and is dropped.
 2. **Companions** (cross-request batching): queued batches of other jobs that share model,
-   size, steps, guidance and LoRAs join the GPU batch, waiting at most ``batch_wait_ms`` for them.
+   size, steps, guidance and LoRAs join the GPU batch. If none is queued but compatible work
+   is being rendered (traffic is arriving), the worker waits at most ``batch_wait_ms`` for some.
 3. **Render**, beating for the leases between steps (tasks/lease.py); images already stored are
    skipped, so a batch that comes back after a worker died renders only what is missing.
 4. **Store** in the uploader thread while the next batch renders: encode, put (deterministic
@@ -72,6 +73,7 @@ def render_batch(self: Task, request_id: str, indices: list[int], k: int | None 
     settings = get_settings()
     services = get_services()
     renderer = get_renderer()
+    t0 = time.perf_counter()
     try:
         group = _claim_group(request_id, indices, k, services, renderer.spec.name, settings)
     except OperationalError as exc:  # the ledger is unreachable: nothing was claimed, try the message later
@@ -81,6 +83,7 @@ def render_batch(self: Task, request_id: str, indices: list[int], k: int | None 
         raise self.retry(exc=exc, countdown=min(30, 2**self.request.retries), max_retries=CLAIM_RETRIES) from None
     if not group:
         return {"request_id": request_id, "claimed": False}
+    t1 = time.perf_counter()
     services.keeper.hold({c.batch_id: c.job_id for c in group})
     items = [RenderItem(c.params, c.seed, i, tag=c.job_id) for c in group for i in c.todo]
     try:
@@ -97,7 +100,11 @@ def render_batch(self: Task, request_id: str, indices: list[int], k: int | None 
         return {"request_id": request_id, "failed": [i for c in group for i in c.todo]}
     note = getattr(renderer, "stand_in_note", None)  # farm/hold says it held, not rendered
     suffix = f", {renderer.spec.name} {note}" if note else ""
+    t2 = time.perf_counter()
     services.uploader.submit(lambda: _store(self.app, group, result, suffix, settings, services))
+    log.info("batch %s.%s: claim %.1f ms, render %.1f ms, hand-off %.1f ms (%d image(s), %d request(s))",
+             request_id, k, (t1 - t0) * 1000, (t2 - t1) * 1000, (time.perf_counter() - t2) * 1000, len(items),
+             len(group))
     return {"request_id": request_id, "rendered": [c.todo for c in group if c.job_id == request_id]}
 
 
@@ -113,12 +120,13 @@ def _claim_group(request_id: str, indices: list[int], k: int | None, services: W
             return []
         group = _prepare(s, [first], model_name)
         room = services.max_batch - sum(len(c.todo) for c in group)
-        if not group or room <= 0 or settings.batch_wait_ms <= 0:
-            return group
+        if not group or room <= 0 or settings.batch_wait_ms <= 0 or len(group[0].indices) < group[0].total:
+            return group  # full, or a slice of a larger job (cut to balance the pool): no company
         companions = ledger_batches.claim_companions(s, first, services.name, settings.lease_seconds, room)
         group += _prepare(s, companions, model_name)
-    if companions or not group:
-        return group
+        busy = not companions and ledger_batches.compatible_in_flight(s, first)
+    if not busy or not group:
+        return group  # company found already, or a quiet pool: nothing to wait for
     time.sleep(settings.batch_wait_ms / 1000)  # bounded wait for companions to arrive
     with session_scope() as s:
         anchor = s.get(Batch, group[0].batch_id)
@@ -141,8 +149,10 @@ def _prepare(s: Any, rows: list[Batch], model_name: str) -> list[Claimed]:
             ledger.finish_job(s, job.id, JobStatus.FAILED, error=f"job for {job.model_name} reached a worker of "
                               f"{model_name}", error_type="render_error")
             continue
-        ledger.start_job(s, row.job_id)
-        done = ledger.done_indices(s, row.job_id)
+        if job.status == JobStatus.IN_QUEUE:
+            ledger.start_job(s, row.job_id)
+        # a batch claimed for the first time has nothing stored yet (batches never overlap)
+        done = ledger.done_indices(s, row.job_id) if row.attempts > 1 else set()
         todo = [i for i in row.indices if i not in done]
         if len(todo) < len(row.indices):
             ledger.add_log(s, row.job_id, f"images {sorted(set(row.indices) - set(todo))} already stored: "

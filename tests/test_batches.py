@@ -22,7 +22,7 @@ def _job(sm: sessionmaker[Session], rid: str, n: int, size: int, lane: str = "qu
 
 
 def test_split_and_compat_key():
-    assert batches.split(10, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert batches.split(10, 4) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]  # 3 batches, balanced
     assert batches.split(3, 0) == [[0], [1], [2]]
     other = batches.compat_key({"model_name": "farm/tiny-lcm", "image_size": "square", "num_inference_steps": 5})
     assert other != COMPAT
@@ -86,3 +86,12 @@ def test_pool_batch_size_spreads_a_job_over_live_workers(sessions):  # noqa: F81
         assert batches.pool_batch_size(s, "tiny", 20, configured=8, within_seconds=30) == 5  # 4 workers, 4 batches
         batches.stop_worker(s, "w2")
         assert batches.pool_batch_size(s, "tiny", 64, configured=8, within_seconds=30) == 16
+
+
+def test_split_balances_batches_over_the_pool():
+    cut = batches.split(1000, 8, workers=8)
+    assert len(cut) == 136 and {len(b) for b in cut[:-16]} == {7, 8}  # 16 rounds of 7-8 images …
+    assert [len(b) for b in cut[-16:]] == [4, 3] * 8  # … the last one in halves
+    assert [i for b in cut for i in b] == list(range(1000))  # consecutive, each index once
+    assert batches.split(8, 3, workers=3) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert batches.split(2, 8, workers=8) == [[0], [1]]  # never an empty batch

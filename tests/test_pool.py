@@ -179,7 +179,7 @@ def test_split_does_not_change_images_one_worker_against_three(farm):
     spread = _submit(TINY, "a lighthouse", 8, **job)
     _wait(lambda: _status(spread) == JobStatus.COMPLETED, 120, "the three-worker job")
     workers = {w for (w,) in _ledger(farm, "SELECT worker FROM batches WHERE job_id = :id", id=spread)}
-    assert _ledger(farm, "SELECT count(*) FROM batches WHERE job_id = :id", id=spread) == [(4,)]
+    assert _ledger(farm, "SELECT count(*) FROM batches WHERE job_id = :id", id=spread) == [(6,)]  # 2,2,1,1,1,1
     assert len(workers) >= 2, workers  # the batches spread over the pool
 
     a, b = _digests(farm, alone), _digests(farm, spread)
@@ -263,3 +263,20 @@ def test_message_taken_by_a_worker_that_died_before_claiming_comes_back(farm):
           detail=lambda: _diagnose(farm, rid))
     assert _count(farm, rid) == 8
     assert _ledger(farm, "SELECT DISTINCT status FROM batches WHERE job_id = :id", id=rid) == [("done",)]
+
+
+def test_a_failing_batch_is_retried_a_bounded_number_of_times_then_the_job_names_it(farm):
+    import base64
+
+    farm["configure"](FARM_BATCH_RETRIES="1", FARM_LEASE_SECONDS="2", FARM_BATCH_SIZE="2")
+    farm["start"](TINY, "tiny@f0.test")
+    bad_lora = "data:application/octet-stream;base64," + base64.b64encode(b"not a lora").decode()
+    rid = _submit(TINY, "a broken adapter", 2, image_size={"width": 64, "height": 64}, num_inference_steps=1,
+                  loras=[{"path": bad_lora}])
+    _wait(lambda: _status(rid) == JobStatus.FAILED, 90, "the job to fail", detail=lambda: _diagnose(farm, rid))
+    error, error_type = _ledger(farm, "SELECT error, error_type FROM jobs WHERE id = :id", id=rid)[0]
+    assert error.startswith("images [0, 1] failed: LoRA") and "could not be read" in error, error
+    assert _ledger(farm, "SELECT status, attempts FROM batches WHERE job_id = :id", id=rid) == [("failed", 2)]
+    logs = [m for (m,) in _ledger(farm, "SELECT message FROM job_logs WHERE job_id = :id ORDER BY id", id=rid)]
+    assert sum("retry 1 of 1" in m for m in logs) == 1 and not any("retry 2" in m for m in logs), logs
+    assert _count(farm, rid) == 0

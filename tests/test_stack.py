@@ -38,6 +38,9 @@ def stack(redis_server, postgres_server, s3_server, builtin_dir, request):
         FARM_S3_SECRET_KEY="testing",
         FARM_DATA_DIR=str(builtin_dir),
     )
+    import redis
+
+    redis.Redis.from_url(env["FARM_BROKER_URL"]).flushdb()  # no messages left by an earlier test
     done = run_farm(["db", "upgrade"], env)
     assert done.returncode == 0, done.stderr
     workers: list[WorkerProcess] = []
