@@ -212,6 +212,12 @@ def reap(s: Session, limit: int = 100) -> list[Batch]:
     return rows
 
 
+def expire_queued(s: Session, batch_ids: Sequence[int]) -> None:
+    """Reaped batches whose message could not be sent: claimed with a lapsed lease, so reaped again."""
+    s.execute(update(Batch).where(Batch.id.in_(list(batch_ids)), Batch.status == QUEUED)
+              .values(status=CLAIMED, lease_expires_at=utcnow() - timedelta(seconds=1)))
+
+
 def cancel_open(s: Session, job_id: str) -> int:
     """Queued batches of a job → cancelled (claimed ones stop at their holder's next check)."""
     stmt = update(Batch).where(Batch.job_id == job_id, Batch.status == QUEUED).values(

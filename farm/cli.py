@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from farm.commands.api import api
+from farm.commands.bulk import bulk
 from farm.commands.db import db
 from farm.commands.flower import flower
 from farm.commands.generate import generate, status
@@ -39,6 +40,7 @@ cli.add_command(db)
 cli.add_command(api)
 cli.add_command(keys)
 cli.add_command(flower)
+cli.add_command(bulk)
 
 
 def main() -> None:

@@ -75,6 +75,11 @@ class Settings(BaseSettings):
         50, ge=0, description="farm/hold (a scheduling stand-in, not a model): milliseconds held per image"
     )
     dispatch_queue: str = Field("celery", description="Queue of plain farm.generate tasks")
+    bulk_queue: str = Field("farm.bulk", description="Queue of farm.bulk tasks (served by `farm bulk worker`)")
+    bulk_root: Path | None = Field(
+        None, description="Where API and Celery bulk jobs may read manifests and write local datasets; "
+        "default <data_dir>/bulk"
+    )
     log_level: str = "INFO"
 
     # Flower (`farm flower`).
@@ -140,6 +145,10 @@ class Settings(BaseSettings):
     @property
     def effective_files_root(self) -> Path:
         return (self.files_root or self.data_dir / "files").resolve()
+
+    @property
+    def effective_bulk_root(self) -> Path:
+        return (self.bulk_root or self.data_dir / "bulk").resolve()
 
     @property
     def builtin_model_dir(self) -> Path:

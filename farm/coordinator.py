@@ -13,7 +13,7 @@ import uuid
 from sqlalchemy.orm import Session
 
 from db import ledger
-from db.batches import QUEUED, cancel_open, compat_key, create_batches, get_batches, pool_split
+from db.batches import QUEUED, cancel_open, compat_key, create_batches, get_batches, live_workers, pool_split
 from db.session import session_scope
 from farm.config import Settings, get_settings
 from farm.errors import BrokerUnavailableError
@@ -93,6 +93,86 @@ def submit(
                            f"{render_queue(spec.key, lane)}", source="coordinator")
     publish(rid, settings)
     return rid
+
+
+def submit_many(
+    items: list[tuple[GenerateInput, str]],
+    *,
+    owner: str,
+    lane: Lane = Lane.BULK,
+    source: str = "bulk",
+    settings: Settings | None = None,
+) -> list[str]:
+    """Record many one-batch jobs ``(input, request_id)`` in one transaction and wake the pool
+    with one message per GPU batch of them (bulk work: no message is spent on a batch that a
+    companion claim took already).
+
+    Jobs that exist already are not created again; their open batches are published again
+    (a submitter that died between recording and publishing loses nothing; a spare message
+    claims nothing). Broker down: the jobs are FAILED and BrokerUnavailableError raised.
+    """
+    settings = settings or get_settings()
+    rids = []
+    with session_scope() as s:
+        for inp, rid in items:
+            spec = get_model(inp.model_name, settings)
+            seed = inp.seed if inp.seed is not None else secrets.randbelow(2**31)
+            job, created = ledger.create_job(
+                s, request_id=rid, owner=owner, model_name=spec.name, model_key=spec.key, lane=lane.value,
+                source=source, input=inp.model_dump(mode="json"), seed=seed, num_images=inp.num_images,
+            )
+            if created:
+                create_batches(s, job.id, spec.key, lane.value, _compat(inp, owner),
+                               split_job(s, spec.name, inp.num_images, settings))
+            rids.append(job.id)
+        groups: dict[tuple[str, str, str], list[tuple[str, int, list[int]]]] = {}
+        for rid in rids:
+            for b in get_batches(s, rid):
+                if b.status == QUEUED:
+                    groups.setdefault((b.model_key, b.lane, b.compat), []).append((b.job_id, b.k, list(b.indices)))
+        sizes = {key: _gpu_batch(s, key, settings) for key in {g[0] for g in groups}}
+    messages = []
+    for (model_key, lane_name, _), batches_ in groups.items():
+        size = sizes[model_key]
+        chunk: list[tuple[str, int, list[int]]] = []
+        images = 0
+        for entry in batches_:
+            if chunk and images + len(entry[2]) > size:
+                messages.append((render_queue(model_key, lane_name), chunk))
+                chunk, images = [], 0
+            chunk.append(entry)
+            images += len(entry[2])
+        if chunk:
+            messages.append((render_queue(model_key, lane_name), chunk))
+    _send(messages, rids, settings)
+    return rids
+
+
+def _gpu_batch(s: Session, model_key: str, settings: Settings) -> int:
+    """The most images a worker of the pool renders at once (the smallest live worker's)."""
+    pool = live_workers(s, model_key, settings.lease_seconds)
+    return min((w.max_batch for w in pool), default=settings.batch_size or 8) or 8
+
+
+def _send(messages: list[tuple[str, list[tuple[str, int, list[int]]]]], rids: list[str], settings: Settings) -> None:
+    from tasks.app import get_app
+
+    app = get_app(settings)
+    try:
+        with app.producer_or_acquire() as producer:
+            for queue, chunk in messages:
+                (rid, k, indices), rest = chunk[0], chunk[1:]
+                app.send_task("farm.render", queue=queue, task_id=f"{rid}.{k}.g", producer=producer,
+                              kwargs={"request_id": rid, "indices": indices, "k": k,
+                                      "group": [[r, kk] for r, kk, _ in rest]})
+    except Exception as exc:  # kombu/redis raise many types for a dead broker
+        reason = f"broker unavailable: {exc}"
+        with session_scope() as s:
+            for rid in rids:
+                if ledger.finish_job(s, rid, JobStatus.FAILED, error=reason, error_type="broker_unavailable"):
+                    outbox.enqueue(s, rid)
+                cancel_open(s, rid)
+        raise BrokerUnavailableError(reason) from exc
 
 
 def publish(rid: str, settings: Settings) -> None:

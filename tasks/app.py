@@ -59,7 +59,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "interval_max": 1,
         },
         "task_default_queue": settings.dispatch_queue,
-        "task_routes": {"farm.generate": {"queue": settings.dispatch_queue}},
+        "task_routes": {"farm.generate": {"queue": settings.dispatch_queue},
+                        "farm.bulk": {"queue": settings.bulk_queue}},
         "result_expires": 86400,
         "result_extended": True,
         "worker_send_task_events": True,
@@ -71,12 +72,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 def make_app(settings: Settings) -> Celery:
-    from tasks import generate, render  # noqa: F401  (register the task bodies)
+    from tasks import bulk, generate, render  # noqa: F401  (register the task bodies)
 
     app = Celery("farm", set_as_current=False)
     app.conf.update(celery_config(settings))
     generate.register(app)
     render.register(app)
+    bulk.register(app)
     return app
 
 

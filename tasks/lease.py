@@ -33,6 +33,17 @@ from tasks.queues import render_queue
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class _Msg:
+    id: int
+    job_id: str
+    k: int
+    indices: list[int]
+    model_key: str
+    lane: str
+    attempts: int
+
+
 class BatchAborted(Exception):
     """Every job of the batch being rendered was cancelled or finished: stop rendering it."""
 
@@ -124,6 +135,7 @@ class LeaseKeeper:
 
     def reap(self) -> int:
         """Put expired leases of the pool back to queued and publish them again."""
+        back: list[Any] = []
         with session_scope() as s:
             rows = ledger_batches.reap(s)
             for row in rows:
@@ -134,7 +146,16 @@ class LeaseKeeper:
                 what = f"images {row.indices[0]}..{row.indices[-1]}"
                 ledger.add_log(s, row.job_id, f"batch {row.k} ({what}): {row.error}; back to the pool",
                                level="WARNING", source="reaper")
-                publish_batch(self.app, row, f"{row.job_id}.{row.k}.r{row.attempts}")  # fails: rolled back
+                back.append(_Msg(row.id, row.job_id, row.k, list(row.indices), row.model_key, row.lane, row.attempts))
+        # published only once the batches are queued and unlocked: a message delivered before the
+        # commit would find its batch locked (SKIP LOCKED) and be dropped
+        for i, msg in enumerate(back):
+            try:
+                publish_batch(self.app, msg, f"{msg.job_id}.{msg.k}.r{msg.attempts}")
+            except Exception:
+                with session_scope() as s:  # not published: expired again, so the next round retries
+                    ledger_batches.expire_queued(s, [m.id for m in back[i:]])
+                raise
         if rows:
             log.warning("reaper: %d expired batch(es) back to the pool", len(rows))
         if not self.settings.embedded:

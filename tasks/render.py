@@ -69,56 +69,61 @@ class Claimed:
     attempts: int
 
 
-def render_batch(self: Task, request_id: str, indices: list[int], k: int | None = None) -> dict[str, Any]:
+def render_batch(self: Task, request_id: str, indices: list[int], k: int | None = None,
+                 group: list[list[Any]] | None = None) -> dict[str, Any]:
     settings = get_settings()
     services = get_services()
     renderer = get_renderer()
     t0 = time.perf_counter()
     try:
-        group = _claim_group(request_id, indices, k, services, renderer.spec.name, settings)
+        claimed = _claim_group(request_id, indices, k, services, renderer.spec.name, settings, group or [])
     except OperationalError as exc:  # the ledger is unreachable: nothing was claimed, try the message later
         if self.request.retries >= CLAIM_RETRIES:
             raise
         log.warning("ledger unreachable claiming %s.%s (%s); retry %d", request_id, k, exc, self.request.retries + 1)
         raise self.retry(exc=exc, countdown=min(30, 2**self.request.retries), max_retries=CLAIM_RETRIES) from None
-    if not group:
+    if not claimed:
         return {"request_id": request_id, "claimed": False}
     t1 = time.perf_counter()
-    services.keeper.hold({c.batch_id: c.job_id for c in group})
-    items = [RenderItem(c.params, c.seed, i, tag=c.job_id) for c in group for i in c.todo]
+    services.keeper.hold({c.batch_id: c.job_id for c in claimed})
+    items = [RenderItem(c.params, c.seed, i, tag=c.job_id) for c in claimed for i in c.todo]
     try:
         if items:
-            with owner_scope(group[0].owner):  # upload URLs resolve only for their owner
+            with owner_scope(claimed[0].owner):  # upload URLs resolve only for their owner
                 result = renderer.render_items(items, on_progress=services.keeper.progress)
         else:
             result = RenderResult(images=[], prompt="", inference_seconds=0.0)
     except BatchAborted:
-        _finish_all(group, ledger_batches.CANCELLED, services)
-        return {"request_id": request_id, "cancelled": [c.k for c in group]}
+        _finish_all(claimed, ledger_batches.CANCELLED, services)
+        return {"request_id": request_id, "cancelled": [c.k for c in claimed]}
     except Exception as exc:
-        _give_back(self.app, group, exc, settings, services)
-        return {"request_id": request_id, "failed": [i for c in group for i in c.todo]}
+        _give_back(self.app, claimed, exc, settings, services)
+        return {"request_id": request_id, "failed": [i for c in claimed for i in c.todo]}
     note = getattr(renderer, "stand_in_note", None)  # farm/hold says it held, not rendered
     suffix = f", {renderer.spec.name} {note}" if note else ""
     t2 = time.perf_counter()
-    services.uploader.submit(lambda: _store(self.app, group, result, suffix, settings, services))
+    services.uploader.submit(lambda: _store(self.app, claimed, result, suffix, settings, services))
     log.info("batch %s.%s: claim %.1f ms, render %.1f ms, hand-off %.1f ms (%d image(s), %d request(s))",
              request_id, k, (t1 - t0) * 1000, (t2 - t1) * 1000, (time.perf_counter() - t2) * 1000, len(items),
-             len(group))
-    return {"request_id": request_id, "rendered": [c.todo for c in group if c.job_id == request_id]}
+             len(claimed))
+    return {"request_id": request_id, "rendered": [c.todo for c in claimed if c.job_id == request_id]}
 
 
 def _claim_group(request_id: str, indices: list[int], k: int | None, services: WorkerServices,
-                 model_name: str, settings: Settings) -> list[Claimed]:
-    """Claim batch k of the job and, if there is room, companions from other jobs."""
+                 model_name: str, settings: Settings, listed: list[list[Any]]) -> list[Claimed]:
+    """Claim batch k of the job (and the batches ``listed`` with it by ``submit_many``) and, if
+    there is room, companions from other jobs."""
     with session_scope() as s:
         if k is None:  # a message from before batches had numbers: find it by its first index
             k = next((b.k for b in ledger_batches.get_batches(s, request_id) if b.indices[:1] == indices[:1]), -1)
-        first = ledger_batches.claim(s, request_id, k, services.name, settings.lease_seconds)
-        if first is None:
+        rows = [ledger_batches.claim(s, rid, int(kk), services.name, settings.lease_seconds)
+                for rid, kk in [(request_id, k), *listed]]
+        taken = [row for row in rows if row is not None]
+        if not taken:
             log.info("batch %s.%s already done or leased elsewhere: message dropped", request_id, k)
             return []
-        group = _prepare(s, [first], model_name)
+        first = taken[0]
+        group = _prepare(s, taken, model_name)
         room = services.max_batch - sum(len(c.todo) for c in group)
         if not group or room <= 0 or settings.batch_wait_ms <= 0 or len(group[0].indices) < group[0].total:
             return group  # full, or a slice of a larger job (cut to balance the pool): no company

@@ -74,6 +74,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app; ``settings`` default to the process's (``FARM_*`` environment)."""
     from farm.api.files import router as files_router
+    from farm.api.routes_bulk import router as bulk_router
     from farm.webhooks.routes import router as webhook_router
 
     app = FastAPI(
@@ -92,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Health()
 
     app.include_router(files_router)
+    app.include_router(bulk_router)  # before the queue routes: /{owner}/{alias} would match /bulk/…
     app.include_router(webhook_router)
     app.include_router(run_router)
     app.include_router(queue_router("/queue"))

@@ -1,0 +1,127 @@
+"""Bulk dataset jobs over HTTP: ``POST /bulk`` starts one, ``GET /bulk/{id}`` reports progress.
+
+The manifest is sent as a base64 data URI or one of our upload URLs (``POST
+/storage/upload``), or named by a path inside ``FARM_BULK_ROOT``; the dataset goes to an
+``s3://`` prefix or a directory inside ``FARM_BULK_ROOT``. The job is driven by a
+``farm.bulk`` task on a ``farm bulk worker``. Every route is scoped to the key's owner: another
+owner's job answers 404.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from typing import Any, Literal
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
+
+from db.session import session_scope
+from farm.api.deps import SettingsDep, TenantDep
+from farm.api.errors import ERROR_RESPONSES, NOT_FOUND, ErrorBody
+from farm.config import Settings
+from farm.errors import InvalidInputError
+
+router = APIRouter(prefix="/bulk", tags=["bulk"])
+
+
+class BulkRequest(BaseModel):
+    manifest: str = Field(..., description="data:…;base64,… or an upload URL, or a path inside FARM_BULK_ROOT")
+    manifest_format: Literal["txt", "csv", "jsonl", "parquet"] | None = Field(
+        None, description="Kind of an uploaded/data-URI manifest (a path says it by its suffix)")
+    out: str = Field(..., description="s3://bucket/prefix, or a directory inside FARM_BULK_ROOT")
+    model_name: str
+    format: Literal["webdataset", "imagefolder", "parquet"] = "webdataset"
+    shard_size: int = Field(1000, ge=1, le=10000)
+    defaults: dict[str, Any] = Field(default_factory=dict, description="Input-field defaults of every sample")
+    images_per_prompt: int = Field(1, ge=1, le=10000)
+    seed: int = Field(0, ge=0, description="Base seed: a sample without a seed column gets seed + its index")
+    expand: Literal["combinatorial", "random", "none"] = "combinatorial"
+    variants: int = Field(1, ge=1, le=10000)
+    strict: bool = False
+    budget_images: int | None = Field(None, ge=1)
+    budget_gpu_seconds: float | None = Field(None, gt=0)
+
+
+class BulkStarted(BaseModel):
+    bulk_id: str
+    status_url: str
+
+
+def _materialise(req: BulkRequest, owner: str, settings: Settings) -> tuple[Any, dict[str, Any]]:
+    from farm.inputs import decode_data_uri, kind_of, upload_key, upload_owner
+    from farm.storage import get_storage
+    from tasks.bulk import inside
+
+    options = req.model_dump(exclude={"manifest", "manifest_format"})
+    kind = kind_of(req.manifest)
+    if kind is None:
+        return inside(settings.effective_bulk_root, req.manifest, "manifest"), options
+    if req.manifest_format is None:
+        raise InvalidInputError("manifest_format", "required with a data URI or upload URL manifest")
+    if kind == "data":
+        try:
+            data = decode_data_uri(req.manifest, settings.upload_max_bytes)
+        except ValueError as exc:
+            raise InvalidInputError("manifest", str(exc)) from None
+    else:
+        key = upload_key(req.manifest)
+        if key is None or upload_owner(key) != owner:
+            raise InvalidInputError("manifest", "must be a data URI, one of your upload URLs or a bulk-root path")
+        data = get_storage(settings).get(key)
+    folder = settings.effective_bulk_root / "manifests"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{uuid.uuid4().hex}.{req.manifest_format}"
+    path.write_bytes(data)
+    return path, options
+
+
+@router.post("", status_code=202, response_model=BulkStarted, summary="Start a bulk dataset job",
+             responses={**ERROR_RESPONSES, 409: {"model": ErrorBody}, 502: {"model": ErrorBody},
+                        503: {"model": ErrorBody}})
+async def start(req: BulkRequest, tenant: TenantDep, settings: SettingsDep) -> BulkStarted:
+    from tasks.app import get_app
+    from tasks.bulk import create_from_options
+
+    def _create() -> str:
+        manifest, options = _materialise(req, tenant.owner, settings)
+        bulk_id = create_from_options(options, settings, owner=tenant.owner, manifest=manifest)
+        get_app(settings).send_task("farm.bulk", kwargs={"bulk_id": bulk_id}, queue=settings.bulk_queue)
+        return bulk_id
+
+    bulk_id = await run_in_threadpool(_create)
+    return BulkStarted(bulk_id=bulk_id, status_url=f"/bulk/{bulk_id}")
+
+
+@router.get("/{bulk_id}", summary="Progress of a bulk job", responses={**ERROR_RESPONSES, **NOT_FOUND})
+async def progress(bulk_id: str, tenant: TenantDep) -> dict[str, Any]:
+    from farm.bulk import driver
+
+    def _read() -> dict[str, Any]:
+        with session_scope() as s:
+            driver.get(s, bulk_id, tenant.owner)
+            return dataclasses.asdict(driver.progress(s, bulk_id))
+
+    return await run_in_threadpool(_read)
+
+
+@router.post("/{bulk_id}/{action}", summary="Pause, resume or cancel a bulk job",
+             responses={**ERROR_RESPONSES, **NOT_FOUND, 503: {"model": ErrorBody}})
+async def control(bulk_id: str, action: Literal["pause", "resume", "cancel"], tenant: TenantDep,
+                  settings: SettingsDep) -> dict[str, Any]:
+    from farm.bulk import driver
+    from tasks.app import get_app
+
+    def _act() -> dict[str, Any]:
+        if action == "resume":
+            with session_scope() as s:
+                driver.get(s, bulk_id, tenant.owner)
+            driver.set_status(bulk_id, driver.RUNNING, tenant.owner)
+            get_app(settings).send_task("farm.bulk", kwargs={"bulk_id": bulk_id}, queue=settings.bulk_queue)
+        else:
+            driver.set_status(bulk_id, driver.PAUSED if action == "pause" else driver.CANCELLED, tenant.owner)
+        with session_scope() as s:
+            return dataclasses.asdict(driver.progress(s, bulk_id))
+
+    return await run_in_threadpool(_act)

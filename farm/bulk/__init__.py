@@ -1,0 +1,1 @@
+"""Bulk dataset generation: manifests in, sharded datasets out."""

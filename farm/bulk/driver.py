@@ -1,0 +1,432 @@
+"""The bulk driver: manifest → ledger rows → farm jobs in the bulk lane → shards at the destination.
+
+One loop, resumable at any point because every step is recorded in the ledger first:
+
+1. **Ingest**: the manifest is read as a stream (``farm.bulk.manifest``) and recorded in
+   ``bulk_samples`` in chunks of ``INGEST_CHUNK`` rows per transaction, at most ``window``
+   samples ahead of what is finished, so a 1,000,000-line manifest never sits whole in memory
+   or in one transaction. A resumed run skips the samples already recorded.
+2. **Submit**: each pending sample becomes a one-image farm job in the ``bulk`` lane with
+   request id ``<bulk id>-<idx>-<try>`` (idempotent: a run killed between the two steps
+   finds the same job again), at most ``max_in_flight`` at a time. The pool renders them like
+   any other job: leases, retries, cross-request batching (compatible samples share a GPU
+   batch) and lanes (interactive requests overtake bulk work between batches).
+3. **Collect**: finished farm jobs mark their samples done or failed.
+4. **Shards**: a shard whose samples are all done or failed is written to the destination
+   once, atomically (``farm.bulk.writers``), and recorded in ``bulk_shards``.
+
+Pause and budget stop submitting, let what is in flight finish, write the complete shards
+and stop; cancel also cancels the farm jobs in flight. ``retry_failed`` puts failed samples
+back to pending (their shards are written again, whole, when they complete).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from db.models import BulkJob, BulkSample, BulkShard, Image, Job, utcnow
+from db.session import session_scope
+from farm import coordinator
+from farm.bulk.manifest import RowError, Sample, read_manifest
+from farm.bulk.writers import FORMATS, ShardSample, open_destination, sample_key, write_shard, write_stats
+from farm.config import Settings, get_settings
+from farm.errors import ConflictError, FarmError, InvalidInputError, JobNotFoundError
+from farm.schemas import GenerateInput, parse_input
+from farm.status import JobStatus, Lane
+from farm.storage import get_storage, object_key
+
+log = logging.getLogger(__name__)
+
+RUNNING, PAUSED, CANCELLED, COMPLETED, BUDGET = "RUNNING", "PAUSED", "CANCELLED", "COMPLETED", "BUDGET_REACHED"
+INGEST_CHUNK = 1000
+
+
+@dataclass
+class BulkSpec:
+    """Every option of a bulk job; stored with it, so a resumed run renders the same samples."""
+
+    model_name: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+    images_per_prompt: int = 1
+    base_seed: int = 0
+    expand: str = "combinatorial"
+    variants: int = 1
+    wildcards: str | None = None
+    strict: bool = False
+    budget_images: int | None = None
+    budget_gpu_seconds: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Progress:
+    bulk_id: str
+    status: str
+    total: int | None  # None while the manifest is still being read
+    ingested: int
+    done: int
+    failed: int
+    in_flight: int
+    shards_written: int
+    rows_rejected: int
+    gpu_seconds: float
+
+
+def create(
+    *,
+    manifest: Path,
+    dest: str,
+    fmt: str,
+    shard_size: int,
+    spec: BulkSpec,
+    owner: str,
+    bulk_id: str | None = None,
+    settings: Settings | None = None,
+) -> str:
+    """Record a bulk job (or find the one with ``bulk_id`` and the same options); its id."""
+    settings = settings or get_settings()
+    if fmt not in FORMATS:
+        raise InvalidInputError("format", f"must be one of {', '.join(FORMATS)} (got {fmt!r})")
+    if not 1 <= shard_size <= 10000:
+        raise InvalidInputError("shard_size", "must be between 1 and 10000")
+    if spec.images_per_prompt < 1:
+        raise InvalidInputError("images_per_prompt", "must be at least 1")
+    if not manifest.is_file():
+        raise InvalidInputError("manifest", f"no such file: {manifest}")
+    parse_input({**spec.defaults, "model_name": spec.model_name, "prompt": "x"})  # bad defaults: 422-style
+    open_destination(dest, settings)  # a bad destination fails here, before anything is recorded
+    bulk_id = bulk_id or uuid.uuid4().hex[:16]
+    with session_scope() as s:
+        job = s.get(BulkJob, bulk_id)
+        if job is not None:
+            same = (job.owner, job.dest, job.format, job.shard_size, job.spec) == (
+                owner, dest, fmt, shard_size, spec.to_json())
+            if not same:
+                raise ConflictError(f"bulk job {bulk_id} was started with other options; resume it with "
+                                    f"`farm bulk resume {bulk_id}`")
+            return bulk_id
+        s.add(BulkJob(id=bulk_id, owner=owner, status=RUNNING, manifest=str(manifest), dest=dest, format=fmt,
+                      shard_size=shard_size, spec=spec.to_json(), ingested=0, manifest_done=False,
+                      rows_rejected=0))
+    return bulk_id
+
+
+def get(s: Session, bulk_id: str, owner: str | None = None) -> BulkJob:
+    job = s.get(BulkJob, bulk_id, populate_existing=True)
+    if job is None or (owner is not None and job.owner != owner):
+        raise JobNotFoundError(f"no bulk job {bulk_id!r}")
+    return job
+
+
+def progress(s: Session, bulk_id: str) -> Progress:
+    job = get(s, bulk_id)
+    counts = dict(s.execute(select(BulkSample.status, func.count()).where(BulkSample.bulk_id == bulk_id)
+                            .group_by(BulkSample.status)).all())
+    shards = s.scalar(select(func.count()).select_from(BulkShard).where(BulkShard.bulk_id == bulk_id)) or 0
+    return Progress(bulk_id=bulk_id, status=job.status, total=job.ingested if job.manifest_done else None,
+                    ingested=job.ingested, done=int(counts.get("done", 0)), failed=int(counts.get("failed", 0)),
+                    in_flight=int(counts.get("submitted", 0)), shards_written=int(shards),
+                    rows_rejected=job.rows_rejected, gpu_seconds=_gpu_seconds(s, bulk_id))
+
+
+def set_status(bulk_id: str, status: str, owner: str | None = None) -> str:
+    """Pause, resume or cancel; returns the status the job had."""
+    with session_scope() as s:
+        job = get(s, bulk_id, owner)
+        before = job.status
+        if before in (COMPLETED, CANCELLED):
+            return before
+        job.status = status
+        if status == CANCELLED:
+            job.finished_at = utcnow()
+            in_flight = list(s.scalars(select(BulkSample.job_id).where(
+                BulkSample.bulk_id == bulk_id, BulkSample.status == "submitted")))
+        else:
+            in_flight = []
+    for job_id in in_flight:
+        if job_id:
+            coordinator.cancel(job_id)
+    return before
+
+
+def retry_failed(bulk_id: str) -> int:
+    """Failed samples back to pending (their shards are rewritten when complete); how many."""
+    with session_scope() as s:
+        shards = set(s.scalars(select(BulkSample.shard).where(BulkSample.bulk_id == bulk_id,
+                                                               BulkSample.status == "failed")))
+        n = s.execute(update(BulkSample).where(BulkSample.bulk_id == bulk_id, BulkSample.status == "failed")
+                      .values(status="pending", error=None, tries=BulkSample.tries + 1)).rowcount  # type: ignore[attr-defined]
+        if shards:
+            s.query(BulkShard).filter(BulkShard.bulk_id == bulk_id, BulkShard.shard.in_(shards)).delete()
+        job = get(s, bulk_id)
+        if n and job.status in (COMPLETED, BUDGET):
+            job.status, job.finished_at = RUNNING, None
+    return int(n)
+
+
+def run(
+    bulk_id: str,
+    *,
+    on_progress: Callable[[Progress], None] | None = None,
+    on_row_error: Callable[[RowError], None] | None = None,
+    max_in_flight: int = 256,
+    poll_seconds: float = 0.5,
+    settings: Settings | None = None,
+) -> Progress:
+    """Drive a bulk job until it completes, is paused or cancelled, or reaches its budget."""
+    settings = settings or get_settings()
+    with session_scope() as s:
+        job = get(s, bulk_id)
+        if job.status in (PAUSED, BUDGET):
+            job.status = RUNNING  # running it again resumes it
+        spec = BulkSpec(**job.spec)
+        manifest, dest_url, fmt, shard_size = Path(job.manifest), job.dest, job.format, job.shard_size
+        skip, owner = job.ingested, job.owner
+        manifest_done = job.manifest_done
+    dest = open_destination(dest_url, settings)
+    storage = get_storage(settings)
+    window = max(2 * max_in_flight, 2 * shard_size)
+    samples: Iterator[Sample] = iter(())
+    rejected: list[RowError] = []  # filled while the manifest is read, applied by _ingest
+    if not manifest_done:
+        if not manifest.is_file():
+            raise InvalidInputError("manifest", f"no such file: {manifest} (a resumed job reads it again)")
+        samples = itertools.islice(
+            read_manifest(manifest, defaults={**spec.defaults, "model_name": spec.model_name},
+                          images_per_prompt=spec.images_per_prompt, base_seed=spec.base_seed,
+                          expand=spec.expand,  # type: ignore[arg-type]
+                          variants=spec.variants, wildcards=Path(spec.wildcards) if spec.wildcards else None,
+                          strict=spec.strict, on_error=rejected.append),
+            skip, None)
+    while True:
+        with session_scope() as s:
+            job = get(s, bulk_id)
+            status = job.status
+        if status == CANCELLED:
+            break
+        stopping = status == PAUSED or _over_budget(bulk_id, spec)
+        moved = False
+        if not stopping and not manifest_done:
+            moved |= _ingest(bulk_id, samples, window, shard_size, rejected, on_row_error) > 0
+            with session_scope() as s:
+                manifest_done = get(s, bulk_id).manifest_done
+        if not stopping:
+            moved |= _submit(bulk_id, owner, spec, max_in_flight, settings) > 0
+        moved |= _collect(bulk_id) > 0
+        moved |= _write_shards(bulk_id, dest, fmt, shard_size, owner, storage, spec) > 0
+        with session_scope() as s:
+            snap = progress(s, bulk_id)
+        if on_progress is not None:
+            on_progress(snap)
+        if snap.in_flight == 0 and stopping:
+            final = PAUSED if status == PAUSED else BUDGET
+            _finish(bulk_id, final, dest)
+            break
+        if manifest_done and snap.in_flight == 0 and snap.done + snap.failed == snap.ingested:
+            with session_scope() as s:
+                pending = s.scalar(select(func.count()).select_from(BulkSample).where(
+                    BulkSample.bulk_id == bulk_id, BulkSample.status == "pending")) or 0
+            if not pending:
+                _finish(bulk_id, COMPLETED, dest)
+                break
+        if not moved:
+            time.sleep(poll_seconds)
+    with session_scope() as s:
+        return progress(s, bulk_id)
+
+
+def _ingest(bulk_id: str, samples: Iterator[Sample], window: int, shard_size: int, rejected: list[RowError],
+            on_row_error: Callable[[RowError], None] | None) -> int:
+    """Record up to a chunk of samples, keeping at most ``window`` unfinished; how many.
+
+    Rows rejected while reading are counted once: a resumed run reads the manifest from the
+    start again, and rows up to the last one recorded were counted by the run before.
+    """
+    with session_scope() as s:
+        job = get(s, bulk_id)
+        unfinished = s.scalar(select(func.count()).select_from(BulkSample).where(
+            BulkSample.bulk_id == bulk_id, BulkSample.status.in_(("pending", "submitted")))) or 0
+        room = min(INGEST_CHUNK, window - unfinished)
+        if room <= 0:
+            return 0
+        chunk = list(itertools.islice(samples, room))
+        for sample in chunk:
+            idx = job.ingested
+            shard, within = divmod(idx, shard_size)
+            s.add(BulkSample(bulk_id=bulk_id, idx=idx, shard=shard, key=sample_key(shard, within), row=sample.row,
+                             prompt=sample.prompt, negative_prompt=sample.negative_prompt, seed=sample.seed,
+                             params={**sample.params, "template": sample.template}, extra=sample.extra,
+                             status="pending", tries=0))
+            job.ingested += 1
+        for error in rejected:
+            if error.row > job.last_row:
+                job.rows_rejected += 1
+                log.warning("bulk %s: %s", bulk_id, error.message)
+                if on_row_error is not None:
+                    on_row_error(error)
+        rejected.clear()
+        if chunk:
+            job.last_row = max(job.last_row, chunk[-1].row)
+        if len(chunk) < room:
+            job.manifest_done = True
+        return len(chunk)
+
+
+def _sample_input(row: BulkSample) -> dict[str, Any]:
+    params = {k: v for k, v in row.params.items() if k != "template"}
+    return {**params, "prompt": row.prompt, "negative_prompt": row.negative_prompt or "", "seed": row.seed,
+            "num_images": 1, "sync_mode": False}
+
+
+def _submit(bulk_id: str, owner: str, spec: BulkSpec, max_in_flight: int, settings: Settings) -> int:
+    with session_scope() as s:
+        in_flight = s.scalar(select(func.count()).select_from(BulkSample).where(
+            BulkSample.bulk_id == bulk_id, BulkSample.status == "submitted")) or 0
+        room = max_in_flight - in_flight
+        if spec.budget_images is not None:  # never submit past the image budget
+            done = s.scalar(select(func.count()).select_from(BulkSample).where(
+                BulkSample.bulk_id == bulk_id, BulkSample.status == "done")) or 0
+            room = min(room, spec.budget_images - done - in_flight)
+        if room <= 0:
+            return 0
+        rows = list(s.scalars(select(BulkSample).where(BulkSample.bulk_id == bulk_id,
+                                                       BulkSample.status == "pending")
+                              .order_by(BulkSample.idx).limit(room)))
+        todo = [(r.idx, r.tries, _sample_input(r)) for r in rows]
+    batch: list[tuple[GenerateInput, str]] = []
+    invalid: dict[int, str] = {}
+    for idx, tries, fields in todo:
+        try:
+            batch.append((GenerateInput.model_validate(fields), f"{bulk_id}-{idx}-{tries}"))
+        except ValueError as exc:  # validated when read; only a changed farm (bounds, models) gets here
+            invalid[idx] = str(exc).splitlines()[0]
+    try:
+        rids = coordinator.submit_many(batch, owner=owner, lane=Lane.BULK, source="bulk", settings=settings)
+    except FarmError as exc:  # broker down: those jobs failed; their samples are collected as failed
+        log.warning("bulk %s: submitting %d sample(s) failed: %s", bulk_id, len(batch), exc)
+        rids = [rid for _, rid in batch]
+    by_idx = {int(rid.rsplit("-", 2)[1]): rid for rid in rids}
+    with session_scope() as s:
+        for idx, rid in by_idx.items():
+            s.execute(update(BulkSample).where(BulkSample.bulk_id == bulk_id, BulkSample.idx == idx)
+                      .values(status="submitted", job_id=rid))
+        for idx, error in invalid.items():
+            s.execute(update(BulkSample).where(BulkSample.bulk_id == bulk_id, BulkSample.idx == idx)
+                      .values(status="failed", error=error))
+    return len(by_idx)
+
+
+def _collect(bulk_id: str) -> int:
+    """Samples whose farm job finished: done, or failed with the job's error."""
+    with session_scope() as s:
+        stmt = (select(BulkSample.idx, Job.status, Job.error)
+                .join(Job, Job.id == BulkSample.job_id)
+                .where(BulkSample.bulk_id == bulk_id, BulkSample.status == "submitted",
+                       Job.status.in_([JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED])))
+        rows = s.execute(stmt).all()
+        for idx, status, error in rows:
+            done = status == JobStatus.COMPLETED
+            s.execute(update(BulkSample).where(BulkSample.bulk_id == bulk_id, BulkSample.idx == idx)
+                      .values(status="done" if done else "failed", error=None if done else error))
+    return len(rows)
+
+
+def _gpu_seconds(s: Session, bulk_id: str) -> float:
+    stmt = (select(func.coalesce(func.sum(Image.render_seconds), 0.0))
+            .join(BulkSample, BulkSample.job_id == Image.job_id)
+            .where(BulkSample.bulk_id == bulk_id, BulkSample.status == "done"))
+    return float(s.scalar(stmt) or 0.0)
+
+
+def _over_budget(bulk_id: str, spec: BulkSpec) -> bool:
+    if spec.budget_images is None and spec.budget_gpu_seconds is None:
+        return False
+    with session_scope() as s:
+        snap = progress(s, bulk_id)
+    rendered = snap.done + snap.in_flight  # what is in flight will be rendered too
+    if spec.budget_images is not None and rendered >= spec.budget_images:
+        return True
+    return spec.budget_gpu_seconds is not None and snap.gpu_seconds >= spec.budget_gpu_seconds
+
+
+def _write_shards(bulk_id: str, dest: Any, fmt: str, shard_size: int, owner: str, storage: Any,
+                  spec: BulkSpec) -> int:
+    """Write every shard whose samples are all finished and that is not written yet."""
+    with session_scope() as s:
+        job = get(s, bulk_id)
+        written = set(s.scalars(select(BulkShard.shard).where(BulkShard.bulk_id == bulk_id)))
+        open_shards = set(s.scalars(select(BulkSample.shard).where(
+            BulkSample.bulk_id == bulk_id, BulkSample.status.in_(("pending", "submitted"))).distinct()))
+        last = (job.ingested - 1) // shard_size if job.ingested else -1
+        complete_upto = last if job.manifest_done else job.ingested // shard_size - 1
+        ready = [k for k in range(complete_upto + 1) if k not in written and k not in open_shards]
+    count = 0
+    for shard in ready:
+        with session_scope() as s:
+            rows = list(s.scalars(select(BulkSample).where(BulkSample.bulk_id == bulk_id, BulkSample.shard == shard)
+                                  .order_by(BulkSample.idx)))
+            images = {i.job_id: i for i in s.scalars(select(Image).where(
+                Image.job_id.in_([r.job_id for r in rows if r.status == "done"]), Image.index == 0))}
+            plan = [(r.key, r.job_id, _meta(r, spec, images.get(r.job_id))) for r in rows
+                    if r.status == "done" and r.job_id is not None]
+            failed = sum(1 for r in rows if r.status == "failed")
+        samples = []
+        for key, job_id, meta in plan:
+            ext = "png" if meta["format"] == "png" else "jpg"
+            data = storage.get(object_key(owner, job_id, 0, meta["format"]))
+            samples.append(ShardSample(key=key, image=data, ext=ext, meta=meta))
+        stats = write_shard(dest, fmt, shard, samples, failed=failed)
+        with session_scope() as s:
+            s.merge(BulkShard(bulk_id=bulk_id, shard=shard, count=len(samples), failed=failed, stats=stats,
+                              written_at=utcnow()))
+        count += 1
+    return count
+
+
+def _meta(row: BulkSample, spec: BulkSpec, image: Image | None) -> dict[str, Any]:
+    """Per-sample metadata: every input parameter (rendered alone with these, the image is the same)."""
+    fields = _sample_input(row)
+    fields.pop("sync_mode", None)
+    return {
+        **fields,
+        "model": fields.get("model_name", spec.model_name),
+        "nsfw": bool(image.nsfw) if image else False,
+        "render_seconds": float(image.render_seconds) if image else 0.0,
+        "width": image.width if image else None,
+        "height": image.height if image else None,
+        "template": row.params.get("template", row.prompt),
+        "row": row.row,
+        "index": row.idx,
+        "extra": row.extra,
+    }
+
+
+def _finish(bulk_id: str, status: str, dest: Any) -> None:
+    with session_scope() as s:
+        job = get(s, bulk_id)
+        if job.status not in (CANCELLED,):
+            job.status = status
+            job.finished_at = utcnow()
+        snap = progress(s, bulk_id)
+        shards = [sh.stats for sh in s.scalars(select(BulkShard).where(BulkShard.bulk_id == bulk_id)
+                                               .order_by(BulkShard.shard))]
+        stats = {"bulk_id": bulk_id, "status": job.status, "manifest": job.manifest, "format": job.format,
+                 "shard_size": job.shard_size, "total": snap.ingested, "done": snap.done, "failed": snap.failed,
+                 "rows_rejected": snap.rows_rejected, "shards": len(shards), "gpu_seconds": round(snap.gpu_seconds, 3),
+                 "spec": job.spec, "created_at": job.created_at.isoformat(),
+                 "finished_at": (job.finished_at or utcnow()).isoformat()}
+    write_stats(dest, stats)  # rewritten (atomically) at every stop; final when COMPLETED
+    log.info("bulk job %s %s: %d done, %d failed of %d", bulk_id, status.lower(), snap.done, snap.failed,
+             snap.ingested)
