@@ -114,7 +114,8 @@ def claim(s: Session, job_id: str, k: int, worker: str, lease_seconds: float) ->
     if row is None:
         return None
     expired = row.status == CLAIMED and row.lease_expires_at is not None and row.lease_expires_at < now
-    if row.status != QUEUED and not expired:
+    unheld = row.status == CLAIMED and row.worker is None  # reaped, waiting for its new message
+    if row.status != QUEUED and not expired and not unheld:
         return None
     _take([row], worker, lease_seconds)
     s.flush()
@@ -192,8 +193,13 @@ def release(s: Session, batch_id: int, error: str | None = None) -> bool:
     return cast(CursorResult[Any], s.execute(stmt)).rowcount == 1
 
 
-def reap(s: Session, limit: int = 100) -> list[Batch]:
-    """Claimed batches whose lease ran out, put back to queued (their previous holder in ``error``)."""
+def reap(s: Session, lease_seconds: float, limit: int = 100) -> list[Batch]:
+    """Claimed batches whose lease ran out, taken from their holder (named in ``error``).
+
+    They stay *claimed*, by nobody, under a fresh lease: the caller publishes them after its
+    commit, and the first worker to get a message claims them (``claim`` takes unheld rows).
+    If the caller dies before publishing, the lease runs out again and the next reap retries.
+    """
     stmt = (
         select(Batch)
         .where(Batch.status == CLAIMED, Batch.lease_expires_at < utcnow())
@@ -204,18 +210,12 @@ def reap(s: Session, limit: int = 100) -> list[Batch]:
     )
     rows = list(s.scalars(stmt))
     for row in rows:
-        row.error = f"lease of {row.worker} expired"
-        row.status = QUEUED
+        if row.worker is not None:
+            row.error = f"lease of {row.worker} expired"
         row.worker = None
-        row.lease_expires_at = None
+        row.lease_expires_at = _lease(lease_seconds)
     s.flush()
     return rows
-
-
-def expire_queued(s: Session, batch_ids: Sequence[int]) -> None:
-    """Reaped batches whose message could not be sent: claimed with a lapsed lease, so reaped again."""
-    s.execute(update(Batch).where(Batch.id.in_(list(batch_ids)), Batch.status == QUEUED)
-              .values(status=CLAIMED, lease_expires_at=utcnow() - timedelta(seconds=1)))
 
 
 def cancel_open(s: Session, job_id: str) -> int:

@@ -292,6 +292,8 @@ class BulkJob(Base):
     manifest_done: Mapped[bool] = mapped_column(default=False)  # every sample of the manifest recorded
     rows_rejected: Mapped[int] = mapped_column(Integer, default=0)
     last_row: Mapped[int] = mapped_column(Integer, default=0)  # manifest row of the last sample recorded
+    runner: Mapped[str | None] = mapped_column(String(128))  # the driver running it now (one at a time)
+    runner_until: Mapped[datetime | None] = mapped_column(UTCDateTime())  # its lease; renewed while it runs
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)

@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     )
     dispatch_queue: str = Field("celery", description="Queue of plain farm.generate tasks")
     bulk_queue: str = Field("farm.bulk", description="Queue of farm.bulk tasks (served by `farm bulk worker`)")
+    bulk_s3_url: str | None = Field(
+        None, description="s3://bucket/prefix under which POST /bulk writes datasets (<prefix>/<owner>/<out>); "
+        "unset: under the bulk root"
+    )
     bulk_root: Path | None = Field(
         None, description="Where API and Celery bulk jobs may read manifests and write local datasets; "
         "default <data_dir>/bulk"

@@ -213,9 +213,9 @@ def cancel(rid: str, owner: str | None = None) -> str:
         job = ledger.get_job(s, rid, owner=owner)
         if job is None:
             return "NOT_FOUND"
+        cancel_open(s, rid)  # batches first, then the job: the order a worker's claim locks them in
         if not ledger.finish_job(s, rid, JobStatus.CANCELLED, error="cancelled by request", error_type="cancelled"):
             return "ALREADY_COMPLETED"
         outbox.enqueue(s, job)
-        cancel_open(s, rid)
         ledger.add_log(s, rid, "cancellation requested", level="WARNING", source="api")
         return "CANCELLATION_REQUESTED"

@@ -72,6 +72,7 @@ class LeaseKeeper:
     held: dict[int, str] = field(default_factory=dict)  # batch id → job id
     _last_progress: float = field(default_factory=time.monotonic)
     _abort: bool = False
+    _generation: int = 0  # bumped by hold(): an abort decided for an older batch never hits a newer one
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -89,6 +90,7 @@ class LeaseKeeper:
         with self._lock:
             self.held.update(batches)
             self._abort = False
+            self._generation += 1
             self._last_progress = time.monotonic()
 
     def drop(self, batch_ids: list[int]) -> None:
@@ -118,6 +120,7 @@ class LeaseKeeper:
     def beat(self) -> None:
         with self._lock:
             held = dict(self.held)
+            generation = self._generation
             alive = time.monotonic() - self._last_progress < self.settings.lease_seconds
         with session_scope() as s:
             ledger_batches.beat_worker(s, self.name, self.loads())
@@ -128,7 +131,10 @@ class LeaseKeeper:
                 for batch_id in set(held) - kept:
                     log.warning("lease of batch %s lost (reaped or finished elsewhere)", batch_id)
             jobs = {ledger.get_job(s, job_id) for job_id in set(held.values())}
-            self._abort = all(job is None or JobStatus(job.status).is_terminal for job in jobs)
+            abort = all(job is None or JobStatus(job.status).is_terminal for job in jobs)
+        with self._lock:
+            if generation == self._generation:
+                self._abort = abort
         if not alive:
             log.error("no render progress for %.0f s: not renewing the leases of %s",
                       self.settings.lease_seconds, sorted(held))
@@ -137,7 +143,7 @@ class LeaseKeeper:
         """Put expired leases of the pool back to queued and publish them again."""
         back: list[Any] = []
         with session_scope() as s:
-            rows = ledger_batches.reap(s)
+            rows = ledger_batches.reap(s, self.settings.lease_seconds)
             for row in rows:
                 job = ledger.get_job(s, row.job_id)
                 if job is None or JobStatus(job.status).is_terminal:
@@ -147,15 +153,11 @@ class LeaseKeeper:
                 ledger.add_log(s, row.job_id, f"batch {row.k} ({what}): {row.error}; back to the pool",
                                level="WARNING", source="reaper")
                 back.append(_Msg(row.id, row.job_id, row.k, list(row.indices), row.model_key, row.lane, row.attempts))
-        # published only once the batches are queued and unlocked: a message delivered before the
-        # commit would find its batch locked (SKIP LOCKED) and be dropped
-        for i, msg in enumerate(back):
-            try:
-                publish_batch(self.app, msg, f"{msg.job_id}.{msg.k}.r{msg.attempts}")
-            except Exception:
-                with session_scope() as s:  # not published: expired again, so the next round retries
-                    ledger_batches.expire_queued(s, [m.id for m in back[i:]])
-                raise
+        # published only once the batches are committed and unlocked: a message delivered before
+        # the commit would find its batch locked (SKIP LOCKED) and be dropped. Not published (the
+        # broker is down, or this process dies now): the fresh lease runs out and a reap retries.
+        for msg in back:
+            publish_batch(self.app, msg, f"{msg.job_id}.{msg.k}.r{msg.attempts}")
         if rows:
             log.warning("reaper: %d expired batch(es) back to the pool", len(rows))
         if not self.settings.embedded:
@@ -182,7 +184,7 @@ def restore_orphans(app: Celery, older_than: float) -> int:
         client = channel.client
         cutoff = time.time() - older_than
         tags = client.zrangebyscore(channel.unacked_index_key, "-inf", cutoff, start=0, num=500)
-        candidates: dict[bytes, tuple[str, int]] = {}
+        candidates: dict[bytes, list[tuple[str, int]]] = {}
         for tag in tags:
             raw = client.hget(channel.unacked_key, tag)
             if raw is None:
@@ -193,21 +195,22 @@ def restore_orphans(app: Celery, older_than: float) -> int:
                     continue
                 body = json.loads(base64.b64decode(payload["body"]))
                 kwargs = body[1]
-                candidates[tag] = (str(kwargs["request_id"]), int(kwargs["k"]))
+                candidates[tag] = [(str(kwargs["request_id"]), int(kwargs["k"]))] + [
+                    (str(rid), int(k)) for rid, k in kwargs.get("group") or []]
             except (ValueError, KeyError, IndexError, TypeError):
                 continue
         if not candidates:
             return 0
         with session_scope() as s:
-            queued = {
+            waiting = {
                 (b.job_id, b.k)
-                for job_id in {rid for rid, _ in candidates.values()}
+                for job_id in {rid for listed in candidates.values() for rid, _ in listed}
                 for b in ledger_batches.get_batches(s, job_id)
-                if b.status == ledger_batches.QUEUED
+                if b.status == ledger_batches.QUEUED or (b.status == ledger_batches.CLAIMED and b.worker is None)
             }
         restored = 0
-        for tag, batch in candidates.items():
-            if batch in queued:
+        for tag, listed in candidates.items():
+            if any(batch in waiting for batch in listed):
                 qos.restore_by_tag(tag, client)
                 restored += 1
     if restored:
@@ -276,6 +279,7 @@ def start_services(app: Celery, name: str, renderer: Any, settings: Settings) ->
     # thread busy encoding, the default 5 ms GIL switch interval would delay each step's wake-up.
     sys.setswitchinterval(0.001)
     max_batch = int(renderer.find_max_batch())
+    renderer.micro_batch = min(renderer.micro_batch, max_batch)  # a listed group may hold more images
     with session_scope() as s:
         ledger_batches.register_worker(
             s, name=name, model_name=renderer.spec.name, model_key=renderer.spec.key, device=renderer.device,

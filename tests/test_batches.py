@@ -44,12 +44,14 @@ def test_claim_once_until_the_lease_runs_out(sessions):  # noqa: F811
     with sessions.begin() as s:
         assert batches.claim(s, "j1", 0, "w2", 30) is None  # leased to a live worker
         assert batches.extend(s, [batches.get_batches(s, "j1")[0].id], "w1", 30)
-        assert batches.reap(s) == []
+        assert batches.reap(s, 30) == []
         s.execute(update(Batch).where(Batch.job_id == "j1", Batch.k == 0)
                   .values(lease_expires_at=utcnow() - timedelta(seconds=1)))  # w1 stopped beating
     with sessions.begin() as s:
-        reaped = batches.reap(s)
-        assert [(b.k, b.status, b.error) for b in reaped] == [(0, "queued", "lease of w1 expired")]
+        reaped = batches.reap(s, 30)  # taken from w1, held by nobody until its new message comes
+        assert [(b.k, b.status, b.worker, b.error) for b in reaped] == [(0, "claimed", None, "lease of w1 expired")]
+    with sessions.begin() as s:
+        assert batches.reap(s, 30) == []  # under its fresh lease: not reaped twice
     with sessions.begin() as s:
         row = batches.claim(s, "j1", 0, "w2", 30)
         assert row is not None and row.worker == "w2" and row.attempts == 2

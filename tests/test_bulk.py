@@ -206,6 +206,12 @@ def test_bulk_job_over_http_for_its_owner_only(api_stack, tmp_path):
         with api_stack.client(other) as c:
             assert c.get(f"/bulk/{bulk_id}").status_code == 404
             assert c.post(f"/bulk/{bulk_id}/cancel").status_code == 404
+            # another owner's folder is out of reach, for manifests and for datasets
+            stolen = c.post("/bulk", json={**body, "manifest": "../bulk-alice/http-ds/00000/metadata.jsonl"})
+            assert stolen.status_code == 422 and "manifest" in stolen.text
+        owned = Path(api_stack.env["FARM_DATA_DIR"]) / "bulk" / "tenants" / "bulk-alice" / "http-ds"
+        assert sorted(p.name for p in owned.iterdir()) == ["00000", "00000_stats.json", "00001",
+                                                           "00001_stats.json", "_stats.json"]
     finally:
         os.killpg(driver.pid, signal.SIGTERM)
         driver.wait(30)

@@ -1,8 +1,9 @@
 """Bulk dataset jobs over HTTP: ``POST /bulk`` starts one, ``GET /bulk/{id}`` reports progress.
 
-The manifest is sent as a base64 data URI or one of our upload URLs (``POST
-/storage/upload``), or named by a path inside ``FARM_BULK_ROOT``; the dataset goes to an
-``s3://`` prefix or a directory inside ``FARM_BULK_ROOT``. The job is driven by a
+The manifest is sent as a base64 data URI or one of the owner's upload URLs (``POST
+/storage/upload``), or named by a path inside the owner's folder
+``<FARM_BULK_ROOT>/tenants/<owner>``; the dataset goes to ``<FARM_BULK_S3_URL>/<owner>/<out>``
+or, without that setting, into the owner's folder. No request reaches another owner's files. The job is driven by a
 ``farm.bulk`` task on a ``farm bulk worker``. Every route is scoped to the key's owner: another
 owner's job answers 404.
 """
@@ -27,10 +28,12 @@ router = APIRouter(prefix="/bulk", tags=["bulk"])
 
 
 class BulkRequest(BaseModel):
-    manifest: str = Field(..., description="data:…;base64,… or an upload URL, or a path inside FARM_BULK_ROOT")
+    manifest: str = Field(..., description="data:…;base64,… or one of your upload URLs, or a path inside "
+                          "<FARM_BULK_ROOT>/tenants/<owner>")
     manifest_format: Literal["txt", "csv", "jsonl", "parquet"] | None = Field(
         None, description="Kind of an uploaded/data-URI manifest (a path says it by its suffix)")
-    out: str = Field(..., description="s3://bucket/prefix, or a directory inside FARM_BULK_ROOT")
+    out: str = Field(..., description="A relative name: the dataset goes to <FARM_BULK_S3_URL>/<owner>/<out>, "
+                     "or to <FARM_BULK_ROOT>/tenants/<owner>/<out>")
     model_name: str
     format: Literal["webdataset", "imagefolder", "parquet"] = "webdataset"
     shard_size: int = Field(1000, ge=1, le=10000)
@@ -50,14 +53,25 @@ class BulkStarted(BaseModel):
 
 
 def _materialise(req: BulkRequest, owner: str, settings: Settings) -> tuple[Any, dict[str, Any]]:
+    from farm.api.files import safe_name
     from farm.inputs import decode_data_uri, kind_of, upload_key, upload_owner
     from farm.storage import get_storage
     from tasks.bulk import inside
 
     options = req.model_dump(exclude={"manifest", "manifest_format"})
+    # each owner has a folder of its own: another owner's manifests and datasets are out of reach
+    own = settings.effective_bulk_root / "tenants" / safe_name(owner)
+    own.mkdir(parents=True, exist_ok=True)
+    out = req.out.strip("/")
+    if not out or req.out.startswith(("/", "s3:")) or any(part in ("", ".", "..") for part in out.split("/")):
+        raise InvalidInputError("out", "must be a relative name such as 'datasets/boats-v1' (no '..')")
+    if settings.bulk_s3_url:
+        options["out"] = f"{settings.bulk_s3_url.rstrip('/')}/{safe_name(owner)}/{out}"
+    else:
+        options["out"] = str(own / out)
     kind = kind_of(req.manifest)
     if kind is None:
-        return inside(settings.effective_bulk_root, req.manifest, "manifest"), options
+        return inside(own, req.manifest, "manifest"), options
     if req.manifest_format is None:
         raise InvalidInputError("manifest_format", "required with a data URI or upload URL manifest")
     if kind == "data":
@@ -70,7 +84,7 @@ def _materialise(req: BulkRequest, owner: str, settings: Settings) -> tuple[Any,
         if key is None or upload_owner(key) != owner:
             raise InvalidInputError("manifest", "must be a data URI, one of your upload URLs or a bulk-root path")
         data = get_storage(settings).get(key)
-    folder = settings.effective_bulk_root / "manifests"
+    folder = own / "manifests"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{uuid.uuid4().hex}.{req.manifest_format}"
     path.write_bytes(data)

@@ -24,14 +24,17 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import BulkJob, BulkSample, BulkShard, Image, Job, utcnow
@@ -40,8 +43,8 @@ from farm import coordinator
 from farm.bulk.manifest import RowError, Sample, read_manifest
 from farm.bulk.writers import FORMATS, ShardSample, open_destination, sample_key, write_shard, write_stats
 from farm.config import Settings, get_settings
-from farm.errors import ConflictError, FarmError, InvalidInputError, JobNotFoundError
-from farm.schemas import GenerateInput, parse_input
+from farm.errors import BrokerUnavailableError, ConflictError, InvalidInputError, JobNotFoundError
+from farm.schemas import GenerateInput
 from farm.status import JobStatus, Lane
 from farm.storage import get_storage, object_key
 
@@ -105,7 +108,11 @@ def create(
         raise InvalidInputError("images_per_prompt", "must be at least 1")
     if not manifest.is_file():
         raise InvalidInputError("manifest", f"no such file: {manifest}")
-    parse_input({**spec.defaults, "model_name": spec.model_name, "prompt": "x"})  # bad defaults: 422-style
+    # defaults, expansion options and the manifest's format are checked now (the file is read later)
+    read_manifest(manifest, defaults={**spec.defaults, "model_name": spec.model_name},
+                  images_per_prompt=spec.images_per_prompt, base_seed=spec.base_seed,
+                  expand=spec.expand,  # type: ignore[arg-type]
+                  variants=spec.variants, wildcards=Path(spec.wildcards) if spec.wildcards else None)
     open_destination(dest, settings)  # a bad destination fails here, before anything is recorded
     bulk_id = bulk_id or uuid.uuid4().hex[:16]
     with session_scope() as s:
@@ -187,6 +194,59 @@ def run(
 ) -> Progress:
     """Drive a bulk job until it completes, is paused or cancelled, or reaches its budget."""
     settings = settings or get_settings()
+    runner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    _take_runner(bulk_id, runner)
+    try:
+        return _run(bulk_id, runner, on_progress, on_row_error, max_in_flight, poll_seconds, settings)
+    finally:
+        with session_scope() as s:
+            s.execute(update(BulkJob).where(BulkJob.id == bulk_id, BulkJob.runner == runner)
+                      .values(runner=None, runner_until=None))
+
+
+RUNNER_LEASE_SECONDS = 60.0
+
+
+def _take_runner(bulk_id: str, runner: str) -> None:
+    """Become the one driver of the job, or raise ConflictError naming the one that is."""
+    now = utcnow()
+    with session_scope() as s:
+        get(s, bulk_id)
+        taken = s.execute(
+            update(BulkJob)
+            .where(BulkJob.id == bulk_id,
+                   or_(BulkJob.runner.is_(None), BulkJob.runner_until < now, BulkJob.runner == runner))
+            .values(runner=runner, runner_until=now + timedelta(seconds=RUNNER_LEASE_SECONDS))
+        ).rowcount  # type: ignore[attr-defined]
+        if not taken:
+            job = get(s, bulk_id)
+            if job.runner and _dead_here(job.runner):  # its driver died on this host: take over now
+                s.execute(update(BulkJob).where(BulkJob.id == bulk_id, BulkJob.runner == job.runner)
+                          .values(runner=runner, runner_until=now + timedelta(seconds=RUNNER_LEASE_SECONDS)))
+                log.warning("bulk %s: its driver %s is gone; taking over", bulk_id, job.runner)
+                return
+            raise ConflictError(f"bulk job {bulk_id} is being driven by {job.runner} (lease until "
+                                f"{job.runner_until:%H:%M:%S} UTC); pause it, or wait for that driver to stop")
+
+
+def _dead_here(runner: str) -> bool:
+    """Whether ``runner`` (``host:pid:token``) ran on this host in a process that no longer exists."""
+    host, _, rest = runner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _run(bulk_id: str, runner: str, on_progress: Callable[[Progress], None] | None,
+         on_row_error: Callable[[RowError], None] | None, max_in_flight: int, poll_seconds: float,
+         settings: Settings) -> Progress:
     with session_scope() as s:
         job = get(s, bulk_id)
         if job.status in (PAUSED, BUDGET):
@@ -211,6 +271,7 @@ def run(
                           strict=spec.strict, on_error=rejected.append),
             skip, None)
     while True:
+        _take_runner(bulk_id, runner)  # renews the lease; lost to another driver: ConflictError
         with session_scope() as s:
             job = get(s, bulk_id)
             status = job.status
@@ -314,9 +375,15 @@ def _submit(bulk_id: str, owner: str, spec: BulkSpec, max_in_flight: int, settin
             invalid[idx] = str(exc).splitlines()[0]
     try:
         rids = coordinator.submit_many(batch, owner=owner, lane=Lane.BULK, source="bulk", settings=settings)
-    except FarmError as exc:  # broker down: those jobs failed; their samples are collected as failed
-        log.warning("bulk %s: submitting %d sample(s) failed: %s", bulk_id, len(batch), exc)
-        rids = [rid for _, rid in batch]
+    except BrokerUnavailableError as exc:  # those jobs failed: their samples try again, as new jobs, later
+        log.warning("bulk %s: broker unavailable, %d sample(s) wait: %s", bulk_id, len(batch), exc)
+        with session_scope() as s:
+            for _, rid in batch:
+                idx = int(rid.rsplit("-", 2)[1])
+                s.execute(update(BulkSample).where(BulkSample.bulk_id == bulk_id, BulkSample.idx == idx)
+                          .values(tries=BulkSample.tries + 1))
+        time.sleep(1.0)
+        return 0
     by_idx = {int(rid.rsplit("-", 2)[1]): rid for rid in rids}
     with session_scope() as s:
         for idx, rid in by_idx.items():
@@ -336,6 +403,12 @@ def _collect(bulk_id: str) -> int:
                 .where(BulkSample.bulk_id == bulk_id, BulkSample.status == "submitted",
                        Job.status.in_([JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED])))
         rows = s.execute(stmt).all()
+        lost = s.execute(update(BulkSample).where(  # submitted, but no farm job of that id: submit again
+            BulkSample.bulk_id == bulk_id, BulkSample.status == "submitted",
+            ~select(Job.id).where(Job.id == BulkSample.job_id).exists()).values(status="pending", job_id=None))
+        if lost.rowcount:  # type: ignore[attr-defined]
+            log.warning("bulk %s: %d submitted sample(s) had no farm job: pending again", bulk_id,
+                        lost.rowcount)  # type: ignore[attr-defined]
         for idx, status, error in rows:
             done = status == JobStatus.COMPLETED
             s.execute(update(BulkSample).where(BulkSample.bulk_id == bulk_id, BulkSample.idx == idx)

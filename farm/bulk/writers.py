@@ -24,9 +24,7 @@ from __future__ import annotations
 import io
 import json
 import mimetypes
-import os
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
@@ -34,6 +32,7 @@ from urllib.parse import unquote, urlparse
 
 from farm.config import Settings, get_settings
 from farm.errors import InvalidInputError, StorageError
+from farm.storage import atomic_write
 
 FORMATS = ("webdataset", "imagefolder", "parquet")
 IMAGE_EXTS = ("jpg", "png")
@@ -112,24 +111,7 @@ class LocalDestination:
         return path
 
     def put(self, name: str, data: bytes) -> None:
-        path = self._path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # a temp file in the same folder, synced, then renamed over the name: never half a file
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a crash
-        finally:
-            os.close(dir_fd)
+        atomic_write(self._path(name), data, durable=True)
 
     def exists(self, name: str) -> bool:
         return self._path(name).is_file()

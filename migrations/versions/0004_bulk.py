@@ -37,6 +37,8 @@ def upgrade() -> None:
         sa.Column("manifest_done", sa.Boolean(), nullable=False),
         sa.Column("rows_rejected", sa.Integer(), nullable=False),
         sa.Column("last_row", sa.Integer(), nullable=False),
+        sa.Column("runner", sa.String(128), nullable=True),
+        sa.Column("runner_until", TIMESTAMP, nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
         sa.Column("created_at", TIMESTAMP, nullable=False),
         sa.Column("updated_at", TIMESTAMP, nullable=False),
