@@ -29,158 +29,44 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, or_, select, update
-from sqlalchemy.orm import Session
 
-from db.models import BulkJob, BulkSample, BulkShard, Image, Job, utcnow
+from db.models import BulkJob, BulkSample, BulkShard, Job, utcnow
 from db.session import session_scope
 from farm import coordinator
+from farm.bulk.jobs import (
+    BUDGET,
+    CANCELLED,
+    COMPLETED,
+    PAUSED,
+    RUNNING,
+    BulkSpec,
+    Progress,
+    create,
+    get,
+    progress,
+    retry_failed,
+    set_status,
+)
 from farm.bulk.manifest import RowError, Sample, read_manifest
-from farm.bulk.writers import FORMATS, ShardSample, open_destination, sample_key, write_shard, write_stats
+from farm.bulk.shards import sample_input, write_ready_shards
+from farm.bulk.writers import open_destination, sample_key, write_stats
 from farm.config import Settings, get_settings
-from farm.errors import BrokerUnavailableError, ConflictError, InvalidInputError, JobNotFoundError
+from farm.errors import BrokerUnavailableError, ConflictError, InvalidInputError
 from farm.schemas import GenerateInput
 from farm.status import JobStatus, Lane
-from farm.storage import get_storage, object_key
+from farm.storage import get_storage
 
 log = logging.getLogger(__name__)
 
-RUNNING, PAUSED, CANCELLED, COMPLETED, BUDGET = "RUNNING", "PAUSED", "CANCELLED", "COMPLETED", "BUDGET_REACHED"
+__all__ = ["BUDGET", "CANCELLED", "COMPLETED", "PAUSED", "RUNNING", "BulkSpec", "Progress", "create", "get",
+           "progress", "retry_failed", "run", "set_status"]
+
 INGEST_CHUNK = 1000
-
-
-@dataclass
-class BulkSpec:
-    """Every option of a bulk job; stored with it, so a resumed run renders the same samples."""
-
-    model_name: str
-    defaults: dict[str, Any] = field(default_factory=dict)
-    images_per_prompt: int = 1
-    base_seed: int = 0
-    expand: str = "combinatorial"
-    variants: int = 1
-    wildcards: str | None = None
-    strict: bool = False
-    budget_images: int | None = None
-    budget_gpu_seconds: float | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class Progress:
-    bulk_id: str
-    status: str
-    total: int | None  # None while the manifest is still being read
-    ingested: int
-    done: int
-    failed: int
-    in_flight: int
-    shards_written: int
-    rows_rejected: int
-    gpu_seconds: float
-
-
-def create(
-    *,
-    manifest: Path,
-    dest: str,
-    fmt: str,
-    shard_size: int,
-    spec: BulkSpec,
-    owner: str,
-    bulk_id: str | None = None,
-    settings: Settings | None = None,
-) -> str:
-    """Record a bulk job (or find the one with ``bulk_id`` and the same options); its id."""
-    settings = settings or get_settings()
-    if fmt not in FORMATS:
-        raise InvalidInputError("format", f"must be one of {', '.join(FORMATS)} (got {fmt!r})")
-    if not 1 <= shard_size <= 10000:
-        raise InvalidInputError("shard_size", "must be between 1 and 10000")
-    if spec.images_per_prompt < 1:
-        raise InvalidInputError("images_per_prompt", "must be at least 1")
-    if not manifest.is_file():
-        raise InvalidInputError("manifest", f"no such file: {manifest}")
-    # defaults, expansion options and the manifest's format are checked now (the file is read later)
-    read_manifest(manifest, defaults={**spec.defaults, "model_name": spec.model_name},
-                  images_per_prompt=spec.images_per_prompt, base_seed=spec.base_seed,
-                  expand=spec.expand,  # type: ignore[arg-type]
-                  variants=spec.variants, wildcards=Path(spec.wildcards) if spec.wildcards else None)
-    open_destination(dest, settings)  # a bad destination fails here, before anything is recorded
-    bulk_id = bulk_id or uuid.uuid4().hex[:16]
-    with session_scope() as s:
-        job = s.get(BulkJob, bulk_id)
-        if job is not None:
-            same = (job.owner, job.dest, job.format, job.shard_size, job.spec) == (
-                owner, dest, fmt, shard_size, spec.to_json())
-            if not same:
-                raise ConflictError(f"bulk job {bulk_id} was started with other options; resume it with "
-                                    f"`farm bulk resume {bulk_id}`")
-            return bulk_id
-        s.add(BulkJob(id=bulk_id, owner=owner, status=RUNNING, manifest=str(manifest), dest=dest, format=fmt,
-                      shard_size=shard_size, spec=spec.to_json(), ingested=0, manifest_done=False,
-                      rows_rejected=0))
-    return bulk_id
-
-
-def get(s: Session, bulk_id: str, owner: str | None = None) -> BulkJob:
-    job = s.get(BulkJob, bulk_id, populate_existing=True)
-    if job is None or (owner is not None and job.owner != owner):
-        raise JobNotFoundError(f"no bulk job {bulk_id!r}")
-    return job
-
-
-def progress(s: Session, bulk_id: str) -> Progress:
-    job = get(s, bulk_id)
-    counts = dict(s.execute(select(BulkSample.status, func.count()).where(BulkSample.bulk_id == bulk_id)
-                            .group_by(BulkSample.status)).all())
-    shards = s.scalar(select(func.count()).select_from(BulkShard).where(BulkShard.bulk_id == bulk_id)) or 0
-    return Progress(bulk_id=bulk_id, status=job.status, total=job.ingested if job.manifest_done else None,
-                    ingested=job.ingested, done=int(counts.get("done", 0)), failed=int(counts.get("failed", 0)),
-                    in_flight=int(counts.get("submitted", 0)), shards_written=int(shards),
-                    rows_rejected=job.rows_rejected, gpu_seconds=_gpu_seconds(s, bulk_id))
-
-
-def set_status(bulk_id: str, status: str, owner: str | None = None) -> str:
-    """Pause, resume or cancel; returns the status the job had."""
-    with session_scope() as s:
-        job = get(s, bulk_id, owner)
-        before = job.status
-        if before in (COMPLETED, CANCELLED):
-            return before
-        job.status = status
-        if status == CANCELLED:
-            job.finished_at = utcnow()
-            in_flight = list(s.scalars(select(BulkSample.job_id).where(
-                BulkSample.bulk_id == bulk_id, BulkSample.status == "submitted")))
-        else:
-            in_flight = []
-    for job_id in in_flight:
-        if job_id:
-            coordinator.cancel(job_id)
-    return before
-
-
-def retry_failed(bulk_id: str) -> int:
-    """Failed samples back to pending (their shards are rewritten when complete); how many."""
-    with session_scope() as s:
-        shards = set(s.scalars(select(BulkSample.shard).where(BulkSample.bulk_id == bulk_id,
-                                                               BulkSample.status == "failed")))
-        n = s.execute(update(BulkSample).where(BulkSample.bulk_id == bulk_id, BulkSample.status == "failed")
-                      .values(status="pending", error=None, tries=BulkSample.tries + 1)).rowcount  # type: ignore[attr-defined]
-        if shards:
-            s.query(BulkShard).filter(BulkShard.bulk_id == bulk_id, BulkShard.shard.in_(shards)).delete()
-        job = get(s, bulk_id)
-        if n and job.status in (COMPLETED, BUDGET):
-            job.status, job.finished_at = RUNNING, None
-    return int(n)
 
 
 def run(
@@ -286,7 +172,7 @@ def _run(bulk_id: str, runner: str, on_progress: Callable[[Progress], None] | No
         if not stopping:
             moved |= _submit(bulk_id, owner, spec, max_in_flight, settings) > 0
         moved |= _collect(bulk_id) > 0
-        moved |= _write_shards(bulk_id, dest, fmt, shard_size, owner, storage, spec) > 0
+        moved |= write_ready_shards(bulk_id, dest, fmt, shard_size, owner, storage, spec) > 0
         with session_scope() as s:
             snap = progress(s, bulk_id)
         if on_progress is not None:
@@ -345,12 +231,6 @@ def _ingest(bulk_id: str, samples: Iterator[Sample], window: int, shard_size: in
         return len(chunk)
 
 
-def _sample_input(row: BulkSample) -> dict[str, Any]:
-    params = {k: v for k, v in row.params.items() if k != "template"}
-    return {**params, "prompt": row.prompt, "negative_prompt": row.negative_prompt or "", "seed": row.seed,
-            "num_images": 1, "sync_mode": False}
-
-
 def _submit(bulk_id: str, owner: str, spec: BulkSpec, max_in_flight: int, settings: Settings) -> int:
     with session_scope() as s:
         in_flight = s.scalar(select(func.count()).select_from(BulkSample).where(
@@ -365,7 +245,7 @@ def _submit(bulk_id: str, owner: str, spec: BulkSpec, max_in_flight: int, settin
         rows = list(s.scalars(select(BulkSample).where(BulkSample.bulk_id == bulk_id,
                                                        BulkSample.status == "pending")
                               .order_by(BulkSample.idx).limit(room)))
-        todo = [(r.idx, r.tries, _sample_input(r)) for r in rows]
+        todo = [(r.idx, r.tries, sample_input(r)) for r in rows]
     batch: list[tuple[GenerateInput, str]] = []
     invalid: dict[int, str] = {}
     for idx, tries, fields in todo:
@@ -416,13 +296,6 @@ def _collect(bulk_id: str) -> int:
     return len(rows)
 
 
-def _gpu_seconds(s: Session, bulk_id: str) -> float:
-    stmt = (select(func.coalesce(func.sum(Image.render_seconds), 0.0))
-            .join(BulkSample, BulkSample.job_id == Image.job_id)
-            .where(BulkSample.bulk_id == bulk_id, BulkSample.status == "done"))
-    return float(s.scalar(stmt) or 0.0)
-
-
 def _over_budget(bulk_id: str, spec: BulkSpec) -> bool:
     if spec.budget_images is None and spec.budget_gpu_seconds is None:
         return False
@@ -432,58 +305,6 @@ def _over_budget(bulk_id: str, spec: BulkSpec) -> bool:
     if spec.budget_images is not None and rendered >= spec.budget_images:
         return True
     return spec.budget_gpu_seconds is not None and snap.gpu_seconds >= spec.budget_gpu_seconds
-
-
-def _write_shards(bulk_id: str, dest: Any, fmt: str, shard_size: int, owner: str, storage: Any,
-                  spec: BulkSpec) -> int:
-    """Write every shard whose samples are all finished and that is not written yet."""
-    with session_scope() as s:
-        job = get(s, bulk_id)
-        written = set(s.scalars(select(BulkShard.shard).where(BulkShard.bulk_id == bulk_id)))
-        open_shards = set(s.scalars(select(BulkSample.shard).where(
-            BulkSample.bulk_id == bulk_id, BulkSample.status.in_(("pending", "submitted"))).distinct()))
-        last = (job.ingested - 1) // shard_size if job.ingested else -1
-        complete_upto = last if job.manifest_done else job.ingested // shard_size - 1
-        ready = [k for k in range(complete_upto + 1) if k not in written and k not in open_shards]
-    count = 0
-    for shard in ready:
-        with session_scope() as s:
-            rows = list(s.scalars(select(BulkSample).where(BulkSample.bulk_id == bulk_id, BulkSample.shard == shard)
-                                  .order_by(BulkSample.idx)))
-            images = {i.job_id: i for i in s.scalars(select(Image).where(
-                Image.job_id.in_([r.job_id for r in rows if r.status == "done"]), Image.index == 0))}
-            plan = [(r.key, r.job_id, _meta(r, spec, images.get(r.job_id))) for r in rows
-                    if r.status == "done" and r.job_id is not None]
-            failed = sum(1 for r in rows if r.status == "failed")
-        samples = []
-        for key, job_id, meta in plan:
-            ext = "png" if meta["format"] == "png" else "jpg"
-            data = storage.get(object_key(owner, job_id, 0, meta["format"]))
-            samples.append(ShardSample(key=key, image=data, ext=ext, meta=meta))
-        stats = write_shard(dest, fmt, shard, samples, failed=failed)
-        with session_scope() as s:
-            s.merge(BulkShard(bulk_id=bulk_id, shard=shard, count=len(samples), failed=failed, stats=stats,
-                              written_at=utcnow()))
-        count += 1
-    return count
-
-
-def _meta(row: BulkSample, spec: BulkSpec, image: Image | None) -> dict[str, Any]:
-    """Per-sample metadata: every input parameter (rendered alone with these, the image is the same)."""
-    fields = _sample_input(row)
-    fields.pop("sync_mode", None)
-    return {
-        **fields,
-        "model": fields.get("model_name", spec.model_name),
-        "nsfw": bool(image.nsfw) if image else False,
-        "render_seconds": float(image.render_seconds) if image else 0.0,
-        "width": image.width if image else None,
-        "height": image.height if image else None,
-        "template": row.params.get("template", row.prompt),
-        "row": row.row,
-        "index": row.idx,
-        "extra": row.extra,
-    }
 
 
 def _finish(bulk_id: str, status: str, dest: Any) -> None:

@@ -40,13 +40,11 @@ with ``strict=True`` raises ``ManifestError``.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
 import math
-import re
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import date, datetime, time
@@ -59,23 +57,23 @@ from dynamicprompts.wildcards import WildcardManager
 from dynamicprompts.wildcards.values import WildcardValues
 from pydantic import ValidationError
 
+from farm.bulk.records import PARQUET_BATCH_ROWS, SOURCES, SUFFIXES, ManifestError, Records, RowProblem
 from farm.errors import InvalidInputError
 from farm.schemas import GenerateInput, field_errors, parse_input
+
+__all__ = ["PARQUET_BATCH_ROWS", "SUFFIXES", "ManifestError", "RowError", "Sample", "read_manifest"]
 
 logger = logging.getLogger(__name__)
 
 Expand = Literal["none", "combinatorial", "random"]
 
-SUFFIXES = (".txt", ".csv", ".jsonl", ".parquet")
 FORBIDDEN = ("num_images", "sync_mode", "request_id")  # set by the bulk job, never per row
-PARQUET_BATCH_ROWS = 1024
 
 _PER_SAMPLE = frozenset({"prompt", "negative_prompt", "seed"})
 _NOT_PARAMS = {"prompt", "negative_prompt", "seed", "num_images", "request_id", "sync_mode"}
 _FIELDS = frozenset(GenerateInput.model_fields)
 # characters with a meaning in dynamicprompts' grammar (a tab is expanded to spaces by its parser)
 _TEMPLATE_CHARS = frozenset("{}$%#\t")
-_ROW_PREFIX = re.compile(r"^row (\d+): ")
 
 
 def _is_text(annotation: Any) -> bool:
@@ -108,23 +106,6 @@ class RowError:
 
     row: int
     message: str
-
-
-class ManifestError(InvalidInputError):
-    """Raised when a manifest cannot be read, or (strict) for its first bad row."""
-
-    def __init__(self, message: str, row: int | None = None) -> None:
-        # one arg, the message, so the error survives a Celery round trip
-        Exception.__init__(self, message)
-        self.field = "manifest"
-        self.reason = message
-        if row is None and (m := _ROW_PREFIX.match(message)):
-            row = int(m.group(1))
-        self.row = row
-
-
-class _RowProblem(Exception):
-    """A bad row; the argument is ``"<field>: <reason>"``."""
 
 
 class _UnknownWildcardError(Exception):
@@ -175,11 +156,11 @@ class _Expander:
                 seeds = [_derived_seed(self.base_seed, row, k) for k in range(self.variants)]
                 prompts = self._random.generate(template, self.variants, seeds=seeds)
         except _UnknownWildcardError as exc:
-            raise _RowProblem(f"prompt: unknown wildcard {exc}") from None
+            raise RowProblem(f"prompt: unknown wildcard {exc}") from None
         except Exception as exc:
-            raise _RowProblem(f"prompt: invalid template: {exc}") from None
+            raise RowProblem(f"prompt: invalid template: {exc}") from None
         if not prompts:
-            raise _RowProblem("prompt: the template expands to no prompt")
+            raise RowProblem("prompt: the template expands to no prompt")
         return prompts
 
 
@@ -202,120 +183,6 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-# -- record sources: (row, record or problem, cells are CSV text) --------------------------------
-
-_Record = tuple[int, dict[str, Any] | _RowProblem, bool]
-_Records = Generator[_Record, None, None]
-
-
-def _open_error(path: Path, exc: OSError) -> ManifestError:
-    return ManifestError(f"{path.name}: cannot read the manifest: {exc.strerror or exc}")
-
-
-def _lines(path: Path) -> Generator[tuple[int, str | _RowProblem], None, None]:
-    try:
-        fh = path.open("rb")
-    except OSError as exc:
-        raise _open_error(path, exc) from None
-    with fh:
-        for row, raw in enumerate(fh, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                yield row, _RowProblem("input: not valid UTF-8")
-                continue
-            yield row, (line.removeprefix("\ufeff") if row == 1 else line).strip()
-
-
-def _txt_records(path: Path) -> _Records:
-    for row, line in _lines(path):
-        if isinstance(line, _RowProblem):
-            yield row, line, False
-        elif line and not line.startswith("#"):
-            yield row, {"prompt": line}, False
-
-
-def _jsonl_records(path: Path) -> _Records:
-    for row, line in _lines(path):
-        if isinstance(line, _RowProblem):
-            yield row, line, False
-            continue
-        if not line:
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            yield row, _RowProblem(f"input: invalid JSON ({exc})"), False
-            continue
-        if isinstance(obj, dict):
-            yield row, obj, False
-        else:
-            yield row, _RowProblem(f"input: expected a JSON object, got {type(obj).__name__}"), False
-
-
-def _csv_records(path: Path) -> _Records:
-    try:
-        fh = path.open("r", encoding="utf-8-sig", newline="")
-    except OSError as exc:
-        raise _open_error(path, exc) from None
-    with fh:
-        reader = csv.reader(fh)
-        header: list[str] | None = None
-        consumed = 0  # physical lines read so far
-        try:
-            for cells in reader:
-                start, consumed = consumed + 1, reader.line_num
-                if not any(c.strip() for c in cells):
-                    continue
-                if header is None:
-                    header = [c.strip() for c in cells]
-                    if "prompt" not in header:
-                        raise ManifestError(f"row {start}: the CSV header has no 'prompt' column", start)
-                    dupes = sorted({h for h in header if h and header.count(h) > 1})
-                    if dupes:
-                        raise ManifestError(f"row {start}: the CSV header repeats {', '.join(dupes)}", start)
-                    continue
-                if len(cells) > len(header):
-                    problem = _RowProblem(f"input: {len(cells)} fields, but the header has {len(header)}")
-                    yield start, problem, True
-                    continue
-                yield start, {k: v for k, v in zip(header, cells, strict=False) if k}, True
-        except csv.Error as exc:
-            raise ManifestError(f"row {consumed + 1}: input: {exc}", consumed + 1) from None
-        except UnicodeDecodeError:
-            raise ManifestError(f"row {consumed + 1}: input: not valid UTF-8", consumed + 1) from None
-    if header is None:
-        raise ManifestError(f"{path.name}: empty CSV; expected a header row with a 'prompt' column")
-
-
-def _parquet_records(path: Path) -> _Records:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise ManifestError(f"{path.name}: cannot read as Parquet: {exc}") from None
-    try:
-        if "prompt" not in pf.schema_arrow.names:
-            raise ManifestError(f"{path.name}: the Parquet file has no 'prompt' column")
-        row = 0
-        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
-            for record in batch.to_pylist():
-                row += 1
-                yield row, record, False
-    finally:
-        pf.close()
-
-
-_SOURCES: dict[str, Callable[[Path], _Records]] = {
-    ".txt": _txt_records,
-    ".csv": _csv_records,
-    ".jsonl": _jsonl_records,
-    ".parquet": _parquet_records,
-}
-
-
 # -- rows to samples ------------------------------------------------------------------------------
 
 
@@ -326,12 +193,12 @@ def _row_seed(value: Any, text: bool) -> int | None:
         try:
             return int(str(value).strip())
         except ValueError:
-            raise _RowProblem(f"seed: must be an integer (got {value!r})") from None
+            raise RowProblem(f"seed: must be an integer (got {value!r})") from None
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    raise _RowProblem(f"seed: must be an integer (got {value!r})")
+    raise RowProblem(f"seed: must be an integer (got {value!r})")
 
 
 def _cell(field: str, value: str) -> Any:
@@ -355,16 +222,16 @@ class _Reader:
     def samples(self, row: int, record: dict[str, Any], text: bool, index: int) -> list[Sample]:
         template = record.get("prompt")
         if template is None:
-            raise _RowProblem("prompt: missing")
+            raise RowProblem("prompt: missing")
         if not isinstance(template, str):
-            raise _RowProblem(f"prompt: must be a string (got {type(template).__name__})")
+            raise RowProblem(f"prompt: must be a string (got {type(template).__name__})")
         if not template.strip():
-            raise _RowProblem("prompt: must not be empty")
+            raise RowProblem("prompt: must not be empty")
         negative = record.get("negative_prompt")
         if negative is None or (text and negative == ""):
             negative = self.defaults.get("negative_prompt")
         elif not isinstance(negative, str):
-            raise _RowProblem(f"negative_prompt: must be a string (got {type(negative).__name__})")
+            raise RowProblem(f"negative_prompt: must be a string (got {type(negative).__name__})")
         seed = _row_seed(record.get("seed"), text)
 
         overrides: dict[str, Any] = {}
@@ -378,7 +245,7 @@ class _Reader:
             if value is None or (text and value == ""):
                 continue
             if key in FORBIDDEN:
-                raise _RowProblem(f"{key}: is set by the bulk job; remove it from the manifest")
+                raise RowProblem(f"{key}: is set by the bulk job; remove it from the manifest")
             overrides[key] = _cell(key, value) if text else value
 
         out: list[Sample] = []
@@ -393,7 +260,7 @@ class _Reader:
                 try:
                     model = GenerateInput.model_validate(data)
                 except ValidationError as exc:
-                    raise _RowProblem("; ".join(f"{f}: {r}" for f, r in field_errors(exc))) from None
+                    raise RowProblem("; ".join(f"{f}: {r}" for f, r in field_errors(exc))) from None
                 if params is None:
                     params = model.model_dump(mode="json", exclude=_NOT_PARAMS)
                 out.append(Sample(
@@ -433,7 +300,7 @@ def read_manifest(
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix not in _SOURCES:
+    if suffix not in SOURCES:
         raise ManifestError(
             f"{path.name}: unknown manifest format {suffix or '(no suffix)'!r}; supported: {', '.join(SUFFIXES)}"
         )
@@ -453,19 +320,19 @@ def read_manifest(
         _check_defaults(defaults or {}), images_per_prompt, base_seed,
         _Expander(expand, variants, max_combinations, base_seed, Path(wildcards) if wildcards else None),
     )
-    return _samples(_SOURCES[suffix](path), reader, strict, on_error)
+    return _samples(SOURCES[suffix](path), reader, strict, on_error)
 
 
-def _samples(records: _Records, reader: _Reader, strict: bool,
+def _samples(records: Records, reader: _Reader, strict: bool,
              on_error: Callable[[RowError], None] | None) -> Iterator[Sample]:
     index = 0
     with closing(records):
         for row, record, text in records:
             try:
-                if isinstance(record, _RowProblem):
+                if isinstance(record, RowProblem):
                     raise record
                 samples = reader.samples(row, record, text, index)
-            except _RowProblem as problem:
+            except RowProblem as problem:
                 error = RowError(row, f"row {row}: {problem}")
                 if strict:
                     raise ManifestError(error.message, row) from None
