@@ -259,24 +259,30 @@ def live_workers(s: Session, model_key: str, within_seconds: float) -> list[Work
     return list(s.scalars(stmt.execution_options(populate_existing=True)))
 
 
-def pool_split(s: Session, model_key: str, num_images: int, configured: int,
-               within_seconds: float) -> list[list[int]]:
-    """A job's batches for the live pool of ``model_key`` (see :func:`pool_batch_size`, :func:`split`)."""
-    size = pool_batch_size(s, model_key, num_images, configured, within_seconds)
-    return split(num_images, size, workers=len(live_workers(s, model_key, within_seconds)))
+def plan_batches(pool: Sequence[Worker], num_images: int, configured: int) -> list[list[int]]:
+    """Cut ``num_images`` into batches for ``pool``: see :func:`batch_size_for`, :func:`split`."""
+    return split(num_images, batch_size_for(pool, num_images, configured), workers=len(pool))
 
 
-def pool_batch_size(s: Session, model_key: str, num_images: int, configured: int, within_seconds: float) -> int:
+def pool_max_batch(pool: Sequence[Worker], configured: int) -> int:
+    """The most images every worker of the pool renders at once: the smallest reported maximum."""
+    return min((w.max_batch for w in pool), default=configured) or configured
+
+
+def batch_size_for(pool: Sequence[Worker], num_images: int, configured: int) -> int:
     """How big each batch of a ``num_images`` job should be so that it spreads over the pool.
 
     Each live worker reports its maximum batch (configured, or found from free GPU memory);
     the smallest one bounds the batch. With W live workers, a job is cut into at least W
     batches, so every worker of the pool gets a share. With no live worker, ``configured``.
     """
-    pool = live_workers(s, model_key, within_seconds)
-    largest = min((w.max_batch for w in pool), default=configured) or configured
     share = -(-num_images // max(1, len(pool)))  # ceil
-    return max(1, min(largest, share))
+    return max(1, min(pool_max_batch(pool, configured), share))
+
+
+def pool_batch_size(s: Session, model_key: str, num_images: int, configured: int, within_seconds: float) -> int:
+    """:func:`batch_size_for` the live pool of ``model_key``."""
+    return batch_size_for(live_workers(s, model_key, within_seconds), num_images, configured)
 
 
 def counts_by_status(s: Session, job_id: str) -> dict[str, int]:

@@ -9,18 +9,29 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid
+from collections.abc import Sequence
 
 from sqlalchemy.orm import Session
 
 from db import ledger
-from db.batches import QUEUED, cancel_open, compat_key, create_batches, get_batches, live_workers, pool_split
+from db.batches import (
+    QUEUED,
+    cancel_open,
+    compat_key,
+    create_batches,
+    get_batches,
+    live_workers,
+    plan_batches,
+    pool_max_batch,
+)
+from db.models import Worker
 from db.session import session_scope
 from farm.config import Settings, get_settings
 from farm.errors import BrokerUnavailableError
 from farm.schemas import GenerateInput
 from farm.status import JobStatus, Lane
 from farm.webhooks import outbox
-from models.registry import get_model
+from models.registry import ModelSpec, get_model
 from tasks.queues import render_queue
 
 log = logging.getLogger(__name__)
@@ -35,12 +46,18 @@ def _compat(inp: GenerateInput, owner: str) -> str:
     return compat_key(fields)
 
 
-def split_job(s: Session, model_name: str, num_images: int, settings: Settings) -> list[list[int]]:
+def split_job(s: Session, model_name: str, num_images: int, settings: Settings,
+              pool: Sequence[Worker] | None = None) -> list[list[int]]:
     """Cut a job into batches: at most the pool's batch size, and at least one per live worker."""
     spec = get_model(model_name, settings)
-    configured = settings.batch_size or spec.max_batch
-    return pool_split(s, spec.key, num_images, min(configured, spec.max_batch),
-                      within_seconds=settings.lease_seconds)
+    if pool is None:
+        pool = live_workers(s, spec.key, settings.lease_seconds)
+    return plan_batches(pool, num_images, _configured(spec, settings))
+
+
+def _configured(spec: ModelSpec, settings: Settings) -> int:
+    """The batch size when no worker has reported one: FARM_BATCH_SIZE, capped by the model's."""
+    return min(settings.batch_size or spec.max_batch, spec.max_batch)
 
 
 def submit(
@@ -113,9 +130,13 @@ def submit_many(
     """
     settings = settings or get_settings()
     rids = []
+    pools: dict[str, list[Worker]] = {}  # one look at each model's pool per call
+    specs: dict[str, ModelSpec] = {}
     with session_scope() as s:
         for inp, rid in items:
             spec = get_model(inp.model_name, settings)
+            if spec.key not in pools:
+                pools[spec.key], specs[spec.key] = live_workers(s, spec.key, settings.lease_seconds), spec
             seed = inp.seed if inp.seed is not None else secrets.randbelow(2**31)
             job, created = ledger.create_job(
                 s, request_id=rid, owner=owner, model_name=spec.name, model_key=spec.key, lane=lane.value,
@@ -123,14 +144,14 @@ def submit_many(
             )
             if created:
                 create_batches(s, job.id, spec.key, lane.value, _compat(inp, owner),
-                               split_job(s, spec.name, inp.num_images, settings))
+                               split_job(s, spec.name, inp.num_images, settings, pools[spec.key]))
             rids.append(job.id)
         groups: dict[tuple[str, str, str], list[tuple[str, int, list[int]]]] = {}
         for rid in rids:
             for b in get_batches(s, rid):
                 if b.status == QUEUED:
                     groups.setdefault((b.model_key, b.lane, b.compat), []).append((b.job_id, b.k, list(b.indices)))
-        sizes = {key: _gpu_batch(s, key, settings) for key in {g[0] for g in groups}}
+        sizes = {key: pool_max_batch(pools[key], _configured(specs[key], settings)) for key in pools}
     messages = []
     for (model_key, lane_name, _), batches_ in groups.items():
         size = sizes[model_key]
@@ -146,12 +167,6 @@ def submit_many(
             messages.append((render_queue(model_key, lane_name), chunk))
     _send(messages, rids, settings)
     return rids
-
-
-def _gpu_batch(s: Session, model_key: str, settings: Settings) -> int:
-    """The most images a worker of the pool renders at once (the smallest live worker's)."""
-    pool = live_workers(s, model_key, settings.lease_seconds)
-    return min((w.max_batch for w in pool), default=settings.batch_size or 8) or 8
 
 
 def _send(messages: list[tuple[str, list[tuple[str, int, list[int]]]]], rids: list[str], settings: Settings) -> None:

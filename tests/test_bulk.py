@@ -35,6 +35,12 @@ def _tar_members(dest: Path) -> dict[str, bytes]:
     return out
 
 
+def _start_tiny(stack, env: dict[str, str], name: str) -> WorkerProcess:  # noqa: F811
+    worker = WorkerProcess(env, model=TINY, name=name)
+    stack["workers"].append(worker)
+    return worker.start()
+
+
 def _wait(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -120,9 +126,7 @@ def test_killed_bulk_job_resumes_into_exactly_the_expected_shards(stack, tmp_pat
 
 def test_malformed_rows_are_reported_by_line_and_strict_refuses(stack, tmp_path):  # noqa: F811
     env = dict(stack["env"])
-    worker = WorkerProcess(env, model=TINY, name="tiny@rows.test")
-    stack["workers"].append(worker)
-    worker.start()
+    _start_tiny(stack, env, "tiny@rows.test")
     manifest = tmp_path / "rows.jsonl"
     manifest.write_text('{"prompt": "a red boat"}\n'
                         '{"prompt": "a bad size", "image_size": {"width": 65, "height": 64}}\n'
@@ -149,9 +153,7 @@ def test_bulk_task_from_plain_celery_with_a_bulk_worker(stack, tmp_path):  # noq
     (root / "in").mkdir(parents=True)
     (root / "in" / "p.csv").write_text('prompt,num_inference_steps\n"a red boat",1\n"a blue door",2\n')
     env = dict(stack["env"], FARM_BULK_ROOT=str(root))
-    worker = WorkerProcess(env, model=TINY, name="tiny@celery-bulk.test")
-    stack["workers"].append(worker)
-    worker.start()
+    _start_tiny(stack, env, "tiny@celery-bulk.test")
     driver = subprocess.Popen([FARM, "bulk", "worker", "--concurrency", "2"], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -219,9 +221,7 @@ def test_bulk_job_over_http_for_its_owner_only(api_stack, tmp_path):
 
 def test_budget_stops_cleanly_then_pause_and_resume_finish_the_job(stack, tmp_path):  # noqa: F811
     env = dict(stack["env"])
-    worker = WorkerProcess(env, model=TINY, name="tiny@budget.test")
-    stack["workers"].append(worker)
-    worker.start()
+    _start_tiny(stack, env, "tiny@budget.test")
     manifest = tmp_path / "p.txt"
     manifest.write_text("".join(f"a lamp number {i}\n" for i in range(10)))
     dest = tmp_path / "ds"
