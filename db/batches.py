@@ -1,15 +1,20 @@
-"""Leased batches and the worker registry, in the ledger.
+"""Leased, fenced batches and the worker registry, in the ledger.
 
 A job's images are split into batches when it is submitted (one row each). A Celery message
 only says "batch k of job J is ready"; the ledger decides who renders it:
 
-* :func:`claim` takes a batch with ``SELECT … FOR UPDATE SKIP LOCKED`` if it is queued, or if
-  its lease ran out. A redelivered message for a batch that is done, or leased to a live
-  worker, claims nothing and is dropped, so a batch is never rendered twice at once.
+* :func:`claim` takes batches that are queued, or whose lease ran out, in one ``UPDATE …
+  RETURNING``; each claim bumps the batch's ``token``. A redelivered or spare message for a
+  batch that is done, or leased to a live worker, claims nothing.
 * :func:`claim_companions` takes other queued batches that fit in the same GPU batch
-  (cross-request batching; same ``compat`` key and lane).
-* :func:`extend` is the heartbeat: it pushes a held lease on. A worker that dies or hangs
-  stops beating, and :func:`reap` (run by every worker) puts its batches back to queued.
+  (cross-request batching; same ``compat`` key and lane), skipping rows others have locked.
+* Every write after a claim is **fenced**: conditional on ``(id, token)`` and ``status =
+  claimed`` (:func:`extend` the heartbeat, :func:`holding`, :func:`complete`, :func:`give_back`,
+  :func:`fail`). A worker whose batch was taken over (it stalled past its lease, or was cut
+  off) finds its writes refused and never touches the new holder's rows.
+* :func:`reap` puts batches whose lease ran out back to queued with no known message
+  (``published_at`` NULL); :func:`due` lists queued batches whose message may be gone, for the
+  sweeper (farm.lifecycle.sweep) to publish again.
 
 SQLite has no row locks; there ``BEGIN IMMEDIATE`` (see :mod:`db.session`) serialises writers,
 which gives the same answers. Callers own the transaction.
@@ -23,13 +28,16 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy import CursorResult, and_, case, func, literal, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from db.models import Batch, Worker, utcnow
+from farm.status import BatchStatus
 
-QUEUED, CLAIMED, DONE, FAILED, CANCELLED = "queued", "claimed", "done", "failed", "cancelled"
+QUEUED, CLAIMED, DONE, FAILED, CANCELLED = (BatchStatus.QUEUED, BatchStatus.CLAIMED, BatchStatus.DONE,
+                                            BatchStatus.FAILED, BatchStatus.CANCELLED)
 FINISHED = (DONE, FAILED, CANCELLED)
+Held = tuple[int, int]  # (batch id, claim token): what every fenced write names
 
 _COMPAT_FIELDS = (
     "model_name", "image_size", "num_inference_steps", "guidance_scale", "guidance_rescale",
@@ -71,11 +79,13 @@ def split(num_images: int, size: int, workers: int = 1) -> list[list[int]]:
 
 def create_batches(s: Session, job_id: str, model_key: str, lane: str, compat: str,
                    chunks: Sequence[list[int]]) -> list[Batch]:
+    """Queued batches of a new job, marked published now: the caller publishes right after its commit
+    (if that fails it clears the mark; if it dies first, the sweeper's dispatch timeout covers it)."""
+    now = utcnow()
     rows = [Batch(job_id=job_id, k=k, indices=list(chunk), model_key=model_key, lane=lane, compat=compat,
-                  status=QUEUED, attempts=0)
+                  status=QUEUED, attempts=0, token=0, publishes=1, published_at=now)
             for k, chunk in enumerate(chunks)]
     s.add_all(rows)
-    s.flush()
     return rows
 
 
@@ -88,38 +98,36 @@ def _lease(seconds: float, now: datetime | None = None) -> datetime:
     return (now or utcnow()) + timedelta(seconds=seconds)
 
 
-def _take(rows: Iterable[Batch], worker: str, lease_seconds: float) -> list[Batch]:
+def _claimed_values(worker: str, lease_seconds: float) -> dict[str, Any]:
     now = utcnow()
-    taken = []
-    for row in rows:
-        row.status = CLAIMED
-        row.worker = worker
-        row.attempts += 1
-        row.claimed_at = now
-        row.lease_expires_at = _lease(lease_seconds, now)
-        taken.append(row)
-    return taken
+    return {"status": CLAIMED, "worker": worker, "attempts": Batch.attempts + 1, "token": Batch.token + 1,
+            "claimed_at": now, "lease_expires_at": _lease(lease_seconds, now)}
+
+
+def _returning(s: Session, stmt: Any) -> list[Batch]:
+    return list(s.scalars(stmt.returning(Batch).execution_options(synchronize_session=False,
+                                                                  populate_existing=True)))
 
 
 def claim(s: Session, job_id: str, k: int, worker: str, lease_seconds: float) -> Batch | None:
     """Batch ``k`` of ``job_id`` for ``worker``, if it is queued or its lease ran out; else None."""
-    now = utcnow()
-    stmt = (
-        select(Batch)
-        .where(Batch.job_id == job_id, Batch.k == k)
-        .with_for_update(skip_locked=True)
-        .execution_options(populate_existing=True)
-    )
-    row = s.scalars(stmt).one_or_none()
-    if row is None:
-        return None
-    expired = row.status == CLAIMED and row.lease_expires_at is not None and row.lease_expires_at < now
-    unheld = row.status == CLAIMED and row.worker is None  # reaped, waiting for its new message
-    if row.status != QUEUED and not expired and not unheld:
-        return None
-    _take([row], worker, lease_seconds)
-    s.flush()
-    return row
+    rows = claim_many(s, [(job_id, k)], worker, lease_seconds)
+    return rows[0] if rows else None
+
+
+def claim_many(s: Session, batches: Sequence[tuple[str, int]], worker: str, lease_seconds: float) -> list[Batch]:
+    """The listed ``(job_id, k)`` batches that are queued or whose lease ran out, claimed in one statement.
+
+    A row another transaction holds is waited for, then re-checked: two claims of one batch
+    never both succeed. Each claim bumps ``token`` and ``attempts``.
+    """
+    if not batches:
+        return []
+    claimable = or_(Batch.status == QUEUED, and_(Batch.status == CLAIMED, Batch.lease_expires_at < utcnow()))
+    stmt = (update(Batch).where(tuple_(Batch.job_id, Batch.k).in_([tuple(b) for b in batches]), claimable)
+            .values(**_claimed_values(worker, lease_seconds)))
+    order = {tuple(b): i for i, b in enumerate(batches)}
+    return sorted(_returning(s, stmt), key=lambda b: order.get((b.job_id, b.k), 0))
 
 
 def claim_companions(s: Session, first: Batch, worker: str, lease_seconds: float, room: int,
@@ -131,22 +139,23 @@ def claim_companions(s: Session, first: Batch, worker: str, lease_seconds: float
     if room <= 0:
         return []
     stmt = (
-        select(Batch)
+        select(Batch.id, Batch.indices)
         .where(Batch.model_key == first.model_key, Batch.compat == first.compat, Batch.lane == first.lane,
                Batch.status == QUEUED, Batch.job_id.not_in([first.job_id, *exclude_jobs]))
         .order_by(Batch.id)
         .limit(room)
         .with_for_update(skip_locked=True)
-        .execution_options(populate_existing=True)
     )
-    picked: list[Batch] = []
-    for row in s.scalars(stmt):
-        if len(row.indices) <= room:
-            picked.append(row)
-            room -= len(row.indices)
-    _take(picked, worker, lease_seconds)
-    s.flush()
-    return picked
+    picked: list[int] = []
+    for batch_id, indices in s.execute(stmt):
+        if len(indices) <= room:
+            picked.append(batch_id)
+            room -= len(indices)
+    if not picked:
+        return []
+    claimed = _returning(s, update(Batch).where(Batch.id.in_(picked), Batch.status == QUEUED)
+                         .values(**_claimed_values(worker, lease_seconds)))
+    return sorted(claimed, key=lambda b: b.id)
 
 
 def compatible_in_flight(s: Session, first: Batch) -> bool:
@@ -160,69 +169,141 @@ def compatible_in_flight(s: Session, first: Batch) -> bool:
     return s.scalar(stmt) is not None
 
 
-def extend(s: Session, batch_ids: Sequence[int], worker: str, lease_seconds: float) -> set[int]:
+# Fenced writes: each names (batch id, token) and applies only while that claim still holds.
+
+
+def _fenced(held: Sequence[Held]) -> Any:
+    return and_(tuple_(Batch.id, Batch.token).in_([tuple(h) for h in held]), Batch.status == CLAIMED)
+
+
+def _ids(s: Session, stmt: Any) -> set[int]:
+    return set(s.scalars(stmt.returning(Batch.id).execution_options(synchronize_session=False)))
+
+
+def extend(s: Session, held: Sequence[Held], worker: str, lease_seconds: float) -> set[int]:
     """Heartbeat: push on the leases ``worker`` still holds; returns the ids it still holds."""
-    if not batch_ids:
+    if not held:
         return set()
-    stmt = (
-        update(Batch)
-        .where(Batch.id.in_(list(batch_ids)), Batch.worker == worker, Batch.status == CLAIMED)
-        .values(lease_expires_at=_lease(lease_seconds))
-        .returning(Batch.id)
-    )
-    return set(s.scalars(stmt))
+    stmt = update(Batch).where(_fenced(held), Batch.worker == worker).values(lease_expires_at=_lease(lease_seconds))
+    return _ids(s, stmt)
+
+
+def holding(s: Session, held: Sequence[Held]) -> set[int]:
+    """The ids of ``held`` whose claim still holds (a read: nothing is locked or changed)."""
+    if not held:
+        return set()
+    return set(s.scalars(select(Batch.id).where(_fenced(held))))
+
+
+def complete(s: Session, held: Sequence[Held]) -> set[int]:
+    """Claimed batches → done, for the claims that still hold; returns those ids."""
+    if not held:
+        return set()
+    stmt = update(Batch).where(_fenced(held)).values(status=DONE, finished_at=utcnow(), lease_expires_at=None)
+    return _ids(s, stmt)
+
+
+def finish_held(s: Session, held: Sequence[Held], status: BatchStatus, error: str | None = None) -> set[int]:
+    """Claimed batches → ``status`` (failed | cancelled), for the claims that still hold."""
+    if not held:
+        return set()
+    stmt = update(Batch).where(_fenced(held)).values(status=status, finished_at=utcnow(), lease_expires_at=None,
+                                                     error=error)
+    return _ids(s, stmt)
+
+
+def fail(s: Session, batch_id: int, token: int, error: str) -> bool:
+    """A claimed batch → failed, if the claim still holds."""
+    return bool(finish_held(s, [(batch_id, token)], FAILED, error))
+
+
+def give_back(s: Session, batch_id: int, token: int, error: str, retry_in: float) -> bool:
+    """A failed attempt: the claim lapses after ``retry_in`` seconds (held by nobody meanwhile), then the
+    sweeper puts the batch back to queued and publishes it. False if the claim no longer holds."""
+    stmt = (update(Batch).where(_fenced([(batch_id, token)]))
+            .values(worker=None, error=error, lease_expires_at=_lease(retry_in)))
+    return bool(_ids(s, stmt))
 
 
 def finish(s: Session, batch_id: int, status: str, error: str | None = None) -> bool:
-    """A claimed batch → done | failed | cancelled; False if it was not claimed any more."""
-    stmt = (
-        update(Batch)
-        .where(Batch.id == batch_id, Batch.status == CLAIMED)
-        .values(status=status, finished_at=utcnow(), lease_expires_at=None, error=error)
-    )
+    """A claimed batch → done | failed | cancelled, whoever holds it (tests and tools; workers use the
+    fenced :func:`complete` / :func:`finish_held`)."""
+    stmt = (update(Batch).where(Batch.id == batch_id, Batch.status == CLAIMED)
+            .values(status=status, finished_at=utcnow(), lease_expires_at=None, error=error))
     return cast(CursorResult[Any], s.execute(stmt)).rowcount == 1
 
 
-def release(s: Session, batch_id: int, error: str | None = None) -> bool:
-    """A claimed batch back to queued (to be retried); False if it was not claimed any more."""
-    stmt = (
-        update(Batch)
-        .where(Batch.id == batch_id, Batch.status == CLAIMED)
-        .values(status=QUEUED, worker=None, lease_expires_at=None, error=error)
-    )
-    return cast(CursorResult[Any], s.execute(stmt)).rowcount == 1
-
-
-def reap(s: Session, lease_seconds: float, limit: int = 100) -> list[Batch]:
-    """Claimed batches whose lease ran out, taken from their holder (named in ``error``).
-
-    They stay *claimed*, by nobody, under a fresh lease: the caller publishes them after its
-    commit, and the first worker to get a message claims them (``claim`` takes unheld rows).
-    If the caller dies before publishing, the lease runs out again and the next reap retries.
-    """
-    stmt = (
-        select(Batch)
-        .where(Batch.status == CLAIMED, Batch.lease_expires_at < utcnow())
-        .order_by(Batch.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .execution_options(populate_existing=True)
-    )
-    rows = list(s.scalars(stmt))
-    for row in rows:
-        if row.worker is not None:
-            row.error = f"lease of {row.worker} expired"
-        row.worker = None
-        row.lease_expires_at = _lease(lease_seconds)
-    s.flush()
-    return rows
+def close_open(s: Session, job_id: str, status: BatchStatus = CANCELLED, error: str | None = None) -> int:
+    """Every queued or claimed batch of a job → ``status``: queued ones never start, and the holders of
+    claimed ones find their fenced writes refused (their keepers stop the render)."""
+    stmt = (update(Batch).where(Batch.job_id == job_id, Batch.status.in_([QUEUED, CLAIMED]))
+            .values(status=status, finished_at=utcnow(), lease_expires_at=None, error=error))
+    return cast(CursorResult[Any], s.execute(stmt)).rowcount
 
 
 def cancel_open(s: Session, job_id: str) -> int:
-    """Queued batches of a job → cancelled (claimed ones stop at their holder's next check)."""
+    """Queued batches of a job → cancelled (claimed ones are left to their holder)."""
     stmt = update(Batch).where(Batch.job_id == job_id, Batch.status == QUEUED).values(
         status=CANCELLED, finished_at=utcnow())
     return cast(CursorResult[Any], s.execute(stmt)).rowcount
+
+
+# Sweeping: leases that ran out, messages that may be gone.
+
+
+def reap(s: Session, limit: int = 100) -> list[Batch]:
+    """Claimed batches whose lease ran out → queued, with no known message (``published_at`` NULL).
+
+    ``error`` says whose lease expired (a batch given back after a failure keeps its reason). The
+    old holder's fenced writes are refused from now on; the sweeper publishes the batch again.
+    """
+    expired = (select(Batch.id).where(Batch.status == CLAIMED, Batch.lease_expires_at < utcnow())
+               .order_by(Batch.id).limit(limit).with_for_update(skip_locked=True))
+    ids = list(s.scalars(expired))
+    if not ids:
+        return []
+    why = case((Batch.worker.is_(None), Batch.error), else_=literal("lease of ") + Batch.worker + literal(" expired"))
+    stmt = (update(Batch).where(Batch.id.in_(ids), Batch.status == CLAIMED)
+            .values(status=QUEUED, worker=None, lease_expires_at=None, published_at=None, error=why))
+    return sorted(_returning(s, stmt), key=lambda b: b.id)
+
+
+def stale_queues(s: Session, older_than: datetime) -> set[tuple[str, str]]:
+    """``(model_key, lane)`` of queued batches whose last message is older than ``older_than``."""
+    stmt = select(Batch.model_key, Batch.lane).where(Batch.status == QUEUED, Batch.published_at < older_than)
+    return {(m, lane) for m, lane in s.execute(stmt.distinct())}
+
+
+def due(s: Session, *, older_than: datetime, empty_queues: Iterable[tuple[str, str]],
+        published_before: datetime | None = None, limit: int = 500) -> list[Batch]:
+    """Queued batches whose message may be gone, locked (SKIP LOCKED) and marked published now.
+
+    * never published, or the publish failed, or reaped: ``published_at`` NULL;
+    * published before the broker lost its data: ``published_at < published_before``;
+    * not claimed within the dispatch timeout (``published_at < older_than``) while its queue
+      is empty, so its message cannot be waiting there.
+    """
+    now = utcnow()
+    due_if: list[Any] = [Batch.published_at.is_(None)]
+    if published_before is not None:
+        due_if.append(Batch.published_at < published_before)
+    empty = [tuple(q) for q in empty_queues]
+    if empty:
+        due_if.append(and_(Batch.published_at < older_than, tuple_(Batch.model_key, Batch.lane).in_(empty)))
+    ids = list(s.scalars(select(Batch.id).where(Batch.status == QUEUED, or_(*due_if)).order_by(Batch.id)
+                         .limit(limit).with_for_update(skip_locked=True)))
+    if not ids:
+        return []
+    stmt = (update(Batch).where(Batch.id.in_(ids), Batch.status == QUEUED)
+            .values(published_at=now, publishes=Batch.publishes + 1))
+    return sorted(_returning(s, stmt), key=lambda b: b.id)
+
+
+def unpublished(s: Session, batch_ids: Sequence[int]) -> None:
+    """The publish of these batches failed: no message is known, the next sweep sends one."""
+    if batch_ids:
+        s.execute(update(Batch).where(Batch.id.in_(list(batch_ids)), Batch.status == QUEUED)
+                  .values(published_at=None))
 
 
 # Workers.

@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.models import Image, Job, JobLog, utcnow
+from farm import events
 from farm.errors import ConflictError
 from farm.status import ACTIVE, JobStatus
 
@@ -81,6 +82,7 @@ def create_job(
     seed: int,
     num_images: int,
     idempotency_key: str | None = None,
+    webhook_url: str | None = None,
 ) -> tuple[Job, bool]:
     """Insert a job in ``IN_QUEUE``, or return the one already there; ``(job, created)``.
 
@@ -104,6 +106,7 @@ def create_job(
         seed=seed,
         num_images=num_images,
         idempotency_key=idempotency_key,
+        webhook_url=webhook_url,
     )
     try:
         with s.begin_nested():
@@ -121,9 +124,12 @@ def create_job(
 def start_job(s: Session, request_id: str) -> bool:
     """``IN_QUEUE`` → ``IN_PROGRESS``; False if the job was not in the queue."""
     now = utcnow()
-    return _guarded_update(
+    applied = _guarded_update(
         s, request_id, [JobStatus.IN_QUEUE], status=JobStatus.IN_PROGRESS, started_at=now, updated_at=now
     )
+    if applied:
+        events.notify(s, request_id)
+    return applied
 
 
 def finish_job(
@@ -150,7 +156,10 @@ def finish_job(
         values["result"] = result
     if inference_seconds is not None:
         values["inference_seconds"] = inference_seconds
-    return _guarded_update(s, request_id, ACTIVE, **values)
+    applied = _guarded_update(s, request_id, ACTIVE, **values)
+    if applied:
+        events.notify(s, request_id)
+    return applied
 
 
 def queue_position(s: Session, job: Job) -> int | None:
@@ -217,6 +226,31 @@ def record_image(
     s.flush()
 
 
+def record_images(s: Session, rows: list[dict[str, Any]]) -> None:
+    """Insert or overwrite many image rows in one statement (keys as :func:`record_image`'s, plus
+    ``worker``): the images of a batch are recorded together, in the transaction that marks it done."""
+    if not rows:
+        return
+    now = utcnow()
+    rows = [{**row, "created_at": now} for row in rows]
+    dialect = s.get_bind().dialect.name
+    if dialect not in ("postgresql", "sqlite"):
+        for row in rows:
+            record_image(s, **{k: v for k, v in row.items() if k not in ("created_at", "worker")})
+        return
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    stmt = insert(Image).values(rows)
+    updated = [name for name in rows[0] if name not in ("job_id", "index")]
+    s.execute(stmt.on_conflict_do_update(index_elements=[Image.job_id, Image.index],
+                                         set_={name: stmt.excluded[name] for name in updated}))
+
+
+def image_totals(s: Session, job_ids: Iterable[str]) -> dict[str, int]:
+    """How many images each job has recorded (one grouped query)."""
+    stmt = select(Image.job_id, func.count()).where(Image.job_id.in_(list(job_ids))).group_by(Image.job_id)
+    return {job_id: int(n) for job_id, n in s.execute(stmt)}
+
+
 def list_images(s: Session, request_id: str) -> list[Image]:
     stmt = select(Image).where(Image.job_id == request_id).order_by(Image.index)
     return list(s.scalars(stmt.execution_options(populate_existing=True)))
@@ -240,6 +274,7 @@ def add_log(
 ) -> None:
     s.add(JobLog(job_id=request_id, message=message, level=level, source=source, timestamp=utcnow()))
     s.flush()
+    events.notify(s, request_id)
 
 
 def get_logs(s: Session, request_id: str) -> list[JobLog]:

@@ -145,6 +145,7 @@ class Image(Base):
     size_bytes: Mapped[int] = mapped_column(Integer)
     nsfw: Mapped[bool] = mapped_column(default=False)
     render_seconds: Mapped[float] = mapped_column(Float)
+    worker: Mapped[str | None] = mapped_column(String(256))  # whose fenced write stored it
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="images")
@@ -220,9 +221,10 @@ class WebhookAttempt(Base):
 class Batch(Base):
     """A slice of a job's images, the unit a worker claims, renders and stores.
 
-    ``status``: queued → claimed (by ``worker``, until ``lease_expires_at``; the worker's
-    heartbeats push the lease on) → done | failed | cancelled. A claim whose lease ran out
-    is taken back to queued by the reaper and the batch is published again. ``compat``
+    ``status`` (:class:`farm.status.BatchStatus`): queued → claimed (by ``worker``, until
+    ``lease_expires_at``; the worker's heartbeats push the lease on) → done | failed | cancelled.
+    Each claim bumps ``token``; the holder's later writes are conditional on it (fencing). A
+    claim whose lease ran out is put back to queued by the sweeper and published again. ``compat``
     groups batches that can share one GPU batch (same model, size, steps, guidance, LoRAs).
     """
 
@@ -231,6 +233,7 @@ class Batch(Base):
         UniqueConstraint("job_id", "k"),
         Index(None, "model_key", "status", "compat"),
         Index(None, "status", "lease_expires_at"),
+        Index(None, "status", "published_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -242,6 +245,9 @@ class Batch(Base):
     compat: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16), default="queued")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    token: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # fencing: bumped by each claim
+    publishes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # messages sent for it
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # last message; NULL: none known
     worker: Mapped[str | None] = mapped_column(String(256))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -11,8 +11,9 @@ Celery prefork children must not share their parent's connections: call
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from sqlalchemy.pool import NullPool, StaticPool
 from farm.config import get_settings
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
@@ -129,6 +131,19 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         raise
     finally:
         session.close()
+    for action in session.info.pop(AFTER_COMMIT, []):
+        try:
+            action()
+        except Exception:  # the transaction stands; its follow-up is best effort and logged here
+            log.exception("after-commit action %r failed", action)
+
+
+AFTER_COMMIT = "farm_after_commit"
+
+
+def after_commit(s: Session, action: Callable[[], None]) -> None:
+    """Run ``action`` once the :func:`session_scope` transaction of ``s`` has committed (never on rollback)."""
+    s.info.setdefault(AFTER_COMMIT, []).append(action)
 
 
 def dispose_engines(*, close: bool = True) -> None:

@@ -66,9 +66,23 @@ class Settings(BaseSettings):
     pipeline_depth: int = Field(
         1, ge=0, description="Rendered batches that may wait for encode/upload while the next one renders"
     )
+    sweep_seconds: float = Field(
+        2.0, gt=0, description="How often each worker and API process sweeps: expired leases back to queued, "
+        "queued batches whose message may be lost published again"
+    )
+    dispatch_timeout: float = Field(
+        30.0, gt=0, description="A queued batch unclaimed this long after its last message, on an empty queue, "
+        "is published again"
+    )
+    fault_kill_prompt: str | None = Field(
+        None, description="TEST-ONLY fault hook: a worker SIGKILLs itself when it starts rendering this prompt"
+    )
     task_time_limit: int = Field(1800, description="Hard time limit of one render task, seconds")
     visibility_timeout: int = Field(3600, description="Redis visibility timeout, seconds")
     publish_timeout: float = Field(5.0, description="Longest a submit waits on the broker, seconds")
+    event_fallback_seconds: float = Field(
+        0.5, gt=0, description="Waiters re-read the ledger at least this often, even without a job-change event"
+    )
     safety_checker_v1: str = "CompVis/stable-diffusion-safety-checker"
     safety_checker_v2: str = "Falconsai/nsfw_image_detection"
     hold_ms: int = Field(

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from db import ledger
 from db.models import Job
 from farm.config import Settings
-from farm.schemas import GenerateInput, GenerateOutput, Image
+from farm.schemas import GenerateInput, GenerateOutput, Image, stored_input
 from farm.status import JobStatus
 from farm.storage import Storage, data_uri
 from models.prompt import expand_prompt
@@ -24,7 +24,7 @@ def used_prompt(inp: GenerateInput) -> str:
 
 
 def build_output(s: Session, job: Job, storage: Storage, settings: Settings) -> GenerateOutput:
-    inp = GenerateInput.model_validate(job.input)
+    inp = stored_input(job.input)
     rows = ledger.list_images(s, job.id)
     images = []
     for row in rows:

@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -24,6 +25,13 @@ from pydantic import (
 from farm.config import get_settings
 from farm.files import resolve_weights_path
 from models.registry import SDXL_BASE, all_models
+
+STORED = {"stored": True}
+
+
+def _stored(info: ValidationInfo) -> bool:
+    """Whether this is an input read back from the ledger (see :func:`stored_input`)."""
+    return bool(info.context and info.context.get("stored"))
 
 
 class ImageSizeName(StrEnum):
@@ -53,7 +61,9 @@ class ImageSize(BaseModel):
 
     @field_validator("width", "height")
     @classmethod
-    def _side(cls, v: int) -> int:
+    def _side(cls, v: int, info: ValidationInfo) -> int:
+        if _stored(info):
+            return v
         s = get_settings()
         if v % 8:
             raise ValueError(f"must be a multiple of 8 (got {v})")
@@ -79,7 +89,9 @@ class LoraWeight(BaseModel):
 
     @field_validator("path")
     @classmethod
-    def _path(cls, v: str) -> str:
+    def _path(cls, v: str, info: ValidationInfo) -> str:
+        if _stored(info):
+            return v
         resolve_weights_path(v, get_settings())
         return v
 
@@ -93,13 +105,17 @@ class Embedding(BaseModel):
 
     @field_validator("path")
     @classmethod
-    def _path(cls, v: str) -> str:
+    def _path(cls, v: str, info: ValidationInfo) -> str:
+        if _stored(info):
+            return v
         resolve_weights_path(v, get_settings())
         return v
 
     @field_validator("tokens")
     @classmethod
-    def _tokens(cls, v: list[str]) -> list[str]:
+    def _tokens(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        if _stored(info):
+            return v
         for tok in v:
             if not tok or len(tok) > 64 or any(c.isspace() for c in tok):
                 raise ValueError(f"each token must be 1-64 characters without spaces (got {tok!r})")
@@ -133,7 +149,9 @@ class GenerateInput(BaseModel):
 
     @field_validator("model_name")
     @classmethod
-    def _model(cls, v: str) -> str:
+    def _model(cls, v: str, info: ValidationInfo) -> str:
+        if _stored(info):
+            return v
         models = all_models()
         if v not in models:
             raise ValueError(f"unknown model {v!r}; known models: {', '.join(sorted(models))}")
@@ -141,7 +159,9 @@ class GenerateInput(BaseModel):
 
     @field_validator("prompt", "negative_prompt")
     @classmethod
-    def _text(cls, v: str, info: Any) -> str:
+    def _text(cls, v: str, info: ValidationInfo) -> str:
+        if _stored(info):
+            return v
         limit = get_settings().max_prompt_chars
         if info.field_name == "prompt" and not v.strip():
             raise ValueError("must not be empty")
@@ -151,7 +171,9 @@ class GenerateInput(BaseModel):
 
     @field_validator("num_inference_steps")
     @classmethod
-    def _steps(cls, v: int) -> int:
+    def _steps(cls, v: int, info: ValidationInfo) -> int:
+        if _stored(info):
+            return v
         limit = get_settings().max_inference_steps
         if not 1 <= v <= limit:
             raise ValueError(f"must be between 1 and {limit} (got {v})")
@@ -159,7 +181,9 @@ class GenerateInput(BaseModel):
 
     @field_validator("num_images")
     @classmethod
-    def _num_images(cls, v: int) -> int:
+    def _num_images(cls, v: int, info: ValidationInfo) -> int:
+        if _stored(info):
+            return v
         limit = get_settings().max_num_images
         if not 1 <= v <= limit:
             raise ValueError(f"must be between 1 and {limit} (got {v}); use a bulk job for more")
@@ -167,7 +191,9 @@ class GenerateInput(BaseModel):
 
     @field_validator("guidance_scale")
     @classmethod
-    def _guidance(cls, v: float) -> float:
+    def _guidance(cls, v: float, info: ValidationInfo) -> float:
+        if _stored(info):
+            return v
         limit = get_settings().max_guidance_scale
         if not 0.0 <= v <= limit:
             raise ValueError(f"must be between 0 and {limit} (got {v})")
@@ -175,21 +201,27 @@ class GenerateInput(BaseModel):
 
     @field_validator("seed")
     @classmethod
-    def _seed(cls, v: int | None) -> int | None:
+    def _seed(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if _stored(info):
+            return v
         if v is not None and not 0 <= v < 2**62:
             raise ValueError(f"must be between 0 and 2**62 - 1 (got {v})")
         return v
 
     @field_validator("request_id")
     @classmethod
-    def _request_id(cls, v: str) -> str:
+    def _request_id(cls, v: str, info: ValidationInfo) -> str:
+        if _stored(info):
+            return v
         if v and not REQUEST_ID.match(v):
             raise ValueError("must be 1-128 characters of letters, digits, '.', '_', ':' or '-'")
         return v
 
     @field_validator("loras")
     @classmethod
-    def _loras(cls, v: list[LoraWeight]) -> list[LoraWeight]:
+    def _loras(cls, v: list[LoraWeight], info: ValidationInfo) -> list[LoraWeight]:
+        if _stored(info):
+            return v
         limit = get_settings().max_loras
         if len(v) > limit:
             raise ValueError(f"at most {limit} LoRAs (got {len(v)})")
@@ -197,14 +229,18 @@ class GenerateInput(BaseModel):
 
     @field_validator("embeddings")
     @classmethod
-    def _embeddings(cls, v: list[Embedding]) -> list[Embedding]:
+    def _embeddings(cls, v: list[Embedding], info: ValidationInfo) -> list[Embedding]:
+        if _stored(info):
+            return v
         limit = get_settings().max_embeddings
         if len(v) > limit:
             raise ValueError(f"at most {limit} embeddings (got {len(v)})")
         return v
 
     @model_validator(mode="after")
-    def _tokens_unique(self) -> GenerateInput:
+    def _tokens_unique(self, info: ValidationInfo) -> GenerateInput:
+        if _stored(info):
+            return self
         tokens = [t for e in self.embeddings for t in e.tokens]
         if len(set(tokens)) != len(tokens):
             raise ValueError("embeddings: tokens must be distinct across embeddings")
@@ -248,6 +284,15 @@ def field_errors(exc: ValidationError) -> list[FieldError]:
         msg = err["msg"].removeprefix("Value error, ")
         out.append((field, msg))
     return out
+
+
+def stored_input(data: dict[str, Any]) -> GenerateInput:
+    """An input read back from the ledger: admitted once at submit, so not checked again.
+
+    No bounds of this process's settings (a worker may run with lower ones than the submitter)
+    and no file-system checks of LoRA paths (checked where the request was admitted).
+    """
+    return GenerateInput.model_validate(data, context=STORED)
 
 
 def parse_input(data: dict[str, Any]) -> GenerateInput:

@@ -31,3 +31,35 @@ class Lane(StrEnum):
 
 
 LANES_BY_PRIORITY = (Lane.REALTIME, Lane.SYNC, Lane.QUEUE, Lane.BULK)
+
+
+class BatchStatus(StrEnum):
+    """A batch of a job's images in the ledger: queued → claimed → done | failed | cancelled."""
+
+    QUEUED = "queued"
+    CLAIMED = "claimed"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (BatchStatus.DONE, BatchStatus.FAILED, BatchStatus.CANCELLED)
+
+
+class SampleStatus(StrEnum):
+    """One sample of a bulk job: pending → submitted (a farm job renders it) → done | failed."""
+
+    PENDING = "pending"
+    SUBMITTED = "submitted"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class DeliveryStatus(StrEnum):
+    """A webhook delivery in the outbox: pending → delivered | failed (gave up) | gone (job deleted)."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    GONE = "gone"

@@ -2,8 +2,9 @@
 
 It arrives on the dispatch queue from any plain Celery client, records the job in the
 ledger under the task's own id, fans the job out to the model's queue and returns
-without a result: the worker that stores the job's last image (found from the ledger,
-not from a chord) writes the output schema as this task's result.
+without a result. Whatever way the job ends (completed, failed, cancelled), the one finish
+function (farm.lifecycle.finish) writes this task's result: the output schema, or the error.
+A redelivered dispatch finds its job recorded and announces its queued batches again.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import Ignore
 
-from farm import coordinator
+from farm import lifecycle
 from farm.config import get_settings
 from farm.schemas import parse_input
 from farm.status import Lane
@@ -22,14 +23,12 @@ from farm.status import Lane
 def generate(self: Task, **kwargs: Any) -> None:
     settings = get_settings()
     inp = parse_input(kwargs)  # InvalidInputError names the field; no job is created
-    delivery = self.request.delivery_info or {}
-    coordinator.submit(
+    lifecycle.submit(
         inp,
         owner=settings.default_owner,
         lane=Lane.QUEUE,
         source="celery",
         request_id=self.request.id,
-        republish=bool(delivery.get("redelivered")),
         settings=settings,
     )
     raise Ignore()  # the result is stored when the job completes

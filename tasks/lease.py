@@ -1,9 +1,9 @@
 """The services of one worker process, beside its model: leases, reaper, registry, uploader.
 
-* :class:`LeaseKeeper` (a thread) beats for the batches this process holds, but only while
-  the render makes progress (a hung render stops beating and loses its lease); it keeps the
-  worker's registry row fresh (so coordinators count it in the pool) and reaps expired
-  leases of the whole pool, publishing those batches again.
+* :class:`LeaseKeeper` (a thread) beats for the claims this process holds, each only while its
+  batch makes progress (a hung render stops beating and loses its lease); it keeps the worker's
+  registry row fresh (so coordinators count it in the pool) and runs the sweeper
+  (farm.lifecycle.sweep) every ``sweep_seconds``.
 * :class:`Uploader` (a thread) encodes and stores rendered batches, so the next batch renders
   while the previous one goes over the network (pipelining). At most ``pipeline_depth``
   batches wait for it; a render that would exceed that waits instead.
@@ -19,60 +19,57 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 
 from db import batches as ledger_batches
-from db import ledger
 from db.session import session_scope
 from farm.config import Settings
-from farm.status import JobStatus
-from tasks.queues import render_queue
+from farm.lifecycle.sweep import sweep
+
+if TYPE_CHECKING:
+    from farm.lifecycle.claim import Claimed
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class _Msg:
-    id: int
-    job_id: str
-    k: int
-    indices: list[int]
-    model_key: str
-    lane: str
-    attempts: int
-
-
 class BatchAborted(Exception):
-    """Every job of the batch being rendered was cancelled or finished: stop rendering it."""
+    """Every claim of the batch being rendered was lost (its jobs ended, or it was taken over): stop."""
 
 
 def beat_interval(settings: Settings) -> float:
     return max(0.1, min(5.0, settings.lease_seconds / 4))
 
 
-def publish_batch(app: Celery, batch: Any, task_id: str, countdown: float | None = None) -> None:
-    """Send the message that says "batch ``batch.k`` of ``batch.job_id`` is ready" on its lane."""
-    app.send_task(
-        "farm.render",
-        kwargs={"request_id": batch.job_id, "indices": list(batch.indices), "k": batch.k},
-        queue=render_queue(batch.model_key, batch.lane),
-        task_id=task_id,
-        countdown=countdown,
-    )
+@dataclass
+class _Hold:
+    job_id: str
+    token: int
+    generation: int
+    last_progress: float = field(default_factory=time.monotonic)
+    lost: bool = False
 
 
 @dataclass
 class LeaseKeeper:
+    """Beats for the claims this process holds, each while *its* batch makes progress, and sweeps.
+
+    Progress is tracked per batch: the render's step callback marks the batches being rendered,
+    the uploader the ones being stored, so a hung render loses its lease even while the uploader
+    is busy. The heartbeat is fenced by each claim's token; a claim it finds lost (taken over, or
+    closed because its job ended) is logged once, and a render whose claims are all lost is
+    aborted at its next step.
+    """
+
     app: Celery
     name: str
     settings: Settings
     loads: Callable[[], int]
-    held: dict[int, str] = field(default_factory=dict)  # batch id → job id
-    _last_progress: float = field(default_factory=time.monotonic)
-    _abort: bool = False
+    held: dict[int, _Hold] = field(default_factory=dict)  # batch id → claim
     _generation: int = 0  # bumped by hold(): an abort decided for an older batch never hits a newer one
+    _aborted: set[int] = field(default_factory=set)  # generations whose claims are all lost
+    _next_sweep: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -86,136 +83,75 @@ class LeaseKeeper:
         if self._thread is not None:
             self._thread.join(10)
 
-    def hold(self, batches: dict[int, str]) -> None:
+    def hold(self, claimed: list[Claimed]) -> None:
         with self._lock:
-            self.held.update(batches)
-            self._abort = False
             self._generation += 1
-            self._last_progress = time.monotonic()
+            for c in claimed:
+                self.held[c.batch_id] = _Hold(c.job_id, c.token, self._generation)
 
     def drop(self, batch_ids: list[int]) -> None:
         with self._lock:
             for batch_id in batch_ids:
-                self.held.pop(batch_id, None)
+                hold = self.held.pop(batch_id, None)
+                if hold is not None:
+                    self._aborted.discard(hold.generation)
 
-    def progress(self) -> None:
-        """Called between denoising steps: a sign of life; raises if the batch's jobs were all cancelled."""
-        self._last_progress = time.monotonic()
-        if self._abort:
-            raise BatchAborted("all jobs of this batch were cancelled")
+    def progress(self, batch_ids: list[int]) -> None:
+        """Called between denoising steps: a sign of life; raises if every claim of the render was lost."""
+        now = time.monotonic()
+        with self._lock:
+            holds = [self.held[i] for i in batch_ids if i in self.held]
+            for hold in holds:
+                hold.last_progress = now
+            aborted = bool(holds) and all(h.generation in self._aborted for h in holds)
+        if aborted:
+            raise BatchAborted("every claim of this batch was lost (its jobs ended, or it was taken over)")
 
-    def progress_quietly(self) -> None:
+    def progress_quietly(self, batch_ids: list[int]) -> None:
         """A sign of life that never raises (the uploader's)."""
-        self._last_progress = time.monotonic()
+        now = time.monotonic()
+        with self._lock:
+            for i in batch_ids:
+                if i in self.held:
+                    self.held[i].last_progress = now
 
     def _run(self) -> None:
         interval = beat_interval(self.settings)
+        failing = False
         while not self._stop.wait(interval):
             try:
                 self.beat()
-                self.reap()
-            except Exception as exc:  # the ledger or broker is down: try again next beat
-                log.warning("lease keeper: %s", exc)
+                if time.monotonic() >= self._next_sweep:
+                    self._next_sweep = time.monotonic() + self.settings.sweep_seconds
+                    sweep(self.settings)
+                failing = False
+            except Exception as exc:  # the ledger is down: logged once per outage, tried again next beat
+                if not failing:
+                    log.warning("lease keeper: %s", exc)
+                failing = True
 
     def beat(self) -> None:
+        now = time.monotonic()
         with self._lock:
-            held = dict(self.held)
-            generation = self._generation
-            alive = time.monotonic() - self._last_progress < self.settings.lease_seconds
+            alive = {i: h for i, h in self.held.items() if now - h.last_progress < self.settings.lease_seconds}
+            stuck = sorted(set(self.held) - set(alive))
         with session_scope() as s:
             ledger_batches.beat_worker(s, self.name, self.loads())
-            if not held:
-                return
-            if alive:
-                kept = ledger_batches.extend(s, list(held), self.name, self.settings.lease_seconds)
-                for batch_id in set(held) - kept:
-                    log.warning("lease of batch %s lost (reaped or finished elsewhere)", batch_id)
-            jobs = {ledger.get_job(s, job_id) for job_id in set(held.values())}
-            abort = all(job is None or JobStatus(job.status).is_terminal for job in jobs)
+            kept = ledger_batches.extend(s, [(i, h.token) for i, h in alive.items()], self.name,
+                                         self.settings.lease_seconds) if alive else set()
         with self._lock:
-            if generation == self._generation:
-                self._abort = abort
-        if not alive:
-            log.error("no render progress for %.0f s: not renewing the leases of %s",
-                      self.settings.lease_seconds, sorted(held))
-
-    def reap(self) -> int:
-        """Put expired leases of the pool back to queued and publish them again."""
-        back: list[Any] = []
-        with session_scope() as s:
-            rows = ledger_batches.reap(s, self.settings.lease_seconds)
-            for row in rows:
-                job = ledger.get_job(s, row.job_id)
-                if job is None or JobStatus(job.status).is_terminal:
-                    row.status = ledger_batches.CANCELLED
-                    continue
-                what = f"images {row.indices[0]}..{row.indices[-1]}"
-                ledger.add_log(s, row.job_id, f"batch {row.k} ({what}): {row.error}; back to the pool",
-                               level="WARNING", source="reaper")
-                back.append(_Msg(row.id, row.job_id, row.k, list(row.indices), row.model_key, row.lane, row.attempts))
-        # published only once the batches are committed and unlocked: a message delivered before
-        # the commit would find its batch locked (SKIP LOCKED) and be dropped. Not published (the
-        # broker is down, or this process dies now): the fresh lease runs out and a reap retries.
-        for msg in back:
-            publish_batch(self.app, msg, f"{msg.job_id}.{msg.k}.r{msg.attempts}")
-        if rows:
-            log.warning("reaper: %d expired batch(es) back to the pool", len(rows))
-        if not self.settings.embedded:
-            restore_orphans(self.app, self.settings.lease_seconds)
-        return len(rows)
-
-
-def restore_orphans(app: Celery, older_than: float) -> int:
-    """Put back on their queue render messages that a dead worker took but never claimed.
-
-    Between taking a message from Redis and claiming its batch in the ledger, a worker holds a
-    message for a batch that is still *queued*; if it dies then, no lease exists to expire and
-    Redis would only restore the message after its visibility timeout (an hour). So: a message
-    unacknowledged for longer than the lease whose batch is still queued goes back to its queue
-    now (kombu's own ``restore_by_tag``). If its taker was merely slow, the batch is claimed
-    once and the spare message is dropped.
-    """
-    import base64
-    import json
-
-    with app.connection_for_write() as conn:
-        channel: Any = conn.default_channel
-        qos = channel.qos
-        client = channel.client
-        cutoff = time.time() - older_than
-        tags = client.zrangebyscore(channel.unacked_index_key, "-inf", cutoff, start=0, num=500)
-        candidates: dict[bytes, list[tuple[str, int]]] = {}
-        for tag in tags:
-            raw = client.hget(channel.unacked_key, tag)
-            if raw is None:
-                continue
-            try:
-                payload = json.loads(raw)[0]
-                if payload.get("headers", {}).get("task") != "farm.render":
-                    continue
-                body = json.loads(base64.b64decode(payload["body"]))
-                kwargs = body[1]
-                candidates[tag] = [(str(kwargs["request_id"]), int(kwargs["k"]))] + [
-                    (str(rid), int(k)) for rid, k in kwargs.get("group") or []]
-            except (ValueError, KeyError, IndexError, TypeError):
-                continue
-        if not candidates:
-            return 0
-        with session_scope() as s:
-            waiting = {
-                (b.job_id, b.k)
-                for job_id in {rid for listed in candidates.values() for rid, _ in listed}
-                for b in ledger_batches.get_batches(s, job_id)
-                if b.status == ledger_batches.QUEUED or (b.status == ledger_batches.CLAIMED and b.worker is None)
-            }
-        restored = 0
-        for tag, listed in candidates.items():
-            if any(batch in waiting for batch in listed):
-                qos.restore_by_tag(tag, client)
-                restored += 1
-    if restored:
-        log.warning("reaper: %d render message(s) taken by a dead worker put back on their queue", restored)
-    return restored
+            for i, hold in alive.items():
+                if i not in kept and not hold.lost:
+                    hold.lost = True
+                    log.warning("claim of batch %s (%s, token %d) lost: taken over or closed; its writes will be "
+                                "refused", i, hold.job_id, hold.token)
+            for generation in {h.generation for h in self.held.values()}:
+                members = [h for h in self.held.values() if h.generation == generation]
+                if members and all(h.lost for h in members):
+                    self._aborted.add(generation)
+        if stuck:
+            log.error("no render progress for %.0f s: not renewing the leases of batches %s",
+                      self.settings.lease_seconds, stuck)
 
 
 class Uploader:

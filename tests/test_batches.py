@@ -40,26 +40,76 @@ def test_batch_from_memory():
 def test_claim_once_until_the_lease_runs_out(sessions):  # noqa: F811
     _job(sessions, "j1", 8, 4)
     with sessions.begin() as s:
-        assert batches.claim(s, "j1", 0, "w1", 30) is not None
+        first = batches.claim(s, "j1", 0, "w1", 30)
+        assert first is not None and first.token == 1 and first.attempts == 1
     with sessions.begin() as s:
         assert batches.claim(s, "j1", 0, "w2", 30) is None  # leased to a live worker
-        assert batches.extend(s, [batches.get_batches(s, "j1")[0].id], "w1", 30)
-        assert batches.reap(s, 30) == []
+        assert batches.extend(s, [(first.id, 1)], "w1", 30) == {first.id}
+        assert batches.reap(s) == []
         s.execute(update(Batch).where(Batch.job_id == "j1", Batch.k == 0)
                   .values(lease_expires_at=utcnow() - timedelta(seconds=1)))  # w1 stopped beating
     with sessions.begin() as s:
-        reaped = batches.reap(s, 30)  # taken from w1, held by nobody until its new message comes
-        assert [(b.k, b.status, b.worker, b.error) for b in reaped] == [(0, "claimed", None, "lease of w1 expired")]
+        reaped = batches.reap(s)  # back to queued, with no known message: the sweeper publishes it
+        assert [(b.k, b.status, b.worker, b.error, b.published_at) for b in reaped] == [
+            (0, "queued", None, "lease of w1 expired", None)]
     with sessions.begin() as s:
-        assert batches.reap(s, 30) == []  # under its fresh lease: not reaped twice
+        assert batches.reap(s) == []  # not reaped twice
     with sessions.begin() as s:
         row = batches.claim(s, "j1", 0, "w2", 30)
-        assert row is not None and row.worker == "w2" and row.attempts == 2
-        assert batches.extend(s, [row.id], "w1", 30) == set()  # w1 does not hold it any more
-        assert batches.finish(s, row.id, batches.DONE)
+        assert row is not None and row.worker == "w2" and row.attempts == 2 and row.token == 2
+        assert batches.extend(s, [(row.id, 1)], "w1", 30) == set()  # w1's token is stale
+        assert batches.complete(s, [(row.id, 2)]) == {row.id}
     with sessions.begin() as s:
         assert batches.claim(s, "j1", 0, "w3", 30) is None  # done: a redelivered message claims nothing
         assert batches.counts_by_status(s, "j1") == {"done": 1, "queued": 1}
+
+
+def test_fenced_writes_of_a_taken_over_claim_are_refused(sessions):  # noqa: F811
+    _job(sessions, "f1", 4, 4)
+    with sessions.begin() as s:
+        old = batches.claim(s, "f1", 0, "w1", 30)
+        assert old is not None
+        s.execute(update(Batch).where(Batch.id == old.id).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    with sessions.begin() as s:
+        new = batches.claim(s, "f1", 0, "w2", 30)  # lease ran out: w2 takes it over without a reap
+        assert new is not None and new.token == old.token + 1
+    stale = (old.id, old.token)
+    with sessions.begin() as s:  # every write w1 tries now changes nothing
+        assert batches.holding(s, [stale]) == set()
+        assert batches.extend(s, [stale], "w1", 30) == set()
+        assert batches.complete(s, [stale]) == set()
+        assert not batches.give_back(s, old.id, old.token, "boom", 1)
+        assert not batches.fail(s, old.id, old.token, "boom")
+    with sessions.begin() as s:
+        row = batches.get_batches(s, "f1")[0]
+        assert (row.status, row.worker, row.token, row.error) == ("claimed", "w2", 2, None)
+        assert batches.holding(s, [(new.id, new.token)]) == {new.id}
+        assert batches.give_back(s, new.id, new.token, "out of memory", 5)  # the holder's own write applies
+        row = batches.get_batches(s, "f1")[0]
+        assert (row.worker, row.error) == (None, "out of memory")
+
+
+def test_due_lists_what_may_have_lost_its_message(sessions):  # noqa: F811
+    _job(sessions, "d1", 2, 1)  # two batches, marked published at insert
+    _job(sessions, "d2", 1, 1, lane="bulk")
+    now = utcnow()
+    with sessions.begin() as s:
+        assert batches.due(s, older_than=now - timedelta(seconds=30), empty_queues=[]) == []  # fresh messages
+        ids = [b.id for b in batches.get_batches(s, "d1")]
+        batches.unpublished(s, ids[:1])  # its publish failed
+    with sessions.begin() as s:
+        due = batches.due(s, older_than=now - timedelta(seconds=30), empty_queues=[])
+        assert [(b.job_id, b.k, b.publishes) for b in due] == [("d1", 0, 2)]
+        assert due[0].published_at is not None
+    with sessions.begin() as s:  # the broker lost its data: everything published before now
+        later = utcnow()
+        due = batches.due(s, older_than=later - timedelta(seconds=30), empty_queues=[], published_before=later)
+        assert sorted((b.job_id, b.k) for b in due) == [("d1", 0), ("d1", 1), ("d2", 0)]
+    with sessions.begin() as s:  # unclaimed past the dispatch timeout: only where the queue is empty
+        future = utcnow() + timedelta(seconds=1)
+        assert batches.stale_queues(s, future) == {("tiny", "queue"), ("tiny", "bulk")}
+        due = batches.due(s, older_than=future, empty_queues=[("tiny", "bulk")])
+        assert [(b.job_id, b.k) for b in due] == [("d2", 0)]
 
 
 def test_companions_share_model_compat_and_lane(sessions):  # noqa: F811

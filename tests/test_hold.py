@@ -67,7 +67,7 @@ def test_rejects_what_it_cannot_serve() -> None:
 def test_a_hold_worker_never_imports_torch(tmp_path: Path) -> None:
     code = (
         "import sys\n"
-        "import tasks.render, farm.storage, models.encode\n"
+        "import tasks.render_batch, farm.storage, models.encode\n"
         "from tasks.app import get_app\nfrom tasks.runtime import load_renderer\n"
         "from farm.schemas import GenerateInput\n"
         "get_app()\n"

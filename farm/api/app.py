@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
+from farm import events
 from farm.api import errors
 from farm.api.routes_queue import queue_router
 from farm.api.routes_run import router as run_router
@@ -51,17 +52,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
     settings: Settings = app.state.settings
     await run_in_threadpool(ensure_schema)  # SQLite: migrate; a server database must be at head
+    events.start()  # the job-change listener (PostgreSQL), so that the first waiter finds it connected
     if not settings.auth_enabled:
         log.warning(
             "authentication is OFF (FARM_AUTH_ENABLED=false): every request acts as owner %r",
             settings.default_owner,
         )
+    from farm.lifecycle.sweep import Sweeper
+
+    sweeper = Sweeper(settings).start()  # every API process sweeps too: queued work is announced
     stop = asyncio.Event()
     task = asyncio.create_task(dispatcher.run_forever(stop), name="farm-webhook-dispatcher")
     task.add_done_callback(_log_dispatcher_exit)
     try:
         yield
     finally:
+        sweeper.stop()
         stop.set()
         try:
             await asyncio.wait_for(task, timeout=10)

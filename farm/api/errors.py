@@ -22,7 +22,7 @@ log = logging.getLogger("farm.api")
 
 # union branch tags that pydantic puts in a location (see farm.schemas.ImageSizeField)
 _TAGS = ("named", "custom")
-# job error types that no exception class carries (see tasks/render.py, farm/coordinator.py)
+# job error types that no exception class carries (see farm/lifecycle/)
 _STORED_ERROR_STATUS = {"cancelled": 400, "timeout": 504}
 _UNPARSABLE_BODY = "There was an error parsing the body"
 _HTTP_ERROR_TYPES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 429: "too_many_requests"}

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from db import ledger
 from db.models import Job
 from db.session import session_scope
-from farm import coordinator
+from farm import lifecycle
 from farm.api.deps import Tenant
 from farm.api.errors import JobFailedError, RequestFieldError, RequestInProgressError, TooManyJobsError
 from farm.api.fal import APP_ID
@@ -138,9 +138,9 @@ def submit_job(
             f"{running} requests in flight (queued or running) for this owner; the limit is "
             f"{tenant.max_in_flight}: wait for some to complete"
         )
-    rid = coordinator.submit(
+    rid = lifecycle.submit(
         inp, owner=tenant.owner, lane=lane, source="api", request_id=uuid.uuid4().hex,
-        idempotency_key=key, webhook_url=webhook_url, settings=settings,
+        idempotency_key=key, webhook_url=webhook_url, background=True, settings=settings,
     )  # fmt: skip
     return get_job(rid, tenant.owner)
 

@@ -19,6 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from db.session import session_scope
+from farm import dispatch
 from farm.api.deps import SettingsDep, TenantDep
 from farm.api.errors import ERROR_RESPONSES, NOT_FOUND, ErrorBody
 from farm.config import Settings
@@ -95,13 +96,12 @@ def _materialise(req: BulkRequest, owner: str, settings: Settings) -> tuple[Any,
              responses={**ERROR_RESPONSES, 409: {"model": ErrorBody}, 502: {"model": ErrorBody},
                         503: {"model": ErrorBody}})
 async def start(req: BulkRequest, tenant: TenantDep, settings: SettingsDep) -> BulkStarted:
-    from tasks.app import get_app
     from tasks.bulk import create_from_options
 
     def _create() -> str:
         manifest, options = _materialise(req, tenant.owner, settings)
         bulk_id = create_from_options(options, settings, owner=tenant.owner, manifest=manifest)
-        get_app(settings).send_task("farm.bulk", kwargs={"bulk_id": bulk_id}, queue=settings.bulk_queue)
+        dispatch.send_task(dispatch.BULK_TASK, {"bulk_id": bulk_id}, settings.bulk_queue, settings)
         return bulk_id
 
     bulk_id = await run_in_threadpool(_create)
@@ -125,14 +125,13 @@ async def progress(bulk_id: str, tenant: TenantDep) -> dict[str, Any]:
 async def control(bulk_id: str, action: Literal["pause", "resume", "cancel"], tenant: TenantDep,
                   settings: SettingsDep) -> dict[str, Any]:
     from farm.bulk import driver
-    from tasks.app import get_app
 
     def _act() -> dict[str, Any]:
         if action == "resume":
             with session_scope() as s:
                 driver.get(s, bulk_id, tenant.owner)
             driver.set_status(bulk_id, driver.RUNNING, tenant.owner)
-            get_app(settings).send_task("farm.bulk", kwargs={"bulk_id": bulk_id}, queue=settings.bulk_queue)
+            dispatch.send_task(dispatch.BULK_TASK, {"bulk_id": bulk_id}, settings.bulk_queue, settings)
         else:
             driver.set_status(bulk_id, driver.PAUSED if action == "pause" else driver.CANCELLED, tenant.owner)
         with session_scope() as s:

@@ -7,7 +7,6 @@ on every route, exactly like an unknown one.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -18,7 +17,7 @@ from sse_starlette import EventSourceResponse
 
 from db import ledger
 from db.session import session_scope
-from farm import coordinator
+from farm import events, lifecycle
 from farm.api.deps import SettingsDep, TenantDep
 from farm.api.errors import ERROR_RESPONSES, FAILED, NOT_FOUND, ErrorBody
 from farm.api.fal import APP_ID, CancelResult, QueueStatus, QueueSubmitted, fal_status, request_urls, status_payload
@@ -28,7 +27,6 @@ from farm.errors import JobNotFoundError
 from farm.schemas import REQUEST_ID, GenerateInput, GenerateOutput
 from farm.status import Lane
 
-STREAM_POLL_SECONDS = 0.1
 STREAM_PING_SECONDS = 15
 
 RequestId = Annotated[str, Path(description="The id that submit returned.")]
@@ -64,22 +62,26 @@ def _status(
 
 
 async def _status_events(
-    request_id: str, owner: str, base: str, with_logs: bool
+    request_id: str, owner: str, base: str, with_logs: bool, fallback: float
 ) -> AsyncIterator[dict[str, str]]:
+    """Each status read from the ledger when the job's change events (``farm.events``) wake the
+    stream, or every ``event_fallback_seconds`` without one (queue positions move that way)."""
     last_log: int | None = None
     last_sent: dict[str, Any] | None = None
-    while True:
-        try:
-            payload, last_log = await run_in_threadpool(_status, request_id, owner, base, with_logs, last_log)
-        except JobNotFoundError:
-            return
-        bare = {k: v for k, v in payload.items() if k != "logs"}
-        if bare != last_sent or payload["logs"]:
-            yield {"data": QueueStatus.model_validate(payload).model_dump_json()}
-            last_sent = bare
-        if payload["status"] == "COMPLETED":
-            return
-        await asyncio.sleep(STREAM_POLL_SECONDS)
+    # subscribed before the first read: a change committed between a read and the wait still wakes it
+    with events.subscribe(request_id) as changes:
+        while True:
+            try:
+                payload, last_log = await run_in_threadpool(_status, request_id, owner, base, with_logs, last_log)
+            except JobNotFoundError:
+                return
+            bare = {k: v for k, v in payload.items() if k != "logs"}
+            if bare != last_sent or payload["logs"]:
+                yield {"data": QueueStatus.model_validate(payload).model_dump_json()}
+                last_sent = bare
+            if payload["status"] == "COMPLETED":
+                return
+            await changes.wait_async(fallback)
 
 
 def queue_router(prefix: str) -> APIRouter:
@@ -139,8 +141,9 @@ def queue_router(prefix: str) -> APIRouter:
                             logs: Logs = False) -> EventSourceResponse:  # fmt: skip
         """Server-sent status events, sent when the status, queue position or logs change."""
         await run_in_threadpool(get_job, _checked(request_id), tenant.owner)  # 404 before the stream starts
-        events = _status_events(request_id, tenant.owner, base_of(request, settings), logs)
-        return EventSourceResponse(events, ping=STREAM_PING_SECONDS)
+        updates = _status_events(request_id, tenant.owner, base_of(request, settings), logs,
+                                 settings.event_fallback_seconds)  # fmt: skip
+        return EventSourceResponse(updates, ping=STREAM_PING_SECONDS)
 
     @router.get(
         "/requests/{request_id}",
@@ -171,7 +174,7 @@ def queue_router(prefix: str) -> APIRouter:
     )
     def cancel(request_id: RequestId, tenant: TenantDep) -> JSONResponse:
         """A queued request never starts; a running one stops before its next batch of images."""
-        outcome = coordinator.cancel(request_id, tenant.owner) if REQUEST_ID.match(request_id) else "NOT_FOUND"
+        outcome = lifecycle.cancel(request_id, tenant.owner) if REQUEST_ID.match(request_id) else "NOT_FOUND"
         if outcome == "CANCELLATION_REQUESTED":
             return JSONResponse({"status": outcome}, status_code=202)
         if outcome == "ALREADY_COMPLETED":

@@ -1,14 +1,14 @@
 """fal's run host: ``POST /run/fal-ai/fast-lcm-diffusion`` answers the output directly.
 
-The job goes on the ``sync`` lane (ahead of queued work) and the request waits for it by
-polling the ledger, without holding a thread. ``X-Fal-Request-Timeout`` (fal_client's
+The job goes on the ``sync`` lane (ahead of queued work) and the request waits for it
+without holding a thread: woken by the job's change events (``farm.events``), it re-reads
+the ledger, and re-reads anyway every ``event_fallback_seconds``. ``X-Fal-Request-Timeout`` (fal_client's
 ``start_timeout``) bounds the wait for the job to start; the task time limit bounds the
 whole wait. A caller that hangs up cancels its job.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -21,7 +21,7 @@ from sse_starlette import EventSourceResponse
 
 from db import ledger
 from db.session import session_scope
-from farm import coordinator
+from farm import events, lifecycle
 from farm.api.deps import SettingsDep, Tenant, TenantDep
 from farm.api.errors import ERROR_RESPONSES, FAILED, ErrorBody, RequestTimeoutError
 from farm.api.fal import APP_ID, fal_status
@@ -32,9 +32,8 @@ from farm.errors import FarmError
 from farm.schemas import GenerateInput, GenerateOutput
 from farm.status import JobStatus, Lane
 
-FIRST_POLL_SECONDS = 0.005
-MAX_POLL_SECONDS = 0.1
 DISCONNECT_CHECK_SECONDS = 0.25
+DEADLINE_SLACK_SECONDS = 0.001  # wake just past a time limit, so that it has passed
 
 StartTimeout = Annotated[
     float | None,
@@ -60,33 +59,46 @@ async def wait_for_job(
     when the caller disconnects.
     """
     started = time.monotonic()
-    delay = FIRST_POLL_SECONDS
     last: JobStatus | None = None
     next_disconnect_check = started + DISCONNECT_CHECK_SECONDS
-    while True:
-        status = await run_in_threadpool(_job_status, request_id)
-        if status != last:
-            yield status
-            last = status
-        if status.is_terminal:
-            return
-        now = time.monotonic()
-        waited = now - started
-        if start_timeout is not None and status == JobStatus.IN_QUEUE and waited > start_timeout:
-            await run_in_threadpool(coordinator.cancel, request_id)
-            raise RequestTimeoutError(f"request {request_id} did not start within {start_timeout:g} s; cancelled")
-        if waited > settings.task_time_limit:
-            await run_in_threadpool(coordinator.cancel, request_id)
-            raise RequestTimeoutError(
-                f"request {request_id} did not finish within {settings.task_time_limit} s; cancelled"
-            )
-        if request is not None and now >= next_disconnect_check:
-            next_disconnect_check = now + DISCONNECT_CHECK_SECONDS
-            if await request.is_disconnected():
-                await run_in_threadpool(coordinator.cancel, request_id)
+    # subscribed before the first read: a change committed between a read and the wait still wakes it
+    with events.subscribe(request_id) as changes:
+        while True:
+            status = await run_in_threadpool(_job_status, request_id)
+            if status != last:
+                yield status
+                last = status
+            if status.is_terminal:
                 return
-        await asyncio.sleep(delay)
-        delay = min(delay * 1.5, MAX_POLL_SECONDS)
+            now = time.monotonic()
+            waited = now - started
+            if start_timeout is not None and status == JobStatus.IN_QUEUE and waited > start_timeout:
+                await run_in_threadpool(lifecycle.cancel, request_id)
+                raise RequestTimeoutError(
+                    f"request {request_id} did not start within {start_timeout:g} s; cancelled"
+                )
+            if waited > settings.task_time_limit:
+                await run_in_threadpool(lifecycle.cancel, request_id)
+                raise RequestTimeoutError(
+                    f"request {request_id} did not finish within {settings.task_time_limit} s; cancelled"
+                )
+            # sleep until the job changes, the fallback re-read or a time limit; look for a hang-up meanwhile
+            read_again = min(now + settings.event_fallback_seconds,
+                             started + settings.task_time_limit + DEADLINE_SLACK_SECONDS)  # fmt: skip
+            if start_timeout is not None and status == JobStatus.IN_QUEUE:
+                read_again = min(read_again, started + start_timeout + DEADLINE_SLACK_SECONDS)
+            while True:
+                now = time.monotonic()
+                if request is not None and now >= next_disconnect_check:
+                    next_disconnect_check = now + DISCONNECT_CHECK_SECONDS
+                    if await request.is_disconnected():
+                        await run_in_threadpool(lifecycle.cancel, request_id)
+                        return
+                if now >= read_again:
+                    break
+                until = read_again if request is None else min(read_again, next_disconnect_check)
+                if await changes.wait_async(until - now):
+                    break
 
 
 async def _submit(
@@ -143,7 +155,7 @@ async def _run_events(
     finally:
         if not finished:
             with anyio.CancelScope(shield=True):
-                await run_in_threadpool(coordinator.cancel, request_id)
+                await run_in_threadpool(lifecycle.cancel, request_id)
     yield {"event": "output", "data": output.model_dump_json()}
 
 

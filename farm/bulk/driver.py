@@ -37,7 +37,7 @@ from sqlalchemy import func, or_, select, update
 
 from db.models import BulkJob, BulkSample, BulkShard, Job, utcnow
 from db.session import session_scope
-from farm import coordinator
+from farm import lifecycle
 from farm.bulk.jobs import (
     BUDGET,
     CANCELLED,
@@ -56,8 +56,8 @@ from farm.bulk.manifest import RowError, Sample, read_manifest
 from farm.bulk.shards import sample_input, write_ready_shards
 from farm.bulk.writers import open_destination, sample_key, write_stats
 from farm.config import Settings, get_settings
-from farm.errors import BrokerUnavailableError, ConflictError, InvalidInputError
-from farm.schemas import GenerateInput
+from farm.errors import ConflictError, InvalidInputError
+from farm.schemas import GenerateInput, stored_input
 from farm.status import JobStatus, Lane
 from farm.storage import get_storage
 
@@ -250,20 +250,11 @@ def _submit(bulk_id: str, owner: str, spec: BulkSpec, max_in_flight: int, settin
     invalid: dict[int, str] = {}
     for idx, tries, fields in todo:
         try:
-            batch.append((GenerateInput.model_validate(fields), f"{bulk_id}-{idx}-{tries}"))
-        except ValueError as exc:  # validated when read; only a changed farm (bounds, models) gets here
+            batch.append((stored_input(fields), f"{bulk_id}-{idx}-{tries}"))
+        except ValueError as exc:  # admitted when the manifest was read; only a malformed row gets here
             invalid[idx] = str(exc).splitlines()[0]
-    try:
-        rids = coordinator.submit_many(batch, owner=owner, lane=Lane.BULK, source="bulk", settings=settings)
-    except BrokerUnavailableError as exc:  # those jobs failed: their samples try again, as new jobs, later
-        log.warning("bulk %s: broker unavailable, %d sample(s) wait: %s", bulk_id, len(batch), exc)
-        with session_scope() as s:
-            for _, rid in batch:
-                idx = int(rid.rsplit("-", 2)[1])
-                s.execute(update(BulkSample).where(BulkSample.bulk_id == bulk_id, BulkSample.idx == idx)
-                          .values(tries=BulkSample.tries + 1))
-        time.sleep(1.0)
-        return 0
+    # never fails on the broker: the jobs wait in the ledger and the sweeper announces them
+    rids = lifecycle.submit_many(batch, owner=owner, lane=Lane.BULK, source="bulk", settings=settings)
     by_idx = {int(rid.rsplit("-", 2)[1]): rid for rid in rids}
     with session_scope() as s:
         for idx, rid in by_idx.items():

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from db.models import BulkJob, BulkSample, BulkShard, Image, utcnow
 from db.session import session_scope
-from farm import coordinator
+from farm import lifecycle
 from farm.bulk.manifest import read_manifest
 from farm.bulk.writers import FORMATS, open_destination
 from farm.config import Settings, get_settings
@@ -135,7 +135,7 @@ def set_status(bulk_id: str, status: str, owner: str | None = None) -> str:
             in_flight = []
     for job_id in in_flight:
         if job_id:
-            coordinator.cancel(job_id)
+            lifecycle.cancel(job_id)
     return before
 
 

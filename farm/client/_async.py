@@ -22,14 +22,17 @@ from farm.client._common import (
     Arguments,
     Completed,
     Endpoint,
+    Log,
     SSEParser,
     Status,
     Verify,
     failed_result,
     failure,
+    logs_so_far,
     parse_status,
     retry_delay,
     should_retry,
+    stream_idle,
     to_payload,
     verify_option,
 )
@@ -163,6 +166,13 @@ class AsyncClient:
     async def stream(
         self, request_id: str, *, with_logs: bool = False, timeout: float | None = None
     ) -> AsyncGenerator[Status, None]:
+        async with contextlib.aclosing(self._events(request_id, with_logs, timeout)) as events:
+            async for event in events:
+                yield parse_status(event)
+
+    async def _events(
+        self, request_id: str, with_logs: bool, timeout: float | None
+    ) -> AsyncGenerator[dict[str, Any], None]:
         url = self.endpoint.request_url(request_id, "/status/stream")
         headers = {"Accept": "text/event-stream"}
         limits = httpx.Timeout(self._http.timeout.connect, read=timeout)
@@ -177,9 +187,8 @@ class AsyncClient:
                     event = parser.feed(line)
                     if event is None or "status" not in event:
                         continue
-                    status = parse_status(event)
-                    yield status
-                    if isinstance(status, Completed):
+                    yield event
+                    if event["status"] == "COMPLETED":
                         return
         except httpx.ReadTimeout as exc:
             raise FarmTimeoutError(f"no status event of {request_id} within {timeout} s",
@@ -196,11 +205,15 @@ class AsyncClient:
         on_queue_update: Callable[[Status], Any] | None = None,
         poll_interval: float = 0.1,
         timeout: float | None = None,
-        use_stream: bool = False,
+        use_stream: bool | None = None,
     ) -> GenerateOutput:
         deadline = None if timeout is None else time.monotonic() + timeout
-        events = (self.stream(request_id, with_logs=with_logs, timeout=timeout) if use_stream
-                  else self._poll(request_id, with_logs, poll_interval, deadline))  # fmt: skip
+        if use_stream is None:
+            events = self._follow(request_id, with_logs, poll_interval, deadline)
+        elif use_stream:
+            events = self.stream(request_id, with_logs=with_logs, timeout=timeout)
+        else:
+            events = self._poll(request_id, with_logs, poll_interval, deadline)
         try:
             async for status in events:
                 if on_queue_update is not None:
@@ -221,6 +234,26 @@ class AsyncClient:
             await self.cancel(request_id)
         raise FarmTimeoutError(f"request {request_id} not done after {timeout} s", request_id=request_id)
 
+    async def _follow(
+        self, request_id: str, with_logs: bool, interval: float, deadline: float | None
+    ) -> AsyncGenerator[Status, None]:
+        while (idle := stream_idle(deadline)) is not None:
+            logs: list[Log] = []  # a (re)opened stream sends all the logs first
+            try:
+                async with contextlib.aclosing(self._events(request_id, with_logs, idle)) as events:
+                    async for event in events:
+                        status = parse_status(logs_so_far(event, logs) if with_logs else event)
+                        yield status
+                        if isinstance(status, Completed) or stream_idle(deadline) is None:
+                            return
+            except FarmTimeoutError:
+                continue  # silent for `idle` seconds: look at the deadline, open it again
+            except FarmClientError:
+                async with contextlib.aclosing(self._poll(request_id, with_logs, interval, deadline)) as polled:
+                    async for status in polled:
+                        yield status
+                return
+
     async def _poll(
         self, request_id: str, with_logs: bool, interval: float, deadline: float | None
     ) -> AsyncGenerator[Status, None]:
@@ -240,7 +273,7 @@ class AsyncClient:
         on_enqueue: Callable[[str], Any] | None = None,
         poll_interval: float = 0.1,
         timeout: float | None = None,
-        use_stream: bool = False,
+        use_stream: bool | None = None,
         webhook_url: str | None = None,
         idempotency_key: str | None = None,
     ) -> GenerateOutput:

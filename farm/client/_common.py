@@ -6,6 +6,7 @@ import json
 import os
 import random
 import ssl
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ from farm.schemas import GenerateInput
 DEFAULT_APP = "fal-ai/fast-lcm-diffusion"
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUS = frozenset({408, 429, 502, 503, 504})
+STREAM_IDLE_SECONDS = 2.0  # wait(): a status stream silent this long is reopened (and the deadline looked at)
 TERMINAL_CANCEL = frozenset({"CANCELLATION_REQUESTED", "ALREADY_COMPLETED", "NOT_FOUND"})
 
 Arguments = GenerateInput | Mapping[str, Any]
@@ -195,6 +197,23 @@ def retry_delay(attempt: int, response: httpx.Response | None = None) -> float:
 
 
 # -- server-sent events --------------------------------------------------------------------------
+
+
+def stream_idle(deadline: float | None) -> float | None:
+    """How long a followed status stream may stay silent before it is reopened; None: ``deadline`` passed."""
+    if deadline is None:
+        return STREAM_IDLE_SECONDS
+    left = deadline - time.monotonic()
+    return None if left <= 0 else min(STREAM_IDLE_SECONDS, left)
+
+
+def logs_so_far(event: dict[str, Any], logs: list[Log]) -> dict[str, Any]:
+    """A status stream event with all the log lines of its stream so far (it sends each line once).
+
+    ``logs`` collects them; the result reads like the status route's answer with logs.
+    """
+    logs.extend(event.get("logs") or [])
+    return {**event, "logs": list(logs)}
 
 
 class SSEParser:

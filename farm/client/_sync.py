@@ -20,14 +20,17 @@ from farm.client._common import (
     Arguments,
     Completed,
     Endpoint,
+    Log,
     SSEParser,
     Status,
     Verify,
     failed_result,
     failure,
+    logs_so_far,
     parse_status,
     retry_delay,
     should_retry,
+    stream_idle,
     to_payload,
     verify_option,
 )
@@ -168,8 +171,18 @@ class SyncClient:
     ) -> Generator[Status, None, None]:
         """Status events from the server-sent event stream, until COMPLETED.
 
-        ``timeout`` bounds the wait for each event (FarmTimeoutError); None waits on.
+        The server pushes an event as soon as the job's status, queue position or logs change;
+        with ``with_logs`` each event carries only the new log lines. ``timeout`` bounds the
+        wait for each event (FarmTimeoutError); None waits on.
         """
+        with contextlib.closing(self._events(request_id, with_logs, timeout)) as events:
+            for event in events:
+                yield parse_status(event)
+
+    def _events(
+        self, request_id: str, with_logs: bool, timeout: float | None
+    ) -> Generator[dict[str, Any], None, None]:
+        """The status stream's events as JSON objects, until COMPLETED."""
         url = self.endpoint.request_url(request_id, "/status/stream")
         headers = {"Accept": "text/event-stream"}
         limits = httpx.Timeout(self._http.timeout.connect, read=timeout)
@@ -184,9 +197,8 @@ class SyncClient:
                     event = parser.feed(line)
                     if event is None or "status" not in event:
                         continue
-                    status = parse_status(event)
-                    yield status
-                    if isinstance(status, Completed):
+                    yield event
+                    if event["status"] == "COMPLETED":
                         return
         except httpx.ReadTimeout as exc:
             raise FarmTimeoutError(f"no status event of {request_id} within {timeout} s",
@@ -203,17 +215,26 @@ class SyncClient:
         on_queue_update: Callable[[Status], Any] | None = None,
         poll_interval: float = 0.1,
         timeout: float | None = None,
-        use_stream: bool = False,
+        use_stream: bool | None = None,
     ) -> GenerateOutput:
-        """Poll (or follow the SSE stream) until COMPLETED, then return the output.
+        """Follow the job until COMPLETED, then return the output.
 
+        By default (``use_stream=None``) the statuses come from the server-sent status stream,
+        which the server pushes as the job changes; each one carries all the logs so far, like
+        the status route. A stream silent for a few seconds is reopened; if the stream fails,
+        the status route is polled every ``poll_interval`` seconds instead. ``use_stream=True``
+        follows only the stream (events with only the new log lines); ``False`` only polls.
         Each status goes to ``on_queue_update``. A failed or cancelled job raises
         RequestFailedError. After ``timeout`` seconds the job is cancelled and
         FarmTimeoutError raised.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        events = (self.stream(request_id, with_logs=with_logs, timeout=timeout) if use_stream
-                  else self._poll(request_id, with_logs, poll_interval, deadline))  # fmt: skip
+        if use_stream is None:
+            events = self._follow(request_id, with_logs, poll_interval, deadline)
+        elif use_stream:
+            events = self.stream(request_id, with_logs=with_logs, timeout=timeout)
+        else:
+            events = self._poll(request_id, with_logs, poll_interval, deadline)
         try:
             for status in events:
                 if on_queue_update is not None:
@@ -231,6 +252,25 @@ class SyncClient:
         with contextlib.suppress(FarmClientError):
             self.cancel(request_id)
         raise FarmTimeoutError(f"request {request_id} not done after {timeout} s", request_id=request_id)
+
+    def _follow(
+        self, request_id: str, with_logs: bool, interval: float, deadline: float | None
+    ) -> Generator[Status, None, None]:
+        """Statuses pushed by the status stream, reopened when it falls silent; polling if it fails."""
+        while (idle := stream_idle(deadline)) is not None:
+            logs: list[Log] = []  # a (re)opened stream sends all the logs first
+            try:
+                with contextlib.closing(self._events(request_id, with_logs, idle)) as events:
+                    for event in events:
+                        status = parse_status(logs_so_far(event, logs) if with_logs else event)
+                        yield status
+                        if isinstance(status, Completed) or stream_idle(deadline) is None:
+                            return
+            except FarmTimeoutError:
+                continue  # silent for `idle` seconds: look at the deadline, open it again
+            except FarmClientError:
+                yield from self._poll(request_id, with_logs, interval, deadline)
+                return
 
     def _poll(
         self, request_id: str, with_logs: bool, interval: float, deadline: float | None
@@ -251,7 +291,7 @@ class SyncClient:
         on_enqueue: Callable[[str], Any] | None = None,
         poll_interval: float = 0.1,
         timeout: float | None = None,
-        use_stream: bool = False,
+        use_stream: bool | None = None,
         webhook_url: str | None = None,
         idempotency_key: str | None = None,
     ) -> GenerateOutput:

@@ -22,7 +22,7 @@ from rich.progress import (
 from db import ledger
 from db.migrate import ensure_schema
 from db.session import session_scope
-from farm import coordinator
+from farm import events, lifecycle
 from farm.config import get_settings
 from farm.errors import FarmError, InvalidInputError, JobNotFoundError
 from farm.results import build_output, status_view
@@ -116,7 +116,7 @@ def generate(prompt: str, model_name: str | None, negative_prompt: str | None, i
 
             with err.status(f"loading {inp.model_name} in-process (embedded mode, no servers configured)"):
                 stack.enter_context(embedded_worker(app, inp.model_name, device, settings))
-        rid = coordinator.submit(inp, owner=settings.default_owner, lane=Lane(lane), source="cli",
+        rid = lifecycle.submit(inp, owner=settings.default_owner, lane=Lane(lane), source="cli",
                                  settings=settings)
         err.print(f"request {rid}", highlight=False)
         final = _follow(rid, inp.num_images, timeout)
@@ -144,12 +144,18 @@ def generate(prompt: str, model_name: str | None, negative_prompt: str | None, i
 
 
 def _follow(rid: str, total: int, timeout: float) -> JobStatus:
-    """Show progress from the ledger until the job ends; cancel it on Ctrl-C or timeout."""
+    """Show progress from the ledger until the job ends; cancel it on Ctrl-C or timeout.
+
+    The ledger is read again whenever the job changes (``farm.events``: it starts, logs a
+    batch, finishes), and at least every ``event_fallback_seconds``.
+    """
     deadline = time.monotonic() + timeout
+    fallback = get_settings().event_fallback_seconds
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     try:
-        with Progress(*columns, console=err, transient=False) as progress:
+        # subscribed before the first read: a change committed between a read and the wait still wakes it
+        with Progress(*columns, console=err, transient=False) as progress, events.subscribe(rid) as changes:
             bar = progress.add_task("queued", total=total)
             while True:
                 with session_scope() as s:
@@ -162,19 +168,18 @@ def _follow(rid: str, total: int, timeout: float) -> JobStatus:
                 progress.update(bar, completed=done, description=label)
                 if status.is_terminal:
                     return status
-                if time.monotonic() > deadline:
+                left = deadline - time.monotonic()
+                if left < 0:
                     _cancel(rid, f"client gave up after {timeout:.0f} s")
                     return JobStatus.CANCELLED
-                time.sleep(0.05)
+                changes.wait(min(fallback, left + 0.001))
     except KeyboardInterrupt:
         _cancel(rid, "cancelled by the user (Ctrl-C)")
         raise
 
 
 def _cancel(rid: str, reason: str) -> None:
-    with session_scope() as s:
-        if ledger.finish_job(s, rid, JobStatus.CANCELLED, error=reason, error_type="cancelled"):
-            ledger.add_log(s, rid, reason, level="WARNING", source="cli")
+    lifecycle.finish_now(rid, JobStatus.CANCELLED, message=reason, source="cli", error=reason, error_type="cancelled")
 
 
 @click.command()

@@ -1,0 +1,17 @@
+"""The job lifecycle, in one place: submit → (message) → claim → render → store → finish, and sweep.
+
+* :mod:`.submit`: record the job and its batches (the job is accepted once they commit), then
+  announce them through :mod:`farm.dispatch`; the broker being down never fails a submit.
+* :mod:`.claim`: a worker, woken by a message, claims batches in the ledger; each claim bumps
+  the batch's fencing token.
+* :mod:`.store`: the rendered images are uploaded and recorded in one fenced transaction per
+  GPU batch; the last image of a job finishes it.
+* :mod:`.finish`: the one way a job ends (completed, failed, cancelled), with its batches
+  closed, its log line, its webhook, its Celery result and its waiters woken.
+* :mod:`.sweep`: reaps expired leases and republishes queued batches whose message may be gone.
+"""
+
+from farm.lifecycle.finish import finish, finish_now
+from farm.lifecycle.submit import cancel, split_job, submit, submit_many
+
+__all__ = ["cancel", "finish", "finish_now", "split_job", "submit", "submit_many"]

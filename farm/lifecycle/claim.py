@@ -1,0 +1,136 @@
+"""Claim: a worker takes batches from the ledger (the message only woke it).
+
+The batch named by the message (and those listed with it by ``submit_many``) is claimed in one
+statement, which bumps each batch's fencing token; the jobs are started and read in one more.
+If the GPU batch has room, compatible queued batches of other jobs join it (cross-request
+batching), after a bounded wait only while compatible work is arriving. A stored input is not
+validated again (schemas.stored_input): admission happened once, at submit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import case, func, literal, update
+from sqlalchemy.orm import Session
+
+from db import batches as ledger_batches
+from db import ledger
+from db.models import Batch, Job, StatusType, utcnow
+from db.session import session_scope
+from farm.config import Settings
+from farm.lifecycle.finish import finish
+from farm.schemas import GenerateInput, stored_input
+from farm.status import ACTIVE, BatchStatus, JobStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Claimed:
+    """A claimed batch and what rendering and storing it needs."""
+
+    batch_id: int
+    token: int
+    job_id: str
+    k: int
+    indices: list[int]
+    todo: list[int]
+    params: GenerateInput
+    seed: int
+    owner: str
+    total: int
+    attempts: int
+    source: str
+
+    @property
+    def held(self) -> tuple[int, int]:
+        return (self.batch_id, self.token)
+
+
+def claim_group(request_id: str, k: int, listed: Sequence[tuple[str, int]], *, worker: str, model_name: str,
+                max_batch: int, settings: Settings) -> list[Claimed]:
+    """Claim batch ``k`` of ``request_id`` (and ``listed``) and, with room, companions of other jobs."""
+    with session_scope() as s:
+        rows = ledger_batches.claim_many(s, [(request_id, k), *listed], worker, settings.lease_seconds)
+        if not rows:
+            log.info("batch %s.%s already done or leased elsewhere: message dropped", request_id, k)
+            return []
+        first = rows[0]
+        group = _prepare(s, rows, model_name, settings)
+        room = max_batch - sum(len(c.todo) for c in group)
+        if not group or room <= 0 or settings.batch_wait_ms <= 0 or len(group[0].indices) < group[0].total:
+            return group  # full, or a slice of a larger job (cut to balance the pool): no company
+        companions = ledger_batches.claim_companions(s, first, worker, settings.lease_seconds, room)
+        group += _prepare(s, companions, model_name, settings)
+        busy = not companions and ledger_batches.compatible_in_flight(s, first)
+    if not busy or not group:
+        return group  # company found already, or a quiet pool: nothing to wait for
+    time.sleep(settings.batch_wait_ms / 1000)  # bounded wait for companions to arrive
+    with session_scope() as s:
+        companions = ledger_batches.claim_companions(s, first, worker, settings.lease_seconds, room)
+        group += _prepare(s, companions, model_name, settings)
+    return group
+
+
+def start_jobs(s: Session, job_ids: Sequence[str]) -> dict[str, Job]:
+    """The active jobs among ``job_ids``, each moved to IN_PROGRESS if it was queued: one statement."""
+    if not job_ids:
+        return {}
+    now = utcnow()
+    progress = literal(JobStatus.IN_PROGRESS, StatusType())
+    stmt = (
+        update(Job)
+        .where(Job.id.in_(list(job_ids)), Job.status.in_(list(ACTIVE)))
+        .values(status=case((Job.status == JobStatus.IN_QUEUE, progress), else_=Job.status),
+                started_at=func.coalesce(Job.started_at, now), updated_at=now)
+        .returning(Job)
+        .execution_options(synchronize_session=False, populate_existing=True)
+    )
+    jobs = {job.id: job for job in s.scalars(stmt)}
+    _notify(s, [job.id for job in jobs.values() if job.started_at == now])
+    return jobs
+
+
+def _notify(s: Session, job_ids: list[str]) -> None:
+    try:
+        from farm import events
+    except ImportError:  # pragma: no cover - events are optional wake-ups
+        return
+    for job_id in job_ids:
+        events.notify(s, job_id)
+
+
+def _prepare(s: Session, rows: list[Batch], model_name: str, settings: Settings) -> list[Claimed]:
+    """Claimed rows → what rendering them needs; batches of ended jobs are closed instead."""
+    jobs = start_jobs(s, sorted({row.job_id for row in rows}))
+    group = []
+    for row in rows:
+        job = jobs.get(row.job_id)
+        if job is None:  # ended (cancelled, failed) or deleted: nothing to render
+            ledger_batches.finish_held(s, [(row.id, row.token)], BatchStatus.CANCELLED)
+            continue
+        if job.model_name != model_name:
+            reason = f"job for {job.model_name} reached a worker of {model_name}"
+            ledger_batches.fail(s, row.id, row.token, reason)
+            finish(s, job, JobStatus.FAILED, message=reason, error=reason, error_type="render_error",
+                   settings=settings)
+            continue
+        # a batch claimed for the first time has nothing stored yet (batches never overlap)
+        done = ledger.done_indices(s, row.job_id) if row.attempts > 1 else set()
+        todo = [i for i in row.indices if i not in done]
+        if len(todo) < len(row.indices):
+            ledger.add_log(s, row.job_id, f"images {sorted(set(row.indices) - set(todo))} already stored: "
+                           "skipped (redelivery)")
+        group.append(Claimed(batch_id=row.id, token=row.token, job_id=row.job_id, k=row.k,
+                             indices=list(row.indices), todo=todo, params=stored_input(job.input), seed=job.seed,
+                             owner=job.owner, total=job.num_images, attempts=row.attempts, source=job.source))
+    return group
+
+
+def describe(group: Sequence[Claimed]) -> Any:
+    return [f"{c.job_id}.{c.k}" for c in group]

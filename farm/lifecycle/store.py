@@ -1,0 +1,148 @@
+"""Store: a rendered GPU batch goes to storage and into the ledger, fenced by its claims.
+
+1. Which claims still hold (one read): a batch taken over (its holder stalled past the lease, or
+   was cut off) or closed (its job was cancelled or failed) is dropped here, logged once.
+2. Encode and upload the images of the batches still held (deterministic keys).
+3. One transaction: mark the held batches done (fenced: ``(id, token)`` and claimed), upsert the
+   image rows of the batches that were accepted (one statement), add each job's progress line,
+   and finish every job whose last image this was (its row locked first, so two workers storing a
+   job's last two batches at once cannot both miss the completion).
+4. A batch refused at step 3 because its job ended meanwhile: its uploaded objects are deleted
+   (no row refers to them). One refused because it was taken over keeps them: the new holder
+   writes the same keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+
+from db import batches as ledger_batches
+from db import ledger
+from db.models import Batch, Image, Job
+from db.session import session_scope
+from farm.config import Settings
+from farm.lifecycle.claim import Claimed
+from farm.lifecycle.finish import finish
+from farm.results import used_prompt
+from farm.status import BatchStatus, JobStatus
+from farm.storage import Storage, object_key
+
+log = logging.getLogger(__name__)
+STORE_TRIES = 3
+
+
+@dataclass
+class Stored:
+    """What became of a stored GPU batch."""
+
+    done: list[int] = field(default_factory=list)  # batch ids recorded
+    refused: list[int] = field(default_factory=list)  # batch ids whose claim no longer held
+    completed: list[str] = field(default_factory=list)  # job ids this store completed
+
+
+def still_held(group: Sequence[Claimed]) -> set[int]:
+    with session_scope() as s:
+        return ledger_batches.holding(s, [c.held for c in group])
+
+
+def store(group: Sequence[Claimed], images: Sequence[Any], *, worker: str, storage: Storage, settings: Settings,
+          note: str = "", inference_seconds: float = 0.0, on_progress: Callable[[], None] | None = None) -> Stored:
+    """Upload and record ``images`` (``RenderedImage``s tagged with their job id) of ``group``."""
+    from models.encode import encode_image
+
+    held = still_held(group)
+    outcome = Stored(refused=[c.batch_id for c in group if c.batch_id not in held])
+    _log_refused(group, outcome.refused, "before storing")
+    by_job = {c.job_id: c for c in group if c.batch_id in held}
+    rows: list[dict[str, Any]] = []
+    for img in images:
+        c = by_job.get(img.tag)
+        if c is None:
+            continue
+        data, content_type = encode_image(img.image, c.params.format)
+        key = object_key(c.owner, c.job_id, img.index, c.params.format)
+        _retrying(lambda: storage.put(key, data, content_type), f"store {key}")  # noqa: B023
+        rows.append({"job_id": c.job_id, "index": img.index, "seed": img.seed, "object_key": key,
+                     "width": img.image.width, "height": img.image.height, "content_type": content_type,
+                     "size_bytes": len(data), "nsfw": img.nsfw, "render_seconds": img.render_seconds,
+                     "worker": worker})
+        if on_progress is not None:
+            on_progress()
+    kept = [c for c in group if c.batch_id in held]
+    with session_scope() as s:
+        accepted = ledger_batches.complete(s, [c.held for c in kept])
+        late = [c for c in kept if c.batch_id not in accepted]
+        ok = {(c.job_id, i) for c in kept if c.batch_id in accepted for i in c.indices}
+        ledger.record_images(s, [r for r in rows if (r["job_id"], r["index"]) in ok])
+        outcome.done = sorted(accepted)
+        if ok:
+            outcome.completed = _progress(s, [c for c in kept if c.batch_id in accepted], note,
+                                          inference_seconds, len(group), settings)
+    outcome.refused += [c.batch_id for c in late]
+    _log_refused(group, [c.batch_id for c in late], "while storing")
+    if late:
+        _delete_if_closed(late, rows, storage)
+    return outcome
+
+
+def _progress(s: Any, accepted: list[Claimed], note: str, inference_seconds: float, shared: int,
+              settings: Settings) -> list[str]:
+    """Each job's progress line, and the completion of those whose last image this was."""
+    ids = sorted({c.job_id for c in accepted})
+    if s.get_bind().dialect.name == "postgresql":  # serialise the completion check per job
+        list(s.scalars(select(Job.id).where(Job.id.in_(ids)).order_by(Job.id).with_for_update()))
+    totals = ledger.image_totals(s, ids)
+    others = f", batched with {shared - 1} other request(s)" if shared > 1 else ""
+    completed = []
+    for job_id in ids:
+        c = next(c for c in accepted if c.job_id == job_id)
+        count = totals.get(job_id, 0)
+        todo = sum(len(x.todo) for x in accepted if x.job_id == job_id)
+        ledger.add_log(s, job_id, f"{count}/{c.total} images ({todo} in {inference_seconds:.3f} s{others}{note})")
+        if count < c.total:
+            continue
+        flags = list(s.execute(select(Image.nsfw, Image.render_seconds).where(Image.job_id == job_id)
+                               .order_by(Image.index)))
+        if finish(s, job_id, JobStatus.COMPLETED, message=f"completed {c.total} image(s)",
+                  result={"has_nsfw_concepts": [bool(n) for n, _ in flags], "prompt": used_prompt(c.params)},
+                  inference_seconds=sum(float(r) for _, r in flags), settings=settings):
+            completed.append(job_id)
+    return completed
+
+
+def _log_refused(group: Sequence[Claimed], refused: Sequence[int], when: str) -> None:
+    for c in group:
+        if c.batch_id in refused:
+            log.warning("batch %s.%s (token %d) was taken over or closed %s: dropped, nothing recorded",
+                        c.job_id, c.k, c.token, when)
+
+
+def _delete_if_closed(late: Sequence[Claimed], rows: Sequence[dict[str, Any]], storage: Storage) -> None:
+    with session_scope() as s:
+        closed = {b.id for b in s.scalars(select(Batch).where(Batch.id.in_([c.batch_id for c in late])))
+                  if b.status in (BatchStatus.CANCELLED, BatchStatus.FAILED)}
+    gone = {(c.job_id, i) for c in late if c.batch_id in closed for i in c.indices}
+    for r in rows:
+        if (r["job_id"], r["index"]) in gone:
+            try:
+                storage.delete(r["object_key"])
+            except Exception as exc:  # best effort: an orphan is logged, never fatal
+                log.warning("could not delete %s of an ended job: %s", r["object_key"], exc)
+
+
+def _retrying(action: Callable[[], None], what: str) -> None:
+    for attempt in range(STORE_TRIES):
+        try:
+            action()
+            return
+        except Exception as exc:
+            if attempt == STORE_TRIES - 1:
+                raise
+            log.warning("%s failed (%s); try %d of %d", what, exc, attempt + 2, STORE_TRIES)
+            time.sleep(0.5 * 2**attempt)

@@ -1,0 +1,126 @@
+"""Sweep: what must run is in the ledger; the sweeper makes sure a message says so.
+
+Every worker (its lease keeper thread) and every API process runs :func:`sweep` every
+``FARM_SWEEP_SECONDS``; any number may run at once, because each step locks the rows it takes
+with ``SKIP LOCKED`` and a duplicate message is harmless (the claim decides). One sweep:
+
+1. **Reap**: claimed batches whose lease ran out (the holder died, hung, froze or was cut off,
+   or gave a failed attempt back) go back to queued with no known message. The old holder's
+   fenced writes are refused from then on. A batch already tried ``batch_retries + 1`` times
+   fails its job instead, naming its indices.
+2. **Broker epoch**: if the broker lost its data (restarted without AOF, flushed), its epoch key
+   is gone with the messages; the first sweeper to see that sets it again and every queued batch
+   published before is published again.
+3. **Publish what may be gone**: queued batches never published (a crash or a broker outage
+   between commit and publish, or just reaped), and batches not claimed within
+   ``FARM_DISPATCH_TIMEOUT`` of their last message while their queue is empty (the message was
+   taken by a worker that died before claiming, or lost some other way).
+
+So no job stays non-terminal without either a live lease or a recent message.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+
+from db import batches as ledger_batches
+from db import ledger
+from db.models import utcnow
+from db.session import session_scope
+from farm import dispatch
+from farm.config import Settings
+from farm.lifecycle.finish import finish
+from farm.status import JobStatus
+from tasks.queues import render_queue
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Swept:
+    reaped: int = 0
+    failed: int = 0
+    published: int = 0
+    broker_reset: bool = False
+
+
+def reap(settings: Settings) -> tuple[int, int]:
+    """Step 1: expired leases back to queued, or their jobs failed when out of retries."""
+    reaped = failed = 0
+    with session_scope() as s:
+        for row in ledger_batches.reap(s):
+            what = f"images {row.indices[0]}..{row.indices[-1]}"
+            if row.attempts > settings.batch_retries:
+                reason = f"images {list(row.indices)} failed: {row.error or 'worker lost'} (tried {row.attempts} times)"
+                failed += finish(s, row.job_id, JobStatus.FAILED, message=reason, error=reason,
+                                 error_type="render_error", source="sweeper", settings=settings)
+                continue
+            reaped += 1
+            ledger.add_log(s, row.job_id, f"batch {row.k} ({what}): {row.error}; back to the pool",
+                           level="WARNING", source="sweeper")
+    return reaped, failed
+
+
+def sweep(settings: Settings) -> Swept:
+    """One sweep (see the module docstring); raises only if the ledger is unreachable."""
+    out = Swept()
+    out.reaped, out.failed = reap(settings)
+    if dispatch.broker_down():
+        return out  # publishing now would only wait on timeouts; the next sweep tries again
+    now = utcnow()
+    older = now - timedelta(seconds=settings.dispatch_timeout)
+    try:
+        out.broker_reset = not settings.embedded and dispatch.broker_epoch_reset(settings)
+        with session_scope() as s:
+            stale = ledger_batches.stale_queues(s, older)
+        depths = dispatch.queue_depths([render_queue(m, lane) for m, lane in stale], settings)
+    except Exception as exc:  # the broker is unreachable: nothing can be published now
+        log.debug("sweep: broker unreachable (%s)", exc)
+        return out
+    empty = [(m, lane) for m, lane in stale if depths.get(render_queue(m, lane), 0) == 0]
+    with session_scope() as s:
+        rows = ledger_batches.due(s, older_than=older, empty_queues=empty,
+                                  published_before=now if out.broker_reset else None)
+    messages = [dispatch.Message(model_key=b.model_key, lane=b.lane, request_id=b.job_id, k=b.k,
+                                 indices=list(b.indices), batch_ids=[b.id]) for b in rows]
+    failed = dispatch.publish(messages, settings)
+    if failed:
+        with session_scope() as s:
+            ledger_batches.unpublished(s, failed)
+    out.published = len(messages) - len(failed)
+    if out.broker_reset and out.published:
+        log.warning("sweeper: the broker lost its messages; %d queued batch(es) published again", out.published)
+    elif out.published:
+        log.info("sweeper: %d queued batch(es) published again", out.published)
+    return out
+
+
+class Sweeper:
+    """A daemon thread that sweeps every ``sweep_seconds`` (the API's; workers sweep from their keeper)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="farm-sweeper", daemon=True)
+
+    def start(self) -> Sweeper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        failing = False
+        while not self._stop.wait(self.settings.sweep_seconds):
+            try:
+                sweep(self.settings)
+                failing = False
+            except Exception as exc:  # the ledger is down: logged once per outage, tried again next period
+                if not failing:
+                    log.warning("sweeper: %s", exc)
+                failing = True

@@ -1,0 +1,180 @@
+"""``farm.render``: claim batches in the ledger, render them, hand them to the uploader.
+
+The Celery message only says "batch k of job J is ready" (farm.dispatch). The ledger decides
+(farm.lifecycle): the worker claims the batch (and companions of other jobs that fit the same GPU
+batch), renders what is not stored yet while its keeper beats for the claims, and its uploader
+stores the result in one fenced transaction while the next batch renders. A claim taken over
+meanwhile (a stall past the lease, a partition) refuses every later write of this worker: it
+drops the batch, logs that once, and never touches the new holder's rows or fails the job.
+
+A failed render gives the batch back after a backoff (the sweeper republishes it) up to
+``batch_retries`` times; then its job fails with an error naming the image indices. Every
+path drops the claims from the keeper (``finally``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from celery import Celery, Task
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import OperationalError
+
+from db import batches as ledger_batches
+from db import ledger
+from db.session import session_scope
+from farm.config import Settings, get_settings
+from farm.errors import FarmError
+from farm.inputs import owner_scope
+from farm.lifecycle.claim import Claimed, claim_group, describe
+from farm.lifecycle.finish import finish
+from farm.lifecycle.store import store
+from farm.status import BatchStatus, JobStatus
+from farm.storage import get_storage
+from models.rendered import RenderItem, RenderResult
+from tasks.config import soft_time_limit
+from tasks.lease import BatchAborted, WorkerServices, get_services
+from tasks.runtime import get_renderer
+
+log = logging.getLogger(__name__)
+CLAIM_RETRIES = 8
+
+
+def render_batch(self: Task, request_id: str, indices: list[int] | None = None, k: int | None = None,
+                 group: list[list[Any]] | None = None) -> None:
+    settings = get_settings()
+    services = get_services()
+    renderer = get_renderer()
+    t0 = time.perf_counter()
+    if k is None:  # a message from before batches had numbers: find it by its first index
+        k = _k_of(request_id, indices or [])
+    try:
+        claimed = claim_group(request_id, k, [(str(r), int(kk)) for r, kk in group or []], worker=services.name,
+                              model_name=renderer.spec.name, max_batch=services.max_batch, settings=settings)
+    except OperationalError as exc:  # the ledger is unreachable: nothing was claimed, try the message later
+        if self.request.retries >= CLAIM_RETRIES:
+            raise
+        log.warning("ledger unreachable claiming %s.%s (%s); retry %d", request_id, k, exc, self.request.retries + 1)
+        raise self.retry(exc=exc, countdown=min(30, 2**self.request.retries), max_retries=CLAIM_RETRIES) from None
+    if not claimed:
+        return
+    ids = [c.batch_id for c in claimed]
+    services.keeper.hold(claimed)
+    handed_off = False
+    try:
+        _fault_hook(claimed, settings)
+        t1 = time.perf_counter()
+        result = _render(renderer, claimed, lambda: services.keeper.progress(ids))
+        t2 = time.perf_counter()
+        note = getattr(renderer, "stand_in_note", None)  # farm/hold says it held, not rendered
+        suffix = f", {renderer.spec.name} {note}" if note else ""
+        services.uploader.submit(lambda: _store(self.app, claimed, result, suffix, settings, services))
+        handed_off = True
+        log.info("batch %s.%s: claim %.1f ms, render %.1f ms, hand-off %.1f ms (%d image(s), %d request(s))",
+                 request_id, k, (t1 - t0) * 1000, (t2 - t1) * 1000, (time.perf_counter() - t2) * 1000,
+                 len(result.images), len(claimed))
+    except BatchAborted:
+        with session_scope() as s:
+            ledger_batches.finish_held(s, [c.held for c in claimed], BatchStatus.CANCELLED)
+        log.info("batch %s: every job ended or every claim was lost: render stopped", describe(claimed))
+    except Exception as exc:
+        _give_back(claimed, exc, settings, services)
+    finally:
+        if not handed_off:
+            services.keeper.drop(ids)
+
+
+def _k_of(request_id: str, indices: list[int]) -> int:
+    with session_scope() as s:
+        return next((b.k for b in ledger_batches.get_batches(s, request_id) if b.indices[:1] == indices[:1]), -1)
+
+
+def _fault_hook(claimed: list[Claimed], settings: Settings) -> None:
+    """TEST-ONLY fault hook (``FARM_FAULT_KILL_PROMPT``): this process SIGKILLs itself, as a worker that
+    crashes on a batch would die, when it starts rendering that prompt. Never set in production."""
+    if settings.fault_kill_prompt and any(c.params.prompt == settings.fault_kill_prompt for c in claimed):
+        log.error("FARM_FAULT_KILL_PROMPT matched: killing this worker process (test-only fault hook)")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _render(renderer: Any, claimed: list[Claimed], on_progress: Any) -> RenderResult:
+    items = [RenderItem(c.params, c.seed, i, tag=c.job_id) for c in claimed for i in c.todo]
+    if not items:
+        return RenderResult(images=[], prompt="", inference_seconds=0.0)
+    with owner_scope(claimed[0].owner):  # upload URLs resolve only for their owner
+        result: RenderResult = renderer.render_items(items, on_progress=on_progress)
+    return result
+
+
+def _store(app: Celery, group: list[Claimed], result: RenderResult, suffix: str, settings: Settings,
+           services: WorkerServices) -> None:
+    """The uploader's step: store, record and complete (farm.lifecycle.store); a failure gives the batch back."""
+    ids = [c.batch_id for c in group]
+    try:
+        store(group, result.images, worker=services.name, storage=get_storage(settings), settings=settings,
+              note=suffix, inference_seconds=result.inference_seconds,
+              on_progress=lambda: services.keeper.progress_quietly(ids))
+    except Exception as exc:
+        _give_back(group, exc, settings, services)
+    finally:
+        services.keeper.drop(ids)
+
+
+def _give_back(group: list[Claimed], exc: BaseException, settings: Settings, services: WorkerServices) -> None:
+    """A failed attempt: back to the pool after a backoff, or, out of retries (or bad input), fail its job.
+
+    Fenced: a claim that no longer holds changes nothing (its new holder carries on).
+    """
+    reason = _reason(exc)
+    final = isinstance(exc, FarmError) and 400 <= exc.http_status < 500  # bad input: retrying cannot help
+    lost = []
+    with session_scope() as s:
+        for c in group:
+            failed = c.todo or c.indices
+            if final or c.attempts > settings.batch_retries:
+                if not ledger_batches.fail(s, c.batch_id, c.token, reason):
+                    lost.append(c)
+                    continue
+                message = f"images {failed} failed: {reason}"
+                finish(s, c.job_id, JobStatus.FAILED, message=message, error=message,
+                       error_type=_error_type(exc), settings=settings)
+                continue
+            backoff = 2.0 ** (c.attempts - 1)
+            if not ledger_batches.give_back(s, c.batch_id, c.token, reason, backoff):
+                lost.append(c)
+                continue
+            ledger.add_log(s, c.job_id, f"images {failed} failed: {reason}; retry {c.attempts} of "
+                           f"{settings.batch_retries} in {backoff:.0f} s", level="WARNING")
+    if lost:
+        log.warning("batch %s failed (%s) but was taken over meanwhile: dropped", describe(lost), reason)
+    if len(lost) < len(group):
+        log.warning("batch %s failed: %s", describe([c for c in group if c not in lost]), reason)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return "render took longer than the task time limit"
+    return str(exc) or type(exc).__name__
+
+
+def _error_type(exc: BaseException) -> str:
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return "timeout"
+    return exc.error_type if isinstance(exc, FarmError) else "render_error"
+
+
+def register(app: Celery) -> None:
+    settings = get_settings()
+    app.task(
+        name="farm.render",
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,  # internal: the ledger holds the outcome
+        time_limit=settings.task_time_limit,
+        soft_time_limit=soft_time_limit(settings.task_time_limit),
+    )(render_batch)
