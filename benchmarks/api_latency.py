@@ -1,20 +1,30 @@
 """Latency the HTTP API adds around a render: submit → result, minus the worker's render time.
 
     python benchmarks/api_latency.py [--requests 200] [--concurrency 1] [--steps 2]
-                                     [--modes subscribe,poll-10ms,stream,run]
+                                     [--modes subscribe,poll-10ms,stream,run,run-stream]
+                                     [--model farm/tiny-lcm | --model farm/hold --hold-ms 10]
 
 Starts its own private Redis, PostgreSQL and S3 (moto) servers, ``farm db upgrade``,
-one ``farm worker --model farm/tiny-lcm`` on the CPU and ``farm api`` over plain HTTP
-on 127.0.0.1 (no TLS: the handshake is not what is measured), makes an API key, and
-sends ``--requests`` requests per mode (64x64, ``--steps`` steps, one image,
+one ``farm worker --model farm/tiny-lcm`` on the CPU (or ``farm/hold``, the scheduling
+STAND-IN that sleeps ``--hold-ms`` per image instead of rendering) and ``farm api`` over
+plain HTTP on 127.0.0.1 (no TLS: the handshake is not what is measured), makes an API key,
+and sends ``--requests`` requests per mode (64x64, ``--steps`` steps, one image,
 ``sync_mode: false``) with ``farm.client``:
 
-- ``subscribe``: ``SyncClient.subscribe()`` polling status every 0.1 s, as fal's client does;
+- ``subscribe``: ``SyncClient.subscribe(use_stream=False)`` polling status every 0.1 s, as fal's client does;
 - ``poll-10ms``: the same with a 0.01 s poll, which shows what the 0.1 s interval costs;
-- ``stream``: ``subscribe(use_stream=True)``, following the server-sent status events;
-- ``run``: one blocking ``POST /run/…`` (the server waits on the ledger for the client).
+- ``stream``: ``subscribe(use_stream=True)``, following the queue's server-sent status events
+  (``GET /fal-ai/fast-lcm-diffusion/requests/{id}/status/stream``);
+- ``run``: one blocking ``POST /run/fal-ai/fast-lcm-diffusion`` (the server waits on the
+  ledger for the client and answers the output);
+- ``run-stream``: one ``POST /run/fal-ai/fast-lcm-diffusion/stream``, reading its server-sent
+  ``status`` events and the final ``output`` event: the route ``fal_client.stream()`` uses
+  (it POSTs the arguments to ``https://fal.run/{app}/stream``).
 
-overhead = (result received − submit started) − ``timings.inference`` of the output.
+overhead = (result received − submit started) − ``timings.inference`` of the output: the
+farm's own time around the render. The JSON's ``run_p50_overhead_ms`` is that of ``run``,
+``stream_p50_overhead_ms`` that of ``run-stream`` (fal_client's ``stream()``);
+``status_stream_p50_overhead_ms`` is the queue status stream (``stream`` mode).
 The ledger's timestamps split it into:
 
 - api: submit sent → job row made (HTTP, key check, validation, idempotency and limit queries);
@@ -59,12 +69,16 @@ from tests.services import free_port, wait_for  # noqa: E402
 from tests.workers import FARM, WorkerProcess  # noqa: E402
 
 MODES: dict[str, dict[str, Any]] = {
-    "subscribe": {"poll_interval": 0.1},
-    "poll-10ms": {"poll_interval": 0.01},
+    # use_stream=False: poll the status route, as fal_client's subscribe() does (farm.client's wait()
+    # may default to following the status stream)
+    "subscribe": {"poll_interval": 0.1, "use_stream": False},
+    "poll-10ms": {"poll_interval": 0.01, "use_stream": False},
     "stream": {"use_stream": True},
     "run": {},
+    "run-stream": {},
 }
 STAGES = ("api", "queue", "store", "finish", "notice", "result")
+TINY, HOLD = "farm/tiny-lcm", "farm/hold"
 
 
 def pct(values: list[float], q: float) -> float:
@@ -81,14 +95,15 @@ def pct(values: list[float], q: float) -> float:
 class Stack(ServerStack):
     """Private servers, one worker and ``farm api``; ``close()`` stops them all."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, model: str = TINY, hold_ms: int = 10) -> None:
         super().__init__(workdir)
+        self.model, self.hold_ms = model, hold_ms
         self.api: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.start_servers(FARM_MAX_JOBS_IN_FLIGHT="10000")
+        self.start_servers(FARM_MAX_JOBS_IN_FLIGHT="10000", FARM_HOLD_MS=str(self.hold_ms))
         self.key = self.farm("keys", "create", "--owner", "bench", "--name", "api_latency").strip().splitlines()[-1]
-        worker = WorkerProcess(self.env)
+        worker = WorkerProcess(self.env, model=self.model)
         self.closers.append(worker.stop)
         worker.start()
         port = free_port()
@@ -148,6 +163,9 @@ def one_request(url: str, key: str, mode: str, payload: dict[str, Any]) -> dict[
     if mode == "run":
         rid = uuid.uuid4().hex  # the run reply has no id: the input's request_id finds the job in the ledger
         out = client.run({**payload, "request_id": rid})
+    elif mode == "run-stream":
+        rid = uuid.uuid4().hex
+        out = run_stream(client, {**payload, "request_id": rid}, seen)
     else:
         handle = client.submit(payload)
         seen["submitted"] = time.time()
@@ -155,6 +173,34 @@ def one_request(url: str, key: str, mode: str, payload: dict[str, Any]) -> dict[
         out = handle.wait(on_queue_update=on_update, **MODES[mode])
     t1 = time.time()
     return {"rid": rid, "t0": t0, "t1": t1, "done": seen.get("done", t1), "inference": out.timings["inference"]}
+
+
+def run_stream(client: Any, payload: dict[str, Any], seen: dict[str, float]) -> Any:
+    """``POST /run/{app}/stream`` as ``fal_client.stream()`` does: status events, then the output event."""
+    import httpx
+
+    from farm.client._common import SSEParser
+    from farm.schemas import GenerateOutput
+
+    url = client.endpoint.run_url + "/stream"
+    parser = SSEParser()
+    # the SyncClient's own connection pool and key header, as the run mode uses
+    with client._http.stream("POST", url, json=payload, headers={"Accept": "text/event-stream"},
+                             timeout=httpx.Timeout(30, read=300)) as response:  # fmt: skip
+        if not response.is_success:
+            response.read()
+            raise SystemExit(f"POST {url}: {response.status_code} {response.text[:500]}")
+        for line in response.iter_lines():
+            event = parser.feed(line)
+            if event is None:
+                continue
+            if "error_type" in event:
+                raise SystemExit(f"POST {url}: error event {event}")
+            if event.get("status") == "COMPLETED":
+                seen["done"] = time.time()
+            elif "timings" in event:
+                return GenerateOutput.model_validate(event)
+    raise SystemExit(f"POST {url}: the stream ended without an output event")
 
 
 _clients = threading.local()
@@ -228,7 +274,12 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--headline", default="subscribe", choices=tuple(MODES))
     parser.add_argument("--no-safety-checker", action="store_true", help="skip the (tiny) safety checker")
+    parser.add_argument("--model", default=TINY, choices=(TINY, HOLD),
+                        help="the worker's model; farm/hold is a STAND-IN that sleeps --hold-ms per image")
+    parser.add_argument("--hold-ms", type=int, default=10, help="FARM_HOLD_MS of the farm/hold worker")
     args = parser.parse_args()
+    if args.hold_ms < 0:
+        parser.error("need --hold-ms >= 0")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if unknown := set(modes) - set(MODES):
         parser.error(f"unknown modes {sorted(unknown)}; known: {', '.join(MODES)}")
@@ -236,11 +287,12 @@ def main() -> None:
         modes.insert(0, args.headline)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    payload = {"model_name": "farm/tiny-lcm", "prompt": "a lighthouse at dusk", "num_images": 1,
+    hold = args.model == HOLD
+    payload = {"model_name": args.model, "prompt": "a lighthouse at dusk", "num_images": 1,
                "image_size": {"width": 64, "height": 64}, "num_inference_steps": args.steps,
-               "sync_mode": False, "enable_safety_checker": not args.no_safety_checker}  # fmt: skip
+               "sync_mode": False, "enable_safety_checker": not (args.no_safety_checker or hold)}  # fmt: skip
     workdir = Path(tempfile.mkdtemp(prefix="farm-bench-api-"))
-    stack = Stack(workdir)
+    stack = Stack(workdir, args.model, args.hold_ms)
     ok = False
     try:
         print("starting Redis, PostgreSQL, S3 (moto), farm worker and farm api …", file=sys.stderr)
@@ -260,19 +312,31 @@ def main() -> None:
         else:
             print(f"kept {workdir} (api.log) for a look", file=sys.stderr)
 
-    print(f"API latency on loopback, plain HTTP, farm/tiny-lcm 64x64 {args.steps} step(s), one image, "
+    model = (f"farm/hold (STAND-IN: holds {args.hold_ms} ms, renders nothing) 64x64" if hold
+             else f"farm/tiny-lcm 64x64 {args.steps} step(s)")  # fmt: skip
+    print(f"API latency on loopback, plain HTTP, {model}, one image, "
           f"concurrency {args.concurrency}, {os.cpu_count()} CPUs; one status call p50 {floor} ms")  # fmt: skip
-    print(f"{'mode':<10} {'overhead p50':>12} {'p99':>8} {'total p50':>10} {'render p50':>10}  "
+    print(f"{'mode':<10} {'overhead p50':>12} {'p90':>8} {'p99':>8} {'total p50':>10} {'render p50':>10}  "
           f"split p50 ms ({' / '.join(STAGES)})")  # fmt: skip
     for mode, r in results.items():
         split = " / ".join(f"{v:.1f}" for v in r["split_p50_ms"].values())
-        print(f"{mode:<10} {r['p50_overhead_ms']:>10.1f}ms {r['p99_overhead_ms']:>6.1f}ms "
-              f"{r['p50_total_ms']:>8.1f}ms {r['p50_render_ms']:>8.1f}ms  {split}")  # fmt: skip
+        print(f"{mode:<10} {r['p50_overhead_ms']:>10.1f}ms {r['p90_overhead_ms']:>6.1f}ms "
+              f"{r['p99_overhead_ms']:>6.1f}ms {r['p50_total_ms']:>8.1f}ms "
+              f"{r['p50_render_ms']:>8.1f}ms  {split}")  # fmt: skip
     print("overhead = total - render; 'notice' is the wait for the next status poll (or event) after the job "
           "finished, the rest is the farm's own work:")  # fmt: skip
     for mode, r in results.items():
         print(f"  {mode}: {r['p50_overhead_ms']:.1f} ms p50 = notice {r['split_p50_ms']['notice']:.1f} ms "
               f"+ farm {r['p50_without_notice_ms']:.1f} ms (p50s, so the parts do not add up exactly)")  # fmt: skip
+
+    def own(mode: str, q: str) -> float | None:
+        return results[mode][f"{q}_overhead_ms"] if mode in results else None
+
+    for mode, route in (("run", "POST /run/fal-ai/fast-lcm-diffusion, answers the output"),
+                        ("run-stream", "POST /run/fal-ai/fast-lcm-diffusion/stream, fal_client.stream()")):  # fmt: skip
+        if mode in results:
+            print(f"farm's own time on {route}: p50 {own(mode, 'p50')} ms, p90 {own(mode, 'p90')} ms "
+                  f"(end to end minus timings.inference, {results[mode]['requests']} requests)")  # fmt: skip
     head = results[args.headline]
     report = {
         "benchmark": "api_latency",
@@ -285,10 +349,17 @@ def main() -> None:
         "p99_total_ms": head["p99_total_ms"],
         "p50_without_notice_ms": head["p50_without_notice_ms"],
         "status_call_p50_ms": floor,
+        "run_p50_overhead_ms": own("run", "p50"),
+        "run_p90_overhead_ms": own("run", "p90"),
+        "stream_p50_overhead_ms": own("run-stream", "p50"),
+        "stream_p90_overhead_ms": own("run-stream", "p90"),
+        "stream_route": "POST /run/fal-ai/fast-lcm-diffusion/stream (fal_client.stream(); mode run-stream)",
+        "status_stream_p50_overhead_ms": own("stream", "p50"),
         "modes": results,
         "transport": "http on 127.0.0.1 (no TLS)",
-        "model": "farm/tiny-lcm",
-        "image": f"64x64, {args.steps} steps, 1 image, sync_mode false, jpeg",
+        "model": args.model + (" (stand-in: holds, does not render)" if hold else ""),
+        "hold_ms": args.hold_ms if hold else None,
+        "image": f"64x64, {'held' if hold else f'{args.steps} steps'}, 1 image, sync_mode false, jpeg",
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "machine": platform.machine(),

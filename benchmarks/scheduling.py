@@ -11,6 +11,11 @@ to N; ``FARM_BATCH_SIZE`` images per task, 8 by default) through the coordinator
 for the job to be COMPLETED in the ledger.
 
     efficiency = (N x T / K) / seconds,  seconds = submit started -> job finished_at in the ledger
+    images_per_s = N / seconds
+
+With ``--hold-ms 0`` the workers hold nothing, so the run measures the control plane alone
+(claims, messages, ledger writes, storage, collection): ``images_per_s`` is then the figure,
+and ``efficiency`` is null (there is no "GPU" time to compare with).
 
 Where the time goes, from the workers' Celery logs and the ledger:
 
@@ -130,8 +135,8 @@ class Stack(ServerStack):
 
 
 def run_job(env: dict[str, str], images: int, seed: int) -> tuple[str, float]:
-    """Submit one N-image farm/hold job through the coordinator; (request id, submit start Unix time)."""
-    from farm.coordinator import submit
+    """Submit one N-image farm/hold job (``farm.lifecycle.submit``); (request id, submit start Unix time)."""
+    from farm.lifecycle import submit
     from farm.schemas import GenerateInput
 
     inp = GenerateInput(model_name=HOLD, prompt="scheduling benchmark", num_images=images, seed=seed,
@@ -259,6 +264,7 @@ def main() -> None:
         time.sleep(0.3)  # let the last Celery log lines arrive
         _, _, finished, rows, _ = ledger_times(rid)
         seconds = finished - t0
+        last_image_seconds = max(rows.values()) - t0 if rows else float("nan")
         prof = profile(stack, rid, t0, args.batch_size, args.images, args.hold_ms / 1000)
         ok = len(rows) == args.images
     finally:
@@ -274,13 +280,19 @@ def main() -> None:
         raise SystemExit(f"expected {args.images} image rows, got {len(rows)}")
 
     ideal = args.images * args.hold_ms / 1000 / args.workers
-    efficiency = ideal / seconds
+    # hold 0: nothing is held, so there is no ideal to compare with (and nothing to divide)
+    efficiency = ideal / seconds if args.hold_ms > 0 and seconds > 0 else None
+    images_per_s = args.images / seconds if seconds > 0 else None
     cores = os.cpu_count() or 1
     busy_share = (busy1 - busy0) / (total1 - total0) if total1 > total0 else float("nan")
-    print(f"farm/hold (STAND-IN: sleeps {args.hold_ms} ms per image) x {args.images} images, "
+    held = f"sleeps {args.hold_ms} ms per image" if args.hold_ms else "holds 0 ms: control plane only"
+    print(f"farm/hold (STAND-IN: {held}) x {args.images} images, "
           f"{args.workers} worker(s), batch {args.batch_size}, {cores} CPU(s)")  # fmt: skip
-    print(f"wall {seconds:.2f} s (submit -> COMPLETED in the ledger), ideal N*T/K {ideal:.2f} s, "
-          f"efficiency {efficiency:.3f}")  # fmt: skip
+    rate = f"{images_per_s:.1f} images/s" if images_per_s is not None else "images/s n/a"
+    eff = (f"ideal N*T/K {ideal:.2f} s, efficiency {efficiency:.3f}" if efficiency is not None
+           else "efficiency n/a (hold 0: no GPU time to compare with)")  # fmt: skip
+    print(f"wall {seconds:.2f} s (submit -> COMPLETED in the ledger; last image stored at {last_image_seconds:.2f} s), "
+          f"{rate}; {eff}")  # fmt: skip
     print(f"tasks {prof['tasks']} ({prof['tasks_per_worker']} per worker); task run {prof['task_run_ms_mean']} ms "
           f"mean, of which overhead beyond the hold {prof['in_task_overhead_ms_mean']} ms; store per image "
           f"{prof['store_per_image_ms_median']} ms (median); gap between a worker's tasks "
@@ -297,8 +309,10 @@ def main() -> None:
         "batch_size": args.batch_size,
         "seconds": round(seconds, 3),
         "ideal_seconds": round(ideal, 3),
-        "efficiency": round(efficiency, 4),
-        "images_per_s": round(args.images / seconds, 2),
+        "efficiency": round(efficiency, 4) if efficiency is not None else None,
+        "images_per_s": round(images_per_s, 2) if images_per_s is not None else None,
+        "images_per_s_note": "images stored / seconds, seconds = submit started -> job COMPLETED in the ledger",
+        "last_image_seconds": round(last_image_seconds, 3),
         "profile": prof,
         "cpu_busy_share": round(busy_share, 3),
         "cpu_seconds": cpu,

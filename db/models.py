@@ -195,7 +195,7 @@ class WebhookDelivery(Base):
     owner: Mapped[str] = mapped_column(String(128))
     url: Mapped[str] = mapped_column(Text)
     body: Mapped[dict[str, Any]] = mapped_column(JSONType)
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # farm.status.DeliveryStatus
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     last_error: Mapped[str | None] = mapped_column(Text)
@@ -243,7 +243,7 @@ class Batch(Base):
     model_key: Mapped[str] = mapped_column(String(64))
     lane: Mapped[str] = mapped_column(String(16))
     compat: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default="queued")  # farm.status.BatchStatus
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     token: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # fencing: bumped by each claim
     publishes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # messages sent for it
@@ -323,7 +323,7 @@ class BulkSample(Base):
     seed: Mapped[int] = mapped_column(BigInteger)
     params: Mapped[dict[str, Any]] = mapped_column(JSONType)
     extra: Mapped[dict[str, Any]] = mapped_column(JSONType)
-    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending|submitted|done|failed
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # farm.status.SampleStatus
     job_id: Mapped[str | None] = mapped_column(String(128))
     tries: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)

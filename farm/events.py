@@ -285,19 +285,20 @@ class _Listener:
         delay = RECONNECT_MIN_SECONDS
         while not self._stop.is_set():
             try:
-                if self._listen():
-                    delay = RECONNECT_MIN_SECONDS
+                self._listen()
             except Exception as exc:  # psycopg.Error, OSError: the server went away or is not up yet
                 self._failures += 1
                 level = logging.WARNING if self._failures == 1 else logging.DEBUG
                 log.log(level, "job-change listener disconnected (%s); waiters fall back to re-reading", exc)
             finally:
+                if self.connected.is_set():  # it was up: the backoff starts over
+                    delay = RECONNECT_MIN_SECONDS
                 self.connected.clear()
             if self._stop.wait(delay):
                 return
             delay = min(delay * 2, RECONNECT_MAX_SECONDS)
 
-    def _listen(self) -> bool:
+    def _listen(self) -> None:
         import psycopg
 
         with psycopg.connect(
@@ -321,7 +322,6 @@ class _Listener:
                 if idle >= HEALTH_CHECK_SECONDS:
                     conn.execute("SELECT 1")
                     idle = 0.0
-        return True
 
 
 _listeners_lock = threading.Lock()

@@ -11,6 +11,7 @@ owner's job answers 404.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import uuid
 from typing import Any, Literal
 
@@ -25,6 +26,7 @@ from farm.api.errors import ERROR_RESPONSES, NOT_FOUND, ErrorBody
 from farm.config import Settings
 from farm.errors import InvalidInputError
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/bulk", tags=["bulk"])
 
 
@@ -92,6 +94,15 @@ def _materialise(req: BulkRequest, owner: str, settings: Settings) -> tuple[Any,
     return path, options
 
 
+def _announce(bulk_id: str, settings: Settings) -> None:
+    """Wake a bulk worker; the job is accepted already (its row is committed), so a broker that is
+    down only delays it: the sweeper sends ``farm.bulk`` for a running job that has no driver."""
+    try:
+        dispatch.send_task(dispatch.BULK_TASK, {"bulk_id": bulk_id}, settings.bulk_queue, settings)
+    except Exception as exc:  # kombu/redis raise many types for a dead broker
+        log.warning("bulk %s recorded; broker unavailable (%s): the sweeper will start it", bulk_id, exc)
+
+
 @router.post("", status_code=202, response_model=BulkStarted, summary="Start a bulk dataset job",
              responses={**ERROR_RESPONSES, 409: {"model": ErrorBody}, 502: {"model": ErrorBody},
                         503: {"model": ErrorBody}})
@@ -101,7 +112,7 @@ async def start(req: BulkRequest, tenant: TenantDep, settings: SettingsDep) -> B
     def _create() -> str:
         manifest, options = _materialise(req, tenant.owner, settings)
         bulk_id = create_from_options(options, settings, owner=tenant.owner, manifest=manifest)
-        dispatch.send_task(dispatch.BULK_TASK, {"bulk_id": bulk_id}, settings.bulk_queue, settings)
+        _announce(bulk_id, settings)
         return bulk_id
 
     bulk_id = await run_in_threadpool(_create)
@@ -131,7 +142,7 @@ async def control(bulk_id: str, action: Literal["pause", "resume", "cancel"], te
             with session_scope() as s:
                 driver.get(s, bulk_id, tenant.owner)
             driver.set_status(bulk_id, driver.RUNNING, tenant.owner)
-            dispatch.send_task(dispatch.BULK_TASK, {"bulk_id": bulk_id}, settings.bulk_queue, settings)
+            _announce(bulk_id, settings)
         else:
             driver.set_status(bulk_id, driver.PAUSED if action == "pause" else driver.CANCELLED, tenant.owner)
         with session_scope() as s:

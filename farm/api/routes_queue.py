@@ -7,7 +7,7 @@ on every route, exactly like an unknown one.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request
@@ -63,7 +63,7 @@ def _status(
 
 async def _status_events(
     request_id: str, owner: str, base: str, with_logs: bool, fallback: float
-) -> AsyncIterator[dict[str, str]]:
+) -> AsyncGenerator[dict[str, str], None]:
     """Each status read from the ledger when the job's change events (``farm.events``) wake the
     stream, or every ``event_fallback_seconds`` without one (queue positions move that way)."""
     last_log: int | None = None

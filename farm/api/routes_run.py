@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated
 
 import anyio
@@ -52,7 +52,7 @@ def _job_status(request_id: str) -> JobStatus:
 
 async def wait_for_job(
     request_id: str, request: Request | None, settings: Settings, start_timeout: float | None
-) -> AsyncIterator[JobStatus]:
+) -> AsyncGenerator[JobStatus, None]:
     """Yield the job's status each time it changes, until it is terminal.
 
     Cancels the job when a time limit passes (RequestTimeoutError) or, given ``request``,

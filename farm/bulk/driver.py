@@ -58,7 +58,7 @@ from farm.bulk.writers import open_destination, sample_key, write_stats
 from farm.config import Settings, get_settings
 from farm.errors import ConflictError, InvalidInputError
 from farm.schemas import GenerateInput, stored_input
-from farm.status import JobStatus, Lane
+from farm.status import JobStatus, Lane, SampleStatus
 from farm.storage import get_storage
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def _run(bulk_id: str, runner: str, on_progress: Callable[[Progress], None] | No
         if manifest_done and snap.in_flight == 0 and snap.done + snap.failed == snap.ingested:
             with session_scope() as s:
                 pending = s.scalar(select(func.count()).select_from(BulkSample).where(
-                    BulkSample.bulk_id == bulk_id, BulkSample.status == "pending")) or 0
+                    BulkSample.bulk_id == bulk_id, BulkSample.status == SampleStatus.PENDING)) or 0
             if not pending:
                 _finish(bulk_id, COMPLETED, dest)
                 break
@@ -204,7 +204,7 @@ def _ingest(bulk_id: str, samples: Iterator[Sample], window: int, shard_size: in
     with session_scope() as s:
         job = get(s, bulk_id)
         unfinished = s.scalar(select(func.count()).select_from(BulkSample).where(
-            BulkSample.bulk_id == bulk_id, BulkSample.status.in_(("pending", "submitted")))) or 0
+            BulkSample.bulk_id == bulk_id, BulkSample.status.in_((SampleStatus.PENDING, SampleStatus.SUBMITTED)))) or 0
         room = min(INGEST_CHUNK, window - unfinished)
         if room <= 0:
             return 0
@@ -215,7 +215,7 @@ def _ingest(bulk_id: str, samples: Iterator[Sample], window: int, shard_size: in
             s.add(BulkSample(bulk_id=bulk_id, idx=idx, shard=shard, key=sample_key(shard, within), row=sample.row,
                              prompt=sample.prompt, negative_prompt=sample.negative_prompt, seed=sample.seed,
                              params={**sample.params, "template": sample.template}, extra=sample.extra,
-                             status="pending", tries=0))
+                             status=SampleStatus.PENDING, tries=0))
             job.ingested += 1
         for error in rejected:
             if error.row > job.last_row:
@@ -234,16 +234,16 @@ def _ingest(bulk_id: str, samples: Iterator[Sample], window: int, shard_size: in
 def _submit(bulk_id: str, owner: str, spec: BulkSpec, max_in_flight: int, settings: Settings) -> int:
     with session_scope() as s:
         in_flight = s.scalar(select(func.count()).select_from(BulkSample).where(
-            BulkSample.bulk_id == bulk_id, BulkSample.status == "submitted")) or 0
+            BulkSample.bulk_id == bulk_id, BulkSample.status == SampleStatus.SUBMITTED)) or 0
         room = max_in_flight - in_flight
         if spec.budget_images is not None:  # never submit past the image budget
             done = s.scalar(select(func.count()).select_from(BulkSample).where(
-                BulkSample.bulk_id == bulk_id, BulkSample.status == "done")) or 0
+                BulkSample.bulk_id == bulk_id, BulkSample.status == SampleStatus.DONE)) or 0
             room = min(room, spec.budget_images - done - in_flight)
         if room <= 0:
             return 0
         rows = list(s.scalars(select(BulkSample).where(BulkSample.bulk_id == bulk_id,
-                                                       BulkSample.status == "pending")
+                                                       BulkSample.status == SampleStatus.PENDING)
                               .order_by(BulkSample.idx).limit(room)))
         todo = [(r.idx, r.tries, sample_input(r)) for r in rows]
     batch: list[tuple[GenerateInput, str]] = []
@@ -259,10 +259,10 @@ def _submit(bulk_id: str, owner: str, spec: BulkSpec, max_in_flight: int, settin
     with session_scope() as s:
         for idx, rid in by_idx.items():
             s.execute(update(BulkSample).where(BulkSample.bulk_id == bulk_id, BulkSample.idx == idx)
-                      .values(status="submitted", job_id=rid))
+                      .values(status=SampleStatus.SUBMITTED, job_id=rid))
         for idx, error in invalid.items():
             s.execute(update(BulkSample).where(BulkSample.bulk_id == bulk_id, BulkSample.idx == idx)
-                      .values(status="failed", error=error))
+                      .values(status=SampleStatus.FAILED, error=error))
     return len(by_idx)
 
 
@@ -271,19 +271,20 @@ def _collect(bulk_id: str) -> int:
     with session_scope() as s:
         stmt = (select(BulkSample.idx, Job.status, Job.error)
                 .join(Job, Job.id == BulkSample.job_id)
-                .where(BulkSample.bulk_id == bulk_id, BulkSample.status == "submitted",
+                .where(BulkSample.bulk_id == bulk_id, BulkSample.status == SampleStatus.SUBMITTED,
                        Job.status.in_([JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED])))
         rows = s.execute(stmt).all()
         lost = s.execute(update(BulkSample).where(  # submitted, but no farm job of that id: submit again
-            BulkSample.bulk_id == bulk_id, BulkSample.status == "submitted",
-            ~select(Job.id).where(Job.id == BulkSample.job_id).exists()).values(status="pending", job_id=None))
+            BulkSample.bulk_id == bulk_id, BulkSample.status == SampleStatus.SUBMITTED,
+            ~select(Job.id).where(Job.id == BulkSample.job_id).exists())
+            .values(status=SampleStatus.PENDING, job_id=None))
         if lost.rowcount:  # type: ignore[attr-defined]
             log.warning("bulk %s: %d submitted sample(s) had no farm job: pending again", bulk_id,
                         lost.rowcount)  # type: ignore[attr-defined]
         for idx, status, error in rows:
             done = status == JobStatus.COMPLETED
             s.execute(update(BulkSample).where(BulkSample.bulk_id == bulk_id, BulkSample.idx == idx)
-                      .values(status="done" if done else "failed", error=None if done else error))
+                      .values(status=SampleStatus.DONE if done else SampleStatus.FAILED, error=None if done else error))
     return len(rows)
 
 

@@ -21,6 +21,7 @@ from farm.bulk.manifest import read_manifest
 from farm.bulk.writers import FORMATS, open_destination
 from farm.config import Settings, get_settings
 from farm.errors import ConflictError, InvalidInputError, JobNotFoundError
+from farm.status import SampleStatus
 
 RUNNING, PAUSED, CANCELLED, COMPLETED, BUDGET = "RUNNING", "PAUSED", "CANCELLED", "COMPLETED", "BUDGET_REACHED"
 
@@ -130,7 +131,7 @@ def set_status(bulk_id: str, status: str, owner: str | None = None) -> str:
         if status == CANCELLED:
             job.finished_at = utcnow()
             in_flight = list(s.scalars(select(BulkSample.job_id).where(
-                BulkSample.bulk_id == bulk_id, BulkSample.status == "submitted")))
+                BulkSample.bulk_id == bulk_id, BulkSample.status == SampleStatus.SUBMITTED)))
         else:
             in_flight = []
     for job_id in in_flight:
@@ -143,9 +144,9 @@ def retry_failed(bulk_id: str) -> int:
     """Failed samples back to pending (their shards are rewritten when complete); how many."""
     with session_scope() as s:
         shards = set(s.scalars(select(BulkSample.shard).where(BulkSample.bulk_id == bulk_id,
-                                                               BulkSample.status == "failed")))
-        n = s.execute(update(BulkSample).where(BulkSample.bulk_id == bulk_id, BulkSample.status == "failed")
-                      .values(status="pending", error=None, tries=BulkSample.tries + 1)).rowcount  # type: ignore[attr-defined]
+                                                               BulkSample.status == SampleStatus.FAILED)))
+        n = s.execute(update(BulkSample).where(BulkSample.bulk_id == bulk_id, BulkSample.status == SampleStatus.FAILED)
+                      .values(status=SampleStatus.PENDING, error=None, tries=BulkSample.tries + 1)).rowcount  # type: ignore[attr-defined]
         if shards:
             s.query(BulkShard).filter(BulkShard.bulk_id == bulk_id, BulkShard.shard.in_(shards)).delete()
         job = get(s, bulk_id)
@@ -157,5 +158,5 @@ def retry_failed(bulk_id: str) -> int:
 def gpu_seconds(s: Session, bulk_id: str) -> float:
     stmt = (select(func.coalesce(func.sum(Image.render_seconds), 0.0))
             .join(BulkSample, BulkSample.job_id == Image.job_id)
-            .where(BulkSample.bulk_id == bulk_id, BulkSample.status == "done"))
+            .where(BulkSample.bulk_id == bulk_id, BulkSample.status == SampleStatus.DONE))
     return float(s.scalar(stmt) or 0.0)

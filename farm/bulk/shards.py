@@ -15,6 +15,7 @@ from db.models import BulkSample, BulkShard, Image, utcnow
 from db.session import session_scope
 from farm.bulk.jobs import BulkSpec, get
 from farm.bulk.writers import Destination, ShardSample, write_shard
+from farm.status import SampleStatus
 from farm.storage import Storage, object_key
 
 
@@ -31,7 +32,8 @@ def write_ready_shards(bulk_id: str, dest: Destination, fmt: str, shard_size: in
         job = get(s, bulk_id)
         written = set(s.scalars(select(BulkShard.shard).where(BulkShard.bulk_id == bulk_id)))
         open_shards = set(s.scalars(select(BulkSample.shard).where(
-            BulkSample.bulk_id == bulk_id, BulkSample.status.in_(("pending", "submitted"))).distinct()))
+            BulkSample.bulk_id == bulk_id,
+            BulkSample.status.in_((SampleStatus.PENDING, SampleStatus.SUBMITTED))).distinct()))
         last = (job.ingested - 1) // shard_size if job.ingested else -1
         complete_upto = last if job.manifest_done else job.ingested // shard_size - 1
         ready = [k for k in range(complete_upto + 1) if k not in written and k not in open_shards]
@@ -41,10 +43,10 @@ def write_ready_shards(bulk_id: str, dest: Destination, fmt: str, shard_size: in
             rows = list(s.scalars(select(BulkSample).where(BulkSample.bulk_id == bulk_id, BulkSample.shard == shard)
                                   .order_by(BulkSample.idx)))
             images = {i.job_id: i for i in s.scalars(select(Image).where(
-                Image.job_id.in_([r.job_id for r in rows if r.status == "done"]), Image.index == 0))}
+                Image.job_id.in_([r.job_id for r in rows if r.status == SampleStatus.DONE]), Image.index == 0))}
             plan = [(r.key, r.job_id, _meta(r, spec, images.get(r.job_id))) for r in rows
-                    if r.status == "done" and r.job_id is not None]
-            failed = sum(1 for r in rows if r.status == "failed")
+                    if r.status == SampleStatus.DONE and r.job_id is not None]
+            failed = sum(1 for r in rows if r.status == SampleStatus.FAILED)
         samples = []
         for key, job_id, meta in plan:
             ext = "png" if meta["format"] == "png" else "jpg"

@@ -16,6 +16,11 @@ with ``SKIP LOCKED`` and a duplicate message is harmless (the claim decides). On
    ``FARM_DISPATCH_TIMEOUT`` of their last message while their queue is empty (the message was
    taken by a worker that died before claiming, or lost some other way).
 
+4. **Bulk jobs**: a RUNNING bulk job with no live driver (its ``farm.bulk`` message was never
+   sent because the broker was down, or its bulk worker died) gets a new message once the
+   dispatch timeout has passed and the bulk queue is empty; the driver's runner lease keeps it
+   to one driver at a time.
+
 So no job stays non-terminal without either a live lease or a recent message.
 """
 
@@ -24,11 +29,13 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
+
+from sqlalchemy import or_, select, update
 
 from db import batches as ledger_batches
 from db import ledger
-from db.models import utcnow
+from db.models import BulkJob, utcnow
 from db.session import session_scope
 from farm import dispatch
 from farm.config import Settings
@@ -45,6 +52,7 @@ class Swept:
     failed: int = 0
     published: int = 0
     broker_reset: bool = False
+    bulk: int = 0
 
 
 def reap(settings: Settings) -> tuple[int, int]:
@@ -91,11 +99,39 @@ def sweep(settings: Settings) -> Swept:
         with session_scope() as s:
             ledger_batches.unpublished(s, failed)
     out.published = len(messages) - len(failed)
+    if not settings.embedded:
+        out.bulk = bulk_dispatch(settings, older)
     if out.broker_reset and out.published:
         log.warning("sweeper: the broker lost its messages; %d queued batch(es) published again", out.published)
     elif out.published:
         log.info("sweeper: %d queued batch(es) published again", out.published)
     return out
+
+
+def bulk_dispatch(settings: Settings, older: datetime) -> int:
+    """Step 4: a ``farm.bulk`` message for each RUNNING bulk job without a live driver (see above)."""
+    from farm.bulk.jobs import RUNNING
+
+    now = utcnow()
+    with session_scope() as s:
+        ids = list(s.scalars(select(BulkJob.id).where(
+            BulkJob.status == RUNNING, BulkJob.updated_at < older,
+            or_(BulkJob.runner.is_(None), BulkJob.runner_until < now)).order_by(BulkJob.id).limit(20)))
+    if not ids or dispatch.queue_depths([settings.bulk_queue], settings).get(settings.bulk_queue, 0):
+        return 0
+    sent = 0
+    for bulk_id in ids:
+        try:
+            dispatch.send_task(dispatch.BULK_TASK, {"bulk_id": bulk_id}, settings.bulk_queue, settings)
+        except Exception as exc:  # the broker went away: the next sweep tries again
+            log.debug("sweep: could not send farm.bulk for %s: %s", bulk_id, exc)
+            break
+        with session_scope() as s:  # the dispatch timeout starts again
+            s.execute(update(BulkJob).where(BulkJob.id == bulk_id).values(updated_at=now))
+        sent += 1
+    if sent:
+        log.warning("sweeper: %d running bulk job(s) had no driver; farm.bulk sent again", sent)
+    return sent
 
 
 class Sweeper:

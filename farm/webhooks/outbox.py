@@ -20,11 +20,12 @@ from sqlalchemy.orm import Session
 from db import ledger
 from db.models import Job, WebhookAttempt, WebhookDelivery, utcnow
 from farm.config import Settings, get_settings
-from farm.status import JobStatus
+from farm.status import DeliveryStatus, JobStatus
 
 log = logging.getLogger(__name__)
 
-PENDING, DELIVERED, FAILED, GONE = "pending", "delivered", "failed", "gone"
+PENDING, DELIVERED, FAILED, GONE = (DeliveryStatus.PENDING, DeliveryStatus.DELIVERED, DeliveryStatus.FAILED,
+                                   DeliveryStatus.GONE)
 
 
 def build_body(s: Session, job: Job, settings: Settings) -> dict[str, Any]:
