@@ -51,7 +51,7 @@ def direct(n: int, width: int, height: int, steps: int, base_seed: int) -> float
     """Images per second of a plain render + encode loop in this process."""
     from farm.schemas import GenerateInput
     from models.encode import encode_image
-    from models.runtime import Renderer
+    from models.renderer import Renderer
 
     renderer = Renderer.load(TINY)
     warm = GenerateInput(model_name=TINY, prompt="warm", image_size={"width": width, "height": height},

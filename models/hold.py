@@ -37,7 +37,7 @@ def flat_colour(seed: int, index: int) -> tuple[int, int, int]:
 
 
 class HoldRenderer:
-    """Same interface as ``models.runtime.Renderer``; holds each image instead of rendering it."""
+    """Same interface as ``models.renderer.Renderer``; holds each image instead of rendering it."""
 
     spec: ModelSpec
     device: str

@@ -33,7 +33,7 @@ class _ThreadWorker(WorkController):
 def embedded_worker(app: Celery, model_name: str, device: str, settings: Settings) -> Iterator[None]:
     """Load the model, run a worker for its queues in a thread, stop it on exit."""
     from tasks.lease import start_services, stop_services
-    from tasks.runtime import load_renderer
+    from tasks.loaded_model import load_renderer
 
     renderer = load_renderer(model_name, device, settings)
     spec = get_model(model_name, settings)

@@ -38,7 +38,7 @@ from farm.storage import get_storage
 from models.rendered import RenderItem, RenderResult
 from tasks.config import soft_time_limit
 from tasks.lease import BatchAborted, WorkerServices, get_services
-from tasks.runtime import get_renderer
+from tasks.loaded_model import get_renderer
 
 log = logging.getLogger(__name__)
 CLAIM_RETRIES = 8

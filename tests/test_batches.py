@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import batches
 from db.models import Batch, utcnow
-from models.runtime import batch_from_memory
+from models.renderer import batch_from_memory
 from tests.test_ledger import ledger_url, new_job, sessions  # noqa: F401  (fixtures)
 
 COMPAT = batches.compat_key({"model_name": "farm/tiny-lcm", "image_size": "square", "num_inference_steps": 4})

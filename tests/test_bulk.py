@@ -110,7 +110,7 @@ def test_killed_bulk_job_resumes_into_exactly_the_expected_shards(stack, tmp_pat
     from farm.config import reset_settings
     from farm.schemas import GenerateInput
     from models.encode import encode_image
-    from models.runtime import Renderer
+    from models.renderer import Renderer
 
     reset_settings()
     renderer = Renderer.load(TINY)

@@ -17,7 +17,7 @@ from farm.config import Settings, reset_settings
 from farm.errors import InvalidInputError
 from farm.schemas import GenerateInput, parse_input
 from models.registry import TINY_MODEL
-from models.runtime import Renderer
+from models.renderer import Renderer
 from tests.receivers import Receiver
 
 

@@ -23,7 +23,7 @@ from farm.schemas import GenerateInput
 from models.encode import encode_image
 from models.prompt import QUALITY_PHRASES, expand_prompt
 from models.registry import SD15_BASE, SDXL_BASE, TINY_MODEL
-from models.runtime import Renderer, RenderResult
+from models.renderer import Renderer, RenderResult
 from models.tiny import RECIPE, RECIPE_FILE, _write_once, save_tiny_safety_v2
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def test_same_bytes_in_another_process(renderer: Renderer, settings: Settings, t
     script = (
         "import hashlib, json, sys\n"
         "from farm.config import Settings\nfrom farm.schemas import GenerateInput\n"
-        "from models.runtime import Renderer\nfrom models.encode import encode_image\n"
+        "from models.renderer import Renderer\nfrom models.encode import encode_image\n"
         "s = Settings(data_dir=sys.argv[1], files_root=sys.argv[2])\n"
         "p = GenerateInput.model_validate_json(sys.argv[3])\n"
         "res = Renderer.load('farm/tiny-lcm', settings=s).render(p, 123, [0, 1, 2, 3])\n"

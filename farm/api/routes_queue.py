@@ -21,7 +21,7 @@ from farm import events, lifecycle
 from farm.api.deps import SettingsDep, TenantDep
 from farm.api.errors import ERROR_RESPONSES, FAILED, NOT_FOUND, ErrorBody
 from farm.api.fal import APP_ID, CancelResult, QueueStatus, QueueSubmitted, fal_status, request_urls, status_payload
-from farm.api.jobs import IDEMPOTENCY_HEADER, app_base, get_job, read_output, submit_job
+from farm.api.job_access import IDEMPOTENCY_HEADER, app_base, get_job, read_output, submit_job
 from farm.config import Settings
 from farm.errors import JobNotFoundError
 from farm.schemas import REQUEST_ID, GenerateInput, GenerateOutput

@@ -25,7 +25,7 @@ from farm import events, lifecycle
 from farm.api.deps import SettingsDep, Tenant, TenantDep
 from farm.api.errors import ERROR_RESPONSES, FAILED, ErrorBody, RequestTimeoutError
 from farm.api.fal import APP_ID, fal_status
-from farm.api.jobs import read_output, submit_job
+from farm.api.job_access import read_output, submit_job
 from farm.api.routes_queue import IdempotencyKey
 from farm.config import Settings
 from farm.errors import FarmError

@@ -38,7 +38,7 @@ from sqlalchemy import func, or_, select, update
 from db.models import BulkJob, BulkSample, BulkShard, Job, utcnow
 from db.session import session_scope
 from farm import lifecycle
-from farm.bulk.jobs import (
+from farm.bulk.control import (
     BUDGET,
     CANCELLED,
     COMPLETED,

@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from db.models import BulkSample, BulkShard, Image, utcnow
 from db.session import session_scope
-from farm.bulk.jobs import BulkSpec, get
+from farm.bulk.control import BulkSpec, get
 from farm.bulk.writers import Destination, ShardSample, write_shard
 from farm.status import SampleStatus
 from farm.storage import Storage, object_key

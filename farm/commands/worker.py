@@ -61,7 +61,7 @@ def worker(model_name: str, device: str, name: str | None, loglevel: str | None)
         # in the pool child, after fork: fresh DB connections, then the model, once
         dispose_engines(close=False)
         from tasks.lease import start_services
-        from tasks.runtime import load_renderer
+        from tasks.loaded_model import load_renderer
 
         try:
             renderer = load_renderer(spec.name, device, settings)  # loaded and warmed up

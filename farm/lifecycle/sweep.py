@@ -110,7 +110,7 @@ def sweep(settings: Settings) -> Swept:
 
 def bulk_dispatch(settings: Settings, older: datetime) -> int:
     """Step 4: a ``farm.bulk`` message for each RUNNING bulk job without a live driver (see above)."""
-    from farm.bulk.jobs import RUNNING
+    from farm.bulk.control import RUNNING
 
     now = utcnow()
     with session_scope() as s:

@@ -10,7 +10,7 @@ from farm.config import Settings, get_settings
 
 if TYPE_CHECKING:
     from models.hold import HoldRenderer
-    from models.runtime import Renderer
+    from models.renderer import Renderer
 
 log = logging.getLogger(__name__)
 _renderer: Renderer | HoldRenderer | None = None
@@ -36,7 +36,7 @@ def load_renderer(
 
         _renderer = HoldRenderer.load(model_name, device, settings)
     else:
-        from models.runtime import Renderer
+        from models.renderer import Renderer
 
         _renderer = Renderer.load(model_name, device, settings)
     log.info("model %s loaded on %s in %.1f s", model_name, device, time.perf_counter() - started)

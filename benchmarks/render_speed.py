@@ -1,6 +1,6 @@
 """Render throughput of one worker's Renderer, in process (no broker, no ledger).
 
-    python benchmarks/render.py [--model farm/tiny-lcm] [--device cpu] [--size 512x512]
+    python benchmarks/render_speed.py [--model farm/tiny-lcm] [--device cpu] [--size 512x512]
                                 [--steps 4] [--images 32] [--guidance-scale 1.0]
 
 Loads the model once (as a worker does), renders one warm-up request, then renders
@@ -38,7 +38,7 @@ def main() -> None:
     from farm.config import get_settings
     from farm.schemas import GenerateInput
     from models.encode import encode_image
-    from models.runtime import Renderer
+    from models.renderer import Renderer
 
     width, height = (int(v) for v in args.size.lower().split("x"))
     params = GenerateInput(
