@@ -32,7 +32,7 @@ from sqlalchemy import CursorResult, and_, case, func, literal, or_, select, tup
 from sqlalchemy.orm import Session
 
 from db.models import Batch, Worker, utcnow
-from farm.status import BatchStatus
+from farm.status import LANES_BY_PRIORITY, BatchStatus, Lane
 
 QUEUED, CLAIMED, DONE, FAILED, CANCELLED = (BatchStatus.QUEUED, BatchStatus.CLAIMED, BatchStatus.DONE,
                                             BatchStatus.FAILED, BatchStatus.CANCELLED)
@@ -128,6 +128,44 @@ def claim_many(s: Session, batches: Sequence[tuple[str, int]], worker: str, leas
             .values(**_claimed_values(worker, lease_seconds)))
     order = {tuple(b): i for i, b in enumerate(batches)}
     return sorted(_returning(s, stmt), key=lambda b: order.get((b.job_id, b.k), 0))
+
+
+_LANE_RANK = case({lane.value: rank for rank, lane in enumerate(LANES_BY_PRIORITY)}, value=Batch.lane, else_=99)
+
+
+def claim_next(s: Session, model_key: str, worker: str, lease_seconds: float) -> Batch | None:
+    """The oldest queued batch of the model's highest non-empty lane, claimed in one statement
+    (``UPDATE … WHERE id = (SELECT … FOR UPDATE SKIP LOCKED LIMIT 1)``); None if nothing is queued.
+
+    A worker pulls its next batch this way while the current one renders, instead of waiting for
+    a message: the message of a batch taken like this finds it claimed and is dropped.
+    """
+    pick = (select(Batch.id).where(Batch.model_key == model_key, Batch.status == QUEUED)
+            .order_by(_LANE_RANK, Batch.id).limit(1).with_for_update(skip_locked=True).scalar_subquery())
+    rows = _returning(s, update(Batch).where(Batch.id == pick, Batch.status == QUEUED)
+                      .values(**_claimed_values(worker, lease_seconds)))
+    return rows[0] if rows else None
+
+
+def higher_lane_waiting(s: Session, model_key: str, lane: str) -> bool:
+    """Whether a batch of a higher lane than ``lane`` is queued for the model (it should go first)."""
+    higher = [x.value for x in LANES_BY_PRIORITY[: LANES_BY_PRIORITY.index(Lane(lane))]]
+    if not higher:
+        return False
+    stmt = select(Batch.id).where(Batch.model_key == model_key, Batch.status == QUEUED,
+                                  Batch.lane.in_(higher)).limit(1)
+    return s.scalar(stmt) is not None
+
+
+def release(s: Session, held: Sequence[Held]) -> set[int]:
+    """Claimed batches not started yet → queued again, unpublished (the sweeper announces them), the
+    attempt not counted; for the claims that still hold."""
+    if not held:
+        return set()
+    stmt = (update(Batch).where(_fenced(held))
+            .values(status=QUEUED, worker=None, lease_expires_at=None, published_at=None,
+                    attempts=Batch.attempts - 1))
+    return _ids(s, stmt)
 
 
 def claim_companions(s: Session, first: Batch, worker: str, lease_seconds: float, room: int,

@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     pipeline_depth: int = Field(
         1, ge=0, description="Rendered batches that may wait for encode/upload while the next one renders"
     )
+    upload_concurrency: int = Field(8, ge=1, description="Images of one batch encoded and uploaded at once")
+    pull_seconds: float = Field(
+        10.0, ge=0, description="How long a worker keeps pulling queued batches from the ledger (claiming the next "
+        "while the current one renders) before it goes back to its messages; 0: one batch per message"
+    )
     sweep_seconds: float = Field(
         2.0, gt=0, description="How often each worker and API process sweeps: expired leases back to queued, "
         "queued batches whose message may be lost published again"

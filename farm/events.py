@@ -77,19 +77,29 @@ _HOOKED = "farm.events.hooked"
 def notify(s: Session, job_id: str) -> None:
     """Wake the waiters of ``job_id`` when the transaction of ``s`` commits (never if it rolls back).
 
-    PostgreSQL: ``SELECT pg_notify('farm_jobs', job_id)`` in the transaction (PostgreSQL
-    delivers it on commit and merges duplicates). Other databases: in-process, from the
-    session's ``after_commit`` hook, once per id and transaction.
+    The ids of one transaction are collected and sent together. PostgreSQL: one ``SELECT
+    pg_notify('farm_jobs', id) FROM unnest(:ids)`` just before the commit (PostgreSQL delivers
+    the notifications on commit, and not at all on rollback). Other databases: in-process, from
+    the session's ``after_commit`` hook, once per id and transaction.
     """
-    if s.get_bind().dialect.name == "postgresql":
-        s.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": CHANNEL, "payload": job_id})
-        return
     pending: set[str] = s.info.setdefault(_PENDING, set())
     pending.add(job_id)
     if not s.info.get(_HOOKED):
         s.info[_HOOKED] = True
-        event.listen(s, "after_commit", _after_commit)
+        if s.get_bind().dialect.name == "postgresql":
+            event.listen(s, "before_commit", _send_pg)
+        else:
+            event.listen(s, "after_commit", _after_commit)
         event.listen(s, "after_transaction_end", _after_transaction_end)
+
+
+def _send_pg(session: Session) -> None:
+    if session.in_nested_transaction():
+        return  # a savepoint is being released: the transaction goes on
+    ids = session.info.pop(_PENDING, None)
+    if ids:
+        session.execute(text("SELECT pg_notify(:channel, id) FROM unnest(CAST(:ids AS text[])) AS id"),
+                        {"channel": CHANNEL, "ids": sorted(ids)})
 
 
 def _after_commit(session: Session) -> None:

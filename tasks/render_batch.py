@@ -3,7 +3,10 @@
 The Celery message only says "batch k of job J is ready" (farm.dispatch). The ledger decides
 (farm.lifecycle): the worker claims the batch (and companions of other jobs that fit the same GPU
 batch), renders what is not stored yet while its keeper beats for the claims, and its uploader
-stores the result in one fenced transaction while the next batch renders. A claim taken over
+stores the result in one fenced transaction while the next batch renders. While a batch renders,
+the worker already pulls its next one from the ledger (highest lane first; given back if a
+higher lane has work by the time the render ends), for up to ``pull_seconds``: in steady state
+no Celery hop sits between two batches, and a message whose batch was pulled finds nothing. A claim taken over
 meanwhile (a stall past the lease, a partition) refuses every later write of this worker: it
 drops the batch, logs that once, and never touches the new holder's rows or fails the job.
 
@@ -18,10 +21,12 @@ import logging
 import os
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.worker import state as worker_state
 from sqlalchemy.exc import OperationalError
 
 from db import batches as ledger_batches
@@ -30,7 +35,7 @@ from db.session import session_scope
 from farm.config import Settings, get_settings
 from farm.errors import FarmError
 from farm.inputs import owner_scope
-from farm.lifecycle.claim import Claimed, claim_group, describe
+from farm.lifecycle.claim import Claimed, claim_group, claim_next_group, describe, higher_lane_waiting, release
 from farm.lifecycle.finish import finish
 from farm.lifecycle.store import store
 from farm.status import BatchStatus, JobStatus
@@ -46,6 +51,8 @@ CLAIM_RETRIES = 8
 
 def render_batch(self: Task, request_id: str, indices: list[int] | None = None, k: int | None = None,
                  group: list[list[Any]] | None = None) -> None:
+    """Claim the batch the message names (or, if it was taken already, pull the next one), render it,
+    and keep pulling for ``pull_seconds``: the next batch is claimed while the current one renders."""
     settings = get_settings()
     services = get_services()
     renderer = get_renderer()
@@ -55,15 +62,57 @@ def render_batch(self: Task, request_id: str, indices: list[int] | None = None, 
     try:
         claimed = claim_group(request_id, k, [(str(r), int(kk)) for r, kk in group or []], worker=services.name,
                               model_name=renderer.spec.name, max_batch=services.max_batch, settings=settings)
+        if not claimed and settings.pull_seconds > 0:  # a spare message still wakes the worker
+            claimed = _pull(renderer, services, settings)
     except OperationalError as exc:  # the ledger is unreachable: nothing was claimed, try the message later
         if self.request.retries >= CLAIM_RETRIES:
             raise
         log.warning("ledger unreachable claiming %s.%s (%s); retry %d", request_id, k, exc, self.request.retries + 1)
         raise self.retry(exc=exc, countdown=min(30, 2**self.request.retries), max_retries=CLAIM_RETRIES) from None
-    if not claimed:
-        return
+    if claimed:
+        services.keeper.hold(claimed)
+    deadline = time.monotonic() + settings.pull_seconds
+    with ThreadPoolExecutor(1, thread_name_prefix="farm-pull") as puller:
+        while claimed:
+            pulling = time.monotonic() < deadline and not worker_state.should_stop
+            ahead = puller.submit(_pull, renderer, services, settings) if pulling else None
+            ok = _run_group(self.app, claimed, renderer, services, settings, t0)
+            following = _next(ahead, renderer, services, settings) if ahead is not None else []
+            if not ok:  # the render failed: hand back what was pulled ahead and stop here
+                release(following)
+                services.keeper.drop([c.batch_id for c in following])
+                return
+            claimed, t0 = following, time.perf_counter()
+
+
+def _pull(renderer: Any, services: WorkerServices, settings: Settings) -> list[Claimed]:
+    """The next batch of this model from the ledger, held by the keeper at once (it beats for it)."""
+    group = claim_next_group(worker=services.name, model_name=renderer.spec.name, model_key=renderer.spec.key,
+                             max_batch=services.max_batch, settings=settings)
+    if group:
+        services.keeper.hold(group)
+    return group
+
+
+def _next(ahead: Future[list[Claimed]], renderer: Any, services: WorkerServices,
+          settings: Settings) -> list[Claimed]:
+    """The batch pulled while the last one rendered; given back if a higher lane has work waiting now."""
+    try:
+        group = ahead.result()
+    except Exception as exc:  # the ledger went away: the sweeper covers whatever was half-claimed
+        log.warning("pulling the next batch failed: %s", exc)
+        return []
+    if group and higher_lane_waiting(renderer.spec.key, group[0].lane):
+        release(group)
+        services.keeper.drop([c.batch_id for c in group])
+        group = _pull(renderer, services, settings)
+    return group
+
+
+def _run_group(app: Celery, claimed: list[Claimed], renderer: Any, services: WorkerServices, settings: Settings,
+               t0: float) -> bool:
+    """Render one claimed group and hand it to the uploader; False if the render failed."""
     ids = [c.batch_id for c in claimed]
-    services.keeper.hold(claimed)
     handed_off = False
     try:
         _fault_hook(claimed, settings)
@@ -72,17 +121,20 @@ def render_batch(self: Task, request_id: str, indices: list[int] | None = None, 
         t2 = time.perf_counter()
         note = getattr(renderer, "stand_in_note", None)  # farm/hold says it held, not rendered
         suffix = f", {renderer.spec.name} {note}" if note else ""
-        services.uploader.submit(lambda: _store(self.app, claimed, result, suffix, settings, services))
+        services.uploader.submit(lambda: _store(app, claimed, result, suffix, settings, services))
         handed_off = True
-        log.info("batch %s.%s: claim %.1f ms, render %.1f ms, hand-off %.1f ms (%d image(s), %d request(s))",
-                 request_id, k, (t1 - t0) * 1000, (t2 - t1) * 1000, (time.perf_counter() - t2) * 1000,
+        log.info("batch %s: claim %.1f ms, render %.1f ms, hand-off %.1f ms (%d image(s), %d request(s))",
+                 describe(claimed[:1]), (t1 - t0) * 1000, (t2 - t1) * 1000, (time.perf_counter() - t2) * 1000,
                  len(result.images), len(claimed))
+        return True
     except BatchAborted:
         with session_scope() as s:
             ledger_batches.finish_held(s, [c.held for c in claimed], BatchStatus.CANCELLED)
         log.info("batch %s: every job ended or every claim was lost: render stopped", describe(claimed))
+        return True
     except Exception as exc:
         _give_back(claimed, exc, settings, services)
+        return False
     finally:
         if not handed_off:
             services.keeper.drop(ids)

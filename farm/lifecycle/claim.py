@@ -46,6 +46,8 @@ class Claimed:
     total: int
     attempts: int
     source: str
+    lane: str
+    webhook: bool
 
     @property
     def held(self) -> tuple[int, int]:
@@ -75,6 +77,42 @@ def claim_group(request_id: str, k: int, listed: Sequence[tuple[str, int]], *, w
         companions = ledger_batches.claim_companions(s, first, worker, settings.lease_seconds, room)
         group += _prepare(s, companions, model_name, settings)
     return group
+
+
+def claim_next_group(*, worker: str, model_name: str, model_key: str, max_batch: int,
+                     settings: Settings) -> list[Claimed]:
+    """Pull the next queued batch of the model (highest lane first) and companions that fit with it.
+
+    No message is needed and none is waited for: this is how a worker takes its next batch while
+    the current one renders. Returns [] when nothing is queued.
+    """
+    with session_scope() as s:
+        for _ in range(8):  # a pulled batch of an ended job is closed; try the next (bounded)
+            row = ledger_batches.claim_next(s, model_key, worker, settings.lease_seconds)
+            if row is None:
+                return []
+            group = _prepare(s, [row], model_name, settings)
+            if group:
+                break
+        else:
+            return []
+        room = max_batch - sum(len(c.todo) for c in group)
+        if room > 0 and settings.batch_wait_ms > 0 and len(group[0].indices) == group[0].total:
+            group += _prepare(s, ledger_batches.claim_companions(s, row, worker, settings.lease_seconds, room),
+                              model_name, settings)
+        return group
+
+
+def release(group: Sequence[Claimed]) -> None:
+    """Give back claims that were pulled but not started (a higher lane came first, or the worker stops)."""
+    if group:
+        with session_scope() as s:
+            ledger_batches.release(s, [c.held for c in group])
+
+
+def higher_lane_waiting(model_key: str, lane: str) -> bool:
+    with session_scope() as s:
+        return ledger_batches.higher_lane_waiting(s, model_key, lane)
 
 
 def start_jobs(s: Session, job_ids: Sequence[str]) -> dict[str, Job]:
@@ -128,7 +166,8 @@ def _prepare(s: Session, rows: list[Batch], model_name: str, settings: Settings)
                            "skipped (redelivery)")
         group.append(Claimed(batch_id=row.id, token=row.token, job_id=row.job_id, k=row.k,
                              indices=list(row.indices), todo=todo, params=stored_input(job.input), seed=job.seed,
-                             owner=job.owner, total=job.num_images, attempts=row.attempts, source=job.source))
+                             owner=job.owner, total=job.num_images, attempts=row.attempts, source=job.source,
+                             lane=row.lane, webhook=bool(job.webhook_url)))
     return group
 
 

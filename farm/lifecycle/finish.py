@@ -17,19 +17,40 @@ bulk job, a broker-side failure). It
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from db import batches as ledger_batches
 from db import ledger
-from db.models import Job
+from db.models import Job, JobLog, utcnow
 from db.session import after_commit, session_scope
+from farm import events
 from farm.config import Settings, get_settings
 from farm.status import BatchStatus, JobStatus
 from farm.webhooks import outbox
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Ending:
+    """How one job ends. ``source``/``webhook``: what the caller knows of the job already (None: look it up)."""
+
+    job_id: str
+    status: JobStatus
+    message: str | None
+    error: str | None = None
+    error_type: str | None = None
+    result: dict[str, Any] | None = None
+    inference_seconds: float | None = None
+    log_source: str = "worker"
+    source: str | None = None
+    webhook: bool | None = None
 
 
 def finish(
@@ -46,22 +67,54 @@ def finish(
     settings: Settings | None = None,
 ) -> bool:
     """End ``job`` with ``status`` in the caller's transaction; False if it had already ended."""
-    settings = settings or get_settings()
-    job_id = job if isinstance(job, str) else job.id
-    status = JobStatus(status)
-    if not ledger.finish_job(s, job_id, status, error=error, error_type=error_type, result=result,
-                             inference_seconds=inference_seconds):
-        return False
-    if status != JobStatus.COMPLETED:
-        closed = BatchStatus.FAILED if status == JobStatus.FAILED else BatchStatus.CANCELLED
-        ledger_batches.close_open(s, job_id, closed, error)
-    level = "INFO" if status == JobStatus.COMPLETED else "WARNING" if status == JobStatus.CANCELLED else "ERROR"
-    ledger.add_log(s, job_id, message, level=level, source=source)
-    outbox.enqueue(s, job_id, settings)
-    row = job if isinstance(job, Job) else ledger.get_job(s, job_id)
-    if row is not None and row.source == "celery":
-        after_commit(s, lambda: _store_celery_result(job_id, settings))
-    return True
+    known = job if isinstance(job, Job) else None
+    ending = Ending(job_id=known.id if known else str(job), status=JobStatus(status), message=message, error=error,
+                    error_type=error_type, result=result, inference_seconds=inference_seconds, log_source=source,
+                    source=known.source if known else None, webhook=bool(known.webhook_url) if known else None)
+    return bool(finish_all(s, [ending], settings or get_settings()))
+
+
+def finish_all(s: Session, endings: Sequence[Ending], settings: Settings, *, locked: bool = False) -> list[str]:
+    """End many jobs in the caller's transaction (the work of :func:`finish`); the ids that ended now.
+
+    ``locked``: the caller holds the jobs' rows locked and has seen them active (the store of
+    their last images), so one statement moves them all; otherwise each move is guarded.
+    """
+    if locked:
+        applied = list(endings)
+        if applied:
+            now = utcnow()
+            s.execute(update(Job).execution_options(synchronize_session=False), [
+                {"id": e.job_id, "status": e.status, "finished_at": now, "updated_at": now,
+                 **{k: v for k, v in (("error", e.error), ("error_type", e.error_type), ("result", e.result),
+                                      ("inference_seconds", e.inference_seconds)) if v is not None}}
+                for e in applied])  # fmt: skip
+            for e in applied:
+                events.notify(s, e.job_id)
+    else:
+        applied = [e for e in endings
+                   if ledger.finish_job(s, e.job_id, e.status, error=e.error, error_type=e.error_type,
+                                        result=e.result, inference_seconds=e.inference_seconds)]
+    now = utcnow()
+    logs = []
+    for e in applied:
+        if e.status != JobStatus.COMPLETED:
+            closed = BatchStatus.FAILED if e.status == JobStatus.FAILED else BatchStatus.CANCELLED
+            ledger_batches.close_open(s, e.job_id, closed, e.error)
+        if e.message:
+            level = {JobStatus.COMPLETED: "INFO", JobStatus.CANCELLED: "WARNING"}.get(e.status, "ERROR")
+            logs.append(JobLog(job_id=e.job_id, message=e.message, level=level, source=e.log_source, timestamp=now))
+    s.add_all(logs)
+    for e in applied:
+        source, webhook = e.source, e.webhook
+        if source is None or webhook is None:
+            row = ledger.get_job(s, e.job_id)
+            source, webhook = (row.source, bool(row.webhook_url)) if row is not None else ("", False)
+        if webhook:
+            outbox.enqueue(s, e.job_id, settings)
+        if source == "celery":
+            after_commit(s, partial(_store_celery_result, e.job_id, settings))
+    return [e.job_id for e in applied]
 
 
 def finish_now(job_id: str, status: JobStatus, *, message: str, owner: str | None = None, source: str = "api",

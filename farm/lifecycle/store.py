@@ -15,8 +15,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,11 +26,12 @@ from sqlalchemy import select
 
 from db import batches as ledger_batches
 from db import ledger
-from db.models import Batch, Image, Job
+from db.models import Batch, Image, Job, JobLog, utcnow
 from db.session import session_scope
+from farm import events
 from farm.config import Settings
 from farm.lifecycle.claim import Claimed
-from farm.lifecycle.finish import finish
+from farm.lifecycle.finish import Ending, finish_all
 from farm.results import used_prompt
 from farm.status import BatchStatus, JobStatus
 from farm.storage import Storage, object_key
@@ -60,20 +63,20 @@ def store(group: Sequence[Claimed], images: Sequence[Any], *, worker: str, stora
     outcome = Stored(refused=[c.batch_id for c in group if c.batch_id not in held])
     _log_refused(group, outcome.refused, "before storing")
     by_job = {c.job_id: c for c in group if c.batch_id in held}
-    rows: list[dict[str, Any]] = []
-    for img in images:
-        c = by_job.get(img.tag)
-        if c is None:
-            continue
+    work = [(by_job[img.tag], img) for img in images if img.tag in by_job]
+
+    def put(item: tuple[Claimed, Any]) -> dict[str, Any]:
+        c, img = item
         data, content_type = encode_image(img.image, c.params.format)
         key = object_key(c.owner, c.job_id, img.index, c.params.format)
-        _retrying(lambda: storage.put(key, data, content_type), f"store {key}")  # noqa: B023
-        rows.append({"job_id": c.job_id, "index": img.index, "seed": img.seed, "object_key": key,
-                     "width": img.image.width, "height": img.image.height, "content_type": content_type,
-                     "size_bytes": len(data), "nsfw": img.nsfw, "render_seconds": img.render_seconds,
-                     "worker": worker})
+        _retrying(lambda: storage.put(key, data, content_type), f"store {key}")
         if on_progress is not None:
             on_progress()
+        return {"job_id": c.job_id, "index": img.index, "seed": img.seed, "object_key": key,
+                "width": img.image.width, "height": img.image.height, "content_type": content_type,
+                "size_bytes": len(data), "nsfw": img.nsfw, "render_seconds": img.render_seconds, "worker": worker}
+
+    rows = list(_pool(settings).map(put, work)) if len(work) > 1 else [put(w) for w in work]
     kept = [c for c in group if c.batch_id in held]
     with session_scope() as s:
         accepted = ledger_batches.complete(s, [c.held for c in kept])
@@ -83,7 +86,8 @@ def store(group: Sequence[Claimed], images: Sequence[Any], *, worker: str, stora
         outcome.done = sorted(accepted)
         if ok:
             outcome.completed = _progress(s, [c for c in kept if c.batch_id in accepted], note,
-                                          inference_seconds, len(group), settings)
+                                          inference_seconds, len(group), settings,
+                                          [r for r in rows if (r["job_id"], r["index"]) in ok])
     outcome.refused += [c.batch_id for c in late]
     _log_refused(group, [c.batch_id for c in late], "while storing")
     if late:
@@ -92,28 +96,61 @@ def store(group: Sequence[Claimed], images: Sequence[Any], *, worker: str, stora
 
 
 def _progress(s: Any, accepted: list[Claimed], note: str, inference_seconds: float, shared: int,
-              settings: Settings) -> list[str]:
-    """Each job's progress line, and the completion of those whose last image this was."""
+              settings: Settings, images: Sequence[dict[str, Any]]) -> list[str]:
+    """Each job's progress line, and the completion of those whose last image this was.
+
+    The job rows are locked first (PostgreSQL), so two workers storing a job's last two batches
+    at once cannot both miss its completion. A job stored whole by this batch (its one batch, on
+    its first attempt) is counted and described from what is in hand, without reading rows back;
+    bulk samples get no log lines (nobody reads them: the bulk job has its own progress).
+    """
     ids = sorted({c.job_id for c in accepted})
-    if s.get_bind().dialect.name == "postgresql":  # serialise the completion check per job
+    if s.get_bind().dialect.name == "postgresql":
         list(s.scalars(select(Job.id).where(Job.id.in_(ids)).order_by(Job.id).with_for_update()))
-    totals = ledger.image_totals(s, ids)
+    by_job = {job_id: [c for c in accepted if c.job_id == job_id] for job_id in ids}
+    whole = {job_id for job_id, cs in by_job.items()
+             if len(cs) == 1 and cs[0].attempts == 1 and len(cs[0].indices) == cs[0].total}
+    totals = ledger.image_totals(s, [j for j in ids if j not in whole])
+    mine = {(r["job_id"], r["index"]): r for r in images}
     others = f", batched with {shared - 1} other request(s)" if shared > 1 else ""
-    completed = []
-    for job_id in ids:
-        c = next(c for c in accepted if c.job_id == job_id)
-        count = totals.get(job_id, 0)
-        todo = sum(len(x.todo) for x in accepted if x.job_id == job_id)
-        ledger.add_log(s, job_id, f"{count}/{c.total} images ({todo} in {inference_seconds:.3f} s{others}{note})")
+    now = utcnow()
+    logs, endings = [], []
+    for job_id, cs in by_job.items():
+        c = cs[0]
+        count = c.total if job_id in whole else totals.get(job_id, 0)
+        quiet = c.source == "bulk"
+        if not quiet:
+            todo = sum(len(x.todo) for x in cs)
+            logs.append(JobLog(job_id=job_id, level="INFO", source="worker", timestamp=now,
+                               message=f"{count}/{c.total} images ({todo} in {inference_seconds:.3f} s{others}{note})"))
         if count < c.total:
             continue
-        flags = list(s.execute(select(Image.nsfw, Image.render_seconds).where(Image.job_id == job_id)
-                               .order_by(Image.index)))
-        if finish(s, job_id, JobStatus.COMPLETED, message=f"completed {c.total} image(s)",
-                  result={"has_nsfw_concepts": [bool(n) for n, _ in flags], "prompt": used_prompt(c.params)},
-                  inference_seconds=sum(float(r) for _, r in flags), settings=settings):
-            completed.append(job_id)
-    return completed
+        if job_id in whole:
+            flags = [(bool(mine[(job_id, i)]["nsfw"]), float(mine[(job_id, i)]["render_seconds"])) for i in c.indices]
+        else:
+            flags = [(bool(n), float(r)) for n, r in s.execute(
+                select(Image.nsfw, Image.render_seconds).where(Image.job_id == job_id).order_by(Image.index))]
+        endings.append(Ending(job_id=job_id, status=JobStatus.COMPLETED,
+                              message=None if quiet else f"completed {c.total} image(s)",
+                              result={"has_nsfw_concepts": [n for n, _ in flags], "prompt": used_prompt(c.params)},
+                              inference_seconds=sum(r for _, r in flags), source=c.source, webhook=c.webhook))
+    s.add_all(logs)
+    for job_id in {log.job_id for log in logs}:
+        events.notify(s, job_id)  # the status stream with logs=1 pushes progress lines
+    return finish_all(s, endings, settings, locked=True)
+
+
+_uploads: ThreadPoolExecutor | None = None
+_uploads_lock = threading.Lock()
+
+
+def _pool(settings: Settings) -> ThreadPoolExecutor:
+    """Encode-and-put threads: a batch's images go to storage concurrently (``upload_concurrency``)."""
+    global _uploads
+    with _uploads_lock:
+        if _uploads is None:
+            _uploads = ThreadPoolExecutor(max(1, settings.upload_concurrency), thread_name_prefix="farm-put")
+        return _uploads
 
 
 def _log_refused(group: Sequence[Claimed], refused: Sequence[int], when: str) -> None:
