@@ -224,3 +224,38 @@ def test_hold_stand_in_through_worker_processes(stack):
     logs = [m for (m,) in _ledger(stack, "SELECT message FROM job_logs WHERE job_id = :id", id=rid)]
     assert any("farm/hold stand-in, held not rendered" in m for m in logs)
     assert all("torch" not in w.output for w in stack["workers"])
+
+
+def test_a_plain_celery_caller_gets_an_answer_when_its_job_is_cancelled(stack, monkeypatch):
+    """farm.generate's result is written by the one finish function for every outcome, not only completion."""
+    _start_worker(stack)  # serves the dispatch queue; no worker serves SD1.5, so the job waits queued
+    broker = stack["env"]["FARM_BROKER_URL"]
+    client = Celery("plain", broker=broker, backend=broker)
+    result = client.send_task("farm.generate", kwargs={"model_name": "runwayml/stable-diffusion-v1-5",
+                                                       "prompt": "a red fox", "num_images": 2})
+    deadline = time.monotonic() + 60
+    while not _ledger(stack, "SELECT status FROM jobs WHERE id = :id", id=result.id):
+        assert time.monotonic() < deadline, "farm.generate never recorded its job"
+        time.sleep(0.05)
+    done = run_farm(["status", result.id], stack["env"])
+    assert done.returncode == 0 and "IN_QUEUE" in done.stdout, done.stdout + done.stderr
+    for name, value in stack["env"].items():
+        if name.startswith("FARM_"):
+            monkeypatch.setenv(name, value)
+    from db.session import dispose_engines
+    from farm import lifecycle
+    from farm.config import reset_settings
+
+    reset_settings()
+    dispose_engines()
+    try:
+        assert lifecycle.cancel(result.id) == "CANCELLATION_REQUESTED"
+        with pytest.raises(Exception, match="cancelled by request"):
+            result.get(timeout=30)  # an answer, not a timeout
+        assert result.state == "FAILURE"
+    finally:
+        dispose_engines()
+        reset_settings()
+    rows = _ledger(stack, "SELECT status, error_type FROM jobs WHERE id = :id", id=result.id)
+    assert rows == [("CANCELLED", "cancelled")]
+    assert _ledger(stack, "SELECT status FROM batches WHERE job_id = :id", id=result.id) == [("cancelled",)]
