@@ -64,7 +64,8 @@ class Settings(BaseSettings):
     )
     batch_retries: int = Field(2, ge=0, description="Retries of a failed batch before its job fails")
     pipeline_depth: int = Field(
-        1, ge=0, description="Rendered batches that may wait for encode/upload while the next one renders"
+        2, ge=0, description="Rendered batches stored at once (one uploader thread each), and as many more that "
+        "may wait, while the next one renders; 0: store inline"
     )
     upload_concurrency: int = Field(8, ge=1, description="Images of one batch encoded and uploaded at once")
     pull_seconds: float = Field(

@@ -155,32 +155,37 @@ class LeaseKeeper:
 
 
 class Uploader:
-    """Runs store steps in a thread, at most ``depth`` waiting; ``depth`` 0 runs them inline."""
+    """Runs store steps in ``depth`` threads, at most ``depth`` more waiting; ``depth`` 0 runs them inline.
+
+    Several threads let the ledger transaction of one batch overlap the uploads of the next
+    (batches are independent: each store is its own fenced transaction).
+    """
 
     def __init__(self, depth: int) -> None:
         self.depth = depth
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=max(1, depth))
-        self._thread: threading.Thread | None = None
-        if depth > 0:
-            self._thread = threading.Thread(target=self._run, name="farm-uploader", daemon=True)
-            self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"farm-uploader-{i}", daemon=True)
+                         for i in range(max(0, depth))]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, work: Callable[[], None]) -> None:
-        if self._thread is None:
+        if not self._threads:
             work()
         else:
             self._queue.put(work)  # blocks while `depth` batches already wait
 
     def drain(self) -> None:
         """Wait until every submitted batch is stored."""
-        if self._thread is not None:
+        if self._threads:
             self._queue.join()
 
     def stop(self) -> None:
-        if self._thread is not None:
+        threads, self._threads = self._threads, []
+        for _ in threads:
             self._queue.put(None)
-            self._thread.join(60)
-            self._thread = None
+        for thread in threads:
+            thread.join(60)
 
     def _run(self) -> None:
         while True:
