@@ -233,6 +233,16 @@ def holding(s: Session, held: Sequence[Held]) -> set[int]:
     return set(s.scalars(select(Batch.id).where(_fenced(held))))
 
 
+def stored_by_holder(s: Session, held: Sequence[Held]) -> set[int]:
+    """The ids of ``held`` that their own claim stored (done under that token; a cancel closes
+    batches as cancelled, so it never shows here)."""
+    if not held:
+        return set()
+    stmt = select(Batch.id).where(tuple_(Batch.id, Batch.token).in_([tuple(h) for h in held]),
+                                  Batch.status == DONE)
+    return set(s.scalars(stmt))
+
+
 def complete(s: Session, held: Sequence[Held]) -> set[int]:
     """Claimed batches → done, for the claims that still hold; returns those ids."""
     if not held:

@@ -106,6 +106,7 @@ class Job(Base):
     input: Mapped[dict[str, Any]] = mapped_column(JSONType)
     seed: Mapped[int] = mapped_column(BigInteger)
     num_images: Mapped[int] = mapped_column(Integer)
+    images_done: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # counted as batches land
     error: Mapped[str | None] = mapped_column(Text)
     error_type: Mapped[str | None] = mapped_column(String(64))
     result: Mapped[dict[str, Any] | None] = mapped_column(JSONType)

@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import Celery
@@ -125,24 +126,32 @@ def store_result(task_id: str, value: Any, state: str, settings: Settings) -> No
     broker_app(settings).backend.store_result(task_id, value, state)
 
 
-def broker_epoch_reset(settings: Settings) -> bool:
-    """True once after the broker lost its data (restarted empty, flushed) or first came up.
+def broker_epoch_reset(settings: Settings) -> datetime | None:
+    """When the broker last started, if it lost its data since the last look (restarted empty, flushed).
 
     The epoch key lives beside the messages: if it is gone, so are they. The first sweeper to
-    notice sets it again (``SET NX``) and republishes every queued batch; the others see it set.
-    Only Redis brokers have one; others answer False (the dispatch timeout covers them).
+    notice sets it again (``SET NX``) and answers the broker's start time (now less its uptime,
+    a second early for clock skew), or now after a flush: every queued batch published before that
+    is republished. A new broker holds nothing published before it started, so a fresh farm
+    republishes nothing. The other sweepers see the key set and answer None. Only Redis brokers
+    have one; others answer None (the dispatch timeout covers them).
     """
     url = settings.effective_broker_url
     if not url.startswith(("redis://", "rediss://", "unix://")):
-        return False
+        return None
     import redis
 
     client = redis.Redis.from_url(url, socket_timeout=settings.publish_timeout,
                                   socket_connect_timeout=settings.publish_timeout)
     try:
-        return bool(client.set(EPOCH_KEY, uuid.uuid4().hex, nx=True))
+        if not client.set(EPOCH_KEY, uuid.uuid4().hex, nx=True):
+            return None
+        uptime = float(client.info("server").get("uptime_in_seconds", 0))  # type: ignore[union-attr]
     finally:
         client.close()
+    now = datetime.now(UTC)
+    started = now - timedelta(seconds=uptime) + timedelta(seconds=1)
+    return now if uptime > 60 else min(started, now)  # up a while with no key: flushed, so everything
 
 
 def queue_depths(queues: Sequence[str], settings: Settings) -> dict[str, int]:

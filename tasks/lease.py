@@ -139,6 +139,9 @@ class LeaseKeeper:
             ledger_batches.beat_worker(s, self.name, self.loads())
             kept = ledger_batches.extend(s, [(i, h.token) for i, h in alive.items()], self.name,
                                          self.settings.lease_seconds) if alive else set()
+            missing = [(i, h.token) for i, h in alive.items() if i not in kept]
+            # stored by this very claim a moment ago, and not dropped yet: not lost
+            kept |= ledger_batches.stored_by_holder(s, missing) if missing else set()
         with self._lock:
             for i, hold in alive.items():
                 if i not in kept and not hold.lost:

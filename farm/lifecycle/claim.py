@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, func, literal, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from db import batches as ledger_batches
 from db import ledger
-from db.models import Batch, Job, StatusType, utcnow
+from db.models import Batch, Job, utcnow
 from db.session import session_scope
 from farm.config import Settings
 from farm.lifecycle.finish import finish
@@ -116,21 +116,22 @@ def higher_lane_waiting(model_key: str, lane: str) -> bool:
 
 
 def start_jobs(s: Session, job_ids: Sequence[str]) -> dict[str, Job]:
-    """The active jobs among ``job_ids``, each moved to IN_PROGRESS if it was queued: one statement."""
+    """The active jobs among ``job_ids``; those still queued move to IN_PROGRESS.
+
+    A read, then an update of only the queued ones: claims of a running job never take its row lock
+    (a job's stores count their images on that row, and would queue behind every claim).
+    """
     if not job_ids:
         return {}
-    now = utcnow()
-    progress = literal(JobStatus.IN_PROGRESS, StatusType())
-    stmt = (
-        update(Job)
-        .where(Job.id.in_(list(job_ids)), Job.status.in_(list(ACTIVE)))
-        .values(status=case((Job.status == JobStatus.IN_QUEUE, progress), else_=Job.status),
-                started_at=func.coalesce(Job.started_at, now), updated_at=now)
-        .returning(Job)
-        .execution_options(synchronize_session=False, populate_existing=True)
-    )
-    jobs = {job.id: job for job in s.scalars(stmt)}
-    _notify(s, [job.id for job in jobs.values() if job.started_at == now])
+    stmt = select(Job).where(Job.id.in_(list(job_ids)), Job.status.in_(list(ACTIVE)))
+    jobs = {job.id: job for job in s.scalars(stmt.execution_options(populate_existing=True))}
+    queued = [job.id for job in jobs.values() if job.status == JobStatus.IN_QUEUE]
+    if queued:
+        now = utcnow()
+        started = set(s.scalars(update(Job).where(Job.id.in_(queued), Job.status == JobStatus.IN_QUEUE)
+                                .values(status=JobStatus.IN_PROGRESS, started_at=now, updated_at=now)
+                                .returning(Job.id).execution_options(synchronize_session=False)))
+        _notify(s, sorted(started))
     return jobs
 
 

@@ -4,9 +4,11 @@
 image, a batch out of retries, a worker of the wrong model, a cancel from the API, the CLI or a
 bulk job, a broker-side failure). It
 
-1. moves the job to its terminal status with a guarded update (a second caller changes nothing);
-2. closes the job's open batches (queued ones never start; the holders of claimed ones find
-   their fenced writes refused and their keepers stop the render);
+1. closes the job's open batches, before touching the job row (the lock order everywhere:
+   batches, then jobs): queued ones never start, and the holders of claimed ones find their
+   fenced writes refused and their keepers stop the render (closing the batches of a job that
+   turns out to have ended already changes nothing: they are closed);
+2. moves the job to its terminal status with a guarded update (a second caller changes nothing);
 3. writes the log line;
 4. enqueues the webhook (the outbox row commits with the outcome);
 5. for a ``farm.generate`` job, stores the Celery result once committed, so a plain
@@ -92,15 +94,16 @@ def finish_all(s: Session, endings: Sequence[Ending], settings: Settings, *, loc
             for e in applied:
                 events.notify(s, e.job_id)
     else:
+        for e in endings:  # batches first, then the job: the lock order of claims and stores
+            if e.status != JobStatus.COMPLETED:
+                closed = BatchStatus.FAILED if e.status == JobStatus.FAILED else BatchStatus.CANCELLED
+                ledger_batches.close_open(s, e.job_id, closed, e.error)
         applied = [e for e in endings
                    if ledger.finish_job(s, e.job_id, e.status, error=e.error, error_type=e.error_type,
                                         result=e.result, inference_seconds=e.inference_seconds)]
     now = utcnow()
     logs = []
     for e in applied:
-        if e.status != JobStatus.COMPLETED:
-            closed = BatchStatus.FAILED if e.status == JobStatus.FAILED else BatchStatus.CANCELLED
-            ledger_batches.close_open(s, e.job_id, closed, e.error)
         if e.message:
             level = {JobStatus.COMPLETED: "INFO", JobStatus.CANCELLED: "WARNING"}.get(e.status, "ERROR")
             logs.append(JobLog(job_id=e.job_id, message=e.message, level=level, source=e.log_source, timestamp=now))

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import case, select, update
 
 from db import batches as ledger_batches
 from db import ledger
@@ -97,35 +97,41 @@ def store(group: Sequence[Claimed], images: Sequence[Any], *, worker: str, stora
 
 def _progress(s: Any, accepted: list[Claimed], note: str, inference_seconds: float, shared: int,
               settings: Settings, images: Sequence[dict[str, Any]]) -> list[str]:
-    """Each job's progress line, and the completion of those whose last image this was.
+    """Count each job's new images on its row, add its progress line, and finish the jobs this completes.
 
-    The job rows are locked first (PostgreSQL), so two workers storing a job's last two batches
-    at once cannot both miss its completion. A job stored whole by this batch (its one batch, on
-    its first attempt) is counted and described from what is in hand, without reading rows back;
-    bulk samples get no log lines (nobody reads them: the bulk job has its own progress).
+    ``jobs.images_done`` is incremented in the transaction that records the images (one statement
+    for every job of the GPU batch). Increments of one job serialise on its row, so exactly one
+    store sees the count reach ``num_images``, and no image row is read back to find out. The lock
+    order is batches, then jobs, as everywhere (claims, cancels, the sweeper). A job stored whole by
+    this batch is described from what is in hand; bulk samples get no log lines (nobody reads them:
+    the bulk job has its own progress).
     """
-    ids = sorted({c.job_id for c in accepted})
-    if s.get_bind().dialect.name == "postgresql":
-        list(s.scalars(select(Job.id).where(Job.id.in_(ids)).order_by(Job.id).with_for_update()))
-    by_job = {job_id: [c for c in accepted if c.job_id == job_id] for job_id in ids}
-    whole = {job_id for job_id, cs in by_job.items()
-             if len(cs) == 1 and cs[0].attempts == 1 and len(cs[0].indices) == cs[0].total}
-    totals = ledger.image_totals(s, [j for j in ids if j not in whole])
+    added: dict[str, int] = {}
+    for r in images:
+        added[r["job_id"]] = added.get(r["job_id"], 0) + 1
+    by_job = {job_id: [c for c in accepted if c.job_id == job_id] for job_id in sorted({c.job_id for c in accepted})}
+    counts: dict[str, int] = {}
+    if added:
+        bump = case({job_id: n for job_id, n in added.items()}, value=Job.id, else_=0)
+        stmt = (update(Job).where(Job.id.in_(sorted(added))).values(images_done=Job.images_done + bump)
+                .returning(Job.id, Job.images_done).execution_options(synchronize_session=False))
+        counts = {job_id: int(n) for job_id, n in s.execute(stmt)}
     mine = {(r["job_id"], r["index"]): r for r in images}
     others = f", batched with {shared - 1} other request(s)" if shared > 1 else ""
     now = utcnow()
     logs, endings = [], []
     for job_id, cs in by_job.items():
         c = cs[0]
-        count = c.total if job_id in whole else totals.get(job_id, 0)
+        count = counts.get(job_id, 0)
         quiet = c.source == "bulk"
         if not quiet:
             todo = sum(len(x.todo) for x in cs)
             logs.append(JobLog(job_id=job_id, level="INFO", source="worker", timestamp=now,
                                message=f"{count}/{c.total} images ({todo} in {inference_seconds:.3f} s{others}{note})"))
-        if count < c.total:
-            continue
-        if job_id in whole:
+        if job_id not in added or count < c.total:
+            continue  # not the store that completes it (or nothing new: the count only moves here)
+        whole = len(cs) == 1 and len(c.todo) == c.total
+        if whole:
             flags = [(bool(mine[(job_id, i)]["nsfw"]), float(mine[(job_id, i)]["render_seconds"])) for i in c.indices]
         else:
             flags = [(bool(n), float(r)) for n, r in s.execute(

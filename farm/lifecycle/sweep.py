@@ -10,7 +10,7 @@ with ``SKIP LOCKED`` and a duplicate message is harmless (the claim decides). On
    fails its job instead, naming its indices.
 2. **Broker epoch**: if the broker lost its data (restarted without AOF, flushed), its epoch key
    is gone with the messages; the first sweeper to see that sets it again and every queued batch
-   published before is published again.
+   published before the broker (re)started is published again (on a new broker: none).
 3. **Publish what may be gone**: queued batches never published (a crash or a broker outage
    between commit and publish, or just reaped), and batches not claimed within
    ``FARM_DISPATCH_TIMEOUT`` of their last message while their queue is empty (the message was
@@ -51,7 +51,7 @@ class Swept:
     reaped: int = 0
     failed: int = 0
     published: int = 0
-    broker_reset: bool = False
+    broker_reset: datetime | None = None
     bulk: int = 0
 
 
@@ -81,7 +81,7 @@ def sweep(settings: Settings) -> Swept:
     now = utcnow()
     older = now - timedelta(seconds=settings.dispatch_timeout)
     try:
-        out.broker_reset = not settings.embedded and dispatch.broker_epoch_reset(settings)
+        out.broker_reset = None if settings.embedded else dispatch.broker_epoch_reset(settings)
         with session_scope() as s:
             stale = ledger_batches.stale_queues(s, older)
         depths = dispatch.queue_depths([render_queue(m, lane) for m, lane in stale], settings)
@@ -91,7 +91,7 @@ def sweep(settings: Settings) -> Swept:
     empty = [(m, lane) for m, lane in stale if depths.get(render_queue(m, lane), 0) == 0]
     with session_scope() as s:
         rows = ledger_batches.due(s, older_than=older, empty_queues=empty,
-                                  published_before=now if out.broker_reset else None)
+                                  published_before=out.broker_reset)
     messages = [dispatch.Message(model_key=b.model_key, lane=b.lane, request_id=b.job_id, k=b.k,
                                  indices=list(b.indices), batch_ids=[b.id]) for b in rows]
     failed = dispatch.publish(messages, settings)
@@ -101,8 +101,9 @@ def sweep(settings: Settings) -> Swept:
     out.published = len(messages) - len(failed)
     if not settings.embedded:
         out.bulk = bulk_dispatch(settings, older)
-    if out.broker_reset and out.published:
-        log.warning("sweeper: the broker lost its messages; %d queued batch(es) published again", out.published)
+    if out.broker_reset is not None and out.published:
+        log.warning("sweeper: the broker had no epoch key (restarted without its data, flushed, or new); %d queued "
+                    "batch(es) published before it started published again", out.published)
     elif out.published:
         log.info("sweeper: %d queued batch(es) published again", out.published)
     return out
