@@ -17,6 +17,8 @@ ledger writes, storage, collection, shards) and renders flat images. There is no
 then (it would render nothing) and ``ratio`` and ``direct_images_per_s`` are null.
 
 farm_images_per_s = images done / seconds, seconds = bulk job created -> finished in the ledger.
+``profile.cpu_ms_per_image``: CPU time of each process over the ``farm bulk run`` (the driver CLI,
+start-up included; the workers; PostgreSQL and its backends; moto; Redis) per image done (with psutil).
 A human summary, then one JSON object as the last line.
 """
 
@@ -27,6 +29,7 @@ import json
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -34,6 +37,7 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -64,6 +68,38 @@ def direct(n: int, width: int, height: int, steps: int, base_seed: int) -> float
         image = renderer.render(params, base_seed + i, [0]).images[0].image
         encode_image(image, params.format)
     return n / (time.perf_counter() - t0)
+
+
+def _processes(stack: ServerStack, workers: list[WorkerProcess]) -> dict[str, list[Any]]:
+    """The processes whose CPU time is reported, by role (empty without psutil)."""
+    try:
+        import psutil
+    except ImportError:
+        return {}
+    postmaster = int((stack.pg.data / "postmaster.pid").read_text().split()[0])
+    return {"worker(s)": [psutil.Process(w.proc.pid) for w in workers if w.proc is not None],
+            "postgresql": [psutil.Process(postmaster)],
+            "moto (S3)": [psutil.Process(stack.s3.proc.pid)] if stack.s3.proc else [],
+            "redis": [psutil.Process(stack.redis.proc.pid)] if stack.redis.proc else []}
+
+
+def _cpu(procs: list[Any]) -> float:
+    """CPU seconds of ``procs`` and their children, live and reaped."""
+    import psutil
+
+    total = 0.0
+    for proc in procs:
+        try:
+            family = [proc, *proc.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for p in family:
+            try:
+                t = p.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
 
 
 def prompt(i: int) -> str:
@@ -105,9 +141,16 @@ def main() -> None:
         if hold:
             cmd.append("--no-safety-checker")  # farm/hold has none
         print(f"farm: {args.images} images …", file=sys.stderr)
+        servers = _processes(stack, workers)
+        cpu_before = {name: _cpu(procs) for name, procs in servers.items()}
+        children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         done = subprocess.run(cmd, env=stack.env, capture_output=True, text=True, timeout=3600)
         cli_seconds = time.perf_counter() - t0
+        children_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the CLI: the only child reaped meanwhile
+        cpu_seconds = {name: _cpu(procs) - cpu_before[name] for name, procs in servers.items()}
+        cpu_seconds["driver (farm bulk run)"] = (children_after.ru_utime - children_before.ru_utime
+                                                 + children_after.ru_stime - children_before.ru_stime)
         if done.returncode != 0:
             raise SystemExit(f"farm bulk run failed:\n{done.stderr[-3000:]}")
         final = json.loads(done.stdout)
@@ -149,6 +192,10 @@ def main() -> None:
             "first_image_after_s": round((first_image - created).total_seconds(), 2),
             "last_image_to_finished_s": round((finished - last_image).total_seconds(), 2),
             "cli_seconds_incl_startup": round(cli_seconds, 2),
+            # CPU of each process over the CLI run (start-up included), per image done; null without psutil
+            "cpu_ms_per_image": {name: round(1000 * v / max(1, final["done"]), 2) for name, v in cpu_seconds.items()}
+            if servers else None,
+            "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
         }
         what = (f"farm/hold (STAND-IN: {args.hold_ms} ms per image, renders nothing)" if hold
                 else f"{TINY} {args.size}, {args.steps} steps")  # fmt: skip
@@ -164,6 +211,9 @@ def main() -> None:
               f"first image after {profile['first_image_after_s']} s, last image -> done "
               f"{profile['last_image_to_finished_s']} s; CLI {profile['cli_seconds_incl_startup']} s with start-up; "
               f"{dropped} message(s) dropped as already claimed")  # fmt: skip
+        if profile["cpu_ms_per_image"]:
+            shares = ", ".join(f"{name} {ms} ms" for name, ms in profile["cpu_ms_per_image"].items())
+            print(f"CPU per image done: {shares} (load average {profile['load_avg_1m_at_end']})")
         print(json.dumps({
             "benchmark": "bulk", "model": args.model + (" (stand-in: holds, does not render)" if hold else ""),
             "hold_ms": args.hold_ms if hold else None, "images": args.images, "workers": args.workers,

@@ -24,14 +24,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, and_, case, func, literal, or_, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.models import Batch, Worker, utcnow
+from farm.errors import WorkerNameTakenError
 from farm.status import LANES_BY_PRIORITY, BatchStatus, Lane
 
 QUEUED, CLAIMED, DONE, FAILED, CANCELLED = (BatchStatus.QUEUED, BatchStatus.CLAIMED, BatchStatus.DONE,
@@ -358,26 +362,49 @@ def unpublished(s: Session, batch_ids: Sequence[int]) -> None:
 
 
 def register_worker(s: Session, *, name: str, model_name: str, model_key: str, device: str,
-                    max_batch: int, loads: int, pid: int) -> None:
-    """Insert or refresh the row of a worker that has just become ready."""
+                    max_batch: int, loads: int, pid: int, host: str | None = None,
+                    live_within: float | None = None) -> None:
+    """Insert or refresh the row of a worker that has just become ready.
+
+    A name belongs to one live worker: the row of another live process (see
+    :meth:`Worker.live_other_than`; ``live_within`` defaults to ``FARM_LEASE_SECONDS``) is not
+    taken over, the registration raises :class:`WorkerNameTakenError` naming it.
+    """
     now = utcnow()
-    row = s.get(Worker, name, populate_existing=True)
+    host = host or socket.gethostname()
+    if live_within is None:
+        from farm.config import get_settings
+
+        live_within = get_settings().lease_seconds
+    row = s.get(Worker, name, populate_existing=True, with_for_update=True)
+    if row is not None and row.live_other_than(host, pid, live_within, now):
+        raise row.name_taken(now)
     if row is None:
         row = Worker(name=name)
         s.add(row)
     row.model_name, row.model_key, row.device = model_name, model_key, device
-    row.max_batch, row.loads, row.pid = max_batch, loads, pid
+    row.max_batch, row.loads, row.pid, row.host = max_batch, loads, pid, host
     row.started_at = row.heartbeat_at = now
     row.stopped_at = None
-    s.flush()
+    try:
+        s.flush()
+    except IntegrityError as exc:  # another process inserted the same name at the same moment
+        raise WorkerNameTakenError(f"worker name {name!r} was registered by another worker at the same moment: "
+                                   "give this one another --name") from exc
 
 
-def beat_worker(s: Session, name: str, loads: int) -> None:
-    s.execute(update(Worker).where(Worker.name == name).values(heartbeat_at=utcnow(), loads=loads))
+def beat_worker(s: Session, name: str, loads: int, pid: int | None = None, host: str | None = None) -> None:
+    """Refresh this process's row (``pid``/``host`` default to this process's): never a namesake's."""
+    s.execute(update(Worker).where(Worker.name == name, Worker.pid == (pid or os.getpid()),
+                                   Worker.host == (host or socket.gethostname()))
+              .values(heartbeat_at=utcnow(), loads=loads))
 
 
-def stop_worker(s: Session, name: str) -> None:
-    s.execute(update(Worker).where(Worker.name == name).values(stopped_at=utcnow()))
+def stop_worker(s: Session, name: str, pid: int | None = None, host: str | None = None) -> None:
+    """Mark this process's row stopped (``pid``/``host`` default to this process's): never a namesake's."""
+    s.execute(update(Worker).where(Worker.name == name, Worker.pid == (pid or os.getpid()),
+                                   Worker.host == (host or socket.gethostname()))
+              .values(stopped_at=utcnow()))
 
 
 def live_workers(s: Session, model_key: str, within_seconds: float) -> list[Worker]:

@@ -13,16 +13,17 @@ import json
 from collections.abc import Iterable
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, and_, func, or_, select, update
+from sqlalchemy import CursorResult, and_, bindparam, column, func, literal, or_, select, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db.models import Image, Job, JobLog, utcnow
+from db.models import Batch, Image, Job, JobLog, utcnow
 from farm import events
 from farm.errors import ConflictError
-from farm.status import ACTIVE, JobStatus
+from farm.status import ACTIVE, BatchStatus, JobStatus
 
 
 def _canonical(value: Any) -> Any:
@@ -89,8 +90,34 @@ def create_job(
     The same id for the same owner and input, or the same ``(owner, idempotency_key)``,
     returns the existing job. The same id for another owner or another input raises
     :class:`ConflictError`. Safe against a concurrent insert of the same job.
+
+    PostgreSQL and SQLite: one ``INSERT … ON CONFLICT DO NOTHING RETURNING`` (no read before
+    it, no savepoint); only when it conflicts is the job already there looked up. A concurrent
+    uncommitted insert of the same id or key is waited for, then found.
     """
     input = _canonical(input)
+    dialect = s.get_bind().dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        insert = pg_insert if dialect == "postgresql" else sqlite_insert
+        now = utcnow()
+        stmt = (
+            insert(Job)
+            .values(id=request_id, owner=owner, model_name=model_name, model_key=model_key, lane=str(lane),
+                    source=str(source), status=JobStatus.IN_QUEUE, input=input, seed=seed, num_images=num_images,
+                    idempotency_key=idempotency_key, webhook_url=webhook_url, created_at=now, updated_at=now)
+            .on_conflict_do_nothing()
+            .returning(Job)
+            .execution_options(populate_existing=True)
+        )  # fmt: skip
+        for _ in range(3):
+            job = s.scalars(stmt).one_or_none()
+            if job is not None:
+                return job, True
+            existing = _find_existing(s, request_id, owner, input, idempotency_key)
+            if existing is not None:
+                return existing, False
+            # the row it conflicted with is gone already (deleted meanwhile): insert again
+        raise ConflictError(f"request id {request_id!r} could not be recorded; submit it again")
     existing = _find_existing(s, request_id, owner, input, idempotency_key)
     if existing is not None:
         return existing, False
@@ -280,3 +307,80 @@ def add_log(
 def get_logs(s: Session, request_id: str) -> list[JobLog]:
     stmt = select(JobLog).where(JobLog.job_id == request_id).order_by(JobLog.timestamp, JobLog.id)
     return list(s.scalars(stmt))
+
+
+# Many jobs at once (bulk submission).
+
+
+def create_jobs(s: Session, jobs: list[dict[str, Any]]) -> tuple[set[str], dict[str, Job]]:
+    """Insert many jobs in ``IN_QUEUE`` in one statement; ``(ids created, {id: job already there})``.
+
+    Each dict holds the columns of a new job (``id``, ``owner``, ``model_name``, ``model_key``,
+    ``lane``, ``source``, ``input``, ``seed``, ``num_images``; no idempotency key). The insert
+    skips ids that exist (``ON CONFLICT (id) DO NOTHING``); only those are read back, in one
+    query, and checked as :func:`create_job` checks them: the same owner and input gives the
+    existing job, another owner or input raises :class:`ConflictError`. Safe against a concurrent
+    insert of the same ids (the insert waits for it, skips, and the read finds its rows).
+    PostgreSQL and SQLite only (callers fall back to :func:`create_job` elsewhere).
+    """
+    if not jobs:
+        return set(), {}
+    dialect = s.get_bind().dialect.name
+    if dialect not in ("postgresql", "sqlite"):
+        raise NotImplementedError(f"create_jobs needs PostgreSQL or SQLite, not {dialect}")
+    now = utcnow()
+    rows = [{**job, "lane": str(job["lane"]), "source": str(job["source"])} for job in jobs]
+    if dialect == "postgresql":
+        created = set(s.scalars(_insert_from_json(Job, rows, {"status": JobStatus.IN_QUEUE, "created_at": now,
+                                                              "updated_at": now})
+                                .on_conflict_do_nothing(index_elements=[Job.id]).returning(Job.id)))
+    else:
+        stmt = sqlite_insert(Job).on_conflict_do_nothing(index_elements=[Job.id]).returning(Job.id)
+        created = set(s.scalars(stmt, [{**row, "status": JobStatus.IN_QUEUE, "created_at": now, "updated_at": now}
+                                       for row in rows]))
+    missing = [row for row in rows if row["id"] not in created]
+    if not missing:
+        return created, {}
+    found = {job.id: job for job in s.scalars(select(Job).where(Job.id.in_([r["id"] for r in missing]))
+                                              .execution_options(populate_existing=True))}
+    for row in missing:
+        job = found.get(row["id"])
+        if job is None:  # neither inserted nor there: deleted at this very moment
+            raise ConflictError(f"request id {row['id']!r} could not be recorded; submit it again")
+        if job.owner != row["owner"]:
+            raise ConflictError(f"request id {row['id']!r} is already taken")
+        if _canonical(job.input) != _canonical(row["input"]):
+            raise ConflictError(f"request id {row['id']!r} was already used for a different request")
+    return created, found
+
+
+def insert_batches(s: Session, rows: list[dict[str, Any]]) -> list[tuple[int, str, int]]:
+    """Queued batches of new jobs (see :func:`create_jobs`) in one statement; ``(id, job_id, k)`` of each.
+
+    Each row has ``job_id``, ``k``, ``indices``, ``model_key``, ``lane`` and ``compat``. They are marked
+    published now, as ``db.batches.create_batches`` marks them: the caller publishes right after its commit.
+    """
+    if not rows:
+        return []
+    now = utcnow()
+    constants = {"status": BatchStatus.QUEUED, "attempts": 0, "token": 0, "publishes": 1, "published_at": now,
+                 "created_at": now}
+    if s.get_bind().dialect.name == "postgresql":
+        stmt = _insert_from_json(Batch, rows, constants).returning(Batch.id, Batch.job_id, Batch.k)
+        return [(int(i), str(j), int(k)) for i, j, k in s.execute(stmt)]
+    stmt = sqlite_insert(Batch).returning(Batch.id, Batch.job_id, Batch.k)
+    return [(int(i), str(j), int(k)) for i, j, k in s.execute(stmt, [{**row, **constants} for row in rows])]
+
+
+def _insert_from_json(entity: Any, rows: list[dict[str, Any]], constants: dict[str, Any]) -> Any:
+    """PostgreSQL: ``INSERT INTO <table> (…) SELECT … FROM jsonb_to_recordset(:rows)``, ``rows`` sent as one JSON
+    parameter and ``constants`` the same in every row: a short statement whatever the number of rows (a
+    multi-row ``VALUES`` of thousands of parameters costs more to build, send and parse than the rows do)."""
+    table = entity.__table__
+    names = list(rows[0])
+    recordset = (func.jsonb_to_recordset(bindparam("rows", rows, type_=JSONB))
+                 .table_valued(*(column(name, table.c[name].type) for name in names))
+                 .render_derived(name="r", with_types=True))
+    picked = [recordset.c[name] for name in names]
+    picked += [literal(value, table.c[name].type) for name, value in constants.items()]
+    return pg_insert(table).from_select([*names, *constants], select(*picked))

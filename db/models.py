@@ -6,7 +6,9 @@ gets the zone back on load). ``Job.status`` loads as a :class:`JobStatus`.
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -28,6 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from farm.errors import WorkerNameTakenError
 from farm.status import JobStatus
 
 NAMING_CONVENTION = {
@@ -272,9 +275,39 @@ class Worker(Base):
     max_batch: Mapped[int] = mapped_column(Integer)
     loads: Mapped[int] = mapped_column(Integer, default=1)
     pid: Mapped[int] = mapped_column(Integer)
+    host: Mapped[str | None] = mapped_column(String(256))  # with pid, which process the row is (NULL: before 0006)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    def live_other_than(self, host: str, pid: int | None, live_within: float, now: datetime) -> bool:
+        """Whether this row is a live worker other than process ``pid`` of ``host``: not stopped, beat
+        within ``live_within`` seconds, and not a process of this host that is gone (a crashed worker
+        restarted at once takes its name back). ``pid`` None: any process of ``host``."""
+        if self.stopped_at is not None or (now - self.heartbeat_at).total_seconds() > live_within:
+            return False
+        if self.host is None or self.host != host:
+            return True  # another host's (or an unknown host's) process: only its heartbeat tells
+        if pid is not None and self.pid == pid:
+            return False  # this very process (registering again)
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False  # gone: its name is free again
+        except PermissionError:
+            pass  # alive, another user's
+        try:  # a zombie (exited, not yet reaped) is gone too
+            return Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return True
+
+    def name_taken(self, now: datetime) -> WorkerNameTakenError:
+        """The error for a worker that would start under this live row's name."""
+        return WorkerNameTakenError(
+            f"worker name {self.name!r} is taken by a live worker: pid {self.pid} on {self.host or 'an unknown host'}, "
+            f"serving {self.model_name} on {self.device} since {self.started_at:%Y-%m-%d %H:%M:%S} UTC, last beat "
+            f"{(now - self.heartbeat_at).total_seconds():.0f} s ago. Stop that worker first, or give this one "
+            "another --name")
 
 
 class BulkJob(Base):

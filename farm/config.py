@@ -80,6 +80,10 @@ class Settings(BaseSettings):
         30.0, gt=0, description="A queued batch unclaimed this long after its last message, on an empty queue, "
         "is published again"
     )
+    require_live_worker: bool = Field(
+        False, description="Refuse (503, naming the model) a submit for a model that no live worker serves; "
+        "default: accept it, log why it waits, and let it wait for a worker to join"
+    )
     fault_kill_prompt: str | None = Field(
         None, description="TEST-ONLY fault hook: a worker SIGKILLs itself when it starts rendering this prompt"
     )
@@ -150,7 +154,9 @@ class Settings(BaseSettings):
 
     @property
     def effective_broker_url(self) -> str:
-        return self.broker_url or "memory://"
+        # the in-process broker; "localhost" names it for kombu, which otherwise warns on every
+        # connection that "no hostname was supplied" (the memory transport ignores the host)
+        return self.broker_url or "memory://localhost"
 
     @property
     def effective_result_backend(self) -> str:

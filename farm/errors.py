@@ -57,11 +57,25 @@ class ConflictError(FarmError):
     error_type = "conflict"
 
 
+class WorkerNameTakenError(FarmError):
+    """Raised when a worker starts under the name of another live worker."""
+
+    http_status = 409
+    error_type = "conflict"
+
+
 class BrokerUnavailableError(FarmError):
-    """Raised when a task cannot be published because the broker is down."""
+    """Raised when a task that has no ledger row (``farm.bulk``) cannot be published: the broker is down."""
 
     http_status = 503
     error_type = "broker_unavailable"
+
+
+class NoLiveWorkerError(FarmError):
+    """Raised at submit when no live worker serves the model and ``FARM_REQUIRE_LIVE_WORKER`` is set."""
+
+    http_status = 503
+    error_type = "no_live_worker"
 
 
 class StorageError(FarmError):

@@ -40,6 +40,10 @@ a notification that arrives between the read and the wait::
                 break
             sub.wait(timeout)  # True: woken by a change since subscribe() or the previous wait
 
+The same listener hears ``farm_keys`` (:data:`KEYS_CHANNEL`): a revoked API key
+(:func:`notify_key`) makes every process forget the keys it remembers (``farm.keys``), and so
+does every (re)connect or loss of the listening connection (:func:`on_key_change`).
+
 Import-light: SQLAlchemy and, only when a PostgreSQL listener starts, psycopg.
 """
 
@@ -62,6 +66,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 log = logging.getLogger("farm.events")
 
 CHANNEL = "farm_jobs"
+KEYS_CHANNEL = "farm_keys"  # payload: an API key id that was revoked (farm.keys forgets the keys it remembers)
 RECONNECT_MIN_SECONDS = 0.05
 RECONNECT_MAX_SECONDS = 2.0
 LISTEN_POLL_SECONDS = 0.5  # how often the listener looks at its stop flag
@@ -108,6 +113,32 @@ def _after_commit(session: Session) -> None:
     ids = session.info.pop(_PENDING, None)
     if ids:
         _hub.fire(ids)
+
+
+def notify_key(s: Session, key_id: str) -> None:
+    """Tell every process that listens (``farm_keys``) that API key ``key_id`` changed, when ``s`` commits.
+
+    PostgreSQL only (other databases have no cross-process channel; the caller forgets in-process).
+    """
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": KEYS_CHANNEL, "payload": key_id})
+
+
+_key_callbacks: list[Callable[[str | None], None]] = []
+
+
+def on_key_change(callback: Callable[[str | None], None]) -> None:
+    """Call ``callback(key_id)`` from the listener when a key changed, and ``callback(None)`` when the
+    listener (re)connects or loses its connection (whatever it may have missed)."""
+    _key_callbacks.append(callback)
+
+
+def _keys_changed(key_id: str | None) -> None:
+    for callback in list(_key_callbacks):
+        try:
+            callback(key_id)
+        except Exception:  # a callback's failure must not stop the listener
+            log.exception("key-change callback %r failed", callback)
 
 
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
@@ -304,6 +335,7 @@ class _Listener:
                 if self.connected.is_set():  # it was up: the backoff starts over
                     delay = RECONNECT_MIN_SECONDS
                 self.connected.clear()
+                _keys_changed(None)
             if self._stop.wait(delay):
                 return
             delay = min(delay * 2, RECONNECT_MAX_SECONDS)
@@ -316,8 +348,10 @@ class _Listener:
             keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
         ) as conn:  # fmt: skip
             conn.execute(f"LISTEN {CHANNEL}")
-            # whatever changed while nobody listened: every waiter re-reads once
+            conn.execute(f"LISTEN {KEYS_CHANNEL}")
+            # whatever changed while nobody listened: every waiter re-reads once, remembered keys are forgotten
             _hub.fire_all()
+            _keys_changed(None)
             self.connected.set()
             if self._failures:
                 log.info("job-change listener connected again")
@@ -327,7 +361,10 @@ class _Listener:
                 got = False
                 for note in conn.notifies(timeout=LISTEN_POLL_SECONDS):
                     got = True
-                    _hub.fire((note.payload,))
+                    if note.channel == KEYS_CHANNEL:
+                        _keys_changed(note.payload)
+                    else:
+                        _hub.fire((note.payload,))
                 idle = 0.0 if got else idle + LISTEN_POLL_SECONDS
                 if idle >= HEALTH_CHECK_SECONDS:
                     conn.execute("SELECT 1")

@@ -82,6 +82,21 @@ ImageSizeField = Annotated[
 ]
 
 
+def default_image_size(model_name: str) -> ImageSizeName | ImageSize:
+    """The size a request for ``model_name`` gets when it names none: the model's own default
+    (``models.registry``), as a named size when one matches (SDXL: ``square_hd``, SD1.5: ``square``).
+
+    Not checked against ``FARM_MIN/MAX_IMAGE_SIDE``: those bound what a caller asks for. An unknown
+    model (an input read back by a worker that does not know it) gets fal's default, ``square_hd``.
+    """
+    spec = all_models().get(model_name)
+    size = spec.default_size if spec is not None else NAMED_SIZES[ImageSizeName.square_hd]
+    for name, named in NAMED_SIZES.items():
+        if named == size:
+            return name
+    return ImageSize.model_construct(width=size[0], height=size[1])
+
+
 class LoraWeight(BaseModel):
     path: str = Field(..., description="URL or the path to the LoRA weights. Or HF model name.")
     scale: float = Field(1.0, ge=-4.0, le=4.0, description="The scale of the LoRA weight.")
@@ -132,7 +147,10 @@ class GenerateInput(BaseModel):
     model_name: str = Field(SDXL_BASE, description="The name of the model to use.")
     prompt: str = Field(..., description="The prompt to use for generating the image.")
     negative_prompt: str = Field("", description="The negative prompt to use.")
-    image_size: ImageSizeField = Field(ImageSizeName.square_hd, description="The size of the image.")
+    image_size: ImageSizeField | None = Field(
+        None, description="The size of the image. Default: the model's own (square_hd for SDXL, square for "
+        "SD1.5, 64x64 for farm/tiny-lcm); the input recorded for a request holds the size resolved at submit.",
+    )
     num_inference_steps: int = Field(6, description="The number of inference steps to perform.")
     seed: int | None = Field(None, description="The same seed and prompt give the same image.")
     guidance_scale: float = Field(1.5, description="The CFG (Classifier Free Guidance) scale.")
@@ -238,6 +256,15 @@ class GenerateInput(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _model_size(self) -> GenerateInput:
+        """No ``image_size`` given: the model's own default, resolved now (at admission), so the input
+        recorded in the ledger names the size a worker renders. Not marked as set: a client that
+        sends only the fields it was given (``exclude_unset``) leaves the choice to the farm."""
+        if self.image_size is None:
+            self.__dict__["image_size"] = default_image_size(self.model_name)
+        return self
+
+    @model_validator(mode="after")
     def _tokens_unique(self, info: ValidationInfo) -> GenerateInput:
         if _stored(info):
             return self
@@ -249,9 +276,10 @@ class GenerateInput(BaseModel):
     @property
     def size(self) -> tuple[int, int]:
         """(width, height) in pixels."""
-        if isinstance(self.image_size, ImageSize):
-            return self.image_size.width, self.image_size.height
-        return NAMED_SIZES[self.image_size]
+        size = self.image_size if self.image_size is not None else default_image_size(self.model_name)
+        if isinstance(size, ImageSize):
+            return size.width, size.height
+        return NAMED_SIZES[size]
 
 
 class Image(BaseModel):

@@ -30,12 +30,32 @@ def data_uri(data: bytes, content_type: str) -> str:
     return f"data:{content_type};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def atomic_write(path: Path, data: bytes, durable: bool = False) -> None:
+def current_umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` can only set it, and setting it
+    for a moment would leak a wrong mask to files other threads create meanwhile)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no /proc: the only other way to read it
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, data: bytes, durable: bool = False, mode: int = 0o666) -> None:
     """Write ``data`` to a temp file beside ``path``, then rename it over ``path``: a reader never
-    sees half a file and a rewrite replaces it whole. ``durable``: fsync the file and the folder."""
+    sees half a file and a rewrite replaces it whole. ``durable``: fsync the file and the folder.
+
+    The file gets ``mode`` less the umask, as ``open()`` would give it (``mkstemp`` alone makes
+    it 0600, which another account, e.g. a training job's, could not read).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
+        os.fchmod(fd, mode & ~current_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             if durable:

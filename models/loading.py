@@ -97,9 +97,67 @@ def not_found_message(what: str, ref: str, settings: Settings, cause: BaseExcept
         else:
             places.append("the Hugging Face hub (online)")
     msg = f"{what} {ref!r} not found; looked in: " + "; ".join(places)
-    if cause is not None:
-        msg += f". Last error: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
-    return msg
+    reason = _cause(cause) if cause is not None else None
+    return f"{msg} ({reason})" if reason else msg
+
+
+def _cause(exc: BaseException) -> str | None:
+    """What a loader's error says about the weights, in the farm's words, without the loader's
+    advice about its own arguments (``local_files_only``, "the stacktrace above")."""
+    text = " ".join(str(exc).split())
+    low = text.lower()
+    if "connect" in low or "offline" in low or isinstance(exc, (ConnectionError, TimeoutError)):
+        return "the Hugging Face hub could not be reached"
+    if "not a valid model identifier" in low or "repository not found" in low or "gated" in low or "401" in low:
+        return "the hub has no such public repo; a gated or private one needs `hf auth login`"
+    if "no file named" in low:  # "Error no file named diffusion_pytorch_model.bin found in directory …"
+        missing = text[low.index("no file named") + len("no file named"):].split(" found", 1)[0].strip()
+        return f"incomplete: no file named {missing}"
+    return None
+
+
+def _present(ref: str, settings: Settings) -> bool:
+    """Whether the weights of ``ref`` are on this machine (under FARM_MODEL_DIR or in the Hugging Face cache)."""
+    if _is_path(ref):
+        return Path(ref).exists()
+    if settings.model_dir is not None and (settings.model_dir / ref).exists():
+        return True
+    return cached_snapshot(ref) is not None
+
+
+# A diffusers pipeline repo holds one folder per component; its top-level single-file checkpoints
+# (several GB each, e.g. v1-5-pruned.ckpt) are not what ``from_pretrained`` reads.
+PIPELINE_FILES = ("model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors")
+
+
+def download_help(spec: ModelSpec, settings: Settings) -> str:
+    """What ``spec`` needs on this machine and the commands that download what is missing."""
+    needed = [(spec.repo, "the base model" if spec.lora or spec.unet else "the model", True)]
+    if spec.lora:
+        needed.append((spec.lora, "its LCM-LoRA", False))
+    if spec.unet:
+        needed.append((spec.unet, "its LCM UNet", False))
+    missing = [(ref, role, pipeline) for ref, role, pipeline in needed if not _is_path(ref)
+               and not _present(ref, settings)]
+    if not missing:
+        return ""
+    names = " and ".join(f"{ref} ({role})" for ref, role, _ in needed)
+    which = {1: "it", 2: "both"}.get(len(missing), "them") if len(missing) == len(needed) else "what is missing"
+    lines = [f"{spec.name} needs {names}; download {which} with:"]
+    for ref, _role, pipeline in missing:
+        command = f"hf download {ref}"
+        if pipeline:
+            command += "".join(f' --include "{pattern}"' for pattern in PIPELINE_FILES)
+        if settings.model_dir is not None:
+            command += f" --local-dir {settings.model_dir / ref}"
+        lines.append(f"    {command}")
+    where = (f"into FARM_MODEL_DIR ({settings.model_dir})" if settings.model_dir is not None
+             else f"into the Hugging Face cache ({hf_cache_dir()})")
+    note = f"(`hf` is huggingface_hub's command line, installed with the worker; the files go {where}"
+    if hub_offline():
+        note += "; HF_HUB_OFFLINE is set here, so run them where the hub is reachable"
+    lines.append(note + "), then start the worker again.")
+    return "\n".join(lines)
 
 
 def from_pretrained(cls: Any, ref: str, settings: Settings, what: str, variant: str | None = None,
@@ -188,7 +246,11 @@ def load_pipeline(spec: ModelSpec, device: str, settings: Settings) -> Any:
 
     _quiet()
     dtype = torch_dtype(device)
-    pipe = _load(spec, dtype, settings)
+    try:
+        pipe = _load(spec, dtype, settings)
+    except ModelNotFoundError as exc:  # where it looked, then how to fix it; not the loader's traceback
+        help_text = download_help(spec, settings)
+        raise ModelNotFoundError(f"{exc}.\n{help_text}" if help_text else str(exc)) from None
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     if device.startswith("cuda"):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
 import uuid
 from pathlib import Path
 from typing import Any
@@ -170,6 +172,20 @@ def test_local_destination_refuses_names_outside_its_root(tmp_path):
     assert not (tmp_path / "x").exists()
     assert isinstance(open_destination(str(tmp_path / "other")), LocalDestination)
     assert isinstance(open_destination((tmp_path / "third").as_uri()), LocalDestination)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_shards_follow_the_umask(tmp_path, fmt, umask):
+    # what open() would give (0666 less the umask), not mkstemp's 0600: another account may read them
+    before = os.umask(umask)
+    try:
+        stats = write_two_shards(tmp_path, fmt)
+        write_stats(LocalDestination(tmp_path), {"shards": 2})
+    finally:
+        os.umask(before)
+    files = [tmp_path / name for s in stats for name in s["files"]] + [tmp_path / "_stats.json"]
+    assert {oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {oct(0o666 & ~umask)}
 
 
 def test_a_failed_write_leaves_no_partial_shard(tmp_path):

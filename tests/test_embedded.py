@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import tarfile
+
+from PIL import Image
 
 from tests.workers import clean_env, run_farm
 
@@ -66,3 +69,57 @@ def test_giving_up_cancels_the_job_and_exits_cleanly(tmp_path):
     assert "terminate called" not in done.stderr
     with sqlite3.connect(data / "ledger.db") as conn:
         assert conn.execute("SELECT status, error_type FROM jobs").fetchall() == [("CANCELLED", "cancelled")]
+    # farm status shows the ledger's word and the API's, and says why they differ
+    rid = done.stderr.split("request ", 1)[1].split()[0]
+    view = json.loads(run_farm(["status", rid, "--no-logs"], env).stdout)
+    assert (view["status"], view["api_status"], view["error_type"]) == ("CANCELLED", "COMPLETED", "cancelled")
+    assert "COMPLETED with its error" in view["note"]
+
+
+def test_generate_renders_the_models_own_size_and_prints_only_progress_and_paths(tmp_path):
+    home = tmp_path / "home"  # a fresh user: the data dir, caches and weights all start empty
+    home.mkdir()
+    env = clean_env(HOME=str(home))
+    out = tmp_path / "out"
+    done = run_farm(["generate", "--model", "farm/tiny-lcm", "a lighthouse at dusk", "--num-images", "2",
+                     "--out", str(out)], env)
+    assert done.returncode == 0, done.stderr
+    # no image_size: the model's own default (64x64 for the tiny model), recorded as resolved
+    assert [(i["width"], i["height"]) for i in json.loads(done.stdout)["images"]] == [(64, 64)] * 2
+    for path in out.iterdir():
+        with Image.open(path) as image:
+            assert image.size == (64, 64)
+    rid = done.stderr.split("request ", 1)[1].split()[0]
+    with sqlite3.connect(home / ".local/share/lcm-farm/ledger.db") as conn:
+        (stored,) = conn.execute("SELECT input FROM jobs WHERE id = ?", (rid,)).fetchone()
+    assert json.loads(stored)["image_size"] == {"width": 64, "height": 64}
+    # stderr: the request id, the progress bar, the saved paths; no library warnings
+    assert "torchvision" not in done.stderr and "hostname" not in done.stderr.lower(), done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines[0] == f"request {rid}", done.stderr
+    assert lines[-2:] == [f"saved {out / f'{rid}_{i}.jpg'}" for i in range(2)], done.stderr
+    assert all("2/2" in line for line in lines[1:-2]), done.stderr  # the progress bar's last state
+
+
+def test_rerunning_a_finished_bulk_job_says_so_at_once(tmp_path):
+    env = clean_env(FARM_DATA_DIR=str(tmp_path / "data"))
+    manifest = tmp_path / "p.txt"
+    manifest.write_text("a boat\na lighthouse\n")
+    args = ["bulk", "run", str(manifest), "--out", str(tmp_path / "ds"), "--model", "farm/tiny-lcm", "--steps", "1",
+            "--shard-size", "2", "--job-id", "twice"]
+    first = run_farm(args, env)
+    assert first.returncode == 0, first.stderr
+    snap = json.loads(first.stdout)
+    assert (snap["status"], snap["done"], snap["shards_written"]) == ("COMPLETED", 2, 1)
+    with tarfile.open(tmp_path / "ds" / "00000.tar") as tar:  # no image_size: the model's own, 64x64
+        member = tar.extractfile("000000000.json")
+        assert member is not None
+        meta = json.load(member)
+    assert meta["image_size"] == {"width": 64, "height": 64} and (meta["width"], meta["height"]) == (64, 64)
+    # again, and resumed: nothing to do, said at once; no model is loaded (on this device it could not be)
+    for again in (run_farm([*args, "--device", "cuda:99"], env), run_farm(["bulk", "resume", "twice", "--device",
+                                                                             "cuda:99"], env)):
+        assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout) == snap
+        assert "already complete (2 done, 0 failed, 1 shards in" in " ".join(again.stderr.split()), again.stderr
+        assert "nothing to do" in again.stderr

@@ -39,6 +39,24 @@ def test_named_sizes():
     } == NAMED_SIZES
 
 
+def test_no_image_size_gets_the_models_own_default(farm_env):
+    # resolved at admission, into the dumped input that submit records in the ledger
+    sdxl = parse_input({"prompt": "a cat"})
+    assert sdxl.model_dump(mode="json")["image_size"] == "square_hd" and sdxl.size == (1024, 1024)
+    sd15 = parse_input({"prompt": "a cat", "model_name": "runwayml/stable-diffusion-v1-5"})
+    assert sd15.model_dump(mode="json")["image_size"] == "square" and sd15.size == (512, 512)
+    tiny = parse_input({"prompt": "a cat", "model_name": "farm/tiny-lcm"})
+    assert tiny.model_dump(mode="json")["image_size"] == {"width": 64, "height": 64} and tiny.size == (64, 64)
+    # an explicit value always wins, named or custom, for any model
+    assert parse_input({"prompt": "a cat", "model_name": "farm/tiny-lcm", "image_size": "square_hd"}).size == (
+        1024, 1024)
+    assert parse_input({"prompt": "a cat", "image_size": {"width": 64, "height": 128}}).size == (64, 128)
+    # the resolved default is not "set": a client sending only the fields it was given leaves it to the farm
+    assert "image_size" not in tiny.model_dump(exclude_unset=True)
+    # an input read back from the ledger keeps its recorded size, and renders exactly that
+    assert GenerateInput.model_validate(tiny.model_dump(mode="json"), context={"stored": True}).size == (64, 64)
+
+
 def test_seed_example_input_validates(farm_env):
     inp = parse_input({
         "model_name": "stabilityai/stable-diffusion-xl-base-1.0",

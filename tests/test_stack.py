@@ -208,9 +208,9 @@ def test_worker_without_its_model_stops_and_says_where_it_looked(stack, tmp_path
 
 def test_hold_stand_in_through_worker_processes(stack):
     """farm/hold on the real stack: a job split over two workers, flat images, stand-in in the log."""
-    for _ in range(2):
+    for i in range(2):
         env = dict(stack["env"], FARM_HOLD_MS="5")
-        worker = WorkerProcess(env, model="farm/hold")
+        worker = WorkerProcess(env, model="farm/hold", name=f"hold{i}@cpu.%h")  # names are unique among live ones
         stack["workers"].append(worker)
         worker.start()
     done = run_farm(["generate", "--model", "farm/hold", "a flat square", "--num-images", "20",

@@ -37,7 +37,8 @@ class WorkerProcess:
         self.proc: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
 
-    def start(self, timeout: float = 120) -> WorkerProcess:
+    def launch(self) -> WorkerProcess:
+        """Start the process; do not wait for it to be ready."""
         args = [FARM, "worker", "--model", self.model, "--device", "cpu"]
         if self.name:
             args += ["--name", self.name]
@@ -47,16 +48,33 @@ class WorkerProcess:
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        return self
+
+    def start(self, timeout: float = 120) -> WorkerProcess:
+        # the farm's line means the consumer is connected and the model loaded and registered
+        self.launch().wait_for("farm worker ready", timeout)
+        return self
+
+    def wait_for(self, text: str, timeout: float) -> str:
+        """The first output line containing ``text``; raises if the worker exits or ``timeout`` passes first."""
+        assert self.proc
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if any("farm worker ready" in line for line in self.lines) and any(
-                " ready." in line for line in self.lines
-            ):
-                return self
+            line = next((line for line in list(self.lines) if text in line), None)
+            if line is not None:
+                return line
             if self.proc.poll() is not None:
-                raise RuntimeError("worker exited early:\n" + "".join(self.lines[-50:]))
+                raise RuntimeError(f"worker exited before {text!r}:\n" + "".join(self.lines[-50:]))
             time.sleep(0.1)
-        raise TimeoutError("worker not ready:\n" + "".join(self.lines[-50:]))
+        raise TimeoutError(f"no {text!r} from the worker:\n" + "".join(self.lines[-50:]))
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the worker to exit (all its output read); its exit status."""
+        assert self.proc
+        code = self.proc.wait(timeout)
+        if self._reader is not None:
+            self._reader.join(10)
+        return code
 
     def _read(self) -> None:
         assert self.proc and self.proc.stdout

@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader
 
 from farm.api.errors import AuthError
 from farm.config import Settings
-from farm.keys import verify_key
+from farm.keys import cached_key, verify_key
 
 api_key_header = APIKeyHeader(
     name="Authorization",
@@ -30,7 +31,8 @@ class Tenant:
     max_images: int | None
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
+    """The app's settings (async: FastAPI would run a plain function in a worker thread)."""
     settings: Settings = request.app.state.settings
     return settings
 
@@ -38,8 +40,12 @@ def get_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def get_tenant(settings: SettingsDep, authorization: Annotated[str | None, Security(api_key_header)]) -> Tenant:
-    """The key's owner; without auth (``FARM_AUTH_ENABLED=false``) the default owner."""
+async def get_tenant(settings: SettingsDep, authorization: Annotated[str | None, Security(api_key_header)]) -> Tenant:
+    """The key's owner; without auth (``FARM_AUTH_ENABLED=false``) the default owner.
+
+    A key verified a moment ago is answered from memory on the event loop (``farm.keys``:
+    revocation still applies); any other goes to the ledger from a worker thread.
+    """
     if not settings.auth_enabled:
         return Tenant(settings.default_owner, None, settings.max_jobs_in_flight, None)
     if not authorization:
@@ -47,7 +53,9 @@ def get_tenant(settings: SettingsDep, authorization: Annotated[str | None, Secur
     scheme, _, token = authorization.strip().partition(" ")
     if scheme.lower() != "key" or not token.strip():
         raise AuthError("the Authorization header must be `Key <id>:<secret>`")
-    key = verify_key(token)
+    key = cached_key(token)
+    if key is None:
+        key = await run_in_threadpool(verify_key, token)
     if key is None:
         raise AuthError("invalid or revoked API key")
     limit = key.max_in_flight if key.max_in_flight is not None else settings.max_jobs_in_flight

@@ -145,7 +145,12 @@ def _farm_error(request: Request, exc: Exception) -> JSONResponse:
     headers: dict[str, str] | None = getattr(exc, "headers", None)
     if isinstance(exc, AuthError):
         headers = {"WWW-Authenticate": "Key"}
-    if exc.http_status >= 500:
+    if isinstance(exc, RequestTimeoutError | JobFailedError):
+        # the caller's own limit (X-Fal-Request-Timeout), or a job's stored failure answered again
+        # (logged where it failed): an outcome of the request, not a fault of this server
+        log.info("%s %s: %d %s: %s", request.method, request.url.path, exc.http_status, exc.error_type,
+                 " ".join(str(exc).split()))
+    elif exc.http_status >= 500:
         log.error("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
     return error_response(exc.http_status, str(exc), exc.error_type, headers)
 

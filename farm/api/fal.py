@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from db import ledger
 from db.models import Job, JobLog
+from farm.results import api_status
 from farm.status import JobStatus
 
 APP_OWNER = "fal-ai"
@@ -75,9 +76,8 @@ def request_urls(app_base: str, request_id: str) -> dict[str, str]:
 
 
 def fal_status(status: JobStatus) -> FalStatus:
-    if status.is_terminal:
-        return "COMPLETED"
-    return "IN_QUEUE" if status == JobStatus.IN_QUEUE else "IN_PROGRESS"
+    """FAILED and CANCELLED are COMPLETED (with ``error``) here; ``farm status`` shows both words."""
+    return api_status(status)
 
 
 def log_entry(row: JobLog) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 
 from fastapi import Request
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from db import ledger
 from db.models import Job
@@ -93,11 +94,32 @@ def _existing(owner: str, key: str) -> Job | None:
         return s.scalars(stmt).one_or_none()
 
 
+def _count_in_flight(s: Session, owner: str) -> int:
+    stmt = select(func.count()).select_from(Job).where(Job.owner == owner, Job.status.in_(list(ACTIVE)))
+    return int(s.scalar(stmt) or 0)
+
+
 def in_flight(owner: str) -> int:
     """The owner's queued and running jobs."""
     with session_scope() as s:
-        stmt = select(func.count()).select_from(Job).where(Job.owner == owner, Job.status.in_(list(ACTIVE)))
-        return int(s.scalar(stmt) or 0)
+        return _count_in_flight(s, owner)
+
+
+def _same_request(job: Job, fields: dict[str, Any], key: str, header: str | None) -> Job:
+    """The job a repeated idempotency key made; 422 if it was made for a different input."""
+    if _canonical(job.input) != _canonical(fields):
+        where, field = ("header", IDEMPOTENCY_HEADER) if header else ("body", "request_id")
+        raise RequestFieldError(where, field, f"{key!r} was already used for a different request")
+    return job
+
+
+def _check_new(inp: GenerateInput, tenant: Tenant) -> None:
+    """What a new request must pass before it is recorded: upload owners, the key's image limit."""
+    _check_uploads(inp, tenant.owner)
+    if tenant.max_images is not None and inp.num_images > tenant.max_images:
+        raise InvalidInputError(
+            "num_images", f"must be at most {tenant.max_images} with this API key (got {inp.num_images})"
+        )
 
 
 def submit_job(
@@ -108,41 +130,65 @@ def submit_job(
     idempotency_key: str | None,
     webhook_url: str | None,
     settings: Settings,
+    request_id: str | None = None,
 ) -> Job:
     """Submit ``inp`` for the tenant; a repeated idempotency key returns the job it made before.
 
     The key is the ``Idempotency-Key`` header, else the input's ``request_id``. A key reused
     with a different input is refused (422) rather than answered with an unrelated job.
+    ``request_id`` is the id of a new job (default: a fresh one).
+
+    One transaction on the common path: the job row is inserted (a repeated key finds the job
+    already there instead), then checked (uploads, the key's image limit, the owner's jobs in
+    flight, counted with the new row) before its batches are recorded; a refused submit rolls
+    back and records nothing. A webhook URL is vetted (DNS) before the transaction, and only for
+    a new request, so that request looks its key up first.
     """
-    bad = _nul_field(inp.model_dump(mode="json"))
+    fields = inp.model_dump(mode="json")
+    bad = _nul_field(fields)
     if bad:
         raise InvalidInputError(bad, "must not contain NUL characters")
     key = idempotency_key or inp.request_id or None
-    if key is not None:
-        job = _existing(tenant.owner, key)
-        if job is not None:
-            if _canonical(job.input) != _canonical(inp.model_dump(mode="json")):
-                where, field = ("header", IDEMPOTENCY_HEADER) if idempotency_key else ("body", "request_id")
-                raise RequestFieldError(where, field, f"{key!r} was already used for a different request")
-            return job
-    _check_uploads(inp, tenant.owner)
-    if tenant.max_images is not None and inp.num_images > tenant.max_images:
-        raise InvalidInputError(
-            "num_images", f"must be at most {tenant.max_images} with this API key (got {inp.num_images})"
-        )
     if webhook_url is not None:
+        if key is not None:
+            job = _existing(tenant.owner, key)
+            if job is not None:
+                return _same_request(job, fields, key, idempotency_key)
+        _check_new(inp, tenant)
         check_webhook(webhook_url, settings)
-    running = in_flight(tenant.owner)
-    if running >= tenant.max_in_flight:
-        raise TooManyJobsError(
-            f"{running} requests in flight (queued or running) for this owner; the limit is "
-            f"{tenant.max_in_flight}: wait for some to complete"
-        )
-    rid = lifecycle.submit(
-        inp, owner=tenant.owner, lane=lane, source="api", request_id=uuid.uuid4().hex,
-        idempotency_key=key, webhook_url=webhook_url, background=True, settings=settings,
+    recorded: list[Job] = []
+
+    def admit(s: Session, job: Job, created: bool) -> bool:
+        recorded.append(job)
+        if not created:  # the key was used before (by this owner: the key is per owner)
+            _same_request(job, fields, key or "", idempotency_key)
+            return False
+        if webhook_url is None:
+            _check_new(inp, tenant)
+        running = _count_in_flight(s, tenant.owner) - 1  # not this one
+        if running >= tenant.max_in_flight:
+            raise TooManyJobsError(
+                f"{running} requests in flight (queued or running) for this owner; the limit is "
+                f"{tenant.max_in_flight}: wait for some to complete"
+            )
+        return True
+
+    lifecycle.submit(
+        inp, owner=tenant.owner, lane=lane, source="api", request_id=request_id or uuid.uuid4().hex,
+        idempotency_key=key, webhook_url=webhook_url, background=True, settings=settings, admit=admit,
     )  # fmt: skip
-    return get_job(rid, tenant.owner)
+    return recorded[-1]
+
+
+def outcome(s: Session, job: Job, settings: Settings) -> GenerateOutput:
+    """The output of ``job`` (its images read in ``s``); an error if it failed, was cancelled or is not done."""
+    status = JobStatus(job.status)
+    if status == JobStatus.COMPLETED:
+        return build_output(s, job, get_storage(settings), settings)
+    if not status.is_terminal:
+        raise RequestInProgressError("Request is still in progress")
+    default = "cancelled" if status == JobStatus.CANCELLED else "render_error"
+    raise JobFailedError(job.error or f"request {status.value.lower()}", job.error_type or default)
 
 
 def read_output(request_id: str, owner: str, settings: Settings) -> GenerateOutput:
@@ -151,10 +197,4 @@ def read_output(request_id: str, owner: str, settings: Settings) -> GenerateOutp
         job = ledger.get_job(s, request_id, owner=owner)
         if job is None:
             raise JobNotFoundError(f"request {request_id!r} not found")
-        status = JobStatus(job.status)
-        if status == JobStatus.COMPLETED:
-            return build_output(s, job, get_storage(settings), settings)
-    if not status.is_terminal:
-        raise RequestInProgressError("Request is still in progress")
-    default = "cancelled" if status == JobStatus.CANCELLED else "render_error"
-    raise JobFailedError(job.error or f"request {status.value.lower()}", job.error_type or default)
+        return outcome(s, job, settings)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated
 
 import anyio
@@ -25,10 +26,11 @@ from farm import events, lifecycle
 from farm.api.deps import SettingsDep, Tenant, TenantDep
 from farm.api.errors import ERROR_RESPONSES, FAILED, ErrorBody, RequestTimeoutError
 from farm.api.fal import APP_ID, fal_status
+from farm.api.job_access import outcome as job_outcome
 from farm.api.job_access import read_output, submit_job
 from farm.api.routes_queue import IdempotencyKey
 from farm.config import Settings
-from farm.errors import FarmError
+from farm.errors import FarmError, JobNotFoundError
 from farm.schemas import GenerateInput, GenerateOutput
 from farm.status import JobStatus, Lane
 
@@ -44,19 +46,50 @@ StartTimeout = Annotated[
 router = APIRouter(prefix=f"/run/{APP_ID}", tags=["run"])
 
 
-def _job_status(request_id: str) -> JobStatus:
+@dataclass
+class Outcome:
+    """What a run answers, taken from the read that found its job terminal (no second read)."""
+
+    owner: str
+    settings: Settings
+    value: GenerateOutput | FarmError | None = None
+
+    def result(self, request_id: str) -> GenerateOutput:
+        """The output, or raise the job's error (JobFailedError, JobNotFoundError …)."""
+        if self.value is None:  # the wait ended before the job did (the caller hung up)
+            return read_output(request_id, self.owner, self.settings)
+        if isinstance(self.value, FarmError):
+            raise self.value
+        return self.value
+
+
+def _job_state(request_id: str, outcome: Outcome | None) -> tuple[JobStatus, GenerateOutput | FarmError | None]:
+    """One read of the job: its status and, with ``outcome``, once it is terminal, what to answer (same session)."""
     with session_scope() as s:
-        job = ledger.get_job(s, request_id)
-        return JobStatus(job.status) if job is not None else JobStatus.CANCELLED
+        job = ledger.get_job(s, request_id, owner=outcome.owner if outcome is not None else None)
+        if job is None:
+            return JobStatus.CANCELLED, JobNotFoundError(f"request {request_id!r} not found")
+        status = JobStatus(job.status)
+        if outcome is None or not status.is_terminal:
+            return status, None
+        try:
+            return status, job_outcome(s, job, outcome.settings)
+        except FarmError as exc:
+            return status, exc
 
 
 async def wait_for_job(
-    request_id: str, request: Request | None, settings: Settings, start_timeout: float | None
+    request_id: str,
+    request: Request | None,
+    settings: Settings,
+    start_timeout: float | None,
+    outcome: Outcome | None = None,
 ) -> AsyncGenerator[JobStatus, None]:
     """Yield the job's status each time it changes, until it is terminal.
 
     Cancels the job when a time limit passes (RequestTimeoutError) or, given ``request``,
-    when the caller disconnects.
+    when the caller disconnects. Given ``outcome``, the read that finds the job terminal also
+    reads what to answer (the output, or the error) into it: one ledger read per wake-up.
     """
     started = time.monotonic()
     last: JobStatus | None = None
@@ -64,7 +97,9 @@ async def wait_for_job(
     # subscribed before the first read: a change committed between a read and the wait still wakes it
     with events.subscribe(request_id) as changes:
         while True:
-            status = await run_in_threadpool(_job_status, request_id)
+            status, value = await run_in_threadpool(_job_state, request_id, outcome)
+            if outcome is not None:
+                outcome.value = value
             if status != last:
                 yield status
                 last = status
@@ -133,21 +168,28 @@ async def run(
 ) -> GenerateOutput:
     """Render and answer the output schema (or the job's error) in one call."""
     request_id = await _submit(inp, tenant, settings, idempotency_key)
-    async for _ in wait_for_job(request_id, request, settings, start_timeout):
+    outcome = Outcome(tenant.owner, settings)
+    async for _ in wait_for_job(request_id, request, settings, start_timeout, outcome):
         pass
-    return await run_in_threadpool(read_output, request_id, tenant.owner, settings)
+    if outcome.value is None:
+        return await run_in_threadpool(outcome.result, request_id)
+    return outcome.result(request_id)
 
 
 async def _run_events(
     request_id: str, owner: str, settings: Settings, start_timeout: float | None
 ) -> AsyncIterator[dict[str, str]]:
     finished = False
+    outcome = Outcome(owner, settings)
     try:
         # sse-starlette cancels this generator when the caller hangs up: the job is cancelled below
-        async for status in wait_for_job(request_id, None, settings, start_timeout):
+        async for status in wait_for_job(request_id, None, settings, start_timeout, outcome):
             yield {"event": "status", "data": json.dumps({"request_id": request_id, "status": fal_status(status)})}
         finished = True
-        output = await run_in_threadpool(read_output, request_id, owner, settings)
+        if outcome.value is None:
+            output = await run_in_threadpool(outcome.result, request_id)
+        else:
+            output = outcome.result(request_id)
     except FarmError as exc:
         finished = True
         yield {"event": "error", "data": json.dumps({"detail": str(exc), "error_type": exc.error_type})}

@@ -5,13 +5,20 @@ One loop, resumable at any point because every step is recorded in the ledger fi
 1. **Ingest**: the manifest is read as a stream (``farm.bulk.manifest``) and recorded in
    ``bulk_samples`` in chunks of ``INGEST_CHUNK`` rows per transaction, at most ``window``
    samples ahead of what is finished, so a 1,000,000-line manifest never sits whole in memory
-   or in one transaction. A resumed run skips the samples already recorded.
+   or in one transaction (one multi-row insert per chunk). A resumed run skips the samples
+   already recorded.
 2. **Submit**: each pending sample becomes a one-image farm job in the ``bulk`` lane with
    request id ``<bulk id>-<idx>-<try>`` (idempotent: a run killed between the two steps
-   finds the same job again), at most ``max_in_flight`` at a time. The pool renders them like
-   any other job: leases, retries, cross-request batching (compatible samples share a GPU
-   batch) and lanes (interactive requests overtake bulk work between batches).
-3. **Collect**: finished farm jobs mark their samples done or failed.
+   finds the same job again), at most ``max_in_flight`` at a time, in chunks: one
+   ``submit_many`` (a multi-row insert of jobs, one of batches, one message per GPU batch)
+   and one update of the samples per chunk. The pool renders them like any other job:
+   leases, retries, cross-request batching (compatible samples share a GPU batch) and lanes
+   (interactive requests overtake bulk work between batches).
+3. **Collect**: finished farm jobs mark their samples done or failed, in one statement per
+   round (``UPDATE bulk_samples … FROM jobs``), with the round's counts in the same
+   transaction. Rounds come closer together while they find many samples finished and further
+   apart while they find none (between ``POLL_MIN_SECONDS`` and ``poll_seconds``), so that each
+   collects a handful at any pool speed.
 4. **Shards**: a shard whose samples are all done or failed is written to the destination
    once, atomically (``farm.bulk.writers``), and recorded in ``bulk_shards``.
 
@@ -29,11 +36,13 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import String, case, cast, func, insert, literal, null, or_, select, update
+from sqlalchemy.orm import Session
 
 from db.models import BulkJob, BulkSample, BulkShard, Job, utcnow
 from db.session import session_scope
@@ -48,15 +57,16 @@ from farm.bulk.control import (
     Progress,
     create,
     get,
+    gpu_seconds,
     progress,
     retry_failed,
     set_status,
 )
 from farm.bulk.manifest import RowError, Sample, read_manifest
-from farm.bulk.shards import sample_input, write_ready_shards
+from farm.bulk.shards import ReadAhead, sample_fields, write_ready_shards
 from farm.bulk.writers import open_destination, sample_key, write_stats
 from farm.config import Settings, get_settings
-from farm.errors import ConflictError, InvalidInputError
+from farm.errors import ConflictError, InvalidInputError, JobNotFoundError
 from farm.schemas import GenerateInput, stored_input
 from farm.status import JobStatus, Lane, SampleStatus
 from farm.storage import get_storage
@@ -67,6 +77,11 @@ __all__ = ["BUDGET", "CANCELLED", "COMPLETED", "PAUSED", "RUNNING", "BulkSpec", 
            "progress", "retry_failed", "run", "set_status"]
 
 INGEST_CHUNK = 1000
+SUBMIT_CHUNK = 64  # samples per submit at least (when the window has room for that many)
+POLL_MIN_SECONDS = 0.02  # rounds are at least this far apart, at most poll_seconds (see _rounds)
+TAIL_POLL_SECONDS = 0.05  # … and at most this far while few samples are left in flight
+LOST_CHECK_SECONDS = 5.0  # how often an idle round looks for submitted samples without a farm job
+RUNNER_RENEW_SECONDS = 5.0  # how often the driver's lease (RUNNER_LEASE_SECONDS) is renewed
 
 
 def run(
@@ -156,67 +171,178 @@ def _run(bulk_id: str, runner: str, on_progress: Callable[[Progress], None] | No
                           variants=spec.variants, wildcards=Path(spec.wildcards) if spec.wildcards else None,
                           strict=spec.strict, on_error=rejected.append),
             skip, None)
-    while True:
-        _take_runner(bulk_id, runner)  # renews the lease; lost to another driver: ConflictError
-        with session_scope() as s:
-            job = get(s, bulk_id)
-            status = job.status
-        if status == CANCELLED:
-            break
-        stopping = status == PAUSED or _over_budget(bulk_id, spec)
-        moved = False
-        if not stopping and not manifest_done:
-            moved |= _ingest(bulk_id, samples, window, shard_size, rejected, on_row_error) > 0
-            with session_scope() as s:
-                manifest_done = get(s, bulk_id).manifest_done
-        if not stopping:
-            moved |= _submit(bulk_id, owner, spec, max_in_flight, settings) > 0
-        moved |= _collect(bulk_id) > 0
-        moved |= write_ready_shards(bulk_id, dest, fmt, shard_size, owner, storage, spec) > 0
-        with session_scope() as s:
-            snap = progress(s, bulk_id)
-        if on_progress is not None:
-            on_progress(snap)
-        if snap.in_flight == 0 and stopping:
-            final = PAUSED if status == PAUSED else BUDGET
-            _finish(bulk_id, final, dest)
-            break
-        if manifest_done and snap.in_flight == 0 and snap.done + snap.failed == snap.ingested:
-            with session_scope() as s:
-                pending = s.scalar(select(func.count()).select_from(BulkSample).where(
-                    BulkSample.bulk_id == bulk_id, BulkSample.status == SampleStatus.PENDING)) or 0
-            if not pending:
-                _finish(bulk_id, COMPLETED, dest)
-                break
-        if not moved:
-            time.sleep(poll_seconds)
+    # shards are fetched and written by a thread of their own, so that the rounds go on meanwhile
+    # (collecting, submitting: the pool is kept fed while thousands of images are read back)
+    ahead = ReadAhead(bulk_id, owner, storage)
+
+    def write() -> int:
+        return write_ready_shards(bulk_id, dest, fmt, shard_size, owner, storage, spec, ahead)
+
+    def write_and_read_ahead() -> int:
+        written = write()
+        ahead.read()  # the images of the next shard done so far
+        return written
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulk-shards") as writer:
+        shards = _ShardWriter(writer, write_and_read_ahead, write)
+        _rounds(bulk_id, runner, on_progress, on_row_error, max_in_flight, poll_seconds, settings, spec, owner,
+                manifest_done, samples, rejected, window, shard_size, shards, dest)
     with session_scope() as s:
         return progress(s, bulk_id)
 
 
-def _ingest(bulk_id: str, samples: Iterator[Sample], window: int, shard_size: int, rejected: list[RowError],
-            on_row_error: Callable[[RowError], None] | None) -> int:
-    """Record up to a chunk of samples, keeping at most ``window`` unfinished; how many.
+class _ShardWriter:
+    """At most one ``write_ready_shards`` (and read-ahead) at a time, in the background; a failure is raised
+    by the next call."""
 
-    Rows rejected while reading are counted once: a resumed run reads the manifest from the
-    start again, and rows up to the last one recorded were counted by the run before.
+    def __init__(self, pool: ThreadPoolExecutor, background: Callable[[], int], write: Callable[[], int]) -> None:
+        self.pool = pool
+        self.background = background  # writes the complete shards, then reads ahead for the next one
+        self.write = write
+        self.running: Future[int] | None = None
+        self.due = True  # look for complete shards in the first round (a resumed job may have some)
+
+    def poke(self) -> None:
+        """Look for complete shards now, or as soon as the write under way is over."""
+        if self.running is not None:
+            if not self.running.done():
+                self.due = True  # shards may complete meanwhile: look again when it is over
+                return
+            self.running.result()  # a write that failed fails the run here
+        self.due = False
+        self.running = self.pool.submit(self.background)
+
+    def flush(self) -> None:
+        """Wait for the write under way, then write every complete shard left (in this thread)."""
+        if self.running is not None:
+            self.running.result()
+            self.running = None
+        self.due = False
+        self.write()
+
+
+def _rounds(bulk_id: str, runner: str, on_progress: Callable[[Progress], None] | None,
+            on_row_error: Callable[[RowError], None] | None, max_in_flight: int, poll_seconds: float,
+            settings: Settings, spec: BulkSpec, owner: str, manifest_done: bool, samples: Iterator[Sample],
+            rejected: list[RowError], window: int, shard_size: int, shards: _ShardWriter, dest: Any) -> None:
+    """The driver's rounds, until the job completes, stops (pause, budget) or is cancelled."""
+    chunk = max(1, min(max_in_flight // 4, SUBMIT_CHUNK))  # fewer, larger submits (see below)
+    budgeted = spec.budget_images is not None or spec.budget_gpu_seconds is not None
+    renew_at = time.monotonic() + RUNNER_RENEW_SECONDS  # run() has just taken the lease
+    lost_check_at = time.monotonic() + LOST_CHECK_SECONDS
+    wait = POLL_MIN_SECONDS
+    while True:
+        if time.monotonic() >= renew_at:
+            _take_runner(bulk_id, runner)  # renews the lease; lost to another driver: ConflictError
+            renew_at = time.monotonic() + RUNNER_RENEW_SECONDS
+        # one transaction per round: the job's status, the finished farm jobs collected, the counts
+        with session_scope() as s:
+            if _status(s, bulk_id) == CANCELLED:
+                return
+            collected = _collect(s, bulk_id)
+            snap = _snapshot(s, bulk_id, gpu_seconds(s, bulk_id) if budgeted else 0.0)
+        pending = snap.ingested - snap.done - snap.failed - snap.in_flight
+        stopping = snap.status == PAUSED or (budgeted and _over_budget(snap, spec))
+        busy = False  # driver-side work that may go on at once: more rows to ingest or to submit
+        if not stopping and not manifest_done:
+            ingested, manifest_done = _ingest(bulk_id, samples, window, shard_size, rejected, on_row_error,
+                                              unfinished=pending + snap.in_flight)
+            snap.ingested += ingested
+            pending += ingested
+            if snap.total is None and manifest_done:
+                snap.total = snap.ingested
+            shards.due |= manifest_done  # the last shard may be complete now
+            busy |= ingested > 0
+        room = max_in_flight - snap.in_flight
+        # a submit waits until there is room for a chunk (or nothing is in flight): the pool still
+        # has at least max_in_flight - chunk jobs to render meanwhile
+        if not stopping and pending and room > 0 and (room >= min(chunk, pending) or snap.in_flight == 0):
+            submitted = _submit(bulk_id, owner, spec, room, snap, settings)
+            snap.in_flight += submitted
+            busy |= submitted > 0
+        finishing = snap.in_flight == 0 and (
+            stopping or (manifest_done and snap.done + snap.failed == snap.ingested))
+        if finishing:
+            shards.flush()
+        elif collected or shards.due:
+            shards.poke()
+        if on_progress is not None:
+            on_progress(snap)
+        if finishing:
+            _finish(bulk_id, (PAUSED if snap.status == PAUSED else BUDGET) if stopping else COMPLETED, dest)
+            return
+        if busy:
+            continue
+        if not collected and snap.in_flight and time.monotonic() >= lost_check_at:
+            lost_check_at = time.monotonic() + LOST_CHECK_SECONDS
+            if _requeue_lost(bulk_id):
+                continue
+        # how often to look: twice as often when a round collects a whole chunk, half as often when it
+        # collects nothing, so that a round has some finished samples to collect at any pool speed;
+        # often near the end (the job completes soon after its last image)
+        if collected >= chunk:
+            wait = max(POLL_MIN_SECONDS, wait / 2)
+        elif not collected:
+            wait = min(max(poll_seconds, POLL_MIN_SECONDS), wait * 2)
+        time.sleep(min(wait, TAIL_POLL_SECONDS) if snap.in_flight <= chunk else wait)
+
+
+def _status(s: Session, bulk_id: str) -> str:
+    status = s.scalar(select(BulkJob.status).where(BulkJob.id == bulk_id))
+    if status is None:
+        raise JobNotFoundError(f"no bulk job {bulk_id!r}")
+    return status
+
+
+def _snapshot(s: Session, bulk_id: str, gpu: float) -> Progress:
+    """The job's progress in two small queries: its row (with its shard count), and one grouped count of
+    its unfinished and failed samples (the done ones are the rest of those ingested, so a round costs the
+    same at the first sample and at the millionth)."""
+    shards = select(func.count()).select_from(BulkShard).where(BulkShard.bulk_id == bulk_id).scalar_subquery()
+    row = s.execute(select(BulkJob.status, BulkJob.ingested, BulkJob.manifest_done, BulkJob.rows_rejected, shards)
+                    .where(BulkJob.id == bulk_id)).one_or_none()
+    if row is None:
+        raise JobNotFoundError(f"no bulk job {bulk_id!r}")
+    status, ingested, manifest_done, rows_rejected, written = row
+    counts = {str(state): int(n) for state, n in s.execute(
+        select(BulkSample.status, func.count()).where(
+            BulkSample.bulk_id == bulk_id,
+            BulkSample.status.in_((SampleStatus.PENDING, SampleStatus.SUBMITTED, SampleStatus.FAILED)))
+        .group_by(BulkSample.status))}
+    unfinished = counts.get(SampleStatus.PENDING, 0) + counts.get(SampleStatus.SUBMITTED, 0)
+    failed = counts.get(SampleStatus.FAILED, 0)
+    return Progress(bulk_id=bulk_id, status=status, total=ingested if manifest_done else None, ingested=ingested,
+                    done=ingested - unfinished - failed, failed=failed,
+                    in_flight=counts.get(SampleStatus.SUBMITTED, 0), shards_written=int(written or 0),
+                    rows_rejected=rows_rejected, gpu_seconds=gpu)
+
+
+def _ingest(bulk_id: str, samples: Iterator[Sample], window: int, shard_size: int, rejected: list[RowError],
+            on_row_error: Callable[[RowError], None] | None, unfinished: int) -> tuple[int, bool]:
+    """Record up to a chunk of samples, keeping at most ``window`` unfinished (``unfinished`` now, as
+    counted by the caller); ``(how many, whether the manifest is read to its end)``.
+
+    One multi-row insert per chunk. Rows rejected while reading are counted once: a resumed run
+    reads the manifest from the start again, and rows up to the last one recorded were counted by
+    the run before.
     """
+    room = min(INGEST_CHUNK, window - unfinished)
+    if room <= 0:
+        return 0, False
+    chunk = list(itertools.islice(samples, room))
     with session_scope() as s:
         job = get(s, bulk_id)
-        unfinished = s.scalar(select(func.count()).select_from(BulkSample).where(
-            BulkSample.bulk_id == bulk_id, BulkSample.status.in_((SampleStatus.PENDING, SampleStatus.SUBMITTED)))) or 0
-        room = min(INGEST_CHUNK, window - unfinished)
-        if room <= 0:
-            return 0
-        chunk = list(itertools.islice(samples, room))
+        rows: list[dict[str, Any]] = []
         for sample in chunk:
-            idx = job.ingested
+            idx = job.ingested + len(rows)
             shard, within = divmod(idx, shard_size)
-            s.add(BulkSample(bulk_id=bulk_id, idx=idx, shard=shard, key=sample_key(shard, within), row=sample.row,
-                             prompt=sample.prompt, negative_prompt=sample.negative_prompt, seed=sample.seed,
-                             params={**sample.params, "template": sample.template}, extra=sample.extra,
-                             status=SampleStatus.PENDING, tries=0))
-            job.ingested += 1
+            rows.append({"bulk_id": bulk_id, "idx": idx, "shard": shard, "key": sample_key(shard, within),
+                         "row": sample.row, "prompt": sample.prompt, "negative_prompt": sample.negative_prompt,
+                         "seed": sample.seed, "params": {**sample.params, "template": sample.template},
+                         "extra": sample.extra, "status": SampleStatus.PENDING, "tries": 0})
+        if rows:
+            s.execute(insert(BulkSample), rows)
+            job.ingested += len(rows)
         for error in rejected:
             if error.row > job.last_row:
                 job.rows_rejected += 1
@@ -228,71 +354,83 @@ def _ingest(bulk_id: str, samples: Iterator[Sample], window: int, shard_size: in
             job.last_row = max(job.last_row, chunk[-1].row)
         if len(chunk) < room:
             job.manifest_done = True
-        return len(chunk)
+        return len(rows), job.manifest_done
 
 
-def _submit(bulk_id: str, owner: str, spec: BulkSpec, max_in_flight: int, settings: Settings) -> int:
+def _submit(bulk_id: str, owner: str, spec: BulkSpec, room: int, snap: Progress, settings: Settings) -> int:
+    """Submit up to ``room`` pending samples as farm jobs (one ``submit_many``); how many."""
+    if spec.budget_images is not None:  # never submit past the image budget
+        room = min(room, spec.budget_images - snap.done - snap.in_flight)
+    if room <= 0:
+        return 0
     with session_scope() as s:
-        in_flight = s.scalar(select(func.count()).select_from(BulkSample).where(
-            BulkSample.bulk_id == bulk_id, BulkSample.status == SampleStatus.SUBMITTED)) or 0
-        room = max_in_flight - in_flight
-        if spec.budget_images is not None:  # never submit past the image budget
-            done = s.scalar(select(func.count()).select_from(BulkSample).where(
-                BulkSample.bulk_id == bulk_id, BulkSample.status == SampleStatus.DONE)) or 0
-            room = min(room, spec.budget_images - done - in_flight)
-        if room <= 0:
-            return 0
-        rows = list(s.scalars(select(BulkSample).where(BulkSample.bulk_id == bulk_id,
-                                                       BulkSample.status == SampleStatus.PENDING)
-                              .order_by(BulkSample.idx).limit(room)))
-        todo = [(r.idx, r.tries, sample_input(r)) for r in rows]
+        rows = s.execute(select(BulkSample.idx, BulkSample.tries, BulkSample.params, BulkSample.prompt,
+                                BulkSample.negative_prompt, BulkSample.seed)
+                         .where(BulkSample.bulk_id == bulk_id, BulkSample.status == SampleStatus.PENDING)
+                         .order_by(BulkSample.idx).limit(room)).all()
     batch: list[tuple[GenerateInput, str]] = []
     invalid: dict[int, str] = {}
-    for idx, tries, fields in todo:
+    for idx, tries, params, prompt, negative_prompt, seed in rows:
         try:
-            batch.append((stored_input(fields), f"{bulk_id}-{idx}-{tries}"))
+            batch.append((stored_input(sample_fields(params, prompt, negative_prompt, seed)),
+                          f"{bulk_id}-{idx}-{tries}"))
         except ValueError as exc:  # admitted when the manifest was read; only a malformed row gets here
             invalid[idx] = str(exc).splitlines()[0]
     # never fails on the broker: the jobs wait in the ledger and the sweeper announces them
     rids = lifecycle.submit_many(batch, owner=owner, lane=Lane.BULK, source="bulk", settings=settings)
-    by_idx = {int(rid.rsplit("-", 2)[1]): rid for rid in rids}
+    idxs = [int(rid.rsplit("-", 2)[1]) for rid in rids]
     with session_scope() as s:
-        for idx, rid in by_idx.items():
-            s.execute(update(BulkSample).where(BulkSample.bulk_id == bulk_id, BulkSample.idx == idx)
-                      .values(status=SampleStatus.SUBMITTED, job_id=rid))
+        if idxs:  # the job id is the deterministic <bulk id>-<idx>-<tries>, as submitted
+            s.execute(update(BulkSample)
+                      .where(BulkSample.bulk_id == bulk_id, BulkSample.idx.in_(idxs),
+                             BulkSample.status == SampleStatus.PENDING)
+                      .values(status=SampleStatus.SUBMITTED,
+                              job_id=BulkSample.bulk_id + "-" + cast(BulkSample.idx, String) + "-"
+                              + cast(BulkSample.tries, String))
+                      .execution_options(synchronize_session=False))
         for idx, error in invalid.items():
             s.execute(update(BulkSample).where(BulkSample.bulk_id == bulk_id, BulkSample.idx == idx)
                       .values(status=SampleStatus.FAILED, error=error))
-    return len(by_idx)
+    if invalid:
+        snap.failed += len(invalid)
+    return len(idxs)
 
 
-def _collect(bulk_id: str) -> int:
-    """Samples whose farm job finished: done, or failed with the job's error."""
+_FINISHED_JOB = (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+def _collect(s: Session, bulk_id: str) -> int:
+    """Samples whose farm job finished: done, or failed with the job's error; how many.
+
+    One statement (``UPDATE bulk_samples … FROM jobs``): the submitted samples joined to their
+    finished farm jobs.
+    """
+    completed = Job.status == JobStatus.COMPLETED
+    result = s.execute(
+        update(BulkSample)
+        .where(BulkSample.bulk_id == bulk_id, BulkSample.status == SampleStatus.SUBMITTED,
+               BulkSample.job_id == Job.id, Job.status.in_(_FINISHED_JOB))
+        .values(status=case((completed, literal(SampleStatus.DONE.value)), else_=literal(SampleStatus.FAILED.value)),
+                error=case((completed, null()), else_=Job.error))
+        .execution_options(synchronize_session=False))
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _requeue_lost(bulk_id: str) -> int:
+    """Submitted samples whose farm job does not exist (any more): pending again, submitted anew."""
     with session_scope() as s:
-        stmt = (select(BulkSample.idx, Job.status, Job.error)
-                .join(Job, Job.id == BulkSample.job_id)
-                .where(BulkSample.bulk_id == bulk_id, BulkSample.status == SampleStatus.SUBMITTED,
-                       Job.status.in_([JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED])))
-        rows = s.execute(stmt).all()
-        lost = s.execute(update(BulkSample).where(  # submitted, but no farm job of that id: submit again
+        lost = s.execute(update(BulkSample).where(
             BulkSample.bulk_id == bulk_id, BulkSample.status == SampleStatus.SUBMITTED,
             ~select(Job.id).where(Job.id == BulkSample.job_id).exists())
-            .values(status=SampleStatus.PENDING, job_id=None))
-        if lost.rowcount:  # type: ignore[attr-defined]
-            log.warning("bulk %s: %d submitted sample(s) had no farm job: pending again", bulk_id,
-                        lost.rowcount)  # type: ignore[attr-defined]
-        for idx, status, error in rows:
-            done = status == JobStatus.COMPLETED
-            s.execute(update(BulkSample).where(BulkSample.bulk_id == bulk_id, BulkSample.idx == idx)
-                      .values(status=SampleStatus.DONE if done else SampleStatus.FAILED, error=None if done else error))
-    return len(rows)
+            .values(status=SampleStatus.PENDING, job_id=None)
+            .execution_options(synchronize_session=False))
+        n = int(lost.rowcount)  # type: ignore[attr-defined]
+    if n:
+        log.warning("bulk %s: %d submitted sample(s) had no farm job: pending again", bulk_id, n)
+    return n
 
 
-def _over_budget(bulk_id: str, spec: BulkSpec) -> bool:
-    if spec.budget_images is None and spec.budget_gpu_seconds is None:
-        return False
-    with session_scope() as s:
-        snap = progress(s, bulk_id)
+def _over_budget(snap: Progress, spec: BulkSpec) -> bool:
     rendered = snap.done + snap.in_flight  # what is in flight will be rendered too
     if spec.budget_images is not None and rendered >= spec.budget_images:
         return True

@@ -7,9 +7,10 @@ metadata holds every input parameter: rendered alone with them, the image is the
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from db.models import BulkSample, BulkShard, Image, utcnow
 from db.session import session_scope
@@ -20,14 +21,20 @@ from farm.storage import Storage, object_key
 
 
 def sample_input(row: BulkSample) -> dict[str, Any]:
-    params = {k: v for k, v in row.params.items() if k != "template"}
-    return {**params, "prompt": row.prompt, "negative_prompt": row.negative_prompt or "", "seed": row.seed,
+    return sample_fields(row.params, row.prompt, row.negative_prompt, row.seed)
+
+
+def sample_fields(params: dict[str, Any], prompt: str, negative_prompt: str | None, seed: int) -> dict[str, Any]:
+    """The farm job input of a sample, from its ``bulk_samples`` columns."""
+    fields = {k: v for k, v in params.items() if k != "template"}
+    return {**fields, "prompt": prompt, "negative_prompt": negative_prompt or "", "seed": seed,
             "num_images": 1, "sync_mode": False}
 
 
 def write_ready_shards(bulk_id: str, dest: Destination, fmt: str, shard_size: int, owner: str, storage: Storage,
-                       spec: BulkSpec) -> int:
-    """Write every shard whose samples are all finished and that is not written yet."""
+                       spec: BulkSpec, ahead: ReadAhead | None = None) -> int:
+    """Write every shard whose samples are all finished and that is not written yet (with ``ahead``, the
+    images it read already are taken from it, the others read now)."""
     with session_scope() as s:
         job = get(s, bulk_id)
         written = set(s.scalars(select(BulkShard.shard).where(BulkShard.bulk_id == bulk_id)))
@@ -47,17 +54,81 @@ def write_ready_shards(bulk_id: str, dest: Destination, fmt: str, shard_size: in
             plan = [(r.key, r.job_id, _meta(r, spec, images.get(r.job_id))) for r in rows
                     if r.status == SampleStatus.DONE and r.job_id is not None]
             failed = sum(1 for r in rows if r.status == SampleStatus.FAILED)
-        samples = []
-        for key, job_id, meta in plan:
-            ext = "png" if meta["format"] == "png" else "jpg"
-            data = storage.get(object_key(owner, job_id, 0, meta["format"]))
-            samples.append(ShardSample(key=key, image=data, ext=ext, meta=meta))
+        keys = [object_key(owner, job_id, 0, meta["format"]) for _, job_id, meta in plan]
+        datas = ahead.take(keys) if ahead is not None else _fetch(storage, keys)
+        samples = [ShardSample(key=key, image=data, ext="png" if meta["format"] == "png" else "jpg", meta=meta)
+                   for (key, _, meta), data in zip(plan, datas, strict=True)]
         stats = write_shard(dest, fmt, shard, samples, failed=failed)
         with session_scope() as s:
             s.merge(BulkShard(bulk_id=bulk_id, shard=shard, count=len(samples), failed=failed, stats=stats,
                               written_at=utcnow()))
         count += 1
     return count
+
+
+FETCH_THREADS = 8  # storage reads of a shard's images in flight at once
+
+
+def _fetch(storage: Storage, keys: list[str]) -> list[bytes]:
+    """The objects ``keys``, in order, read by a small thread pool (a shard is thousands of small GETs,
+    each mostly waiting on the storage server)."""
+    if len(keys) < 2:
+        return [storage.get(key) for key in keys]
+    with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(keys)), thread_name_prefix="bulk-fetch") as pool:
+        return list(pool.map(storage.get, keys))
+
+
+READ_AHEAD_BYTES = 128 * 2**20  # at most this many bytes of images held in memory ahead of their shard
+
+
+class ReadAhead:
+    """Images of the done samples of the first shard still open, read from storage while the shard fills, so
+    that writing it does not wait for a thousand reads at once (the last shard of a job is written as soon as
+    its last image is done). At most ``budget`` bytes are held; what is not held is read when the shard is
+    written. Not thread-safe: one thread reads ahead and writes shards (the driver's shard writer)."""
+
+    def __init__(self, bulk_id: str, owner: str, storage: Storage, budget: int = READ_AHEAD_BYTES) -> None:
+        self.bulk_id = bulk_id
+        self.owner = owner
+        self.storage = storage
+        self.budget = budget
+        self.held: dict[str, bytes] = {}  # by object key
+        self.size = 0
+        self.fetched = self.fetched_bytes = self.mean = 0  # read ahead so far: how many, bytes, mean size
+
+    def read(self) -> int:
+        """Read the images of the first open shard's done samples not held yet; how many."""
+        if self.size >= self.budget:
+            return 0
+        unfinished = (SampleStatus.PENDING, SampleStatus.SUBMITTED)
+        with session_scope() as s:
+            shard = s.scalar(select(func.min(BulkSample.shard)).where(BulkSample.bulk_id == self.bulk_id,
+                                                                      BulkSample.status.in_(unfinished)))
+            if shard is None:
+                return 0
+            rows = s.execute(select(BulkSample.job_id, BulkSample.params["format"].as_string()).where(
+                BulkSample.bulk_id == self.bulk_id, BulkSample.shard == shard,
+                BulkSample.status == SampleStatus.DONE)).all()
+        keys = [key for job_id, fmt in rows if job_id is not None
+                and (key := object_key(self.owner, job_id, 0, fmt or "jpeg")) not in self.held]
+        # as many as fit, at the mean size seen so far (a few first, to learn it)
+        room = (self.budget - self.size) // self.mean if self.mean else FETCH_THREADS
+        keys = keys[:room]
+        for key, data in zip(keys, _fetch(self.storage, keys), strict=True):
+            self.held[key] = data
+            self.size += len(data)
+            self.fetched += 1
+            self.fetched_bytes += len(data)
+        self.mean = -(-self.fetched_bytes // self.fetched) if self.fetched else 0
+        return len(keys)
+
+    def take(self, keys: list[str]) -> list[bytes]:
+        """The objects ``keys``, in order: those held (and let go), the others read now."""
+        got = {key: self.held.pop(key) for key in keys if key in self.held}
+        self.size -= sum(len(data) for data in got.values())
+        missing = [key for key in keys if key not in got]
+        got.update(zip(missing, _fetch(self.storage, missing), strict=True))
+        return [got[key] for key in keys]
 
 
 def _meta(row: BulkSample, spec: BulkSpec, image: Image | None) -> dict[str, Any]:

@@ -66,6 +66,23 @@ class _Bar:
                              rate=f"{rate:.1f} img/s", failures=f"{snap.failed} failed" if snap.failed else "")
 
 
+def _nothing_to_do(bulk_id: str) -> bool:
+    """A complete job has nothing to render: say so at once, without loading a model or starting a
+    driver (which would only find every sample done). A cancelled one is refused at once."""
+    with session_scope() as s:
+        snap = driver.progress(s, bulk_id)
+        dest = driver.get(s, bulk_id).dest
+    if snap.status not in (driver.COMPLETED, driver.CANCELLED):
+        return False
+    click.echo(json.dumps(dataclasses.asdict(snap), indent=2))
+    if snap.status == driver.CANCELLED:
+        raise FarmError(f"bulk job {bulk_id} was cancelled")
+    hint = "; --retry-failed renders the failed samples again" if snap.failed else ""
+    err.print(f"bulk job {bulk_id} is already complete ({snap.done} done, {snap.failed} failed, "
+              f"{snap.shards_written} shards in {dest}): nothing to do{hint}", highlight=False)
+    return True
+
+
 def _drive(bulk_id: str, model_name: str, device: str, max_in_flight: int) -> driver.Progress:
     settings = get_settings()
     with contextlib.ExitStack() as stack:
@@ -152,6 +169,8 @@ def run(manifest: Path, dest: str, fmt: str, shard_size: int, model_name: str, i
                             owner=settings.default_owner, bulk_id=bulk_id, settings=settings)
     if retry_failed:
         err.print(f"{driver.retry_failed(bulk_id)} failed sample(s) back to pending", highlight=False)
+    if _nothing_to_do(bulk_id):
+        return
     err.print(f"bulk job {bulk_id} → {dest} ({fmt}, {shard_size} per shard)", highlight=False)
     _drive(bulk_id, model_name, device, max_in_flight)
 
@@ -207,15 +226,21 @@ def resume(bulk_id: str, retry_failed: bool, budget_images: int | None, budget_g
             job.spec = spec
     if retry_failed:
         err.print(f"{driver.retry_failed(bulk_id)} failed sample(s) back to pending", highlight=False)
+    if _nothing_to_do(bulk_id):
+        return
     _drive(bulk_id, model_name, device, max_in_flight)
 
 
 
 @bulk.command("worker")
 @click.option("--concurrency", type=int, default=4, show_default=True, help="Bulk jobs driven at once.")
-@click.option("--loglevel", default=None, help="Worker log level (default: FARM_LOG_LEVEL).")
-def bulk_worker(concurrency: int, loglevel: str | None) -> None:
+@click.option("--log-level", "log_level", default=None, help="Worker log level (default: FARM_LOG_LEVEL).")
+@click.option("--loglevel", "old_log_level", default=None, hidden=True, help="Deprecated: use --log-level.")
+def bulk_worker(concurrency: int, log_level: str | None, old_log_level: str | None) -> None:
     """Serve farm.bulk tasks (Celery and POST /bulk): drives jobs, renders nothing, needs no GPU."""
+    from farm.commands.worker import log_level_option
+
+    loglevel = log_level_option(log_level, old_log_level)
     settings = get_settings()
     if settings.embedded:
         raise FarmError("farm bulk worker needs FARM_BROKER_URL (redis://…)")

@@ -23,7 +23,7 @@ from db import ledger
 from db.migrate import ensure_schema
 from db.session import session_scope
 from farm import events, lifecycle
-from farm.config import get_settings
+from farm.config import Settings, get_settings
 from farm.errors import FarmError, InvalidInputError, JobNotFoundError
 from farm.results import build_output, status_view
 from farm.schemas import ImageSizeName, parse_input
@@ -67,25 +67,34 @@ def _is_float(text: str) -> bool:
 @click.command()
 @click.argument("prompt")
 @click.option("--model", "model_name", default=None, help="model_name (default: the schema's, SDXL).")
-@click.option("--negative-prompt", default=None)
-@click.option("--image-size", default=None, help="square_hd, square, portrait_4_3, … or WIDTHxHEIGHT.")
+@click.option("--negative-prompt", default=None,
+              help="What the images should not show (needs --guidance-scale above 1; LCM-distilled models ignore it).")
+@click.option("--image-size", default=None,
+              help="square_hd, square, portrait_4_3, … or WIDTHxHEIGHT (default: the model's own, see `farm models`).")
 @click.option("--steps", "num_inference_steps", type=int, default=None, help="num_inference_steps (6).")
 @click.option("--seed", type=int, default=None, help="Seed of image 0; image i uses seed + i.")
-@click.option("--guidance-scale", type=float, default=None)
-@click.option("--guidance-rescale", type=float, default=None)
-@click.option("--num-images", type=int, default=None)
+@click.option("--guidance-scale", type=float, default=None,
+              help="guidance_scale (1.5); above 1 runs classifier-free guidance, where --negative-prompt acts.")
+@click.option("--guidance-rescale", type=float, default=None, help="guidance_rescale, 0 to 1 (0).")
+@click.option("--num-images", type=int, default=None, help="num_images (1), at most FARM_MAX_NUM_IMAGES.")
 @click.option("--sync-mode/--no-sync-mode", default=False, show_default=True,
               help="Return images as data URIs in the printed JSON (the CLI defaults to URLs).")
-@click.option("--safety-checker/--no-safety-checker", "enable_safety_checker", default=None)
-@click.option("--safety-checker-version", type=click.Choice(["v1", "v2"]), default=None)
-@click.option("--expand-prompt/--no-expand-prompt", default=None)
-@click.option("--format", "format_", type=click.Choice(["jpeg", "png"]), default=None)
-@click.option("--request-id", default=None)
+@click.option("--safety-checker/--no-safety-checker", "enable_safety_checker", default=None,
+              help="Black out images the safety checker flags (default: on).")
+@click.option("--safety-checker-version", type=click.Choice(["v1", "v2"]), default=None,
+              help="v1: CompVis's checker (default); v2: a ViT classifier.")
+@click.option("--expand-prompt/--no-expand-prompt", default=None,
+              help="Append quality phrases to the prompt (default: off).")
+@click.option("--format", "format_", type=click.Choice(["jpeg", "png"]), default=None,
+              help="Image format (default: jpeg).")
+@click.option("--request-id", default=None,
+              help="Record the job under this id (default: a new one); the same id and input again give the same job.")
 @click.option("--lora", "loras", multiple=True, help="PATH[:SCALE], under the files root or a hub id.")
 @click.option("--embedding", "embeddings", multiple=True, help="PATH[:<tok1>,<tok2>].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Save the images into this folder.")
-@click.option("--lane", type=click.Choice([lane.value for lane in Lane]), default=Lane.SYNC.value, show_default=True)
+@click.option("--lane", type=click.Choice([lane.value for lane in Lane]), default=Lane.SYNC.value, show_default=True,
+              help="Priority lane: a worker always takes the highest non-empty one (realtime > sync > queue > bulk).")
 @click.option("--device", default="cpu", show_default=True, help="Device of the in-process worker (embedded mode).")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Give up (and cancel) after SECONDS.")
 def generate(prompt: str, model_name: str | None, negative_prompt: str | None, image_size: str | None,
@@ -119,6 +128,8 @@ def generate(prompt: str, model_name: str | None, negative_prompt: str | None, i
         rid = lifecycle.submit(inp, owner=settings.default_owner, lane=Lane(lane), source="cli",
                                  settings=settings)
         err.print(f"request {rid}", highlight=False)
+        if not settings.embedded:
+            _warn_if_unserved(inp.model_name, settings)
         final = _follow(rid, inp.num_images, timeout)
     if final != JobStatus.COMPLETED:
         with session_scope() as s:
@@ -140,7 +151,19 @@ def generate(prompt: str, model_name: str | None, negative_prompt: str | None, i
                 saved.append(path)
     click.echo(output.model_dump_json(indent=2))
     for path in saved:
-        err.print(f"saved {path}", highlight=False)
+        click.echo(f"saved {path}", err=True)  # one line per path, never wrapped
+
+
+def _warn_if_unserved(model_name: str, settings: Settings) -> None:
+    """Say before waiting that no live worker serves the model (the job waits for one to join)."""
+    from farm.lifecycle.pool import pool_state
+    from models.registry import get_model
+
+    spec = get_model(model_name, settings)
+    with session_scope() as s:
+        state = pool_state(s, spec.name, spec.key, settings)
+    if not state.live:
+        click.echo(f"warning: {state.describe()}", err=True)  # one line, never wrapped under the progress bar
 
 
 def _follow(rid: str, total: int, timeout: float) -> JobStatus:

@@ -9,21 +9,27 @@ never fails a submit. The batches then wait in the ledger, marked unpublished, a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db import batches as ledger_batches
 from db import ledger
 from db.batches import compat_key, live_workers, plan_batches, pool_max_batch
-from db.models import Batch, Worker
+from db.models import Batch, Job, Worker
 from db.session import session_scope
 from farm import dispatch
 from farm.config import Settings, get_settings
+from farm.errors import NoLiveWorkerError
 from farm.lifecycle.finish import finish_now
+from farm.lifecycle.pool import unserved
 from farm.schemas import GenerateInput
 from farm.status import JobStatus, Lane
 from models.registry import ModelSpec, get_model
@@ -87,6 +93,7 @@ def submit(
     webhook_url: str | None = None,
     background: bool = False,
     settings: Settings | None = None,
+    admit: Callable[[Session, Job, bool], bool] | None = None,
 ) -> str:
     """Record the job and its batches, then announce them; return the request id.
 
@@ -94,23 +101,36 @@ def submit(
     job and records nothing (its batches, if still queued, are announced again: duplicates are
     harmless, the claim decides). The broker being down never fails a submit. ``background``
     publishes from a thread (the HTTP API answers as soon as the rows are committed).
+
+    ``admit(s, job, created)`` runs in the transaction right after the job row is recorded (or
+    found): it gets the row (no caller needs to read it back), may raise to refuse the submit
+    (nothing is recorded: the transaction rolls back), or return False to stop there (nothing
+    more is recorded or announced; the HTTP API answers a repeated idempotency key so).
     """
     settings = settings or get_settings()
     spec = get_model(inp.model_name, settings)
     seed = inp.seed if inp.seed is not None else secrets.randbelow(2**31)
     rid = request_id or inp.request_id or uuid.uuid4().hex
     with session_scope() as s:
+        waiting = None if settings.embedded else unserved(s, spec.name, spec.key, settings)
+        if waiting is not None and settings.require_live_worker:
+            raise NoLiveWorkerError(waiting.describe().split(": the job waits")[0])
         job, created = ledger.create_job(
             s, request_id=rid, owner=owner, model_name=spec.name, model_key=spec.key, lane=lane.value,
             source=source, input=inp.model_dump(mode="json"), seed=seed, num_images=inp.num_images,
             idempotency_key=idempotency_key, webhook_url=webhook_url,
         )  # fmt: skip
         rid = job.id
+        if admit is not None and not admit(s, job, created):
+            return rid
         if created:
-            chunks = split_job(s, spec.name, inp.num_images, settings)
+            # one image is one batch whatever the pool (plan_batches gives [[0]]): no look at the pool
+            chunks = [[0]] if inp.num_images == 1 else split_job(s, spec.name, inp.num_images, settings)
             rows = ledger_batches.create_batches(s, rid, spec.key, lane.value, _compat(inp, owner), chunks)
             ledger.add_log(s, rid, f"queued {inp.num_images} image(s) in {len(chunks)} batch(es) on "
                            f"{render_queue(spec.key, lane)}", source="coordinator")
+            if waiting is not None:
+                ledger.add_log(s, rid, waiting.describe(), level="WARNING", source="coordinator")
         elif JobStatus(job.status).is_terminal:
             return rid
         else:
@@ -131,40 +151,28 @@ def submit_many(
     with one message per GPU batch of them (bulk work: no message is spent on a batch that a
     companion claim would take anyway).
 
-    Jobs that exist already are not created again; their queued batches are announced again
-    (a submitter that died between recording and publishing loses nothing; a spare message
-    claims nothing). The broker being down never fails it: the batches wait in the ledger.
+    Set-based: one multi-row insert of the jobs (ids that exist already are skipped, then read
+    back in one query), one of their batches, one query for the queued batches of the jobs that
+    existed; no ledger log line per job (one debug line of this process per call). Jobs that exist already
+    are not created again; their queued batches are announced again (a submitter that died
+    between recording and publishing loses nothing; a spare message claims nothing). The broker
+    being down never fails it: the batches wait in the ledger.
     """
     settings = settings or get_settings()
-    rids = []
-    pools: dict[str, list[Worker]] = {}  # one look at each model's pool per call
-    specs: dict[str, ModelSpec] = {}
-    rows: list[Batch] = []
+    if not items:
+        return []
     with session_scope() as s:
-        for inp, rid in items:
-            spec = get_model(inp.model_name, settings)
-            if spec.key not in pools:
-                pools[spec.key], specs[spec.key] = live_workers(s, spec.key, settings.lease_seconds), spec
-            seed = inp.seed if inp.seed is not None else secrets.randbelow(2**31)
-            job, created = ledger.create_job(
-                s, request_id=rid, owner=owner, model_name=spec.name, model_key=spec.key, lane=lane.value,
-                source=source, input=inp.model_dump(mode="json"), seed=seed, num_images=inp.num_images,
-            )
-            if created:
-                rows += ledger_batches.create_batches(s, job.id, spec.key, lane.value, _compat(inp, owner),
-                                                      split_job(s, spec.name, inp.num_images, settings,
-                                                                pools[spec.key]))
-            elif not JobStatus(job.status).is_terminal:
-                rows += [b for b in ledger_batches.get_batches(s, job.id) if b.status == ledger_batches.QUEUED]
-            rids.append(job.id)
-        sizes = {key: pool_max_batch(pools[key], _configured(specs[key], settings)) for key in pools}
-    groups: dict[tuple[str, str, str], list[Batch]] = {}
+        if s.get_bind().dialect.name in ("postgresql", "sqlite"):
+            rows, sizes, created = _record_many(s, items, owner, lane, source, settings)
+        else:
+            rows, sizes, created = _record_one_by_one(s, items, owner, lane, source, settings)
+    groups: dict[tuple[str, str, str], list[_Queued]] = {}
     for b in rows:
         groups.setdefault((b.model_key, b.lane, b.compat), []).append(b)
     messages = []
     for (model_key, _, _), members in groups.items():
         size, images = sizes[model_key], 0
-        chunk: list[Batch] = []
+        chunk: list[_Queued] = []
         for b in members:
             if chunk and images + len(b.indices) > size:
                 messages.append(_group_message(chunk))
@@ -174,10 +182,101 @@ def submit_many(
         if chunk:
             messages.append(_group_message(chunk))
     announce(messages, settings)
-    return rids
+    log.debug("submitted %d %s job(s) (%d new) on the %s lane: %d batch(es) announced in %d message(s)",
+             len(items), source, created, lane.value, len(rows), len(messages))
+    return [rid for _, rid in items]
 
 
-def _group_message(chunk: list[Batch]) -> dispatch.Message:
+@dataclass
+class _Queued:
+    """A queued batch to announce (what a message names)."""
+
+    id: int
+    job_id: str
+    k: int
+    indices: list[int]
+    model_key: str
+    lane: str
+    compat: str
+
+    @classmethod
+    def of(cls, b: Batch) -> _Queued:
+        return cls(b.id, b.job_id, b.k, list(b.indices), b.model_key, b.lane, b.compat)
+
+
+def _record_many(s: Session, items: list[tuple[GenerateInput, str]], owner: str, lane: Lane, source: str,
+                 settings: Settings) -> tuple[list[_Queued], dict[str, int], int]:
+    """submit_many's rows in three statements: jobs, their batches, the queued batches of jobs already there."""
+    specs: dict[str, ModelSpec] = {}  # by model name
+    pools: dict[str, list[Worker]] = {}  # one look at each model's pool per call
+    jobs: dict[str, dict[str, Any]] = {}
+    plans: dict[str, tuple[ModelSpec, str, list[list[int]]]] = {}  # by request id: spec, compat, chunks
+    for inp, rid in items:
+        if rid in jobs:  # listed twice: recorded once
+            continue
+        spec = specs.get(inp.model_name)
+        if spec is None:
+            spec = specs[inp.model_name] = get_model(inp.model_name, settings)
+        if spec.key not in pools:
+            pools[spec.key] = live_workers(s, spec.key, settings.lease_seconds)
+        fields = inp.model_dump(mode="json")
+        seed = inp.seed if inp.seed is not None else secrets.randbelow(2**31)
+        jobs[rid] = {"id": rid, "owner": owner, "model_name": spec.name, "model_key": spec.key, "lane": lane.value,
+                     "source": source, "input": fields, "seed": seed, "num_images": inp.num_images}
+        chunks = plan_batches(pools[spec.key], inp.num_images, _configured(spec, settings))
+        plans[rid] = (spec, _compat_fields(fields, inp, owner), chunks)
+    created, existing = ledger.create_jobs(s, list(jobs.values()))
+    new = {(rid, k): _Queued(0, rid, k, list(chunk), spec.key, lane.value, compat)
+           for rid, (spec, compat, chunks) in plans.items() if rid in created for k, chunk in enumerate(chunks)}
+    ids = ledger.insert_batches(s, [{"job_id": b.job_id, "k": b.k, "indices": b.indices, "model_key": b.model_key,
+                                     "lane": b.lane, "compat": b.compat} for b in new.values()])
+    rows = [dataclasses.replace(new[(job_id, k)], id=i) for i, job_id, k in ids]
+    waiting = [job_id for job_id, job in existing.items() if not JobStatus(job.status).is_terminal]
+    if waiting:
+        rows += [_Queued.of(b) for b in s.scalars(select(Batch).where(Batch.job_id.in_(waiting),
+                                                                      Batch.status == ledger_batches.QUEUED))]
+    order = {rid: i for i, rid in enumerate(jobs)}
+    rows.sort(key=lambda b: (order[b.job_id], b.k))  # announced in the order they were listed
+    sizes = {spec.key: pool_max_batch(pools[spec.key], _configured(spec, settings)) for spec in specs.values()}
+    return rows, sizes, len(created)
+
+
+def _record_one_by_one(s: Session, items: list[tuple[GenerateInput, str]], owner: str, lane: Lane, source: str,
+                       settings: Settings) -> tuple[list[_Queued], dict[str, int], int]:
+    """submit_many's rows a job at a time (databases without ``ON CONFLICT … RETURNING``)."""
+    pools: dict[str, list[Worker]] = {}
+    specs: dict[str, ModelSpec] = {}
+    rows: list[Batch] = []
+    created = 0
+    for inp, rid in items:
+        spec = get_model(inp.model_name, settings)
+        if spec.key not in pools:
+            pools[spec.key], specs[spec.key] = live_workers(s, spec.key, settings.lease_seconds), spec
+        seed = inp.seed if inp.seed is not None else secrets.randbelow(2**31)
+        job, new = ledger.create_job(
+            s, request_id=rid, owner=owner, model_name=spec.name, model_key=spec.key, lane=lane.value,
+            source=source, input=inp.model_dump(mode="json"), seed=seed, num_images=inp.num_images,
+        )
+        if new:
+            created += 1
+            rows += ledger_batches.create_batches(s, job.id, spec.key, lane.value, _compat(inp, owner),
+                                                  split_job(s, spec.name, inp.num_images, settings, pools[spec.key]))
+        elif not JobStatus(job.status).is_terminal:
+            rows += [b for b in ledger_batches.get_batches(s, job.id) if b.status == ledger_batches.QUEUED]
+    s.flush()
+    sizes = {key: pool_max_batch(pools[key], _configured(specs[key], settings)) for key in pools}
+    return [_Queued.of(b) for b in rows], sizes, created
+
+
+def _compat_fields(fields: dict[str, Any], inp: GenerateInput, owner: str) -> str:
+    """:func:`_compat` from an input already dumped (``fields``, as ``model_dump(mode="json")``)."""
+    picked = {**fields, "has_negative_prompt": bool(inp.negative_prompt)}
+    if inp.loras or inp.embeddings:
+        picked["owner"] = owner
+    return compat_key(picked)
+
+
+def _group_message(chunk: list[_Queued]) -> dispatch.Message:
     first, rest = chunk[0], chunk[1:]
     return dispatch.Message(model_key=first.model_key, lane=first.lane, request_id=first.job_id, k=first.k,
                             indices=list(first.indices), batch_ids=[c.id for c in chunk],
