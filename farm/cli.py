@@ -9,6 +9,7 @@ import sys
 import click
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from farm.commands.api import api
 from farm.commands.bulk import bulk
@@ -43,6 +44,12 @@ cli.add_command(flower)
 cli.add_command(bulk)
 
 
+def _print_error(markup: str) -> None:
+    """An error on stderr, its lines as they are: a command in it (``hf download …``) is not cut by a newline
+    at the console's width (the terminal wraps it), and brackets in it (``lcm-farm[worker]``) are kept."""
+    err_console.print(markup, highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     code = 0
     try:
@@ -50,12 +57,12 @@ def main() -> None:
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if isinstance(exc.code, str):
-            err_console.print(exc.code, highlight=False)
+            _print_error(escape(exc.code))
     except InvalidInputError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        _print_error(f"[red]error:[/red] {escape(str(exc))}")
         code = 2
     except FarmError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        _print_error(f"[red]error:[/red] {escape(str(exc))}")
         code = 1
     embedded = sys.modules.get("tasks.embedded")
     if embedded is not None and getattr(embedded, "busy_at_exit", False):

@@ -123,3 +123,23 @@ def test_rerunning_a_finished_bulk_job_says_so_at_once(tmp_path):
         assert json.loads(again.stdout) == snap
         assert "already complete (2 done, 0 failed, 1 shards in" in " ".join(again.stderr.split()), again.stderr
         assert "nothing to do" in again.stderr
+
+
+def test_missing_weights_error_keeps_each_download_command_on_one_line(tmp_path):
+    """The README's SD1.5 `farm generate` without weights: the printed `hf download …` lines paste as they are."""
+    data, weights = tmp_path / "data", tmp_path / "weights"
+    env = clean_env(FARM_DATA_DIR=str(data), FARM_MODEL_DIR=str(weights), HF_HOME=str(tmp_path / "hf"),
+                    COLUMNS="60")  # a narrow terminal: the error must not be cut into lines at its width
+    sd15, lora = "runwayml/stable-diffusion-v1-5", "latent-consistency/lcm-lora-sdv1-5"
+    done = run_farm(["generate", "a red fox", "--model", sd15, "--image-size", "768x512", "--steps", "4",
+                     "--out", str(tmp_path / "out")], env)
+    assert done.returncode == 1, done.stderr
+    lines = [line.strip() for line in done.stderr.splitlines()]
+    assert (f'hf download {sd15} --include "model_index.json" --include "*/*.json" --include "*/*.txt" '
+            f'--include "*/*.safetensors" --local-dir {weights / sd15}') in lines, done.stderr
+    assert f"hf download {lora} --local-dir {weights / lora}" in lines, done.stderr
+    assert lines[0].startswith(f"error: model '{sd15}' not found; looked in: ") and lines[0].endswith(
+        "no download (offline: HF_HUB_OFFLINE is set)."), done.stderr
+    assert not (tmp_path / "out").exists()
+    with sqlite3.connect(data / "ledger.db") as conn:  # nothing was recorded
+        assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
