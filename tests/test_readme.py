@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -25,9 +26,10 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 VENV_BIN = Path(sys.executable).parent
 
 
-def readme_block(name: str) -> str:
-    match = re.search(rf"<!-- test_readme: {re.escape(name)} -->\n```sh\n(.*?)\n```\n", README.read_text(), re.S)
-    assert match, f"README.md has no ```sh block marked {name!r}"
+def readme_block(name: str, lang: str = "sh") -> str:
+    pattern = rf"<!-- test_readme: {re.escape(name)} -->\n```{lang}\n(.*?)\n```\n"
+    match = re.search(pattern, README.read_text(), re.S)
+    assert match, f"README.md has no ```{lang} block marked {name!r}"
     return match.group(1)
 
 
@@ -91,3 +93,32 @@ def test_try_it_on_one_machine(redis_server, tmp_path):
     assert results and [(i["width"], i["height"]) for i in results[-1]["images"]] == [(64, 64)], out[-6000:]
     assert results[-1]["images"][0]["url"].startswith("file://")
     assert (tmp_path / "farm-try" / "client.pem").is_file()  # made where the block said
+
+
+def test_bulk_worked_example_then_the_training_script_reads_it(tmp_path):
+    """The Bulk datasets example on an embedded farm, then the training-script block reading its dataset."""
+    home = tmp_path / "home"  # a fresh user: nothing configured, the embedded farm under ~/.local/share
+    home.mkdir()
+    env = {k: v for k, v in clean_env().items() if not k.startswith(("BASH_ENV", "VIRTUAL_ENV"))}
+    env.update(HOME=str(home), PATH=f"{VENV_BIN}:/usr/bin:/bin")
+
+    code, out = run_block(readme_block("bulk-worked-example"), tmp_path, env, timeout=300)
+    assert code == 0, out[-6000:]
+    status = json.loads(out[out.rindex('{\n  "bulk_id"'):])  # `farm bulk status`, the block's last command
+    # 3 colours x 2 seas from the template row and the lighthouse row, 2 images per prompt
+    assert (status["bulk_id"], status["status"], status["total"], status["done"], status["failed"]) == (
+        "boats-v1", "COMPLETED", 14, 14, 0), out[-6000:]
+    dataset = tmp_path / "dataset"
+    assert sorted(p.name for p in dataset.iterdir()) == [
+        "00000.parquet", "00000.tar", "00000_stats.json", "_stats.json"]  # the listing the README shows
+    with tarfile.open(dataset / "00000.tar") as tar:
+        names = tar.getnames()
+    assert names[:4] == ["000000000.jpg", "000000000.json", "000000001.jpg", "000000001.json"]
+    assert len(names) == 28
+
+    script = readme_block("bulk-training-read", "python")
+    script += '\nprint("read", len(ds), sorted({image.size for image, _ in pipeline}), caption)\n'
+    (tmp_path / "train.py").write_text(script)
+    code, out = run_block(f'"{VENV_BIN / "python"}" train.py', tmp_path, env, timeout=180)
+    assert code == 0, out[-6000:]
+    assert "read 14 [(256, 256)] a lighthouse at dusk" in out.splitlines(), out[-6000:]
