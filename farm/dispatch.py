@@ -126,6 +126,9 @@ def store_result(task_id: str, value: Any, state: str, settings: Settings) -> No
     broker_app(settings).backend.store_result(task_id, value, state)
 
 
+FLUSH_UPTIME = 60  # seconds: a Redis up longer than this without the epoch key was flushed (or is new to us)
+
+
 def broker_epoch_reset(settings: Settings) -> datetime | None:
     """When the broker last started, if it lost its data since the last look (restarted empty, flushed).
 
@@ -133,8 +136,9 @@ def broker_epoch_reset(settings: Settings) -> datetime | None:
     notice sets it again (``SET NX``) and answers the broker's start time (now less its uptime,
     a second early for clock skew), or now after a flush: every queued batch published before that
     is republished. A new broker holds nothing published before it started, so a fresh farm
-    republishes nothing. The other sweepers see the key set and answer None. Only Redis brokers
-    have one; others answer None (the dispatch timeout covers them).
+    republishes nothing, and neither does a new farm on an old Redis once a render queue holds its
+    messages (a flush would have emptied them). The other sweepers see the key set and answer None.
+    Only Redis brokers have one; others answer None (the dispatch timeout covers them).
     """
     url = settings.effective_broker_url
     if not url.startswith(("redis://", "rediss://", "unix://")):
@@ -147,11 +151,16 @@ def broker_epoch_reset(settings: Settings) -> datetime | None:
         if not client.set(EPOCH_KEY, uuid.uuid4().hex, nx=True):
             return None
         uptime = float(client.info("server").get("uptime_in_seconds", 0))  # type: ignore[union-attr]
+        # up a while with no key: flushed, or a new farm on a Redis that served other things before. A
+        # flush empties every queue; a render queue holding messages means this farm's messages are there
+        holding = uptime > FLUSH_UPTIME and next(iter(client.scan_iter(match="render.*", count=1000)), None)
     finally:
         client.close()
+    if holding:
+        return None
     now = datetime.now(UTC)
     started = now - timedelta(seconds=uptime) + timedelta(seconds=1)
-    return now if uptime > 60 else min(started, now)  # up a while with no key: flushed, so everything
+    return now if uptime > FLUSH_UPTIME else min(started, now)  # flushed: everything queued is republished
 
 
 def queue_depths(queues: Sequence[str], settings: Settings) -> dict[str, int]:

@@ -153,7 +153,9 @@ class Sweeper:
 
     def _run(self) -> None:
         failing = False
-        while not self._stop.wait(self.settings.sweep_seconds):
+        first = True  # at once on start: the broker's epoch key is set before this farm's first submits
+        while first or not self._stop.wait(self.settings.sweep_seconds):
+            first = False
             try:
                 sweep(self.settings)
                 failing = False
