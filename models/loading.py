@@ -156,7 +156,7 @@ def download_help(spec: ModelSpec, settings: Settings) -> str:
     note = f"(`hf` is huggingface_hub's command line, installed with the worker; the files go {where}"
     if hub_offline():
         note += "; HF_HUB_OFFLINE is set here, so run them where the hub is reachable"
-    lines.append(note + "), then start the worker again.")
+    lines.append(note + "), then run the command again.")
     return "\n".join(lines)
 
 
