@@ -125,6 +125,28 @@ class Settings(BaseSettings):
     file_input_max_bytes: int = Field(64 * 2**20, description="Largest LoRA/embedding URL or data URI input")
     upload_max_bytes: int = Field(64 * 2**20, description="Largest file accepted by the upload endpoint")
 
+    # Realtime (websocket frames, /{app}/realtime).
+    realtime_max_buffering: int = Field(
+        2, ge=1, le=60, description="Frames a realtime connection keeps waiting when the client sends none of "
+        "max_buffering (latest wins: the oldest waiting frame is dropped)"
+    )
+    realtime_frame_timeout: float = Field(
+        10.0, gt=0, description="A realtime frame no worker answered within this many seconds gets an error frame"
+    )
+    realtime_max_connections: int = Field(
+        8, ge=1, description="Per owner: open realtime connections, across API processes (a key's max in flight "
+        "caps it further)"
+    )
+    realtime_max_images: int = Field(4, ge=1, description="num_images of one realtime frame")
+    realtime_usage_seconds: float = Field(
+        5.0, gt=0, description="How often a realtime connection adds its frames and GPU seconds to the usage ledger"
+    )
+    realtime_token_secret: str | None = Field(
+        None, description="HMAC secret of realtime tokens (POST /tokens/); default: made once under data_dir. "
+        "API processes on several hosts must share it"
+    )
+    realtime_token_max_seconds: int = Field(3600, ge=1, description="Longest token_expiration of POST /tokens/")
+
     # Webhooks.
     webhook_allowlist: list[str] = Field(
         default_factory=list, description="Hosts or CIDRs a webhook/file URL may reach although internal"

@@ -182,3 +182,12 @@ def revoke_key(key_id: str) -> bool:
         events.notify_key(s, key_id)  # every API process forgets the keys it remembers, on commit
         after_commit(s, _cache.forget)  # and this one at once (SQLite has no NOTIFY)
         return True
+
+
+def active_key(key_id: str) -> KeyInfo | None:
+    """Key ``key_id`` if it exists and is not revoked (a realtime token names the key it came from)."""
+    if not KEY_ID.match(key_id):
+        return None
+    with session_scope() as s:
+        row = s.get(ApiKey, key_id)
+        return _info(row) if row is not None and row.revoked_at is None else None

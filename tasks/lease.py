@@ -209,6 +209,7 @@ class WorkerServices:
     keeper: LeaseKeeper
     uploader: Uploader
     max_batch: int
+    realtime: Any = None  # tasks.realtime.RealtimeServer, with a Redis broker
 
 
 _services: WorkerServices | None = None
@@ -231,8 +232,13 @@ def start_services(app: Celery, name: str, renderer: Any, settings: Settings) ->
         )
     keeper = LeaseKeeper(app=app, name=name, settings=settings, loads=lambda: int(renderer.loads))
     keeper.start()
+    realtime = None
+    if (settings.broker_url or "").startswith(("redis://", "rediss://", "unix://")):
+        from tasks.realtime import RealtimeServer
+
+        realtime = RealtimeServer(renderer, settings, max_batch).start()  # frames ahead of batches
     _services = WorkerServices(name=name, keeper=keeper, uploader=Uploader(settings.pipeline_depth),
-                               max_batch=max_batch)
+                               max_batch=max_batch, realtime=realtime)
     return _services
 
 
@@ -248,6 +254,8 @@ def stop_services() -> None:
     if _services is None:
         return
     services, _services = _services, None
+    if services.realtime is not None:
+        services.realtime.stop()  # answers the frames it holds first
     services.uploader.stop()
     services.keeper.stop()
     try:

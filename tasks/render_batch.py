@@ -44,6 +44,7 @@ from models.rendered import RenderItem, RenderResult
 from tasks.config import soft_time_limit
 from tasks.lease import BatchAborted, WorkerServices, get_services
 from tasks.loaded_model import get_renderer
+from tasks.realtime import gate as realtime_gate
 
 log = logging.getLogger(__name__)
 CLAIM_RETRIES = 8
@@ -116,6 +117,7 @@ def _run_group(app: Celery, claimed: list[Claimed], renderer: Any, services: Wor
     handed_off = False
     try:
         _fault_hook(claimed, settings)
+        realtime_gate.wait_turn(lambda: services.keeper.progress_quietly(ids))  # realtime frames go first
         t1 = time.perf_counter()
         result = _render(renderer, claimed, lambda: services.keeper.progress(ids))
         t2 = time.perf_counter()

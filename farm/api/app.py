@@ -67,6 +67,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        hub = getattr(app.state, "realtime_hub", None)
+        if hub is not None:
+            await hub.close()
         sweeper.stop()
         stop.set()
         try:
@@ -81,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The app; ``settings`` default to the process's (``FARM_*`` environment)."""
     from farm.api.files import router as files_router
     from farm.api.routes_bulk import router as bulk_router
+    from farm.api.routes_realtime import router as realtime_router
     from farm.webhooks.routes import router as webhook_router
 
     app = FastAPI(
@@ -101,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(files_router)
     app.include_router(bulk_router)  # before the queue routes: /{owner}/{alias} would match /bulk/…
     app.include_router(webhook_router)
+    app.include_router(realtime_router)  # before the queue routes, like bulk
     app.include_router(run_router)
     app.include_router(queue_router("/queue"))
     app.include_router(queue_router(""))

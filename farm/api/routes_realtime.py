@@ -1,0 +1,187 @@
+"""fal's realtime mode: ``wss://{run host}/fal-ai/fast-lcm-diffusion/realtime`` and ``POST /tokens/``.
+
+The socket is served under ``/run`` and at the root, like the other routes. Credentials, either:
+``Authorization: Key <id>:<secret>`` on the upgrade (``fal_client.realtime(app, use_jwt=False)``),
+or ``?fal_jwt_token=`` with a token from ``POST /tokens/`` (fal's JavaScript clients). Both given:
+they must belong to the same owner. A refusal accepts the upgrade and closes at once with a 4xxx
+code and a reason, which every client shows (an HTTP refusal of the upgrade carries none to a browser).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Body, WebSocket
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field, field_validator
+
+from farm import events
+from farm.api.deps import SettingsDep, Tenant, TenantDep, get_tenant
+from farm.api.errors import ERROR_RESPONSES
+from farm.api.fal import APP_ALIAS, APP_ID
+from farm.api.realtime_hub import LaneUnavailableError, get_hub
+from farm.api.realtime_session import RealtimeSession
+from farm.config import Settings
+from farm.errors import FarmError
+from farm.realtime import tokens
+from farm.realtime.protocol import (
+    CLOSE_BAD_REQUEST,
+    CLOSE_FORBIDDEN,
+    CLOSE_OVER_LIMIT,
+    CLOSE_UNAUTHORIZED,
+    CLOSE_UNAVAILABLE,
+    close_reason,
+)
+
+log = logging.getLogger("farm.api.realtime")
+router = APIRouter(tags=["realtime"])
+_sessions: set[RealtimeSession] = set()
+
+
+class Refused(Exception):
+    """Raised when a realtime connection is refused: closed with ``code`` and ``reason``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+def _app_of(name: str) -> str | None:
+    """The app a token request names, normalised (fal-js sends the alias, newer ones the realtime path)."""
+    name = name.strip().strip("/").removesuffix("/realtime")
+    return APP_ID if name in (APP_ALIAS, APP_ID) else None
+
+
+class TokenRequest(BaseModel):
+    allowed_apps: list[str] = Field(..., min_length=1, max_length=16,
+                                    description="Apps the token may open: `fast-lcm-diffusion` (fal's clients send "
+                                    "the alias) or `fal-ai/fast-lcm-diffusion`.")  # fmt: skip
+    token_expiration: int = Field(120, ge=1, description="Seconds the token is valid (at most "
+                                  "FARM_REALTIME_TOKEN_MAX_SECONDS).")  # fmt: skip
+
+    @field_validator("allowed_apps")
+    @classmethod
+    def _apps(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if _app_of(name) is None:
+                raise ValueError(f"unknown app {name!r}: this farm serves {APP_ID}")
+        return v
+
+
+@router.post(
+    "/tokens/",
+    response_model=str,
+    summary="A short-lived token for the realtime socket (`?fal_jwt_token=`)",
+    responses=ERROR_RESPONSES,
+)
+async def create_token(
+    request: Annotated[TokenRequest, Body()], tenant: TenantDep, settings: SettingsDep
+) -> str:
+    """fal's REST `POST /tokens/`: the reply is the token, a JSON string."""
+    if request.token_expiration > settings.realtime_token_max_seconds:
+        from fastapi.exceptions import RequestValidationError
+
+        raise RequestValidationError([{
+            "loc": ("body", "token_expiration"), "type": "less_than_equal",
+            "msg": f"must be at most {settings.realtime_token_max_seconds} (got {request.token_expiration})",
+            "input": request.token_expiration}])  # fmt: skip
+    apps = sorted({_app_of(a) or "" for a in request.allowed_apps})
+    return await run_in_threadpool(tokens.issue, settings, tenant.owner, tenant.key_id, apps,
+                                   request.token_expiration)
+
+
+router.add_api_route("/tokens", create_token, methods=["POST"], response_model=str, include_in_schema=False)
+
+
+def _buffering(ws: WebSocket, settings: Settings) -> int:
+    raw = ws.query_params.get("max_buffering")
+    if raw is None:
+        return settings.realtime_max_buffering
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 60:
+        raise Refused(CLOSE_BAD_REQUEST, f"max_buffering: must be an integer between 1 and 60 (got {raw!r})")
+    return value
+
+
+async def _authenticate(ws: WebSocket, settings: Settings) -> Tenant:
+    header = ws.headers.get("authorization")
+    token = ws.query_params.get("fal_jwt_token")
+    if not settings.auth_enabled:
+        return Tenant(settings.default_owner, None, settings.max_jobs_in_flight, None)
+    if not header and not token:
+        raise Refused(CLOSE_UNAUTHORIZED, "missing credentials: send `Authorization: Key <id>:<secret>` or "
+                      "?fal_jwt_token= (POST /tokens/)")
+    from_key: Tenant | None = None
+    if header:
+        try:
+            from_key = await get_tenant(settings, header)
+        except FarmError as exc:
+            raise Refused(CLOSE_UNAUTHORIZED, str(exc)) from None
+    if not token:
+        assert from_key is not None
+        return from_key
+    try:
+        claims = await run_in_threadpool(tokens.verify, settings, token, APP_ID)
+    except tokens.TokenError as exc:
+        code = CLOSE_FORBIDDEN if "does not allow" in str(exc) else CLOSE_UNAUTHORIZED
+        raise Refused(code, str(exc)) from None
+    if from_key is not None and from_key.owner != claims.owner:
+        raise Refused(CLOSE_FORBIDDEN, "the realtime token belongs to another owner than the API key")
+    from farm.keys import active_key
+
+    key = await run_in_threadpool(active_key, claims.key_id) if claims.key_id else None
+    if claims.key_id and key is None:
+        raise Refused(CLOSE_UNAUTHORIZED, "the API key that made this realtime token was revoked")
+    if key is not None and key.owner != claims.owner:
+        raise Refused(CLOSE_FORBIDDEN, "the realtime token belongs to another owner than its key")
+    limit = key.max_in_flight if key is not None and key.max_in_flight is not None else settings.max_jobs_in_flight
+    return Tenant(claims.owner, claims.key_id, limit, key.max_images if key is not None else None)
+
+
+async def realtime(ws: WebSocket) -> None:
+    """Frames in, results out (see ``farm.api.realtime_session``)."""
+    settings: Settings = ws.app.state.settings
+    await ws.accept()
+    conn_id = uuid.uuid4().hex[:16]
+    try:
+        buffering = _buffering(ws, settings)
+        tenant = await _authenticate(ws, settings)
+        try:
+            hub = await get_hub(ws.app.state, settings.broker_url or "", settings.publish_timeout)
+            limit = min(settings.realtime_max_connections, tenant.max_in_flight)
+            over = await hub.admit(tenant.owner, conn_id, limit)
+        except (LaneUnavailableError, OSError, ConnectionError) as exc:
+            raise Refused(CLOSE_UNAVAILABLE, f"realtime is unavailable: {exc}") from None
+        except Exception as exc:  # redis raises its own types for a dead server
+            raise Refused(CLOSE_UNAVAILABLE, f"realtime is unavailable: {exc}") from None
+        if over is not None:
+            raise Refused(CLOSE_OVER_LIMIT, f"owner {tenant.owner} has {over} realtime connection(s) open: the "
+                          f"limit is {limit}")
+    except Refused as exc:
+        log.info("realtime %s refused: %s", conn_id, exc.reason)
+        await ws.close(exc.code, close_reason(exc.reason))
+        return
+    session = RealtimeSession(ws, hub, tenant, settings, conn_id, buffering)
+    log.info("realtime %s (%s): open, max_buffering %d", conn_id, tenant.owner, buffering)
+    _sessions.add(session)
+    try:
+        await session.run()
+    finally:
+        _sessions.discard(session)
+
+
+def _key_changed(_key_id: str | None) -> None:
+    """From the events listener's thread: every session checks its key at once (revocations close them)."""
+    for session in list(_sessions):
+        session.loop.call_soon_threadsafe(session.check_key.set)
+
+
+events.on_key_change(_key_changed)
+
+for prefix in ("/run", ""):
+    router.add_api_websocket_route(f"{prefix}/{APP_ID}/realtime", realtime)
