@@ -9,6 +9,7 @@ The unmodified ``fal_client.realtime(app, use_jwt=False)`` runs in its own proce
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -215,3 +216,71 @@ def test_bad_max_buffering_closes_with_the_field(api_stack: ApiStack) -> None:
     with _socket(api_stack, "?max_buffering=0", key=key) as ws:
         code, reason = _closed(ws)
     assert code == 4022 and reason.startswith("max_buffering:")
+
+
+def test_farm_client_realtime_sync_and_async(api_stack: ApiStack) -> None:
+    import asyncio
+    import io
+
+    from PIL import Image
+
+    from farm.client import AsyncClient, GenerateInput, RealtimeError, SyncClient
+
+    key = api_stack.make_key("rt-client")
+    with SyncClient(api_stack.base_url, key=key, verify=api_stack.ssl_context) as farm:
+        with farm.realtime(max_buffering=1) as conn:
+            conn.send(GenerateInput(**tiny_input(seed=3, request_id="sync-1")))
+            result = conn.recv(timeout=60)
+            assert result is not None and result["request_id"] == "sync-1" and result["seed"] == 3
+            assert Image.open(io.BytesIO(result["images"][0]["content"])).size == (64, 64)
+            conn.send(tiny_input(guidance_scale=-1))
+            with pytest.raises(RealtimeError) as bad:
+                conn.recv(timeout=60)
+            assert bad.value.field == "guidance_scale" and bad.value.error == "invalid_input"
+        with farm.realtime(use_token=True) as conn:  # the JavaScript clients' way: a token in the URL
+            conn.send(tiny_input(request_id="sync-token"))
+            assert (conn.recv(timeout=60) or {}).get("request_id") == "sync-token"
+    with SyncClient(api_stack.base_url, key="0123456789abcdef:nope", verify=api_stack.ssl_context) as farm:
+        with farm.realtime() as conn, pytest.raises(RealtimeError) as refused:
+            conn.recv(timeout=60)
+        assert refused.value.code == 4001 and refused.value.error == "closed"
+
+    async def run_async() -> list[str]:
+        async with AsyncClient(api_stack.base_url, key=key, verify=api_stack.ssl_context) as farm:
+            got = []
+            for use_token in (False, True):
+                async with farm.realtime(use_token=use_token) as conn:
+                    await conn.send(tiny_input(request_id=f"async-{use_token}"))
+                    result = await conn.recv(timeout=60)
+                    assert result is not None
+                    got.append(result["request_id"])
+            return got
+
+    assert asyncio.run(run_async()) == ["async-False", "async-True"]
+
+
+def test_frames_go_ahead_of_a_queued_job(api_stack: ApiStack) -> None:
+    """A frame sent while a long job renders is answered before that job ends (it waits one batch at most)."""
+    key = api_stack.make_key("rt-priority")
+    with api_stack.client(key) as c:
+        big = c.post(f"/{APP}", json=tiny_input(num_images=32, image_size={"width": 128, "height": 128},
+                                                num_inference_steps=4, sync_mode=False))
+        assert big.status_code == 200, big.text
+        job = big.json()["request_id"]
+        for _ in range(600):  # bounded: until the job renders
+            if c.get(f"/{APP}/requests/{job}/status").json()["status"] == "IN_PROGRESS":
+                break
+            time.sleep(0.05)
+        with _socket(api_stack, key=key) as ws:
+            for i in range(3):
+                ws.send(msgpack.packb(tiny_input(request_id=f"ahead-{i}")))
+                assert msgpack.unpackb(ws.recv(timeout=60))["request_id"] == f"ahead-{i}"
+        (done,) = api_stack.sql("SELECT images_done FROM jobs WHERE id = :id", id=job)
+        assert done[0] < 32  # the frames did not wait for the job
+        final = c.get(f"/{APP}/requests/{job}/status")
+        for _ in range(1200):
+            if final.json()["status"] == "COMPLETED":
+                break
+            time.sleep(0.05)
+            final = c.get(f"/{APP}/requests/{job}/status")
+        assert final.json()["status"] == "COMPLETED" and final.json().get("error") is None

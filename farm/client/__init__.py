@@ -11,12 +11,14 @@ Import-light: httpx and pydantic, never torch, diffusers or celery.
 from farm.client._async import AsyncClient, AsyncRequestHandle
 from farm.client._common import DEFAULT_APP, Completed, InProgress, Queued, Status
 from farm.client._errors import FarmClientError, FarmTimeoutError, RequestFailedError
+from farm.client._realtime import AsyncRealtimeConnection, RealtimeConnection, RealtimeError
 from farm.client._sync import SyncClient, SyncRequestHandle
 from farm.schemas import GenerateInput, GenerateOutput
 
 __all__ = [
     "DEFAULT_APP",
     "AsyncClient",
+    "AsyncRealtimeConnection",
     "AsyncRequestHandle",
     "Completed",
     "FarmClientError",
@@ -25,6 +27,8 @@ __all__ = [
     "GenerateOutput",
     "InProgress",
     "Queued",
+    "RealtimeConnection",
+    "RealtimeError",
     "RequestFailedError",
     "Status",
     "SyncClient",

@@ -37,6 +37,7 @@ from farm.client._common import (
     verify_option,
 )
 from farm.client._errors import FarmClientError, FarmTimeoutError, error_from_response, transport_error
+from farm.client._realtime import AsyncRealtimeConnection, realtime_url, socket_headers, socket_ssl
 from farm.schemas import GenerateOutput
 
 
@@ -83,6 +84,7 @@ class AsyncClient:
     ) -> None:
         self.endpoint = Endpoint.resolve(base_url, key, app)
         self.max_retries = max_retries
+        self._verify = verify
         self._http = httpx.AsyncClient(
             headers=self.endpoint.headers, timeout=timeout, verify=verify_option(verify), transport=transport
         )
@@ -97,6 +99,26 @@ class AsyncClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    # -- realtime (farm.client._realtime) ---------------------------------------------------------
+
+    async def realtime_token(self, *, expiration: int = 120) -> str:
+        """A short-lived token for the realtime socket (``POST /tokens/``)."""
+        body = {"allowed_apps": [self.endpoint.app], "token_expiration": expiration}
+        token: str = await self._request("POST", f"{self.endpoint.base_url}/tokens/", json=body, retry=False)
+        return token
+
+    @contextlib.asynccontextmanager
+    async def realtime(self, *, max_buffering: int | None = None, use_token: bool = False,
+                       open_timeout: float = 30.0) -> AsyncIterator[AsyncRealtimeConnection]:
+        """The asyncio twin of ``SyncClient.realtime``."""
+        from websockets.asyncio.client import connect
+
+        token = await self.realtime_token() if use_token else None
+        url = realtime_url(self.endpoint, token=token, max_buffering=max_buffering)
+        async with connect(url, ssl=socket_ssl(url, self._verify), additional_headers=socket_headers(self.endpoint,
+                           token), open_timeout=open_timeout, max_size=None) as ws:  # fmt: skip
+            yield AsyncRealtimeConnection(ws)
 
     async def _request(
         self, method: str, url: str, *, retry: bool = True, ok: tuple[int, ...] = (), **kw: Any

@@ -35,6 +35,7 @@ from farm.client._common import (
     verify_option,
 )
 from farm.client._errors import FarmClientError, FarmTimeoutError, error_from_response, transport_error
+from farm.client._realtime import RealtimeConnection, realtime_url, socket_headers, socket_ssl
 from farm.schemas import GenerateOutput
 
 
@@ -84,6 +85,7 @@ class SyncClient:
     ) -> None:
         self.endpoint = Endpoint.resolve(base_url, key, app)
         self.max_retries = max_retries
+        self._verify = verify
         self._http = httpx.Client(
             headers=self.endpoint.headers, timeout=timeout, verify=verify_option(verify), transport=transport
         )
@@ -98,6 +100,30 @@ class SyncClient:
 
     def close(self) -> None:
         self._http.close()
+
+    # -- realtime (farm.client._realtime) ---------------------------------------------------------
+
+    def realtime_token(self, *, expiration: int = 120) -> str:
+        """A short-lived token for the realtime socket (``POST /tokens/``), as fal's JS clients get one."""
+        body = {"allowed_apps": [self.endpoint.app], "token_expiration": expiration}
+        token: str = self._request("POST", f"{self.endpoint.base_url}/tokens/", json=body, retry=False)
+        return token
+
+    @contextlib.contextmanager
+    def realtime(self, *, max_buffering: int | None = None, use_token: bool = False,
+                 open_timeout: float = 30.0) -> Iterator[RealtimeConnection]:
+        """A realtime connection: ``send`` frames, ``recv`` results with the images' bytes inline.
+
+        The key goes on the upgrade (``Authorization: Key``), or with ``use_token`` as a token from
+        ``POST /tokens/`` in the URL. ``max_buffering`` (1-60): frames the server keeps waiting, the newest.
+        """
+        from websockets.sync.client import connect
+
+        token = self.realtime_token() if use_token else None
+        url = realtime_url(self.endpoint, token=token, max_buffering=max_buffering)
+        with connect(url, ssl=socket_ssl(url, self._verify), additional_headers=socket_headers(self.endpoint, token),
+                     open_timeout=open_timeout, max_size=None) as ws:  # fmt: skip
+            yield RealtimeConnection(ws)
 
     def _request(self, method: str, url: str, *, retry: bool = True, ok: tuple[int, ...] = (), **kw: Any) -> Any:
         """Send with retries; return the JSON body, or raise FarmClientError."""
