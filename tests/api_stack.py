@@ -146,6 +146,7 @@ def api_stack(redis_server, postgres_server, s3_server, tmp_path_factory) -> Ite
         FARM_S3_ACCESS_KEY="testing",
         FARM_S3_SECRET_KEY="testing",
         FARM_DATA_DIR=str(root / "data"),
+        FARM_REALTIME_FRAME_TIMEOUT="60",  # a loaded CI machine: a first render of a new shape can be slow
     )
     done = run_farm(["db", "upgrade"], env)
     assert done.returncode == 0, done.stderr

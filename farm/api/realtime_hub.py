@@ -133,15 +133,12 @@ class Hub:
         await self.redis.zrem(connections_key(owner), conn_id)
 
 
-_lock = asyncio.Lock()
-
-
 async def get_hub(state: Any, broker_url: str, connect_timeout: float) -> Hub:
-    """The hub of this app (``app.state``), started at the first call."""
-    async with _lock:
-        hub: Hub | None = getattr(state, "realtime_hub", None)
-        if hub is None:
-            hub = Hub(broker_url, connect_timeout)
-            state.realtime_hub = hub
+    """The hub of this app (``app.state``), made at the first call (no await between the look and the
+    assignment: one hub per app) and started."""
+    hub: Hub | None = getattr(state, "realtime_hub", None)
+    if hub is None:
+        hub = Hub(broker_url, connect_timeout)
+        state.realtime_hub = hub
     await hub.start()
     return hub

@@ -98,10 +98,14 @@ class RealtimeSession:
         self.dropped = 0
 
     async def run(self) -> None:
-        tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._serve()),
-                 asyncio.create_task(self._maintain())]  # fmt: skip
+        tasks = [asyncio.create_task(self._read(), name="reader"), asyncio.create_task(self._serve(), name="sender"),
+                 asyncio.create_task(self._maintain(), name="maintainer")]  # fmt: skip
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                exc = task.exception()
+                if exc is not None and not isinstance(exc, WebSocketDisconnect | RuntimeError | OSError):
+                    log.error("realtime %s: %s failed", self.conn_id, task.get_name(), exc_info=exc)
         finally:
             for task in tasks:
                 task.cancel()
