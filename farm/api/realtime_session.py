@@ -32,7 +32,14 @@ from farm.api.realtime_hub import Hub, LaneUnavailableError
 from farm.config import Settings
 from farm.errors import FarmError
 from farm.realtime.lane import Frame
-from farm.realtime.protocol import CLOSE_UNAUTHORIZED, CLOSE_UNAVAILABLE, close_reason, error_frame, unpack
+from farm.realtime.protocol import (
+    CLOSE_OVER_LIMIT,
+    CLOSE_UNAUTHORIZED,
+    CLOSE_UNAVAILABLE,
+    close_reason,
+    error_frame,
+    unpack,
+)
 from farm.schemas import GenerateInput, field_errors
 from models.registry import get_model
 
@@ -205,6 +212,11 @@ class RealtimeSession:
                 await asyncio.wait_for(self.check_key.wait(), interval)
             self.check_key.clear()
             await self._flush_usage()
+            spent = await run_in_threadpool(quota_spent, self.tenant.owner, self.settings)
+            if spent is not None:
+                log.info("realtime %s (%s): %s: closing", self.conn_id, self.tenant.owner, spent)
+                await self.close(CLOSE_OVER_LIMIT, spent)
+                return
             try:
                 await self.hub.refresh(self.tenant.owner, self.conn_id)
             except Exception as exc:  # Redis is away: frames fail meanwhile; try again next time
@@ -244,6 +256,25 @@ async def _key_still_active(key_id: str) -> bool | None:
     except Exception as exc:
         log.warning("realtime: cannot read API key %s: %s", key_id, exc)
         return None
+
+
+def quota_spent(owner: str, settings: Settings) -> str | None:
+    """Why ``owner`` may not render now (its daily GPU-second quota is spent), or None.
+
+    The quota lives in ``farm.usage`` (issue 12's usage and quotas); a farm without it has none.
+    """
+    try:
+        from farm.usage import check_quota  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return None
+    from db.session import session_scope
+
+    with session_scope() as s:
+        try:
+            check_quota(s, owner, settings)
+        except FarmError as exc:
+            return str(exc)
+    return None
 
 
 def _record_usage(owner: str, usage: dict[str, list[float]]) -> None:

@@ -22,7 +22,7 @@ from farm.api.deps import SettingsDep, Tenant, TenantDep, get_tenant
 from farm.api.errors import ERROR_RESPONSES
 from farm.api.fal import APP_ALIAS, APP_ID
 from farm.api.realtime_hub import LaneUnavailableError, get_hub
-from farm.api.realtime_session import RealtimeSession
+from farm.api.realtime_session import RealtimeSession, quota_spent
 from farm.config import Settings
 from farm.errors import FarmError
 from farm.realtime import tokens
@@ -162,6 +162,10 @@ async def realtime(ws: WebSocket) -> None:
         if over is not None:
             raise Refused(CLOSE_OVER_LIMIT, f"owner {tenant.owner} has {over} realtime connection(s) open: the "
                           f"limit is {limit}")
+        spent = await run_in_threadpool(quota_spent, tenant.owner, settings)
+        if spent is not None:
+            await hub.leave(tenant.owner, conn_id)
+            raise Refused(CLOSE_OVER_LIMIT, spent)
     except Refused as exc:
         log.info("realtime %s refused: %s", conn_id, exc.reason)
         await ws.close(exc.code, close_reason(exc.reason))
