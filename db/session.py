@@ -57,6 +57,7 @@ def build_engine(url: str, *, foreign_keys: bool = True, pooled: bool = True) ->
     kwargs: dict[str, Any] = {}
     if u.get_backend_name() != "sqlite":
         kwargs["pool_pre_ping"] = True
+        kwargs["connect_args"] = _postgres_timeouts(get_settings().ledger_session_timeout)
         if not pooled:
             kwargs["poolclass"] = NullPool
         return create_engine(u, **kwargs)
@@ -72,6 +73,25 @@ def build_engine(url: str, *, foreign_keys: bool = True, pooled: bool = True) ->
     engine = create_engine(u, **kwargs)
     _configure_sqlite(engine, foreign_keys=foreign_keys, wal=not is_memory_sqlite(u))
     return engine
+
+
+def _postgres_timeouts(seconds: float) -> dict[str, Any]:
+    """libpq parameters that bound how long a session of a cut-off host can hold its locks.
+
+    A worker host whose link is cut in the middle of a transaction keeps its row locks on the server until the
+    server drops the session; TCP alone takes hours to notice. The server ends a session idle in a transaction
+    (``idle_in_transaction_session_timeout``) or whose sent data stays unacknowledged (``tcp_user_timeout``)
+    after ``seconds``; on the client side the same ``tcp_user_timeout`` and keepalives end the dead connection.
+    """
+    if seconds <= 0:
+        return {}
+    ms = int(seconds * 1000)
+    idle = max(1, int(seconds / 3))
+    return {
+        "options": f"-c idle_in_transaction_session_timeout={ms} -c tcp_user_timeout={ms}",
+        "tcp_user_timeout": ms, "keepalives": 1, "keepalives_idle": idle, "keepalives_interval": idle,
+        "keepalives_count": 3,
+    }
 
 
 def _configure_sqlite(engine: Engine, *, foreign_keys: bool, wal: bool) -> None:

@@ -108,6 +108,11 @@ class Settings(BaseSettings):
         None, description="Where API and Celery bulk jobs may read manifests and write local datasets; "
         "default <data_dir>/bulk"
     )
+    ledger_session_timeout: float = Field(
+        10.0, ge=0, description="PostgreSQL: a ledger session idle inside a transaction, or whose data goes "
+        "unacknowledged (its host cut off), this many seconds is ended by the server, so its row locks never stall "
+        "the rest of the pool; the client also gives up on a dead connection after it. 0: the server's defaults"
+    )
     log_level: str = "INFO"
 
     # Flower (`farm flower`).

@@ -1,0 +1,345 @@
+"""Offline checks of ``deploy/``: Docker images cannot be built or run on the test machines, so every file is
+checked against its schema instead, and against the farm itself.
+
+- ``docker-compose.yml`` against the compose-spec JSON schema (the copy vendored by ``check-jsonschema``);
+- Kubernetes objects against the Kubernetes OpenAPI schemas, strictly (``kubernetes-validate``, which ships them);
+- KEDA ``ScaledObject`` and Prometheus Operator ``PodMonitor`` objects against the models generated from their CRDs
+  (``cloudcoil-models-keda``, ``cloudcoil-models-prometheus-operator``), with unknown fields refused;
+- every ``FARM_*`` variable set anywhere is a field of :class:`farm.config.Settings`;
+- every path a Dockerfile copies exists; both images run as a non-root user; no weights in an image;
+- the KEDA triggers name exactly the Redis lists of their model's lanes (``tasks.queues``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from farm.config import Settings
+from models.registry import get_model
+from tasks.queues import model_queues
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+K8S_VERSION = "1.30.0"  # the oldest Kubernetes the manifests promise to work on (policy/v1, batch/v1 ttl …)
+SETTINGS = {f"FARM_{name.upper()}" for name in Settings.model_fields}
+FARM_VAR = re.compile(r"\bFARM_[A-Z0-9_]+")
+
+
+def load_all(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    return data
+
+
+def kustomize_docs(folder: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """The objects of a kustomization's resources (no kustomize binary here: its files are read one by one)."""
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    for resource in kustomization["resources"]:
+        path = folder / resource
+        assert path.is_file(), f"{folder / 'kustomization.yaml'} lists {resource}, which does not exist"
+        for doc in load_all(path):
+            yield path, doc
+
+
+def all_k8s_docs() -> list[tuple[Path, dict[str, Any]]]:
+    docs = list(kustomize_docs(DEPLOY)) + list(kustomize_docs(DEPLOY / "k8s" / "backing"))
+    docs += [(DEPLOY / "k8s" / "secrets.example.yaml", d) for d in load_all(DEPLOY / "k8s" / "secrets.example.yaml")]
+    return docs
+
+
+def by_kind(kind: str) -> list[dict[str, Any]]:
+    return [doc for _, doc in all_k8s_docs() if doc["kind"] == kind]
+
+
+# --- Compose
+
+
+def compose_validator() -> Any:
+    """The compose-spec schema (the copy vendored by check-jsonschema), with the draft it declares."""
+    schema = json.loads(resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json")
+                        .read_text())
+    return jsonschema.validators.validator_for(schema)(schema)
+
+
+def test_compose_matches_the_compose_spec() -> None:
+    validator = compose_validator()
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(compose())]
+    assert not errors, "\n".join(errors)
+
+
+def test_compose_services_are_wired_as_the_readme_says() -> None:
+    services = compose()["services"]
+    for name, service in services.items():
+        for dep in service.get("depends_on", {}):
+            assert dep in services, f"{name} depends on {dep}, which is not a service"
+    redis = " ".join(services["redis"]["command"])
+    assert "--appendonly yes" in redis and "--maxmemory-policy noeviction" in redis, redis
+    assert services["migrate"]["command"] == ["db", "upgrade"] and services["migrate"]["restart"] == "no"
+    assert "mc mb" in services["minio-init"]["command"][0]
+    for name in ("api", "worker-cpu", "worker-gpu0", "worker-gpu1"):
+        conditions = {k: v["condition"] for k, v in services[name]["depends_on"].items()}
+        assert conditions["migrate"] == "service_completed_successfully", (name, conditions)
+        assert conditions["minio-init"] == "service_completed_successfully", (name, conditions)
+    assert "${FARM_FLOWER_PASSWORD:?" in services["flower"]["environment"]["FARM_FLOWER_PASSWORD"], (
+        "Flower must refuse to start without a password")
+    assert "--no-auth" not in services["flower"]["command"]
+    # one worker per GPU, each with its own device; a CPU profile with the tiny model
+    gpu_workers = [s for s in services.values() if "gpu" in s.get("profiles", [])]
+    devices = [s["deploy"]["resources"]["reservations"]["devices"] for s in gpu_workers]
+    assert len(gpu_workers) >= 2 and all(len(d) == 1 and d[0]["capabilities"] == ["gpu"] for d in devices)
+    ids = [d[0]["device_ids"] for d in devices]
+    assert all(len(i) == 1 for i in ids) and len({i[0] for i in ids}) == len(ids), f"one GPU each: {ids}"
+    cpu = services["worker-cpu"]
+    assert cpu["profiles"] == ["cpu"] and cpu["command"][:2] == ["--model", "farm/tiny-lcm"], cpu
+    assert "cpu" in cpu["build"]["args"]["TORCH_INDEX_URL"]
+    for s in gpu_workers:
+        assert any(v.endswith(":/models:ro") for v in s["volumes"]), "weights are mounted read-only at /models"
+
+
+def test_compose_prometheus_and_grafana_see_the_farm() -> None:
+    services = compose()["services"]
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    targets = {job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]]
+               for job in config["scrape_configs"]}
+    assert all(job.get("metrics_path", "/metrics") == "/metrics" for job in config["scrape_configs"])
+    assert targets["farm-api"] == ["api:8000"]  # GET /metrics on the API's own port
+    workers = {n for n, s in services.items() if s.get("image", "").startswith("lcm-farm-worker")}
+    assert set(targets["farm-worker"]) == {f"{n}:9808" for n in workers}  # FARM_METRICS_PORT's default
+    for target in (t for ts in targets.values() for t in ts):
+        assert target.split(":")[0] in services, f"{target} is not a Compose service"
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in services["grafana"]["volumes"] if v.startswith("./")}
+    provider = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "dashboards" / "farm.yml").read_text())
+    path = provider["providers"][0]["options"]["path"]
+    assert (DEPLOY / mounts[path]).resolve() == (DEPLOY / "grafana" / "dashboards").resolve(), mounts
+    datasource = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+    dashboards = list((DEPLOY / "grafana" / "dashboards").glob("*.json"))
+    for dashboard in dashboards:  # farm.json comes with the metrics (issue 12, item 2)
+        assert json.loads(dashboard.read_text())["panels"], dashboard
+
+
+# --- Kubernetes
+
+
+def crd_problem(model: Any, doc: dict[str, Any]) -> str | None:
+    """What is wrong with ``doc`` as the CRD-generated pydantic ``model`` sees it: a field of the wrong type or
+    missing, or (pydantic drops unknown fields silently) one the CRD does not know; None if nothing."""
+    from pydantic import ValidationError
+
+    try:
+        back = model.model_validate(doc).model_dump(by_alias=True, exclude_unset=True, mode="json")
+    except ValidationError as exc:
+        return str(exc)
+    if back == doc:
+        return None
+    return f"not as its CRD describes it: {sorted(_diff(doc, back))}"
+
+
+def _diff(a: Any, b: Any, path: str = "") -> Iterator[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in a.keys() | b.keys():
+            yield from _diff(a.get(k), b.get(k), f"{path}.{k}")
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            yield from _diff(x, y, f"{path}[{i}]")
+    elif a != b:
+        yield path
+
+
+def test_kubernetes_objects_match_their_schemas() -> None:
+    import kubernetes_validate
+    from cloudcoil.models.keda.v1alpha1 import ScaledObject
+    from cloudcoil.models.prometheus_operator.v1 import PodMonitor
+
+    crds: dict[str, Any] = {"ScaledObject": ScaledObject, "PodMonitor": PodMonitor}
+    errors = []
+    kinds = set()
+    for path, doc in all_k8s_docs():
+        kinds.add(doc["kind"])
+        where = f"{path.relative_to(ROOT)} {doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] in crds:
+            problem = crd_problem(crds[doc["kind"]], doc)
+            if problem:
+                errors.append(f"{where}: {problem}")
+            continue
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            errors.append(f"{where}: {exc.message} at {'/'.join(map(str, exc.path))}")
+    assert not errors, "\n".join(errors)
+    assert {"Deployment", "Service", "Job", "PodDisruptionBudget", "ScaledObject", "PodMonitor"} <= kinds
+
+
+def test_the_crd_check_refuses_an_unknown_field() -> None:
+    """The round trip of the test above catches a misspelt field (pydantic alone would drop it)."""
+    from cloudcoil.models.keda.v1alpha1 import ScaledObject
+
+    doc = by_kind("ScaledObject")[0]
+    assert crd_problem(ScaledObject, doc) is None
+    misspelt = json.loads(json.dumps(doc))
+    misspelt["spec"]["pollingIntervall"] = misspelt["spec"].pop("pollingInterval")
+    assert "pollingIntervall" in str(crd_problem(ScaledObject, misspelt))
+    wrong_type = json.loads(json.dumps(doc))
+    wrong_type["spec"]["minReplicaCount"] = "one"
+    assert "minReplicaCount" in str(crd_problem(ScaledObject, wrong_type))
+
+
+def test_the_kubernetes_and_compose_checks_refuse_mistakes() -> None:
+    import kubernetes_validate
+
+    (api,) = [d for d in by_kind("Deployment") if d["metadata"]["name"] == "farm-api"]
+    bad = json.loads(json.dumps(api))
+    bad["spec"]["template"]["spec"]["terminationGracePeriod"] = 30  # not a field of a PodSpec
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+    wrong = compose()
+    wrong["services"]["api"]["restart_policy"] = "always"  # not a service field (restart is)
+    assert list(compose_validator().iter_errors(wrong))
+
+
+def _worker_model(deployment: dict[str, Any]) -> str:
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    return str(args[args.index("--model") + 1])
+
+
+def test_worker_pools_scale_on_all_their_lanes() -> None:
+    workers = [d for d in by_kind("Deployment") if d["metadata"]["name"].startswith("farm-worker-")]
+    scaled = {s["spec"]["scaleTargetRef"]["name"]: s for s in by_kind("ScaledObject")}
+    pdbs = [p["spec"]["selector"]["matchLabels"] for p in by_kind("PodDisruptionBudget")]
+    assert {_worker_model(d) for d in workers} == {"stabilityai/stable-diffusion-xl-base-1.0",
+                                                   "runwayml/stable-diffusion-v1-5"}
+    for d in workers:
+        name, pod = d["metadata"]["name"], d["spec"]["template"]["spec"]
+        key = get_model(_worker_model(d)).key
+        container = pod["containers"][0]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1, name
+        assert container["resources"]["requests"]["nvidia.com/gpu"] == 1, name
+        assert pod["terminationGracePeriodSeconds"] >= 120, f"{name}: the grace period must cover a batch"
+        assert any(m["mountPath"] == "/models" and m.get("readOnly") for m in container["volumeMounts"]), name
+        so = scaled.pop(name, None)
+        assert so is not None, f"no ScaledObject for {name}"
+        lists = [t["metadata"]["listName"] for t in so["spec"]["triggers"] if t["type"] == "redis"]
+        assert lists == model_queues(key), f"{name} scales on {lists}, not on its lanes {model_queues(key)}"
+        formula = so["spec"]["advanced"]["scalingModifiers"]["formula"]
+        assert set(re.findall(r"\w+", formula)) == {t["name"] for t in so["spec"]["triggers"]}, formula
+        labels = d["spec"]["selector"]["matchLabels"]
+        assert any(p.items() <= labels.items() for p in pdbs), f"no PodDisruptionBudget covers {name}"
+    assert not scaled, f"ScaledObjects without a worker Deployment: {sorted(scaled)}"
+
+
+def test_api_has_probes_a_service_and_one_webhook_key() -> None:
+    (api,) = [d for d in by_kind("Deployment") if d["metadata"]["name"] == "farm-api"]
+    container = api["spec"]["template"]["spec"]["containers"][0]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"] == "/health", probe
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    key_mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "webhook-key")
+    assert env["FARM_WEBHOOK_KEY_PATH"].startswith(key_mount + "/"), "every replica must sign with the same key"
+    services = [s for s in by_kind("Service") if s["metadata"]["name"] == "farm-api"]
+    assert services and services[0]["spec"]["selector"].items() <= api["spec"]["selector"]["matchLabels"].items()
+    (job,) = [j for j in by_kind("Job") if j["metadata"]["name"] == "farm-db-upgrade"]
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["db", "upgrade"]
+    config = next(c for c in by_kind("ConfigMap") if c["metadata"]["name"] == "farm-config")
+    assert config["data"]["FARM_BROKER_URL"].startswith("redis://redis.")
+    redis = next(s for s in by_kind("StatefulSet") if s["metadata"]["name"] == "redis")
+    args = " ".join(redis["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert "--appendonly yes" in args and "--maxmemory-policy noeviction" in args
+
+
+def test_kustomization_loads_the_dashboard_grafana_loads() -> None:
+    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    (generator,) = kustomization["configMapGenerator"]
+    assert generator["options"]["labels"] == {"grafana_dashboard": "1"}
+    assert generator["files"] == ["grafana/dashboards/farm.json"]
+
+
+# --- what every file sets
+
+
+def _farm_vars() -> dict[str, set[str]]:
+    """Every FARM_* variable set, with where: Compose environments, Dockerfile ENV, Kubernetes env/ConfigMap/Secret."""
+    found: dict[str, set[str]] = {}
+
+    def add(names: Any, where: str) -> None:
+        for name in names:
+            if str(name).startswith("FARM_"):
+                found.setdefault(str(name), set()).add(where)
+
+    for name, service in compose()["services"].items():
+        add(service.get("environment", {}), f"compose {name}")
+    for dockerfile in DEPLOY.glob("*.Dockerfile"):
+        for line in dockerfile.read_text().splitlines():
+            if line.startswith("ENV "):
+                add(re.findall(r"(FARM_[A-Z0-9_]+)=", line), dockerfile.name)
+    for path, doc in all_k8s_docs():
+        where = f"{path.name} {doc['kind']}/{doc['metadata']['name']}"
+        add(doc.get("data", {}), where)
+        add(doc.get("stringData", {}), where)
+        pod = doc.get("spec", {}).get("template", {}).get("spec", {})
+        for container in pod.get("containers", []) + pod.get("initContainers", []):
+            add([e["name"] for e in container.get("env", [])], where)
+    for text_file in (DEPLOY / "farm.env.example", DEPLOY / "docker-compose.yml"):
+        add(FARM_VAR.findall(text_file.read_text()), text_file.name)  # interpolated ${FARM_…} too
+    return found
+
+
+def test_every_farm_variable_is_a_setting() -> None:
+    found = _farm_vars()
+    assert {"FARM_BROKER_URL", "FARM_DATABASE_URL", "FARM_STORAGE_URL", "FARM_WEBHOOK_KEY_PATH"} <= set(found)
+    unknown = {name: sorted(where) for name, where in found.items() if name not in SETTINGS}
+    assert not unknown, f"FARM_* variables that farm/config.py does not know: {unknown}"
+
+
+# --- Dockerfiles
+
+
+def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "") for line in lines]
+
+
+@pytest.mark.parametrize("name", ["api.Dockerfile", "worker.Dockerfile"])
+def test_dockerfile_copies_what_exists_and_runs_unprivileged(name: str) -> None:
+    dockerfile = DEPLOY / name
+    instructions = _instructions(dockerfile)
+    contexts = {s.get("build", {}).get("dockerfile"): s["build"]["context"]
+                for s in compose()["services"].values() if "build" in s}
+    context = (DEPLOY / contexts[f"deploy/{name}"]).resolve()
+    assert context == ROOT, f"Compose builds {name} from {context}"
+    copied = []
+    for op, args in instructions:
+        if op in ("COPY", "ADD"):
+            parts = [p for p in args.split() if not p.startswith("--")]
+            if "--from=" in args:
+                continue  # from a build stage
+            for source in parts[:-1]:
+                assert (context / source).exists(), f"{name}: COPY {source}: no such path in the build context"
+                copied.append(context / source)
+    assert copied, f"{name} copies nothing"
+    weights = [p for c in copied if c.is_dir() for p in c.rglob("*")
+               if p.suffix in (".safetensors", ".bin", ".ckpt", ".pt", ".gguf")]
+    assert not weights, f"{name} would bake weights into the image: {weights[:3]}"
+    users = [args for op, args in instructions if op == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), f"{name} must end as a non-root user"
+    if name == "api.Dockerfile":
+        runs = " ".join(args for op, args in instructions if op == "RUN")
+        assert "pip install --constraint constraints.txt . " in runs and "[" not in runs, "the base install only"
+        assert '! /opt/farm/bin/python -c "import torch"' in runs, "the build must prove torch is absent"
+    else:
+        body = dockerfile.read_text()
+        assert "torch==2.13.0" in body and "'.[worker]'" in body
+        default_index = re.search(r"ARG TORCH_INDEX_URL=(\S+)", body)
+        assert default_index and "/cu12" in default_index.group(1), "the worker's default torch is a CUDA 12 build"
