@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from farm import inputs
+from farm import fetching, inputs
 from farm.config import Settings, reset_settings
 from farm.errors import InvalidInputError
-from farm.schemas import GenerateInput, parse_input
+from farm.schemas import GenerateInput, parse_input, stored_input
 from models.registry import TINY_MODEL
 from models.renderer import Renderer
 from tests.receivers import Receiver
@@ -63,6 +63,11 @@ def params(**kw: object) -> GenerateInput:
     base = {"model_name": TINY_MODEL, "prompt": "a red fox", "image_size": {"width": 64, "height": 64},
             "num_inference_steps": 2, "guidance_scale": 1.0, "num_images": 1, "format": "png"}
     return GenerateInput.model_validate({**base, **kw})
+
+
+def stored_params(**kw: object) -> GenerateInput:
+    """An input as read back from the ledger (the farm's own ``farm-stored:`` paths pass)."""
+    return stored_input(params(**{k: [] for k in kw}).model_dump(mode="json") | kw)
 
 
 def png(renderer: Renderer, p: GenerateInput) -> bytes:
@@ -135,13 +140,21 @@ def test_plain_http_and_other_schemes_are_refused(settings):
         refused_at_validation(path, "only https:// URLs")
 
 
-def test_a_name_that_resolves_inside_is_refused_by_the_worker(renderer, settings):
+def test_a_name_that_resolves_inside_is_refused_by_the_fetch_stage(renderer, settings):
     with Receiver() as rx:
         url = rx.url("/lora.safetensors", host="localhost", scheme="https")
         p = params(loras=[{"path": url}])  # a name: validation does no DNS
-        with pytest.raises(InvalidInputError, match=r"loras.0.path: localhost \(.*\) is a loopback address"):
+        assert fetching.pending(p, settings) == [("loras.0.path", url)]
+        with pytest.raises(ValueError, match=r"localhost \(.*\) is a loopback address"):
+            fetching.fetch_one("loras.0.path", url, "ann", settings)
+        # and a worker never fetches: an unfetched URL fails the render, naming the field
+        with pytest.raises(InvalidInputError, match=r"loras.0.path: was not fetched before rendering"):
             renderer.render(p, 1, [0])
         assert rx.requests == []
+
+
+def test_stored_form_is_refused_in_user_input(settings):
+    refused_at_validation("farm-stored:ann/inputs/abc.safetensors", "only https:// URLs")
 
 
 @pytest.fixture
@@ -164,10 +177,14 @@ def test_allow_listed_https_url_is_fetched_once_and_renders(renderer, settings, 
     allowed = settings.model_copy(update={"webhook_allowlist": [f"localhost:{rx.port}"]})
     try:
         url = rx.url("/weights/lora.safetensors", host="localhost")
-        fetched = Renderer.load(TINY_MODEL, device="cpu", settings=allowed)
-        with_url = png(fetched, params(loras=[{"path": url}]))
+        stored = fetching.fetch_one("loras.0.path", url, "ann", allowed)  # the fetch stage's step
+        assert stored.startswith("farm-stored:ann/inputs/") and stored.endswith(".safetensors")
+        assert fetching.fetch_one("loras.0.path", url, "ann", allowed) == stored  # from the cache
+        with inputs.owner_scope("ann"):
+            with_url = png(renderer, stored_params(loras=[{"path": stored}]))
         assert with_url == png(renderer, params(loras=[{"path": data_uri(lora)}]))
-        assert png(fetched, params(loras=[{"path": url}])) == with_url  # from the cache
+        with inputs.owner_scope("ben"), pytest.raises(InvalidInputError, match="loras.0.path: no such upload"):
+            renderer.render(stored_params(loras=[{"path": stored}]), 1, [0])  # another owner's stored input
         assert len(rx.requests) == 1 and rx.requests[0].server_name == "localhost"
         # plain http to the same allow-listed host and port is accepted; elsewhere it is not
         assert inputs.check_input(rx.url("/x", host="localhost", scheme="http"), allowed) == "url"
