@@ -305,3 +305,14 @@ def post(url: str, settings: Settings, *, content: bytes, headers: Mapping[str, 
 def describe(exc: BaseException) -> str:
     """A one-line reason for a failed request."""
     return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def redact(url: str) -> str:
+    """``url`` for logs and messages: without its query string, fragment or credentials (they may hold tokens)."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return url.split("?", 1)[0][:200]
+    if not parsed.scheme or not parsed.host:
+        return url.split("?", 1)[0][:200]
+    return str(parsed.copy_with(query=None, fragment=None, username=None, password=None))[:200]

@@ -72,11 +72,15 @@ def _short(path: str) -> str:
     return path if len(path) <= 200 else f"{path[:60]}…({len(path)} characters)"
 
 
-def _unreadable(what: str, path: str, ref: WeightsRef, exc: BaseException) -> ModelNotFoundError:
+def _unreadable(what: str, field: str, path: str, ref: WeightsRef, exc: BaseException) -> ModelNotFoundError:
+    """The error for weights that cannot be read. A file the user named is named; a copy the farm made
+    (of a data URI, URL, hub file or upload) is named by its field, not by its storage key or local path."""
     first = str(exc).splitlines()[0] if str(exc) else ""
-    return ModelNotFoundError(
-        f"{what} {_short(path)!r} could not be read from the file {ref.value}: {type(exc).__name__}: {first}"
-    )
+    given = kind_of(path) is None
+    first = first.replace(ref.value, path if given else field)
+    where = f"the file {ref.value}" if given else "the copy the farm made of it"
+    shown = _short(path) if given else field
+    return ModelNotFoundError(f"{what} {shown!r} could not be read from {where}: {type(exc).__name__}: {first}")
 
 
 def _adapters_present(pipe: Any) -> set[str]:
@@ -106,7 +110,7 @@ def load_loras(pipe: Any, loras: list[LoraWeight], settings: Settings) -> list[s
                 pipe.delete_adapters(name)
             continue
         except Exception as exc:  # OSError, or the hub client's connection errors
-            raise _unreadable("LoRA", lora.path, ref, exc) from exc
+            raise _unreadable("LoRA", field, lora.path, ref, exc) from exc
         names.append(name)
         scales.append(lora.scale)
     if names:
@@ -158,7 +162,7 @@ def load_embeddings(pipe: Any, embeddings: list[Embedding], settings: Settings) 
         try:
             state = load_textual_inversion_state_dicts([source])[0]
         except Exception as exc:  # OSError, or the hub client's connection errors
-            raise _unreadable("embedding", emb.path, ref, exc) from exc
+            raise _unreadable("embedding", field, emb.path, ref, exc) from exc
         tensors = _embedding_tensors(state, sdxl=len(pairs) == 2, field=field)
         for (tokenizer, text_encoder), tensor in zip(pairs, tensors, strict=True):
             vectors = tensor if tensor.dim() == 2 else tensor.unsqueeze(0)

@@ -251,7 +251,7 @@ def test_pending_and_abandoned_rows_survive_a_restart(env, receiver):
     with session_scope() as s:  # give A back, as if it had never been claimed
         row = outbox.get_delivery(s, a)
         assert row is not None
-        row.next_attempt_at = utcnow()
+        row.next_attempt_at, row.leased_until = utcnow(), None
     dispose_engines()
     code = (
         "from datetime import timedelta\nfrom db.models import utcnow\nfrom farm.config import get_settings\n"
@@ -361,4 +361,6 @@ def test_worker_enqueues_webhooks_for_completed_and_failed_jobs(
     assert got["/ok"]["status"] == "OK" and got["/ok"]["payload"]["images"][0]["width"] == 64
     assert got["/ok"]["payload"]["images"][0]["url"].startswith("http://")  # presigned S3 URL
     assert got["/bad"]["status"] == "ERROR" and got["/bad"]["payload"] is None
-    assert f"LoRA {bad_lora!r} could not be read from the file" in got["/bad"]["error"]  # materialised, unreadable
+    # moved to storage at submit, materialised by the worker, unreadable: named by its field, no key or path
+    assert "LoRA 'loras.0.path' could not be read from the copy the farm made of it" in got["/bad"]["error"]
+    assert "farm-stored" not in got["/bad"]["error"] and "/inputs/" not in got["/bad"]["error"]

@@ -26,7 +26,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
-import httpx
 from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.orm import Session
 
@@ -34,7 +33,7 @@ from db import batches as ledger_batches
 from db import ledger
 from db.models import Batch, Job, utcnow
 from db.session import session_scope
-from farm import dispatch
+from farm import dispatch, netguard
 from farm.config import Settings
 from farm.fetching import fetch_one, pending
 from farm.lifecycle.finish import finish
@@ -61,17 +60,6 @@ if hasattr(os, "register_at_fork"):
 
 def holder() -> str:
     return f"fetch:{socket.gethostname()}:{os.getpid()}"
-
-
-def shown(url: str) -> str:
-    """A URL for logs and messages: without its query string or credentials (they may hold tokens)."""
-    try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError):
-        return url[:80]
-    if not parsed.scheme or not parsed.host:
-        return url[:200]
-    return str(parsed.copy_with(query=None, fragment=None, username=None, password=None))[:200]
 
 
 def schedule(job_id: str, owner: str, settings: Settings) -> bool:
@@ -143,7 +131,7 @@ def fetch_job(job_id: str, settings: Settings) -> bool:
     paths: dict[str, str] = {}
     for field, path in todo:
         with session_scope() as s:
-            ledger.add_log(s, job_id, f"fetching {field} ({shown(path)})", source="fetcher")
+            ledger.add_log(s, job_id, f"fetching {field} ({netguard.redact(path)})", source="fetcher")
         try:
             paths[field] = fetch_one(field, path, owner, settings)
         except Exception as exc:  # refused, too slow, unreachable, storage down: the job fails, naming the field
