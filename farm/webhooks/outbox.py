@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import null, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -60,7 +60,7 @@ def enqueue(s: Session, job: Job | str, settings: Settings | None = None) -> boo
         "job_id": fresh.id,
         "owner": fresh.owner,
         "url": fresh.webhook_url,
-        "body": None,  # built when an attempt is made (dispatcher), from the ledger
+        "body": null(),  # SQL NULL (not JSON null): built when an attempt is made (dispatcher), from the ledger
         "status": PENDING,
         "attempts": 0,
         "next_attempt_at": utcnow(),
