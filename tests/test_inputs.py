@@ -4,6 +4,7 @@ refused for internal targets, fetched through the SSRF guard, and rendered with 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import ssl
 from collections.abc import Iterator
@@ -279,3 +280,78 @@ def test_upload_multipart_limits_and_auth(api):
     assert client.post("/storage/upload", content=b"", headers=_auth(keys["ben"])).status_code == 400
     no_file = client.post("/storage/upload", files={"a": (None, "b")}, headers=_auth(keys["ben"]))
     assert no_file.status_code == 400 and "no file part" in no_file.json()["detail"]
+
+
+# -- hub ids (the hub is unreachable here: a local Hugging Face cache, and a hub endpoint on loopback) ------
+
+
+def _hf_cache(root: Path, repo: str, files: dict[str, bytes]) -> Path:
+    """``repo`` in the Hugging Face cache layout: refs/main → snapshots/<rev>/<file> → blobs/<sha>."""
+    folder = root / ("models--" + repo.replace("/", "--"))
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(rev)
+    (folder / "snapshots" / rev).mkdir(parents=True)
+    (folder / "blobs").mkdir()
+    for name, data in files.items():
+        blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (folder / "snapshots" / rev / name).symlink_to(blob)
+    return folder
+
+
+def test_hub_ids_resolve_from_the_local_cache_with_a_size_check(renderer, settings, lora, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    _hf_cache(tmp_path / "hub", "acme/tiny-lora", {"pytorch_lora_weights.safetensors": lora, "README.md": b"hi"})
+    _hf_cache(tmp_path / "hub", "acme/two-files", {"a.safetensors": lora, "b.safetensors": lora})
+    p = params(loras=[{"path": "acme/tiny-lora"}])
+    assert fetching.pending(p, settings) == [("loras.0.path", "acme/tiny-lora")]
+    stored = fetching.fetch_one("loras.0.path", "acme/tiny-lora", "ann", settings)
+    assert stored.startswith("farm-stored:ann/inputs/")
+    with inputs.owner_scope("ann"):  # rendered from the stored copy, handed to diffusers as an absolute path
+        assert png(renderer, stored_params(loras=[{"path": stored}])) == png(renderer, params(
+            loras=[{"path": data_uri(lora)}]))
+    small = settings.model_copy(update={"file_input_max_bytes": len(lora) - 1})
+    with pytest.raises(ValueError, match=r"hub file pytorch_lora_weights.safetensors of 'acme/tiny-lora' is .* more"):
+        fetching.fetch_one("loras.0.path", "acme/tiny-lora", "ann", small)
+    with pytest.raises(ValueError, match="not exactly one .safetensors file"):
+        fetching.fetch_one("loras.0.path", "acme/two-files", "ann", settings)
+    with pytest.raises(ValueError, match="'acme/absent' is not in the Hugging Face cache"):
+        fetching.fetch_one("loras.0.path", "acme/absent", "ann", settings)
+
+
+def test_hub_ids_online_are_downloaded_through_the_guard(settings, lora, tls_receiver, monkeypatch):
+    rx = tls_receiver
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", rx.url("", host="localhost"))
+    rx.on_request = lambda rec: (200, {}, b"learned " + rec.path.encode()) if "learned_embeds.bin" in rec.path \
+        else (404, {}, b"no")
+    allowed = settings.model_copy(update={"webhook_allowlist": [f"localhost:{rx.port}"]})
+    stored = fetching.fetch_one("embeddings.0.path", "acme/emb", "ann", allowed)
+    assert [r.path for r in rx.requests] == ["/acme/emb/resolve/main/learned_embeds.safetensors",
+                                             "/acme/emb/resolve/main/learned_embeds.bin"]
+    got = inputs.materialise("stored", stored, settings).read_bytes()
+    assert got == b"learned /acme/emb/resolve/main/learned_embeds.bin"
+    with pytest.raises(ValueError, match="hub id 'acme/none' has none of"):
+        fetching.fetch_one("loras.0.path", "acme/none", "ann", allowed)
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # an internal hub endpoint, not allow-listed
+    with pytest.raises(ValueError, match="loopback"):
+        fetching.fetch_one("loras.0.path", "acme/other", "ann", settings)
+
+
+def test_stage_inline_moves_data_uris_to_storage_with_a_total_cap(settings, lora):
+    from farm.storage import get_storage
+
+    p = params(loras=[{"path": data_uri(lora)}], embeddings=[{"path": data_uri(b"e" * 100)}])
+    staged, written = fetching.stage_inline(p, "cat", settings)
+    paths = [staged.loras[0].path, staged.embeddings[0].path]
+    assert all(x.startswith("farm-stored:cat/inputs/") for x in paths) and len(written) == 2
+    assert get_storage(settings).get(paths[0].removeprefix("farm-stored:")) == lora
+    assert fetching.stage_inline(p, "cat", settings)[1] == []  # content-addressed: nothing new
+    capped = settings.model_copy(update={"inline_input_max_bytes": len(lora) + 99})
+    with pytest.raises(InvalidInputError, match="embeddings.0.path: the request's data URIs hold"):
+        fetching.stage_inline(p, "dot", capped)
+    assert get_storage(settings).list("dot/") == []
+    fetching.discard(written, settings)
+    assert get_storage(settings).list("cat/inputs/") == []
