@@ -144,15 +144,15 @@ def fetch_job(job_id: str, settings: Settings) -> bool:
     from farm.fetching import _with_paths
 
     fetched = _with_paths(inp, paths).model_dump(mode="json")
-    with session_scope() as s:
-        s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.IN_QUEUE).values(input=fetched))
+    with session_scope() as s:  # the lock order everywhere: batches, then jobs
         now = utcnow()
         rows = s.execute(update(Batch).where(Batch.job_id == job_id, Batch.status == FETCHING,
                                              Batch.worker == holder())
                          .values(status=ledger_batches.QUEUED, worker=None, lease_expires_at=None, published_at=now,
                                  publishes=1)
                          .returning(Batch.id, Batch.k, Batch.indices, Batch.model_key, Batch.lane)).all()
-        if rows:
+        if rows:  # still ours (not cancelled, no lease lost): the job renders what was fetched
+            s.execute(update(Job).where(Job.id == job_id).values(input=fetched))
             ledger.add_log(s, job_id, f"fetched {', '.join(f for f, _ in todo)}; queued", source="fetcher")
     messages = [dispatch.Message(model_key=m, lane=lane, request_id=job_id, k=k, indices=list(ix), batch_ids=[i])
                 for i, k, ix, m, lane in rows]
