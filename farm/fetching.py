@@ -152,7 +152,8 @@ def _cached_hub_file(repo: str, names: tuple[str, ...], settings: Settings) -> P
     folder = _hub_cache() / ("models--" + repo.replace("/", "--"))
     ref = folder / "refs" / "main"
     if not ref.is_file():
-        raise ValueError(f"hub id {repo!r} is not in the Hugging Face cache {_hub_cache()} (HF_HUB_OFFLINE is set)")
+        raise ValueError(f"hub id {repo!r} is not in the Hugging Face cache (HF_HUB_OFFLINE is set); give "
+                         "an https:// URL, a data URI or an upload instead")
     snapshot = (folder / "snapshots" / ref.read_text().strip()).resolve()
     if folder.resolve() not in snapshot.parents:
         raise ValueError(f"hub id {repo!r} has a broken cache entry")

@@ -35,6 +35,7 @@ from db.models import Batch, Job, utcnow
 from db.session import session_scope
 from farm import dispatch, netguard
 from farm.config import Settings
+from farm.errors import FileDownloadError
 from farm.fetching import fetch_one, pending
 from farm.lifecycle.finish import finish
 from farm.schemas import stored_input
@@ -138,7 +139,7 @@ def fetch_job(job_id: str, settings: Settings) -> bool:
             reason = f"{field}: {exc}" if str(exc) else f"{field}: {type(exc).__name__}"
             with session_scope() as s:
                 finish(s, job_id, JobStatus.FAILED, message=f"input not fetched: {reason}", error=reason,
-                       error_type="file_download_error", source="fetcher", settings=settings)
+                       error_type=FileDownloadError.error_type, source="fetcher", settings=settings)
             log.warning("job %s of %s: input not fetched: %s", job_id, owner, reason)
             return False
     from farm.fetching import _with_paths
