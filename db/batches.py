@@ -38,6 +38,7 @@ from db.models import Batch, Worker, utcnow
 from farm.errors import WorkerNameTakenError
 from farm.status import LANES_BY_PRIORITY, BatchStatus, Lane
 
+FETCHING = BatchStatus.FETCHING
 QUEUED, CLAIMED, DONE, FAILED, CANCELLED = (BatchStatus.QUEUED, BatchStatus.CLAIMED, BatchStatus.DONE,
                                             BatchStatus.FAILED, BatchStatus.CANCELLED)
 FINISHED = (DONE, FAILED, CANCELLED)
@@ -286,16 +287,16 @@ def finish(s: Session, batch_id: int, status: str, error: str | None = None) -> 
 
 
 def close_open(s: Session, job_id: str, status: BatchStatus = CANCELLED, error: str | None = None) -> int:
-    """Every queued or claimed batch of a job → ``status``: queued ones never start, and the holders of
-    claimed ones find their fenced writes refused (their keepers stop the render)."""
-    stmt = (update(Batch).where(Batch.job_id == job_id, Batch.status.in_([QUEUED, CLAIMED]))
+    """Every fetching, queued or claimed batch of a job → ``status``: queued ones never start, and the holders
+    of claimed ones find their fenced writes refused (their keepers stop the render)."""
+    stmt = (update(Batch).where(Batch.job_id == job_id, Batch.status.in_([FETCHING, QUEUED, CLAIMED]))
             .values(status=status, finished_at=utcnow(), lease_expires_at=None, error=error))
     return cast(CursorResult[Any], s.execute(stmt)).rowcount
 
 
 def cancel_open(s: Session, job_id: str) -> int:
-    """Queued batches of a job → cancelled (claimed ones are left to their holder)."""
-    stmt = update(Batch).where(Batch.job_id == job_id, Batch.status == QUEUED).values(
+    """Fetching and queued batches of a job → cancelled (claimed ones are left to their holder)."""
+    stmt = update(Batch).where(Batch.job_id == job_id, Batch.status.in_([FETCHING, QUEUED])).values(
         status=CANCELLED, finished_at=utcnow())
     return cast(CursorResult[Any], s.execute(stmt)).rowcount
 

@@ -191,15 +191,20 @@ class ApiKey(Base):
 
 
 class WebhookDelivery(Base):
-    """Outbox row: one webhook to deliver for a finished job (status pending|delivered|failed|gone)."""
+    """Outbox row: one webhook to deliver for a finished job (status pending|delivered|failed|gone).
+
+    The body is built from the ledger when an attempt is made (``body`` is NULL; rows written before
+    revision i10b_webhooks keep the body they stored). ``leased_until``: an attempt is under way."""
 
     __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index(None, "owner", "status"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(String(128), ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
     owner: Mapped[str] = mapped_column(String(128))
     url: Mapped[str] = mapped_column(Text)
-    body: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    body: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    leased_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
     status: Mapped[str] = mapped_column(String(16), default="pending")  # farm.status.DeliveryStatus
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)

@@ -151,6 +151,20 @@ class Settings(BaseSettings):
         "API processes on several hosts must share it"
     )
     realtime_token_max_seconds: int = Field(3600, ge=1, description="Longest token_expiration of POST /tokens/")
+    # File inputs (LoRA / embedding URLs, hub ids, data URIs): fetched before any GPU worker sees them.
+    inline_input_max_bytes: int = Field(
+        16 * 2**20, ge=0, description="Per request: decoded bytes of all its data: URI inputs together"
+    )
+    input_fetch_deadline_seconds: float = Field(
+        120.0, gt=0, description="Wall-clock deadline of one URL / hub input download, whole download "
+        "(not per read); past it the job fails naming the field"
+    )
+    input_fetches_per_owner: int = Field(2, ge=1, description="Jobs of one owner whose inputs are fetched at once")
+    input_fetch_threads: int = Field(4, ge=1, description="Input fetches at once per process (API, worker)")
+    sync_inline_max_bytes: int = Field(
+        8 * 2**20, ge=0, description="sync_mode: most image bytes of one result or webhook sent inline as "
+        "data URIs; beyond it the images are given as URLs"
+    )
 
     # Webhooks.
     webhook_allowlist: list[str] = Field(
@@ -159,7 +173,11 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = 10
     webhook_backoff_seconds: float = Field(1.0, description="First retry delay; doubles, with jitter")
     webhook_backoff_max_seconds: float = 600.0
-    webhook_timeout_seconds: float = 10.0
+    webhook_timeout_seconds: float = Field(
+        10.0, gt=0, description="Wall-clock deadline of one delivery attempt (connect, send, answer, redirects)"
+    )
+    webhook_deliveries_per_owner: int = Field(2, ge=1, description="Webhooks of one owner in flight at once")
+    webhook_concurrency: int = Field(8, ge=1, description="Webhook attempts in flight at once per API process")
     webhook_poll_seconds: float = Field(0.5, description="How often the outbox is polled")
     webhook_key_path: Path | None = Field(None, description="ED25519 signing key (PEM); default under data_dir")
 

@@ -85,6 +85,13 @@ class StorageError(FarmError):
     error_type = "storage_error"
 
 
+class FileDownloadError(FarmError):
+    """Raised when a file input (LoRA / embedding URL or hub id) cannot be fetched: refused, too big, too slow."""
+
+    http_status = 422
+    error_type = "file_download_error"
+
+
 class RenderError(FarmError):
     """Raised when a worker fails to render a batch."""
 

@@ -18,7 +18,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclass(frozen=True)
 class WeightsRef:
-    kind: Literal["local", "hub", "data", "upload", "url"]
+    kind: Literal["local", "hub", "data", "upload", "url", "stored"]
     value: str  # absolute path for local, repo id for hub, the URL / data URI itself otherwise
 
 

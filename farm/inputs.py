@@ -7,11 +7,16 @@ Accepted, besides local paths and hub ids (``farm.files``):
 - our own upload URLs (``…/storage/files/<owner>/uploads/<id>/<name>``, made by
   ``POST /storage/upload``): read straight from storage, never over the network, and only
   for the owner who uploaded them;
-- ``https://`` URLs (``http://`` only for an allow-listed host): fetched by the WORKER
-  through the SSRF guard (``farm.netguard``), streamed with the same size cap.
+- ``https://`` URLs (``http://`` only for an allow-listed host): fetched through the SSRF
+  guard (``farm.netguard``), streamed with the same size cap, within a wall-clock deadline.
 
-:func:`materialise` turns any of them into a local file under ``<data_dir>/inputs``,
-written atomically and cached: by content hash for data URIs, by URL hash otherwise.
+No GPU worker fetches anything over the network: data URIs are moved to storage at submit,
+URLs and hub ids are fetched to storage by the fetch stage before the job's batches can be
+claimed (``farm.fetching``, ``farm.lifecycle.fetch``); the ledger then holds
+``farm-stored:<key>`` for them, a form only the farm writes (refused in user input).
+
+:func:`materialise` turns an input into a local file under ``<data_dir>/inputs``, written
+atomically and cached: by content hash for data URIs, by key or URL hash otherwise.
 Import-light: no torch.
 """
 
@@ -40,11 +45,11 @@ from farm.errors import InvalidInputError, StorageError
 if TYPE_CHECKING:
     from farm.schemas import GenerateInput
 
-Kind = Literal["data", "upload", "url"]
+Kind = Literal["data", "upload", "url", "stored"]
+STORED = "farm-stored:"  # prefix of an input the farm moved to storage (never accepted from a user)
 
 UPLOAD_PATH = re.compile(r"/storage/files/(?P<owner>[^/]+)/uploads/(?P<id>[0-9a-f]{32})/(?P<name>[^/]+)$")
-FETCH_TIMEOUT_SECONDS = 30.0  # per network operation
-FETCH_DEADLINE_SECONDS = 300.0  # whole download
+FETCH_TIMEOUT_SECONDS = 30.0  # per network operation (the deadline bounds the whole download)
 CHUNK = 1 << 20
 
 _owner: ContextVar[str | None] = ContextVar("farm_input_owner", default=None)
@@ -58,7 +63,9 @@ def _mib(n: int) -> str:
 
 
 def kind_of(path: str) -> Kind | None:
-    """``data``, ``upload`` or ``url`` for a remote input, None for anything else."""
+    """``data``, ``upload``, ``url`` or ``stored`` for a remote input, None for anything else."""
+    if path.startswith(STORED):
+        return "stored"
     lowered = path[:8].lower()
     if lowered.startswith("data:"):
         return "data"
@@ -131,6 +138,8 @@ def check_input_url(url: str, settings: Settings) -> Kind:
 def check_input(path: str, settings: Settings) -> Kind | None:
     """Validate a remote input (no network): its kind, or None if ``path`` is not one."""
     kind = kind_of(path)
+    if kind == "stored":
+        raise ValueError("only https:// URLs, base64 data: URIs, paths under the files root or hub ids are accepted")
     if kind == "data":
         decode_data_uri(path, settings.file_input_max_bytes)
     elif kind is not None:
@@ -197,11 +206,13 @@ def _write(folder: Path, digest: str, data: bytes) -> Path:
 
 def _download(url: str, folder: Path, digest: str, settings: Settings) -> Path:
     limit = settings.file_input_max_bytes
-    deadline = time.monotonic() + FETCH_DEADLINE_SECONDS
+    seconds = settings.input_fetch_deadline_seconds
+    deadline = time.monotonic() + seconds
+    late = f"the download did not finish within its {seconds:g} s deadline (FARM_INPUT_FETCH_DEADLINE_SECONDS)"
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as fh, netguard.open_url(
-            "GET", url, settings, timeout=FETCH_TIMEOUT_SECONDS, tls_unless_allowlisted=True
+            "GET", url, settings, timeout=FETCH_TIMEOUT_SECONDS, tls_unless_allowlisted=True, deadline=deadline
         ) as response:
             if response.status_code != 200:
                 raise ValueError(f"fetching it answered HTTP {response.status_code}")
@@ -214,16 +225,18 @@ def _download(url: str, folder: Path, digest: str, settings: Settings) -> Path:
                 if size > limit:
                     raise ValueError(f"it is more than the {_mib(limit)} allowed")
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"download took longer than {FETCH_DEADLINE_SECONDS:.0f} s")
+                    raise TimeoutError(late)
                 head = head or chunk[:16]
                 fh.write(chunk)
         if size == 0:
             raise ValueError("it is empty")
         return _publish(folder, digest, Path(tmp), head)
     except httpx.TimeoutException as exc:
-        raise TimeoutError(f"fetching {url} timed out: {exc}") from exc
+        if time.monotonic() >= deadline:
+            raise TimeoutError(late) from exc
+        raise TimeoutError(f"fetching it timed out: {netguard.describe(exc)}") from exc
     except httpx.HTTPError as exc:
-        raise ConnectionError(f"fetching {url} failed: {netguard.describe(exc)}") from exc
+        raise ConnectionError(f"fetching it failed: {netguard.describe(exc)}") from exc
     except netguard.UnresolvableURLError as exc:
         raise ConnectionError(str(exc)) from exc
     finally:
@@ -238,12 +251,12 @@ def materialise(kind: Kind, value: str, settings: Settings) -> Path:
         data = decode_data_uri(value, settings.file_input_max_bytes)
         digest = hashlib.sha256(data).hexdigest()
         return _cached(folder, digest) or _write(folder, digest, data)
-    if kind == "upload":
-        key = upload_key(value) or value
+    if kind in ("upload", "stored"):
+        key = value.removeprefix(STORED) if kind == "stored" else upload_key(value) or value
         owner = _owner.get()
         if owner is not None and upload_owner(key) != owner:
             raise ValueError("no such upload for this owner")
-        digest = "upload-" + hashlib.sha256(key.encode()).hexdigest()
+        digest = kind + "-" + hashlib.sha256(key.encode()).hexdigest()
         cached = _cached(folder, digest)
         if cached is not None:
             return cached

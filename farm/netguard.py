@@ -217,10 +217,14 @@ def check_url(
 # -- pinned requests ----------------------------------------------------------------------------
 
 
-def _client(timeout: float) -> httpx.Client:
+def _client(timeout: float, deadline: float | None = None) -> httpx.Client:
     # An explicit transport: no proxies from the environment (they would defeat the pinning);
-    # trust_env on the transport still honours SSL_CERT_FILE / SSL_CERT_DIR.
-    transport = httpx.HTTPTransport(trust_env=True, retries=0)
+    # trust_env on the transport still honours SSL_CERT_FILE / SSL_CERT_DIR. With a deadline,
+    # every network operation gets at most the time left (farm.deadline): a total bound.
+    from farm.deadline import DeadlineTransport
+
+    transport: httpx.HTTPTransport = (httpx.HTTPTransport(trust_env=True, retries=0) if deadline is None
+                                      else DeadlineTransport(deadline))
     return httpx.Client(transport=transport, trust_env=False, timeout=timeout, follow_redirects=False)
 
 
@@ -250,18 +254,21 @@ def open_url(
     timeout: float = 10.0,
     max_redirects: int = MAX_REDIRECTS,
     tls_unless_allowlisted: bool = False,
+    deadline: float | None = None,
 ) -> Iterator[httpx.Response]:
     """Send a request to the vetted, pinned address of ``url``; yield the (streamed) final response.
 
     Redirects (up to ``max_redirects``) are followed here, each target vetted anew: 307/308
     keep the method and body, the others turn into a GET without a body. With
-    ``tls_unless_allowlisted``, a plain ``http://`` hop must be on the allow-list.
+    ``tls_unless_allowlisted``, a plain ``http://`` hop must be on the allow-list. ``deadline``
+    (``time.monotonic()``) bounds the whole exchange, redirects and body included: past it the
+    next network operation fails with ``httpx.TimeoutException`` (``farm.deadline``).
     Transport failures raise ``httpx.HTTPError``.
     """
     allowed = tuple(schemes)
     current: str | httpx.URL = url
     body = content
-    with _client(timeout) as client:
+    with _client(timeout, deadline) as client:
         for _ in range(max_redirects + 1):
             target = vet(current, settings, schemes=allowed)
             assert target is not None
@@ -286,12 +293,26 @@ def open_url(
     raise UnsafeURLError(f"more than {max_redirects} redirects")
 
 
-def post(url: str, settings: Settings, *, content: bytes, headers: Mapping[str, str], timeout: float) -> int:
-    """POST ``content`` to ``url`` through the guard; the final HTTP status code."""
-    with open_url("POST", url, settings, headers=headers, content=content, timeout=timeout) as response:
+def post(url: str, settings: Settings, *, content: bytes, headers: Mapping[str, str], timeout: float,
+         deadline: float | None = None) -> int:
+    """POST ``content`` to ``url`` through the guard; the final HTTP status code (the status line
+    and headers are read; the body is not waited for)."""
+    with open_url("POST", url, settings, headers=headers, content=content, timeout=timeout,
+                  deadline=deadline) as response:
         return response.status_code
 
 
 def describe(exc: BaseException) -> str:
     """A one-line reason for a failed request."""
     return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def redact(url: str) -> str:
+    """``url`` for logs and messages: without its query string, fragment or credentials (they may hold tokens)."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return url.split("?", 1)[0][:200]
+    if not parsed.scheme or not parsed.host:
+        return url.split("?", 1)[0][:200]
+    return str(parsed.copy_with(query=None, fragment=None, username=None, password=None))[:200]

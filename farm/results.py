@@ -1,7 +1,8 @@
 """Views of a job built from the ledger: the output schema and the status.
 
 Import-light. URLs are made when read: presigned (S3) or ``file://`` (local), or data
-URIs when the request asked for ``sync_mode``.
+URIs when the request asked for ``sync_mode`` and its images hold at most
+``sync_inline_max_bytes`` together (beyond it, the same result, and its webhook, give URLs).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def _fetch_all(storage: Storage, keys: list[str]) -> list[bytes]:
 def build_output(s: Session, job: Job, storage: Storage, settings: Settings) -> GenerateOutput:
     inp = stored_input(job.input)
     rows = ledger.list_images(s, job.id)
-    if inp.sync_mode:
+    if inp.sync_mode and sum(row.size_bytes for row in rows) <= settings.sync_inline_max_bytes:
         blobs = _fetch_all(storage, [row.object_key for row in rows])
         urls = [data_uri(blob, row.content_type) for blob, row in zip(blobs, rows, strict=True)]
     else:

@@ -34,8 +34,11 @@ LANES_BY_PRIORITY = (Lane.REALTIME, Lane.SYNC, Lane.QUEUE, Lane.BULK)
 
 
 class BatchStatus(StrEnum):
-    """A batch of a job's images in the ledger: queued → claimed → done | failed | cancelled."""
+    """A batch of a job's images in the ledger: (fetching →) queued → claimed → done | failed | cancelled.
 
+    ``fetching``: the job's file inputs are being fetched (farm.lifecycle.fetch); no worker may claim it."""
+
+    FETCHING = "fetching"
     QUEUED = "queued"
     CLAIMED = "claimed"
     DONE = "done"

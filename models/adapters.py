@@ -7,8 +7,10 @@ layers and added tokens are removed again, so nothing leaks into the next reques
 model's own LCM-LoRA is fused into the base weights at load time and is not affected.)
 
 Paths go through ``farm.files.resolve_weights_path``: a file or folder under the allowed
-files root, or a hub id (read from the Hugging Face cache; downloaded unless offline), or a
-URL / data URI, which ``farm.inputs.materialise`` first turns into a cached local file.
+files root, or an input the farm moved to storage (``farm-stored:<key>``: data URIs at submit,
+URLs and hub ids by the fetch stage before the batch could be claimed), an upload or a data
+URI, which ``farm.inputs.materialise`` turns into a cached local file. diffusers is handed
+absolute local paths only; a worker never downloads.
 
 LoRA ``force``: a LoRA that does not fit this model (no matching layer, wrong shapes, an
 unknown format) fails the request, unless ``force`` is true: then it is skipped with a
@@ -26,6 +28,7 @@ import itertools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,9 +36,8 @@ import torch
 from farm.config import Settings
 from farm.errors import InvalidInputError, ModelNotFoundError
 from farm.files import WeightsRef, resolve_weights_path
-from farm.inputs import materialise
+from farm.inputs import kind_of, materialise
 from farm.schemas import Embedding, GenerateInput, LoraWeight
-from models.loading import cached_snapshot, hub_offline
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +45,17 @@ _request_counter = itertools.count()
 
 
 def _resolve(path: str, field: str, settings: Settings) -> WeightsRef:
-    """The local file or hub id of ``path``; a URL or data URI is fetched to a local file first."""
+    """The absolute local file of ``path``: under the files root, or read from storage (a stored input or
+    an upload) or decoded (a data URI) into the local cache. Nothing is fetched over the network here: URLs
+    and hub ids were fetched to storage before the batch could be claimed (farm.lifecycle.fetch)."""
     try:
+        if kind_of(path) == "stored":
+            return WeightsRef("local", str(materialise("stored", path, settings)))
         ref = resolve_weights_path(path, settings)
-        if ref.kind in ("data", "upload", "url"):
+        if ref.kind in ("url", "hub"):
+            raise ValueError("was not fetched before rendering (a worker never downloads): submit the request "
+                             "again, through the farm's submit path")
+        if ref.kind in ("data", "upload"):
             ref = WeightsRef("local", str(materialise(ref.kind, ref.value, settings)))
         return ref
     except ValueError as exc:
@@ -54,13 +63,8 @@ def _resolve(path: str, field: str, settings: Settings) -> WeightsRef:
 
 
 def _source(what: str, path: str, ref: WeightsRef) -> str:
-    """What to hand to diffusers: the local path, the hub id, or (offline) its cached snapshot."""
-    if ref.kind == "local" or not hub_offline():
-        return ref.value
-    snapshot = cached_snapshot(ref.value)
-    if snapshot is None:
-        raise _unreadable(what, path, ref, LookupError("not in the Hugging Face cache"))
-    return snapshot
+    """What to hand to diffusers: always an absolute local path."""
+    return str(Path(ref.value).resolve())
 
 
 def _short(path: str) -> str:
@@ -68,13 +72,15 @@ def _short(path: str) -> str:
     return path if len(path) <= 200 else f"{path[:60]}…({len(path)} characters)"
 
 
-def _unreadable(what: str, path: str, ref: WeightsRef, exc: BaseException) -> ModelNotFoundError:
-    where = f"the file {ref.value}" if ref.kind == "local" else f"the Hugging Face cache/hub as {ref.value}"
-    offline = " (offline: HF_HUB_OFFLINE is set)" if ref.kind == "hub" and hub_offline() else ""
+def _unreadable(what: str, field: str, path: str, ref: WeightsRef, exc: BaseException) -> ModelNotFoundError:
+    """The error for weights that cannot be read. A file the user named is named; a copy the farm made
+    (of a data URI, URL, hub file or upload) is named by its field, not by its storage key or local path."""
     first = str(exc).splitlines()[0] if str(exc) else ""
-    return ModelNotFoundError(
-        f"{what} {_short(path)!r} could not be read from {where}{offline}: {type(exc).__name__}: {first}"
-    )
+    given = kind_of(path) is None
+    first = first.replace(ref.value, path if given else field)
+    where = f"the file {ref.value}" if given else "the copy the farm made of it"
+    shown = _short(path) if given else field
+    return ModelNotFoundError(f"{what} {shown!r} could not be read from {where}: {type(exc).__name__}: {first}")
 
 
 def _adapters_present(pipe: Any) -> set[str]:
@@ -104,7 +110,7 @@ def load_loras(pipe: Any, loras: list[LoraWeight], settings: Settings) -> list[s
                 pipe.delete_adapters(name)
             continue
         except Exception as exc:  # OSError, or the hub client's connection errors
-            raise _unreadable("LoRA", lora.path, ref, exc) from exc
+            raise _unreadable("LoRA", field, lora.path, ref, exc) from exc
         names.append(name)
         scales.append(lora.scale)
     if names:
@@ -156,7 +162,7 @@ def load_embeddings(pipe: Any, embeddings: list[Embedding], settings: Settings) 
         try:
             state = load_textual_inversion_state_dicts([source])[0]
         except Exception as exc:  # OSError, or the hub client's connection errors
-            raise _unreadable("embedding", emb.path, ref, exc) from exc
+            raise _unreadable("embedding", field, emb.path, ref, exc) from exc
         tensors = _embedding_tensors(state, sdxl=len(pairs) == 2, field=field)
         for (tokenizer, text_encoder), tensor in zip(pairs, tensors, strict=True):
             vectors = tensor if tensor.dim() == 2 else tensor.unsqueeze(0)

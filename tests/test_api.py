@@ -235,12 +235,13 @@ def test_a_cancelled_queued_request_never_starts(api_stack: ApiStack) -> None:
 def test_a_failed_request_is_completed_with_its_error(api_stack: ApiStack) -> None:
     key = api_stack.make_key("failing")
     with api_stack.client(key) as c:
-        rid = submit(c, tiny_input(loras=[{"path": "nobody/no-such-lora"}]))  # the worker cannot load it
+        rid = submit(c, tiny_input(loras=[{"path": "nobody/no-such-lora"}]))  # the fetch stage cannot get it
         final = wait_done(c, rid)
-        assert final["error_type"] == "model_not_found" and "nobody/no-such-lora" in final["error"]
+        assert final["error_type"] == "file_download_error" and "nobody/no-such-lora" in final["error"]
+        assert final["error"].startswith("loras.0.path: ")
         assert final["logs"][-1]["level"] == "ERROR"
         r = c.get(req_path(rid))
-        assert r.status_code == 503 and r.json() == {"detail": final["error"], "error_type": "model_not_found"}
+        assert r.status_code == 422 and r.json() == {"detail": final["error"], "error_type": "file_download_error"}
 
 
 def test_status_stream_sends_events_until_completed(api_stack: ApiStack) -> None:

@@ -4,6 +4,7 @@ refused for internal targets, fetched through the SSRF guard, and rendered with 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import ssl
 from collections.abc import Iterator
@@ -12,10 +13,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from farm import inputs
+from farm import fetching, inputs
 from farm.config import Settings, reset_settings
 from farm.errors import InvalidInputError
-from farm.schemas import GenerateInput, parse_input
+from farm.schemas import GenerateInput, parse_input, stored_input
 from models.registry import TINY_MODEL
 from models.renderer import Renderer
 from tests.receivers import Receiver
@@ -63,6 +64,11 @@ def params(**kw: object) -> GenerateInput:
     base = {"model_name": TINY_MODEL, "prompt": "a red fox", "image_size": {"width": 64, "height": 64},
             "num_inference_steps": 2, "guidance_scale": 1.0, "num_images": 1, "format": "png"}
     return GenerateInput.model_validate({**base, **kw})
+
+
+def stored_params(**kw: object) -> GenerateInput:
+    """An input as read back from the ledger (the farm's own ``farm-stored:`` paths pass)."""
+    return stored_input(params(**{k: [] for k in kw}).model_dump(mode="json") | kw)
 
 
 def png(renderer: Renderer, p: GenerateInput) -> bytes:
@@ -135,13 +141,21 @@ def test_plain_http_and_other_schemes_are_refused(settings):
         refused_at_validation(path, "only https:// URLs")
 
 
-def test_a_name_that_resolves_inside_is_refused_by_the_worker(renderer, settings):
+def test_a_name_that_resolves_inside_is_refused_by_the_fetch_stage(renderer, settings):
     with Receiver() as rx:
         url = rx.url("/lora.safetensors", host="localhost", scheme="https")
         p = params(loras=[{"path": url}])  # a name: validation does no DNS
-        with pytest.raises(InvalidInputError, match=r"loras.0.path: localhost \(.*\) is a loopback address"):
+        assert fetching.pending(p, settings) == [("loras.0.path", url)]
+        with pytest.raises(ValueError, match=r"localhost \(.*\) is a loopback address"):
+            fetching.fetch_one("loras.0.path", url, "ann", settings)
+        # and a worker never fetches: an unfetched URL fails the render, naming the field
+        with pytest.raises(InvalidInputError, match=r"loras.0.path: was not fetched before rendering"):
             renderer.render(p, 1, [0])
         assert rx.requests == []
+
+
+def test_stored_form_is_refused_in_user_input(settings):
+    refused_at_validation("farm-stored:ann/inputs/abc.safetensors", "only https:// URLs")
 
 
 @pytest.fixture
@@ -164,10 +178,14 @@ def test_allow_listed_https_url_is_fetched_once_and_renders(renderer, settings, 
     allowed = settings.model_copy(update={"webhook_allowlist": [f"localhost:{rx.port}"]})
     try:
         url = rx.url("/weights/lora.safetensors", host="localhost")
-        fetched = Renderer.load(TINY_MODEL, device="cpu", settings=allowed)
-        with_url = png(fetched, params(loras=[{"path": url}]))
+        stored = fetching.fetch_one("loras.0.path", url, "ann", allowed)  # the fetch stage's step
+        assert stored.startswith("farm-stored:ann/inputs/") and stored.endswith(".safetensors")
+        assert fetching.fetch_one("loras.0.path", url, "ann", allowed) == stored  # from the cache
+        with inputs.owner_scope("ann"):
+            with_url = png(renderer, stored_params(loras=[{"path": stored}]))
         assert with_url == png(renderer, params(loras=[{"path": data_uri(lora)}]))
-        assert png(fetched, params(loras=[{"path": url}])) == with_url  # from the cache
+        with inputs.owner_scope("ben"), pytest.raises(InvalidInputError, match="loras.0.path: no such upload"):
+            renderer.render(stored_params(loras=[{"path": stored}]), 1, [0])  # another owner's stored input
         assert len(rx.requests) == 1 and rx.requests[0].server_name == "localhost"
         # plain http to the same allow-listed host and port is accepted; elsewhere it is not
         assert inputs.check_input(rx.url("/x", host="localhost", scheme="http"), allowed) == "url"
@@ -262,3 +280,78 @@ def test_upload_multipart_limits_and_auth(api):
     assert client.post("/storage/upload", content=b"", headers=_auth(keys["ben"])).status_code == 400
     no_file = client.post("/storage/upload", files={"a": (None, "b")}, headers=_auth(keys["ben"]))
     assert no_file.status_code == 400 and "no file part" in no_file.json()["detail"]
+
+
+# -- hub ids (the hub is unreachable here: a local Hugging Face cache, and a hub endpoint on loopback) ------
+
+
+def _hf_cache(root: Path, repo: str, files: dict[str, bytes]) -> Path:
+    """``repo`` in the Hugging Face cache layout: refs/main → snapshots/<rev>/<file> → blobs/<sha>."""
+    folder = root / ("models--" + repo.replace("/", "--"))
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(rev)
+    (folder / "snapshots" / rev).mkdir(parents=True)
+    (folder / "blobs").mkdir()
+    for name, data in files.items():
+        blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (folder / "snapshots" / rev / name).symlink_to(blob)
+    return folder
+
+
+def test_hub_ids_resolve_from_the_local_cache_with_a_size_check(renderer, settings, lora, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    _hf_cache(tmp_path / "hub", "acme/tiny-lora", {"pytorch_lora_weights.safetensors": lora, "README.md": b"hi"})
+    _hf_cache(tmp_path / "hub", "acme/two-files", {"a.safetensors": lora, "b.safetensors": lora})
+    p = params(loras=[{"path": "acme/tiny-lora"}])
+    assert fetching.pending(p, settings) == [("loras.0.path", "acme/tiny-lora")]
+    stored = fetching.fetch_one("loras.0.path", "acme/tiny-lora", "ann", settings)
+    assert stored.startswith("farm-stored:ann/inputs/")
+    with inputs.owner_scope("ann"):  # rendered from the stored copy, handed to diffusers as an absolute path
+        assert png(renderer, stored_params(loras=[{"path": stored}])) == png(renderer, params(
+            loras=[{"path": data_uri(lora)}]))
+    small = settings.model_copy(update={"file_input_max_bytes": len(lora) - 1})
+    with pytest.raises(ValueError, match=r"hub file pytorch_lora_weights.safetensors of 'acme/tiny-lora' is .* more"):
+        fetching.fetch_one("loras.0.path", "acme/tiny-lora", "ann", small)
+    with pytest.raises(ValueError, match="not exactly one .safetensors file"):
+        fetching.fetch_one("loras.0.path", "acme/two-files", "ann", settings)
+    with pytest.raises(ValueError, match="'acme/absent' is not in the Hugging Face cache"):
+        fetching.fetch_one("loras.0.path", "acme/absent", "ann", settings)
+
+
+def test_hub_ids_online_are_downloaded_through_the_guard(settings, lora, tls_receiver, monkeypatch):
+    rx = tls_receiver
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", rx.url("", host="localhost"))
+    rx.on_request = lambda rec: (200, {}, b"learned " + rec.path.encode()) if "learned_embeds.bin" in rec.path \
+        else (404, {}, b"no")
+    allowed = settings.model_copy(update={"webhook_allowlist": [f"localhost:{rx.port}"]})
+    stored = fetching.fetch_one("embeddings.0.path", "acme/emb", "ann", allowed)
+    assert [r.path for r in rx.requests] == ["/acme/emb/resolve/main/learned_embeds.safetensors",
+                                             "/acme/emb/resolve/main/learned_embeds.bin"]
+    got = inputs.materialise("stored", stored, settings).read_bytes()
+    assert got == b"learned /acme/emb/resolve/main/learned_embeds.bin"
+    with pytest.raises(ValueError, match="hub id 'acme/none' has none of"):
+        fetching.fetch_one("loras.0.path", "acme/none", "ann", allowed)
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # an internal hub endpoint, not allow-listed
+    with pytest.raises(ValueError, match="loopback"):
+        fetching.fetch_one("loras.0.path", "acme/other", "ann", settings)
+
+
+def test_stage_inline_moves_data_uris_to_storage_with_a_total_cap(settings, lora):
+    from farm.storage import get_storage
+
+    p = params(loras=[{"path": data_uri(lora)}], embeddings=[{"path": data_uri(b"e" * 100)}])
+    staged, written = fetching.stage_inline(p, "cat", settings)
+    paths = [staged.loras[0].path, staged.embeddings[0].path]
+    assert all(x.startswith("farm-stored:cat/inputs/") for x in paths) and len(written) == 2
+    assert get_storage(settings).get(paths[0].removeprefix("farm-stored:")) == lora
+    assert fetching.stage_inline(p, "cat", settings)[1] == []  # content-addressed: nothing new
+    capped = settings.model_copy(update={"inline_input_max_bytes": len(lora) + 99})
+    with pytest.raises(InvalidInputError, match="embeddings.0.path: the request's data URIs hold"):
+        fetching.stage_inline(p, "dot", capped)
+    assert get_storage(settings).list("dot/") == []
+    fetching.discard(written, settings)
+    assert get_storage(settings).list("cat/inputs/") == []

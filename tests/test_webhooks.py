@@ -251,7 +251,7 @@ def test_pending_and_abandoned_rows_survive_a_restart(env, receiver):
     with session_scope() as s:  # give A back, as if it had never been claimed
         row = outbox.get_delivery(s, a)
         assert row is not None
-        row.next_attempt_at = utcnow()
+        row.next_attempt_at, row.leased_until = utcnow(), None
     dispose_engines()
     code = (
         "from datetime import timedelta\nfrom db.models import utcnow\nfrom farm.config import get_settings\n"
@@ -361,4 +361,49 @@ def test_worker_enqueues_webhooks_for_completed_and_failed_jobs(
     assert got["/ok"]["status"] == "OK" and got["/ok"]["payload"]["images"][0]["width"] == 64
     assert got["/ok"]["payload"]["images"][0]["url"].startswith("http://")  # presigned S3 URL
     assert got["/bad"]["status"] == "ERROR" and got["/bad"]["payload"] is None
-    assert f"LoRA {bad_lora!r} could not be read from the file" in got["/bad"]["error"]  # materialised, unreadable
+    # moved to storage at submit, materialised by the worker, unreadable: named by its field, no key or path
+    assert "LoRA 'loras.0.path' could not be read from the copy the farm made of it" in got["/bad"]["error"]
+    assert "farm-stored" not in got["/bad"]["error"] and "/inputs/" not in got["/bad"]["error"]
+
+
+def test_deliveries_in_flight_are_capped_per_owner(env, receiver, monkeypatch):
+    monkeypatch.setenv("FARM_WEBHOOK_DELIVERIES_PER_OWNER", "2")
+    reset_settings()
+    settings = get_settings()
+    many = [make_job(receiver.url(f"/m{i}"), owner="mallory") for i in range(5)]
+    other = make_job(receiver.url("/o"), owner="olive")
+    now = utcnow()
+    first = dispatcher.claim_due(settings, now)
+    assert sorted(c.job_id for c in first if c.owner == "mallory") == sorted(many[:2])  # oldest first, two
+    assert [c.job_id for c in first if c.owner == "olive"] == [other]  # not behind mallory's backlog
+    assert dispatcher.claim_due(settings, now) == []  # mallory's two slots are held, by whichever process
+    assert all(c.body is None for c in first)  # the outbox holds no body: it is built per attempt
+    dispatcher.deliver(first[0], settings, now)  # one attempt over: one slot free again
+    again = dispatcher.claim_due(settings, now)
+    assert [c.owner for c in again] == ["mallory"] and again[0].job_id in many[2:]
+    # a lease that ran out (its dispatcher died) frees the slot as well
+    later = now + dispatcher.lease(settings) + timedelta(seconds=1)
+    assert len([c for c in dispatcher.claim_due(settings, later) if c.owner == "mallory"]) == 2
+
+
+def test_sync_mode_images_inline_up_to_a_total_cap_then_urls(env, receiver, monkeypatch):
+    small = make_job(receiver.url("/small"), sync_mode=True)  # one 9-byte image
+    monkeypatch.setenv("FARM_SYNC_INLINE_MAX_BYTES", "8")
+    reset_settings()
+    big = make_job(receiver.url("/big"), sync_mode=True)
+    assert dispatcher.deliver_due_once() == 2
+    got = {r.path: json.loads(r.body)["payload"]["images"][0]["url"] for r in receiver.requests}
+    assert got["/big"].startswith("file://")  # beyond the cap: a URL (presigned on S3), not a data URI
+    assert got["/small"].startswith("file://")  # enqueued before the cap changed: its body is built at delivery
+    with session_scope() as s:
+        from farm.results import build_output
+
+        job = ledger.get_job(s, small)
+        assert job is not None  # built now, with today's cap: the same job gives a URL too
+        assert build_output(s, job, get_storage(), get_settings()).images[0].url.startswith("file://")
+    monkeypatch.setenv("FARM_SYNC_INLINE_MAX_BYTES", "9")
+    reset_settings()
+    with session_scope() as s:
+        job = ledger.get_job(s, big)
+        assert job is not None
+        assert build_output(s, job, get_storage(), get_settings()).images[0].url.startswith("data:image/png;base64,")

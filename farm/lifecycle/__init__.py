@@ -2,6 +2,8 @@
 
 * :mod:`.submit`: record the job and its batches (the job is accepted once they commit), then
   announce them through :mod:`farm.dispatch`; the broker being down never fails a submit.
+* :mod:`.fetch`: a job's URL and hub inputs are fetched into storage, in a stage of their own,
+  before its batches may be claimed (its data URIs went to storage at submit).
 * :mod:`.claim`: a worker, woken by a message, claims batches in the ledger; each claim bumps
   the batch's fencing token.
 * :mod:`.store`: the rendered images are uploaded and recorded in one fenced transaction per

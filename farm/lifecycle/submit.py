@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from db import batches as ledger_batches
@@ -25,9 +25,10 @@ from db import ledger
 from db.batches import compat_key, live_workers, plan_batches, pool_max_batch
 from db.models import Batch, Job, Worker
 from db.session import session_scope
-from farm import dispatch
+from farm import dispatch, fetching
 from farm.config import Settings, get_settings
 from farm.errors import NoLiveWorkerError
+from farm.lifecycle import fetch as fetch_stage
 from farm.lifecycle.finish import finish_now
 from farm.lifecycle.pool import unserved
 from farm.schemas import GenerateInput
@@ -111,6 +112,25 @@ def submit(
     spec = get_model(inp.model_name, settings)
     seed = inp.seed if inp.seed is not None else secrets.randbelow(2**31)
     rid = request_id or inp.request_id or uuid.uuid4().hex
+    inp, staged = fetching.stage_inline(inp, owner, settings)  # data URIs to storage: the row holds keys
+    fetch = bool(fetching.pending(inp, settings))  # URLs / hub ids: fetched before any worker may claim
+    try:
+        rows, rid, announce_now = _record(inp, spec, seed, rid, owner, lane, source, idempotency_key, webhook_url,
+                                          settings, admit, fetch)
+    except BaseException:
+        fetching.discard(staged, settings)  # refused: no blob of it is left behind
+        raise
+    if fetch and announce_now:
+        fetch_stage.schedule(rid, owner, settings)
+    elif announce_now:
+        announce(_messages(rows), settings, background=background)
+    return rid
+
+
+def _record(inp: GenerateInput, spec: ModelSpec, seed: int, rid: str, owner: str, lane: Lane, source: str,
+            idempotency_key: str | None, webhook_url: str | None, settings: Settings,
+            admit: Callable[[Session, Job, bool], bool] | None, fetch: bool) -> tuple[list[Batch], str, bool]:
+    """submit's transaction: (batches to announce, request id, whether to announce or fetch at all)."""
     with session_scope() as s:
         waiting = None if settings.embedded else unserved(s, spec.name, spec.key, settings)
         if waiting is not None and settings.require_live_worker:
@@ -122,21 +142,25 @@ def submit(
         )  # fmt: skip
         rid = job.id
         if admit is not None and not admit(s, job, created):
-            return rid
+            return [], rid, False
         if created:
             # one image is one batch whatever the pool (plan_batches gives [[0]]): no look at the pool
             chunks = [[0]] if inp.num_images == 1 else split_job(s, spec.name, inp.num_images, settings)
             rows = ledger_batches.create_batches(s, rid, spec.key, lane.value, _compat(inp, owner), chunks)
+            if fetch:
+                for b in rows:
+                    b.status, b.publishes, b.published_at = ledger_batches.FETCHING, 0, None
             ledger.add_log(s, rid, f"queued {inp.num_images} image(s) in {len(chunks)} batch(es) on "
-                           f"{render_queue(spec.key, lane)}", source="coordinator")
+                           f"{render_queue(spec.key, lane)}" + ("; file inputs are fetched first" if fetch else ""),
+                           source="coordinator")
             if waiting is not None:
                 ledger.add_log(s, rid, waiting.describe(), level="WARNING", source="coordinator")
         elif JobStatus(job.status).is_terminal:
-            return rid
+            return [], rid, False
         else:
             rows = [b for b in ledger_batches.get_batches(s, rid) if b.status == ledger_batches.QUEUED]
-    announce(_messages(rows), settings, background=background)
-    return rid
+            fetch = False  # a repeat: its fetch, if any, is under way (or left to the sweepers)
+    return rows, rid, True
 
 
 def submit_many(
@@ -161,11 +185,22 @@ def submit_many(
     settings = settings or get_settings()
     if not items:
         return []
-    with session_scope() as s:
-        if s.get_bind().dialect.name in ("postgresql", "sqlite"):
-            rows, sizes, created = _record_many(s, items, owner, lane, source, settings)
-        else:
-            rows, sizes, created = _record_one_by_one(s, items, owner, lane, source, settings)
+    items, staged, fetch_ids = _stage_many(items, owner, settings)
+    try:
+        with session_scope() as s:
+            if s.get_bind().dialect.name in ("postgresql", "sqlite"):
+                rows, sizes, created = _record_many(s, items, owner, lane, source, settings)
+            else:
+                rows, sizes, created = _record_one_by_one(s, items, owner, lane, source, settings)
+            if fetch_ids:  # fetched first (farm.lifecycle.fetch): not claimable, not announced yet
+                s.execute(update(Batch).where(Batch.job_id.in_(fetch_ids), Batch.status == ledger_batches.QUEUED)
+                          .values(status=ledger_batches.FETCHING, publishes=0, published_at=None))
+                rows = [b for b in rows if b.job_id not in fetch_ids]
+    except BaseException:
+        fetching.discard(staged, settings)
+        raise
+    for rid in fetch_ids:
+        fetch_stage.schedule(rid, owner, settings)
     groups: dict[tuple[str, str, str], list[_Queued]] = {}
     for b in rows:
         groups.setdefault((b.model_key, b.lane, b.compat), []).append(b)
@@ -185,6 +220,30 @@ def submit_many(
     log.debug("submitted %d %s job(s) (%d new) on the %s lane: %d batch(es) announced in %d message(s)",
              len(items), source, created, lane.value, len(rows), len(messages))
     return [rid for _, rid in items]
+
+
+def _stage_many(items: list[tuple[GenerateInput, str]], owner: str,
+                settings: Settings) -> tuple[list[tuple[GenerateInput, str]], list[str], set[str]]:
+    """:func:`submit_many`'s inputs with their data URIs in storage (each distinct input staged once), the
+    keys written now, and the request ids whose URL / hub inputs the fetch stage must get first."""
+    out: list[tuple[GenerateInput, str]] = []
+    staged: list[str] = []
+    fetch_ids: set[str] = set()
+    done: dict[str, tuple[GenerateInput, bool]] = {}
+    for inp, rid in items:
+        if not inp.loras and not inp.embeddings:
+            out.append((inp, rid))
+            continue
+        marker = repr([(x.path, x.scale, x.force) for x in inp.loras] + [(x.path, x.tokens) for x in inp.embeddings])
+        if marker not in done:
+            new, written = fetching.stage_inline(inp, owner, settings)
+            staged += written
+            done[marker] = (new, bool(fetching.pending(new, settings)))
+        new, fetch = done[marker]
+        out.append((inp.model_copy(update={"loras": new.loras, "embeddings": new.embeddings}), rid))
+        if fetch:
+            fetch_ids.add(rid)
+    return out, staged, fetch_ids
 
 
 @dataclass

@@ -21,6 +21,9 @@ with ``SKIP LOCKED`` and a duplicate message is harmless (the claim decides). On
    dispatch timeout has passed and the bulk queue is empty; the driver's runner lease keeps it
    to one driver at a time.
 
+0. **Fetches**: jobs whose file inputs are still to be fetched and that no process holds (farm.lifecycle.fetch)
+   are fetched in this process's fetch pool.
+
 So no job stays non-terminal without either a live lease or a recent message.
 """
 
@@ -53,6 +56,7 @@ class Swept:
     published: int = 0
     broker_reset: datetime | None = None
     bulk: int = 0
+    fetches: int = 0
 
 
 def reap(settings: Settings) -> tuple[int, int]:
@@ -76,6 +80,9 @@ def sweep(settings: Settings) -> Swept:
     """One sweep (see the module docstring); raises only if the ledger is unreachable."""
     out = Swept()
     out.reaped, out.failed = reap(settings)
+    from farm.lifecycle import fetch
+
+    out.fetches = fetch.sweep(settings)
     if dispatch.broker_down():
         return out  # publishing now would only wait on timeouts; the next sweep tries again
     now = utcnow()

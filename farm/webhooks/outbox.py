@@ -2,9 +2,10 @@
 
 :func:`enqueue` is called inside the transaction that moves a job to COMPLETED, FAILED or
 CANCELLED, so the row exists exactly when the job has finished; the dispatcher delivers it
-later, from the ledger alone. The body is fal's: ``{request_id, gateway_request_id, status:
-"OK"|"ERROR", payload, error}``; when the output cannot be built, ``payload`` is null and
-``payload_error`` says why.
+later, from the ledger alone. The row holds no body: it is built when each attempt is made
+(no image data URI ever sits in the outbox, and a presigned URL is fresh). The body is fal's:
+``{request_id, gateway_request_id, status: "OK"|"ERROR", payload, error}``; when the output
+cannot be built, ``payload`` is null and ``payload_error`` says why.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import null, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -59,7 +60,7 @@ def enqueue(s: Session, job: Job | str, settings: Settings | None = None) -> boo
         "job_id": fresh.id,
         "owner": fresh.owner,
         "url": fresh.webhook_url,
-        "body": build_body(s, fresh, settings),
+        "body": null(),  # SQL NULL (not JSON null): built when an attempt is made (dispatcher), from the ledger
         "status": PENDING,
         "attempts": 0,
         "next_attempt_at": utcnow(),
