@@ -7,7 +7,7 @@ gets the zone back on load). ``Job.status`` loads as a :class:`JobStatus`.
 from __future__ import annotations
 
 import os
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     CheckConstraint,
+    Date,
     DateTime,
     Dialect,
     Float,
@@ -375,3 +376,22 @@ class BulkShard(Base):
     failed: Mapped[int] = mapped_column(Integer)
     stats: Mapped[dict[str, Any]] = mapped_column(JSONType)
     written_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Usage(Base):
+    """What an owner used, per model, UTC day and source: counters that only grow.
+
+    ``source`` is ``batch`` (rendered batches: images and GPU-seconds, ``frames`` 0) or
+    ``realtime`` (websocket frames). Rows are added to with an upsert (:func:`db.usage.record_usage`)
+    in the transaction that stores the work, so usage is counted exactly when the work is.
+    """
+
+    __tablename__ = "usage"
+
+    owner: Mapped[str] = mapped_column(String(128), primary_key=True)
+    model: Mapped[str] = mapped_column(String(256), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    source: Mapped[str] = mapped_column(String(16), primary_key=True)
+    images: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    frames: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
