@@ -205,7 +205,7 @@ class WebhookDelivery(Base):
     url: Mapped[str] = mapped_column(Text)
     body: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     leased_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    status: Mapped[str] = mapped_column(String(16), default="pending")  # farm.status.DeliveryStatus
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)  # farm.status.DeliveryStatus
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     last_error: Mapped[str | None] = mapped_column(Text)
@@ -384,7 +384,8 @@ class BulkShard(Base):
 
 
 class Usage(Base):
-    """What an owner used, per model, UTC day and source: counters that only grow.
+    """What an owner used, per model (its name as requested, e.g. ``farm/tiny-lcm``), UTC day and source:
+    counters that only grow.
 
     ``source`` is ``batch`` (rendered batches: images and GPU-seconds, ``frames`` 0) or
     ``realtime`` (websocket frames). Rows are added to with an upsert (:func:`db.usage.record_usage`)

@@ -17,6 +17,7 @@ from farm.commands.db import db
 from farm.commands.flower import flower
 from farm.commands.generate import generate, status
 from farm.commands.keys import keys
+from farm.commands.usage import usage
 from farm.commands.worker import models, worker
 from farm.errors import FarmError, InvalidInputError
 
@@ -42,6 +43,7 @@ cli.add_command(api)
 cli.add_command(keys)
 cli.add_command(flower)
 cli.add_command(bulk)
+cli.add_command(usage)
 
 
 def _print_error(markup: str) -> None:

@@ -165,6 +165,22 @@ class Settings(BaseSettings):
         8 * 2**20, ge=0, description="sync_mode: most image bytes of one result or webhook sent inline as "
         "data URIs; beyond it the images are given as URLs"
     )
+    # Metrics and usage.
+    metrics_port: int = Field(
+        9808, ge=0, le=65535, description="Port of a worker's Prometheus exporter (GET /metrics); 0: none. The API "
+        "serves GET /metrics on its own port"
+    )
+    metrics_host: str = Field("0.0.0.0", description="Interface of a worker's Prometheus exporter")
+    metrics_token: str | None = Field(
+        None, description="If set, every /metrics endpoint (API and workers) needs `Authorization: Bearer <token>`"
+    )
+    daily_gpu_seconds: float = Field(
+        0.0, ge=0, description="Per owner: GPU-seconds a day (UTC) after which new HTTP requests get 429; 0: no quota"
+    )
+    owner_daily_gpu_seconds: dict[str, float] = Field(
+        default_factory=dict, description="JSON {owner: GPU-seconds a day}: quotas per owner, over "
+        "FARM_DAILY_GPU_SECONDS (0: none for that owner)"
+    )
 
     # Webhooks.
     webhook_allowlist: list[str] = Field(

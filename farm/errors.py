@@ -104,3 +104,14 @@ class LedgerSchemaError(FarmError):
 
     http_status = 503
     error_type = "ledger_not_migrated"
+
+
+class QuotaExceededError(FarmError):
+    """Raised at submit when the owner has spent its daily GPU-second quota (``FARM_DAILY_GPU_SECONDS``)."""
+
+    http_status = 429
+    error_type = "quota_exceeded"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after)}

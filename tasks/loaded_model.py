@@ -39,7 +39,12 @@ def load_renderer(
         from models.renderer import Renderer
 
         _renderer = Renderer.load(model_name, device, settings)
-    log.info("model %s loaded on %s in %.1f s", model_name, device, time.perf_counter() - started)
+    took = time.perf_counter() - started
+    log.info("model %s loaded on %s in %.1f s", model_name, device, took)
+    from farm.metrics import count
+
+    count.model_loaded(_renderer.spec.key, device, took)
+    count.gpu_memory(_renderer.spec.key, device)
     return _renderer
 
 

@@ -38,6 +38,7 @@ from farm.inputs import owner_scope
 from farm.lifecycle.claim import Claimed, claim_group, claim_next_group, describe, higher_lane_waiting, release
 from farm.lifecycle.finish import finish
 from farm.lifecycle.store import store
+from farm.metrics import count
 from farm.status import BatchStatus, JobStatus
 from farm.storage import get_storage
 from models.rendered import RenderItem, RenderResult
@@ -121,6 +122,8 @@ def _run_group(app: Celery, claimed: list[Claimed], renderer: Any, services: Wor
         t1 = time.perf_counter()
         result = _render(renderer, claimed, lambda: services.keeper.progress(ids))
         t2 = time.perf_counter()
+        count.rendered(renderer.spec.key, len(result.images), result.inference_seconds)
+        count.gpu_memory(renderer.spec.key, renderer.device)
         note = getattr(renderer, "stand_in_note", None)  # farm/hold says it held, not rendered
         suffix = f", {renderer.spec.name} {note}" if note else ""
         services.uploader.submit(lambda: _store(app, claimed, result, suffix, settings, services))
@@ -169,9 +172,10 @@ def _store(app: Celery, group: list[Claimed], result: RenderResult, suffix: str,
     """The uploader's step: store, record and complete (farm.lifecycle.store); a failure gives the batch back."""
     ids = [c.batch_id for c in group]
     try:
-        store(group, result.images, worker=services.name, storage=get_storage(settings), settings=settings,
-              note=suffix, inference_seconds=result.inference_seconds,
-              on_progress=lambda: services.keeper.progress_quietly(ids))
+        outcome = store(group, result.images, worker=services.name, storage=get_storage(settings), settings=settings,
+                        note=suffix, inference_seconds=result.inference_seconds,
+                        on_progress=lambda: services.keeper.progress_quietly(ids))
+        count.stored(get_renderer().spec.key, outcome.usage, len(outcome.refused))
     except Exception as exc:
         _give_back(group, exc, settings, services)
     finally:

@@ -18,6 +18,7 @@ def clean_env(**farm_vars: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
     env.update(farm_vars)
     env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("FARM_METRICS_PORT", "0")  # many workers share this host: a test that scrapes picks a free port
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -52,6 +52,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
     settings: Settings = app.state.settings
     await run_in_threadpool(ensure_schema)  # SQLite: migrate; a server database must be at head
+    from farm.metrics import count
+
+    count.api_up()
     events.start()  # the job-change listener (PostgreSQL), so that the first waiter finds it connected
     if not settings.auth_enabled:
         log.warning(
@@ -85,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from farm.api.files import router as files_router
     from farm.api.routes_bulk import router as bulk_router
     from farm.api.routes_realtime import router as realtime_router
+    from farm.api.routes_usage import router as usage_router
     from farm.webhooks.routes import router as webhook_router
 
     app = FastAPI(
@@ -96,12 +100,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings or get_settings()
     errors.install(app)
+    from farm.metrics.http import MetricsMiddleware, metrics_router
+
+    app.add_middleware(MetricsMiddleware)
 
     @app.get("/health", response_model=Health, summary="Liveness", tags=["meta"])
     def health() -> Health:
         """Answers while the process serves requests (no authentication)."""
         return Health()
 
+    app.include_router(metrics_router())
+    app.include_router(usage_router)
     app.include_router(files_router)
     app.include_router(bulk_router)  # before the queue routes: /{owner}/{alias} would match /bulk/…
     app.include_router(webhook_router)

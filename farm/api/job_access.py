@@ -27,6 +27,7 @@ from farm.results import build_output
 from farm.schemas import GenerateInput, GenerateOutput
 from farm.status import ACTIVE, JobStatus, Lane
 from farm.storage import get_storage
+from farm.usage import check_quota
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
@@ -141,7 +142,8 @@ def submit_job(
     One transaction on the common path: the job row is inserted (a repeated key finds the job
     already there instead), then checked (uploads, the key's image limit, the owner's jobs in
     flight, counted with the new row) before its batches are recorded; a refused submit rolls
-    back and records nothing. A webhook URL is vetted (DNS) before the transaction, and only for
+    back and records nothing. An owner whose daily GPU-second quota is spent gets 429 (farm.usage).
+    A webhook URL is vetted (DNS) before the transaction, and only for
     a new request, so that request looks its key up first.
     """
     fields = inp.model_dump(mode="json")
@@ -165,6 +167,7 @@ def submit_job(
             return False
         if webhook_url is None:
             _check_new(inp, tenant)
+        check_quota(s, tenant.owner, settings)  # 429 once the owner's daily GPU-seconds are spent
         running = _count_in_flight(s, tenant.owner) - 1  # not this one
         if running >= tenant.max_in_flight:
             raise TooManyJobsError(

@@ -96,7 +96,8 @@ def queue_router(prefix: str) -> APIRouter:
         "",
         response_model=QueueSubmitted,
         summary="Submit a request to the queue",
-        responses={**ERROR_RESPONSES, 429: {"model": ErrorBody, "description": "Too many requests in flight."}},
+        responses={**ERROR_RESPONSES, 429: {"model": ErrorBody, "description": "Too many requests in flight, "
+                                            "or the daily GPU-seconds spent."}},
     )
     def submit(
         inp: GenerateInput,

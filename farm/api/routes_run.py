@@ -154,7 +154,7 @@ async def _submit(
         **ERROR_RESPONSES,
         **FAILED,
         400: {"model": ErrorBody, "description": "The request was cancelled."},
-        429: {"model": ErrorBody, "description": "Too many requests in flight."},
+        429: {"model": ErrorBody, "description": "Too many requests in flight, or the daily GPU-seconds spent."},
         504: {"model": ErrorBody, "description": "Did not start (X-Fal-Request-Timeout) or finish in time."},
     },
 )
@@ -212,7 +212,7 @@ async def _run_events(
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
         **ERROR_RESPONSES,
-        429: {"model": ErrorBody, "description": "Too many requests in flight."},
+        429: {"model": ErrorBody, "description": "Too many requests in flight, or the daily GPU-seconds spent."},
     },
 )
 async def run_stream(

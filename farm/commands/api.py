@@ -39,6 +39,9 @@ def api(
     key = tls_key or settings.tls_key
     if (cert is None) != (key is None):
         raise click.UsageError("TLS needs both a certificate and its key (--tls-cert and --tls-key)")
+    from farm.metrics import exposition
+
+    exposition.setup("api")  # every server process writes there; GET /metrics on any of them sums them
     host = host or settings.api_host
     port = port or settings.api_port
     scheme = "https" if cert else "http"

@@ -90,10 +90,14 @@ def _held(name: str) -> str:
               help="Node name, unique among live workers (default: <model-key>@<device>.<host>).")
 @click.option("--log-level", "log_level", default=None, help="Worker log level (default: FARM_LOG_LEVEL).")
 @click.option("--loglevel", "old_log_level", default=None, hidden=True, help="Deprecated: use --log-level.")
-def worker(model_name: str, device: str, name: str | None, log_level: str | None, old_log_level: str | None) -> None:
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Port of this worker's Prometheus exporter (default: FARM_METRICS_PORT, 9808); 0: none.")
+def worker(model_name: str, device: str, name: str | None, log_level: str | None, old_log_level: str | None,
+           metrics_port: int | None) -> None:
     """Serve MODEL's queues on DEVICE (FARM_BROKER_URL must point at Redis)."""
     level = log_level_option(log_level, old_log_level)
     settings = get_settings()
+    port = settings.metrics_port if metrics_port is None else metrics_port
     if settings.embedded:
         raise FarmError(
             "farm worker needs FARM_BROKER_URL (redis://…); with no broker configured, "
@@ -121,6 +125,12 @@ def worker(model_name: str, device: str, name: str | None, log_level: str | None
     node = name or f"{spec.key}@{device_label(device)}.%h"
     shown = node.replace("%h", socket.gethostname())
     _refuse_a_live_namesake(shown, settings)
+    if port:
+        from farm.metrics import exposition
+
+        exposition.setup("worker")  # the pool child writes its values there; this process exports them
+        exposition.serve(settings.metrics_host, port, settings.metrics_token)
+        click.echo(f"metrics on http://{settings.metrics_host}:{port}/metrics", err=True)
     app = get_app(settings)
 
     failure = Path(tempfile.mkstemp(prefix="farm-worker-")[1])  # the pool process's reason to give up
@@ -137,7 +147,10 @@ def worker(model_name: str, device: str, name: str | None, log_level: str | None
     def _load(**_: Any) -> None:
         # in the pool process, after fork: fresh DB connections, then the model, once
         dispose_engines(close=False)
+        from farm.metrics import count, exposition
         from tasks.lease import start_services
+
+        exposition.child_started()
         from tasks.loaded_model import load_renderer
 
         log.info("loading %s on %s", spec.name, device)
@@ -149,6 +162,7 @@ def worker(model_name: str, device: str, name: str | None, log_level: str | None
             services = start_services(app, shown, renderer, settings)  # in the pool, with its batch size
         except Exception as exc:
             _give_up(_reason(exc) if isinstance(exc, WorkerNameTakenError) else f"cannot join the pool: {_reason(exc)}")
+        count.worker_up(shown, spec.key, device)
         os.write(joined_w, f"{services.max_batch} {renderer.loads}\n".encode())
         threading.Thread(target=_stop_pulling_when_told, name="farm-leaving", daemon=True).start()
 
@@ -167,6 +181,9 @@ def worker(model_name: str, device: str, name: str | None, log_level: str | None
             return  # never joined
         stop_services()  # stores what was rendered, leaves the pool
         dispose_engines()
+        from farm.metrics import exposition
+
+        exposition.child_exiting()
         log.info("%s left the pool", shown)
 
     def _announce() -> None:

@@ -33,6 +33,7 @@ from db.models import Job, JobLog, utcnow
 from db.session import after_commit, session_scope
 from farm import events
 from farm.config import Settings, get_settings
+from farm.metrics import count
 from farm.status import BatchStatus, JobStatus
 from farm.webhooks import outbox
 
@@ -117,6 +118,8 @@ def finish_all(s: Session, endings: Sequence[Ending], settings: Settings, *, loc
             outbox.enqueue(s, e.job_id, settings)
         if source == "celery":
             after_commit(s, partial(_store_celery_result, e.job_id, settings))
+    if applied:
+        after_commit(s, partial(count.jobs_finished, [e.status for e in applied]))
     return [e.job_id for e in applied]
 
 

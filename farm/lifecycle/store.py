@@ -4,7 +4,8 @@
    was cut off) or closed (its job was cancelled or failed) is dropped here, logged once.
 2. Encode and upload the images of the batches still held (deterministic keys).
 3. One transaction: mark the held batches done (fenced: ``(id, token)`` and claimed), upsert the
-   image rows of the batches that were accepted (one statement), add each job's progress line,
+   image rows of the batches that were accepted (one statement), add their usage per owner and
+   model (farm.usage: the GPU batch's render time split by image), add each job's progress line,
    and finish every job whose last image this was (its row locked first, so two workers storing a
    job's last two batches at once cannot both miss the completion).
 4. A batch refused at step 3 because its job ended meanwhile: its uploaded objects are deleted
@@ -28,6 +29,7 @@ from db import batches as ledger_batches
 from db import ledger
 from db.models import Batch, Image, Job, JobLog, utcnow
 from db.session import session_scope
+from db.usage import UsageEntry, record_usage
 from farm import events
 from farm.config import Settings
 from farm.lifecycle.claim import Claimed
@@ -35,6 +37,7 @@ from farm.lifecycle.finish import Ending, finish_all
 from farm.results import used_prompt
 from farm.status import BatchStatus, JobStatus
 from farm.storage import Storage, object_key
+from farm.usage import batch_usage
 
 log = logging.getLogger(__name__)
 STORE_TRIES = 3
@@ -47,6 +50,7 @@ class Stored:
     done: list[int] = field(default_factory=list)  # batch ids recorded
     refused: list[int] = field(default_factory=list)  # batch ids whose claim no longer held
     completed: list[str] = field(default_factory=list)  # job ids this store completed
+    usage: list[UsageEntry] = field(default_factory=list)  # what the stored images counted, per owner and model
 
 
 def still_held(group: Sequence[Claimed]) -> set[int]:
@@ -82,12 +86,16 @@ def store(group: Sequence[Claimed], images: Sequence[Any], *, worker: str, stora
         accepted = ledger_batches.complete(s, [c.held for c in kept])
         late = [c for c in kept if c.batch_id not in accepted]
         ok = {(c.job_id, i) for c in kept if c.batch_id in accepted for i in c.indices}
-        ledger.record_images(s, [r for r in rows if (r["job_id"], r["index"]) in ok])
+        recorded = [r for r in rows if (r["job_id"], r["index"]) in ok]
+        ledger.record_images(s, recorded)
+        # usage in the same transaction: the GPU batch's render time split by image (farm.usage)
+        outcome.usage = batch_usage(recorded, {c.job_id: (c.owner, c.params.model_name) for c in kept},
+                                    len(images), inference_seconds)
+        record_usage(s, outcome.usage)
         outcome.done = sorted(accepted)
         if ok:
             outcome.completed = _progress(s, [c for c in kept if c.batch_id in accepted], note,
-                                          inference_seconds, len(group), settings,
-                                          [r for r in rows if (r["job_id"], r["index"]) in ok])
+                                          inference_seconds, len(group), settings, recorded)
     outcome.refused += [c.batch_id for c in late]
     _log_refused(group, [c.batch_id for c in late], "while storing")
     if late:

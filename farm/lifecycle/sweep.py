@@ -43,6 +43,7 @@ from db.session import session_scope
 from farm import dispatch
 from farm.config import Settings
 from farm.lifecycle.finish import finish
+from farm.metrics import count
 from farm.status import JobStatus
 from tasks.queues import render_queue
 
@@ -62,8 +63,10 @@ class Swept:
 def reap(settings: Settings) -> tuple[int, int]:
     """Step 1: expired leases back to queued, or their jobs failed when out of retries."""
     reaped = failed = 0
+    taken: list[str] = []
     with session_scope() as s:
         for row in ledger_batches.reap(s):
+            taken.append(row.model_key)
             what = f"images {row.indices[0]}..{row.indices[-1]}"
             if row.attempts > settings.batch_retries:
                 reason = f"images {list(row.indices)} failed: {row.error or 'worker lost'} (tried {row.attempts} times)"
@@ -73,6 +76,8 @@ def reap(settings: Settings) -> tuple[int, int]:
             reaped += 1
             ledger.add_log(s, row.job_id, f"batch {row.k} ({what}): {row.error}; back to the pool",
                            level="WARNING", source="sweeper")
+    if taken:
+        count.lease_takeovers(taken)
     return reaped, failed
 
 

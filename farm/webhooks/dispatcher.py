@@ -39,6 +39,7 @@ from db.models import WebhookAttempt, WebhookDelivery, utcnow
 from db.session import session_scope
 from farm import netguard
 from farm.config import Settings, get_settings
+from farm.metrics import count
 from farm.webhooks import outbox, signing
 from farm.webhooks.outbox import DELIVERED, FAILED, GONE, PENDING
 
@@ -189,6 +190,7 @@ def deliver(claimed: Claimed, settings: Settings, now: datetime) -> str:
         code, error, permanent = None, netguard.describe(exc), False
     duration_ms = (time.perf_counter() - started) * 1000
     status = _record(claimed, code, error, permanent, duration_ms, settings, now)
+    count.webhook_attempt("retry" if status == PENDING else status)
     log.info("webhook of %s to %s: %s (%s) after %.0f ms", claimed.job_id, netguard.redact(claimed.url), status,
              code if code is not None else error, duration_ms)
     return status

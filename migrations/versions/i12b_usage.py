@@ -1,4 +1,5 @@
-"""Usage per owner: images, realtime frames and GPU-seconds per owner, model, UTC day and source.
+"""Usage per owner: images, realtime frames and GPU-seconds per owner, model, UTC day and source;
+an index on webhook_deliveries.status (the metrics count the pending outbox at each scrape).
 
 Revision ID: i12b_usage
 Revises: 0006
@@ -30,7 +31,9 @@ def upgrade() -> None:
         sa.Column("gpu_seconds", sa.Float(), server_default="0", nullable=False),
         sa.PrimaryKeyConstraint("owner", "model", "day", "source", name=op.f("pk_usage")),
     )
+    op.create_index(op.f("ix_webhook_deliveries_status"), "webhook_deliveries", ["status"])
 
 
 def downgrade() -> None:
+    op.drop_index(op.f("ix_webhook_deliveries_status"), table_name="webhook_deliveries")
     op.drop_table("usage")

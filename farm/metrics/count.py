@@ -1,0 +1,132 @@
+"""Counting from the lifecycle code: each helper imports the metric definitions when first called, so
+that a process that never counts (a CLI run) never imports prometheus-client, and one that does
+imports it after ``farm worker`` / ``farm api`` set multiprocess mode up. Counting never fails
+the work it counts."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _safely(action: Any) -> None:
+    try:
+        action()
+    except Exception:  # a metric must never fail a store, a sweep or a delivery
+        log.debug("metric update failed", exc_info=True)
+
+
+def jobs_finished(statuses: Iterable[str]) -> None:
+    def act() -> None:
+        from farm.metrics.defs import JOBS_FINISHED
+
+        for status in statuses:
+            JOBS_FINISHED.labels(str(status)).inc()
+
+    _safely(act)
+
+
+def lease_takeovers(model_keys: Sequence[str]) -> None:
+    def act() -> None:
+        from farm.metrics.defs import LEASE_TAKEOVERS
+
+        for key in model_keys:
+            LEASE_TAKEOVERS.labels(key).inc()
+
+    _safely(act)
+
+
+def webhook_attempt(outcome: str) -> None:
+    def act() -> None:
+        from farm.metrics.defs import WEBHOOK_ATTEMPTS
+
+        WEBHOOK_ATTEMPTS.labels(outcome).inc()
+
+    _safely(act)
+
+
+def rendered(model: str, images: int, seconds: float) -> None:
+    def act() -> None:
+        from farm.metrics.defs import BATCH_SIZE, RENDER_SECONDS
+
+        if images:
+            RENDER_SECONDS.labels(model).observe(seconds)
+            BATCH_SIZE.labels(model).observe(images)
+
+    _safely(act)
+
+
+def stored(model: str, usage: Iterable[Any], lost: int) -> None:
+    """A store's images and GPU-seconds per owner (``db.usage.UsageEntry``s), and its lost claims."""
+    def act() -> None:
+        from farm.metrics.defs import CLAIMS_LOST, GPU_SECONDS, IMAGES
+
+        for e in usage:
+            IMAGES.labels(model, e.owner).inc(e.images)
+            GPU_SECONDS.labels(model, e.owner).inc(e.gpu_seconds)
+        if lost:
+            CLAIMS_LOST.labels(model).inc(lost)
+
+    _safely(act)
+
+
+def model_loaded(model: str, device: str, seconds: float) -> None:
+    def act() -> None:
+        from farm.metrics.defs import MODEL_LOAD_SECONDS, MODEL_LOADS
+
+        MODEL_LOADS.labels(model, device).inc()
+        MODEL_LOAD_SECONDS.labels(model).observe(seconds)
+
+    _safely(act)
+
+
+def gpu_memory(model: str, device: str) -> None:
+    """The CUDA device's memory (allocated and reserved by this process, and the device's total)."""
+    if not device.startswith("cuda"):
+        return
+
+    def act() -> None:
+        import torch
+
+        from farm.metrics.defs import GPU_MEMORY
+
+        dev = torch.device(device)
+        GPU_MEMORY.labels(model, device, "allocated").set(torch.cuda.memory_allocated(dev))
+        GPU_MEMORY.labels(model, device, "reserved").set(torch.cuda.memory_reserved(dev))
+        GPU_MEMORY.labels(model, device, "total").set(torch.cuda.get_device_properties(dev).total_memory)
+
+    _safely(act)
+
+
+def worker_up(name: str, model: str, device: str) -> None:
+    """This worker process serves ``model``: its info gauge, and its counters at 0 (a series that exists
+    before its first event gives ``rate()`` and ``increase()`` a start)."""
+    def act() -> None:
+        from farm.metrics.defs import CLAIMS_LOST, JOBS_FINISHED, LEASE_TAKEOVERS, MODEL_LOADS, WORKER_INFO
+        from farm.status import TERMINAL
+
+        WORKER_INFO.labels(name, model, device).set(1)
+        for counter in (CLAIMS_LOST, LEASE_TAKEOVERS):
+            counter.labels(model).inc(0)
+        MODEL_LOADS.labels(model, device).inc(0)
+        for status in TERMINAL:
+            JOBS_FINISHED.labels(str(status)).inc(0)
+
+    _safely(act)
+
+
+def api_up() -> None:
+    """An API process: the counters it may move, at 0."""
+    def act() -> None:
+        from farm.metrics.defs import JOBS_FINISHED, WEBHOOK_ATTEMPTS
+        from farm.status import TERMINAL
+
+        for outcome in ("delivered", "retry", "failed", "gone"):
+            WEBHOOK_ATTEMPTS.labels(outcome).inc(0)
+        for status in TERMINAL:
+            JOBS_FINISHED.labels(str(status)).inc(0)
+
+    _safely(act)

@@ -1,0 +1,166 @@
+"""The registry a scrape reads, the text it gets, and the worker's exporter.
+
+``farm worker`` and ``farm api`` call :func:`setup` before anything imports prometheus-client:
+it points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh folder of that process (removed when it exits),
+so values written by Celery's prefork pool child, or by uvicorn's worker processes, are summed
+by the one exporter (:func:`registry`). Gauges of a worker's pool child are "live": a child that
+exits is marked dead (:func:`child_exiting`), and one that was killed is swept out when the next
+one starts (:func:`child_started`).
+
+``FARM_METRICS_TOKEN``, when set, is required as ``Authorization: Bearer <token>`` by every
+metrics endpoint (the metrics name owners: keep them from tenants).
+"""
+
+from __future__ import annotations
+
+import atexit
+import hmac
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from farm.errors import FarmError
+
+log = logging.getLogger(__name__)
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+_LIVE_FILE = re.compile(r"^gauge_live\w+?_(\d+)\.db$")
+
+
+def setup(kind: str) -> Path:
+    """Multiprocess mode for this process and the processes it starts (a fresh folder, or the one
+    ``PROMETHEUS_MULTIPROC_DIR`` names, which must then be emptied before each start)."""
+    given = os.environ.get(ENV)
+    if given:
+        path = Path(given)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    if "prometheus_client" in sys.modules:
+        log.warning("prometheus_client was imported before metrics were set up: values of other processes "
+                    "will not be summed")
+    path = Path(tempfile.mkdtemp(prefix=f"farm-{kind}-metrics-"))
+    os.environ[ENV] = str(path)
+    owner = os.getpid()
+
+    def _remove() -> None:
+        if os.getpid() == owner:  # never from a forked child that happens to run exit handlers
+            shutil.rmtree(path, ignore_errors=True)
+
+    atexit.register(_remove)
+    return path
+
+
+def multiprocess() -> bool:
+    return bool(os.environ.get(ENV))
+
+
+_registry: Any = None
+_registry_lock = threading.Lock()
+
+
+def registry() -> Any:
+    """The registry a scrape reads: every process's values (multiprocess mode), or this process's."""
+    global _registry
+    from prometheus_client import REGISTRY, CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    import farm.metrics.defs  # noqa: F401  (every metric is defined, so each shows with its help text)
+
+    with _registry_lock:
+        if _registry is None:
+            if multiprocess():
+                _registry = CollectorRegistry()
+                MultiProcessCollector(_registry)
+            else:
+                _registry = REGISTRY
+        return _registry
+
+
+def render(reg: Any) -> tuple[bytes, str]:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return generate_latest(reg), CONTENT_TYPE_LATEST
+
+
+def authorized(header: str | None, token: str | None) -> bool:
+    """Whether an ``Authorization`` header passes ``FARM_METRICS_TOKEN`` (always, when none is set)."""
+    if not token:
+        return True
+    scheme, _, given = (header or "").strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  (the base class's name)
+        pass
+
+
+class _Server(WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def serve(host: str, port: int, token: str | None) -> WSGIServer:
+    """The worker's exporter: ``GET /metrics`` (and ``/``) on ``host:port`` in a daemon thread."""
+    from socketserver import ThreadingMixIn
+
+    class Threading(ThreadingMixIn, _Server):
+        pass
+
+    reg = registry()
+
+    def app(environ: dict[str, Any], start: Callable[..., Any]) -> list[bytes]:
+        if environ.get("PATH_INFO", "/") not in ("/", "/metrics"):
+            start("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: metrics are at /metrics\n"]
+        if not authorized(environ.get("HTTP_AUTHORIZATION"), token):
+            start("401 Unauthorized", [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")])
+            return [b"metrics need Authorization: Bearer <FARM_METRICS_TOKEN>\n"]
+        body, content_type = render(reg)
+        start("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+        return [body]
+
+    try:
+        server = make_server(host, port, app, Threading, handler_class=_Quiet)
+    except OSError as exc:
+        raise FarmError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc} (another worker on this "
+                        "host? give each its own --metrics-port, or FARM_METRICS_PORT=0 to export none)") from None
+    threading.Thread(target=server.serve_forever, name="farm-metrics", daemon=True).start()
+    return server
+
+
+def child_started() -> None:
+    """In a new pool child: forget the live gauges of earlier children that are gone (killed)."""
+    path = os.environ.get(ENV)
+    if not path:
+        return
+    from prometheus_client.multiprocess import mark_process_dead
+
+    for name in os.listdir(path):
+        m = _LIVE_FILE.match(name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            mark_process_dead(int(m.group(1)), path)
+
+
+def child_exiting() -> None:
+    if multiprocess():
+        from prometheus_client.multiprocess import mark_process_dead
+
+        mark_process_dead(os.getpid())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
