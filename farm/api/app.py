@@ -83,6 +83,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app; ``settings`` default to the process's (``FARM_*`` environment)."""
     from farm.api.files import router as files_router
+    from farm.api.playground import router as playground_router
     from farm.api.proxy import FalProxy
     from farm.api.routes_bulk import router as bulk_router
     from farm.api.routes_realtime import router as realtime_router
@@ -104,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Answers while the process serves requests (no authentication)."""
         return Health()
 
+    app.include_router(playground_router)
     app.include_router(uploads_router)  # before files_router: /storage/upload/initiate is not an upload
     app.include_router(files_router)
     app.include_router(bulk_router)  # before the queue routes: /{owner}/{alias} would match /bulk/…
