@@ -75,8 +75,9 @@ def test_playground_draws_images_as_you_type(api_stack: ApiStack, browser: Any) 
         page.fill("#key", key)  # the first input connects (token through /fal/proxy) and sends a frame
         _wait_for(page, "() => Number(document.querySelector('#image').dataset.frames) >= 1", console=console)
         page.fill("#prompt", "a red fox in snow")  # typing sends again: the image follows
-        _wait_for(page, "() => { const c = document.querySelector('#image');"
-                        " return Number(c.dataset.frames) >= 2 && c.dataset.requestId !== 'playground-1'; }", console=console)
+        newer = ("() => { const c = document.querySelector('#image');"
+                 " return Number(c.dataset.frames) >= 2 && c.dataset.requestId !== 'playground-1'; }")
+        _wait_for(page, newer, console=console)
         drawn = page.evaluate(
             """() => {
                 const c = document.querySelector('#image');
