@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 INSTALL = $(PIP) install --quiet --constraint constraints.txt
 
-.PHONY: demo test lint install install-test clean
+.PHONY: demo test lint install install-test clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,12 @@ lint: install-test
 	$(BIN)/ruff check farm tasks models db migrations tests benchmarks
 	$(BIN)/mypy
 
-test: install-test lint
+# the playground test drives the system's Chromium (Debian package `chromium`); the JS tests'
+# fixture runs `npm ci` in tests/js when its node_modules is missing
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y --no-install-recommends chromium >/dev/null; } || echo "chromium missing: the playground test will say so"
+
+test: install-test lint browser
 	$(BIN)/python -m pytest
 
 clean:

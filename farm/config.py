@@ -129,6 +129,17 @@ class Settings(BaseSettings):
     max_jobs_in_flight: int = Field(100, description="Per owner: queued + running jobs (a key may set less)")
     file_input_max_bytes: int = Field(64 * 2**20, description="Largest LoRA/embedding URL or data URI input")
     upload_max_bytes: int = Field(64 * 2**20, description="Largest file accepted by the upload endpoint")
+    max_upload_bytes: int = Field(64 * 2**20, ge=1, description="Largest file one upload may store")
+    upload_quota_bytes: int = Field(
+        1 * 2**30, ge=0, description="Per owner: bytes all their uploads may hold together (0: no uploads)"
+    )
+    upload_url_expiry_seconds: int = Field(
+        900, ge=1, le=7 * 86400, description="How long an upload_url from POST /storage/upload/initiate is valid"
+    )
+    upload_signing_key: str | None = Field(
+        None, description="Secret that signs local-storage upload URLs; unset: a random key kept under data_dir "
+        "(give every API process the same one)"
+    )
 
     # Realtime (websocket frames, /{app}/realtime).
     realtime_max_buffering: int = Field(

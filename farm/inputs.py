@@ -268,8 +268,9 @@ def materialise(kind: Kind, value: str, settings: Settings) -> Path:
             if "not found" in str(exc) or "NoSuchKey" in str(exc):
                 raise ValueError("no such upload") from None
             raise
-        if len(data) > settings.file_input_max_bytes:
-            raise ValueError(f"the upload is {_mib(len(data))}, more than the {_mib(settings.file_input_max_bytes)}")
+        cap = min(settings.file_input_max_bytes, settings.max_upload_bytes)  # a presigned S3 PUT is not capped
+        if len(data) > cap:
+            raise ValueError(f"the upload is {_mib(len(data))}, more than the {_mib(cap)} allowed")
         return _write(folder, digest, data)
     digest = "url-" + hashlib.sha256(value.encode()).hexdigest()
     return _cached(folder, digest) or _download(value, folder, digest, settings)

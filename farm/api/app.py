@@ -86,9 +86,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app; ``settings`` default to the process's (``FARM_*`` environment)."""
     from farm.api.files import router as files_router
+    from farm.api.playground import router as playground_router
+    from farm.api.proxy import FalProxy
     from farm.api.routes_bulk import router as bulk_router
     from farm.api.routes_realtime import router as realtime_router
     from farm.api.routes_usage import router as usage_router
+    from farm.api.uploads import router as uploads_router
     from farm.webhooks.routes import router as webhook_router
 
     app = FastAPI(
@@ -111,6 +114,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(metrics_router())
     app.include_router(usage_router)
+    app.include_router(playground_router)
+    app.include_router(uploads_router)  # before files_router: /storage/upload/initiate is not an upload
     app.include_router(files_router)
     app.include_router(bulk_router)  # before the queue routes: /{owner}/{alias} would match /bulk/…
     app.include_router(webhook_router)
@@ -118,6 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(run_router)
     app.include_router(queue_router("/queue"))
     app.include_router(queue_router(""))
+    app.add_middleware(FalProxy)  # /fal/proxy: fal's proxyUrl convention, dispatched to the routes above
     return app
 
 

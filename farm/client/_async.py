@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import mimetypes
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -34,6 +33,7 @@ from farm.client._common import (
     should_retry,
     stream_idle,
     to_payload,
+    upload_fields,
     verify_option,
 )
 from farm.client._errors import FarmClientError, FarmTimeoutError, error_from_response, transport_error
@@ -319,7 +319,23 @@ class AsyncClient:
             path = Path(data)
             file_name = file_name or path.name
             data = await asyncio.to_thread(path.read_bytes)
-        content_type = content_type or mimetypes.guess_type(file_name or "")[0] or "application/octet-stream"
-        files = {"file": (file_name or "upload.bin", data, content_type)}
-        body = await self._request("POST", self.endpoint.upload_url, files=files, retry=False)
-        return str(body["url"] if isinstance(body, dict) else body)
+        fields = upload_fields(file_name, content_type)
+        target = await self._request("POST", self.endpoint.initiate_upload_url, json=fields)
+        request = self._http.build_request("PUT", target["upload_url"], content=data,
+                                           headers={"Content-Type": fields["content_type"]})  # fmt: skip
+        request.headers.pop("Authorization", None)  # the URL carries its own signature
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = await self._http.send(request)
+            except httpx.TransportError as exc:
+                if attempt < self.max_retries and should_retry(exc):
+                    await asyncio.sleep(retry_delay(attempt))
+                    continue
+                raise transport_error(exc, "PUT upload_url") from exc
+            if response.is_success:
+                return str(target["file_url"])
+            if attempt < self.max_retries and should_retry(response):
+                await asyncio.sleep(retry_delay(attempt, response))
+                continue
+            raise error_from_response(response)
+        raise AssertionError("unreachable")

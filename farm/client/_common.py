@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mimetypes
 import os
 import random
 import ssl
@@ -132,6 +133,17 @@ class Endpoint:
     @property
     def upload_url(self) -> str:
         return f"{self.base_url}/storage/upload"
+
+    @property
+    def initiate_upload_url(self) -> str:
+        return f"{self.base_url}/storage/upload/initiate"
+
+
+def upload_fields(file_name: str | None, content_type: str | None) -> dict[str, str]:
+    """The body of ``POST /storage/upload/initiate`` (fal's upload protocol)."""
+    name = file_name or "upload.bin"
+    return {"content_type": content_type or mimetypes.guess_type(name)[0] or "application/octet-stream",
+            "file_name": name}  # fmt: skip
 
 
 Verify = bool | str | os.PathLike[str] | ssl.SSLContext | None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import mimetypes
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterator
@@ -32,6 +31,7 @@ from farm.client._common import (
     should_retry,
     stream_idle,
     to_payload,
+    upload_fields,
     verify_option,
 )
 from farm.client._errors import FarmClientError, FarmTimeoutError, error_from_response, transport_error
@@ -337,12 +337,32 @@ class SyncClient:
         return GenerateOutput.model_validate(body)
 
     def upload(self, data: bytes | str | Path, content_type: str | None = None, file_name: str | None = None) -> str:
-        """Store a file on the farm; return a URL usable as input (LoRA or embedding path)."""
+        """Store a file on the farm; return a URL usable as input (LoRA or embedding path) by this key's owner.
+
+        fal's protocol: ``POST /storage/upload/initiate``, then a PUT of the bytes to the
+        ``upload_url`` it returns (a presigned S3 URL or a signed farm URL: no key is sent there).
+        """
         if not isinstance(data, bytes):
             path = Path(data)
             file_name = file_name or path.name
             data = path.read_bytes()
-        content_type = content_type or mimetypes.guess_type(file_name or "")[0] or "application/octet-stream"
-        files = {"file": (file_name or "upload.bin", data, content_type)}
-        body = self._request("POST", self.endpoint.upload_url, files=files, retry=False)
-        return str(body["url"] if isinstance(body, dict) else body)
+        fields = upload_fields(file_name, content_type)
+        target = self._request("POST", self.endpoint.initiate_upload_url, json=fields)  # nothing stored yet: retry
+        request = self._http.build_request("PUT", target["upload_url"], content=data,
+                                           headers={"Content-Type": fields["content_type"]})  # fmt: skip
+        request.headers.pop("Authorization", None)  # the URL carries its own signature
+        for attempt in range(self.max_retries + 1):  # a PUT of the same bytes to the same key: idempotent
+            try:
+                response = self._http.send(request)
+            except httpx.TransportError as exc:
+                if attempt < self.max_retries and should_retry(exc):
+                    time.sleep(retry_delay(attempt))
+                    continue
+                raise transport_error(exc, "PUT upload_url") from exc
+            if response.is_success:
+                return str(target["file_url"])
+            if attempt < self.max_retries and should_retry(response):
+                time.sleep(retry_delay(attempt, response))
+                continue
+            raise error_from_response(response)
+        raise AssertionError("unreachable")
