@@ -34,8 +34,11 @@ lint: install-test
 browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y --no-install-recommends chromium >/dev/null; } || echo "chromium missing: the playground test will say so"
 
+# the fast tests in two processes (pytest-xdist, a test module per process at a time), then the
+# fault tests (marked slow: they restart servers and freeze processes) one after another
 test: install-test lint browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m 'not slow' -n 2 --dist loadscope
+	$(BIN)/python -m pytest -m slow
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

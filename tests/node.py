@@ -6,6 +6,7 @@ when ``tests/js/node_modules`` is missing or older than the lock file.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -29,10 +30,13 @@ def node_project() -> Path:
         missing(f"Node >= {NODE_MAJOR} (found {version})")
     modules, lock = JS_DIR / "node_modules", JS_DIR / "package-lock.json"
     stamp = modules / ".package-lock.json"  # npm writes it on every install
-    if not stamp.exists() or stamp.stat().st_mtime < lock.stat().st_mtime:
-        done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, capture_output=True, text=True,
-                              timeout=300)  # fmt: skip
-        assert done.returncode == 0, f"npm ci failed:\n{done.stdout}\n{done.stderr}"
+    # one install at a time (pytest-xdist runs test modules in two processes)
+    with open(JS_DIR / ".npm-ci.lock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        if not stamp.exists() or stamp.stat().st_mtime < lock.stat().st_mtime:
+            done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, capture_output=True,
+                                  text=True, timeout=300)  # fmt: skip
+            assert done.returncode == 0, f"npm ci failed:\n{done.stdout}\n{done.stderr}"
     return JS_DIR
 
 
