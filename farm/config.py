@@ -123,7 +123,18 @@ class Settings(BaseSettings):
     auth_enabled: bool = Field(True, description="Require `Authorization: Key …`; off only when set false")
     max_jobs_in_flight: int = Field(100, description="Per owner: queued + running jobs (a key may set less)")
     file_input_max_bytes: int = Field(64 * 2**20, description="Largest LoRA/embedding URL or data URI input")
-    upload_max_bytes: int = Field(64 * 2**20, description="Largest file accepted by the upload endpoint")
+    max_body_bytes: int = Field(
+        2 * 2**20, ge=1024, description="Largest request body of every route but uploads (checked before reading)"
+    )
+    max_upload_bytes: int = Field(
+        64 * 2**20, ge=1, description="Largest file accepted by the upload endpoint (streamed to storage)"
+    )
+    upload_quota_bytes: int = Field(1 * 2**30, ge=0, description="Per owner: bytes of uploads kept in storage")
+    max_streams_per_owner: int = Field(16, ge=1, description="Per owner: status streams (SSE) open at once")
+    max_bulk_running: int = Field(2, ge=1, description="Per owner: bulk jobs running at once over HTTP")
+    max_bulk_images: int = Field(
+        1_000_000, ge=1, description="Largest image budget of a bulk job started over HTTP (budget_images)"
+    )
 
     # Webhooks.
     webhook_allowlist: list[str] = Field(

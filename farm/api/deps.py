@@ -10,6 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader
 
 from farm.api.errors import AuthError
+from farm.api.guard import STATE_KEY
 from farm.config import Settings
 from farm.keys import cached_key, verify_key
 
@@ -40,7 +41,9 @@ async def get_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-async def get_tenant(settings: SettingsDep, authorization: Annotated[str | None, Security(api_key_header)]) -> Tenant:
+async def get_tenant(
+    request: Request, settings: SettingsDep, authorization: Annotated[str | None, Security(api_key_header)]
+) -> Tenant:
     """The key's owner; without auth (``FARM_AUTH_ENABLED=false``) the default owner.
 
     A key verified a moment ago is answered from memory on the event loop (``farm.keys``:
@@ -53,7 +56,8 @@ async def get_tenant(settings: SettingsDep, authorization: Annotated[str | None,
     scheme, _, token = authorization.strip().partition(" ")
     if scheme.lower() != "key" or not token.strip():
         raise AuthError("the Authorization header must be `Key <id>:<secret>`")
-    key = cached_key(token)
+    door = getattr(request.state, STATE_KEY, None)  # verified by farm.api.guard before the body was read
+    key = door[1] if door is not None and door[0] == token else cached_key(token)
     if key is None:
         key = await run_in_threadpool(verify_key, token)
     if key is None:
