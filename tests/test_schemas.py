@@ -156,3 +156,11 @@ def test_output_schema_fields():
     })
     assert out.images[0].content_type == "image/jpeg"
     assert set(GenerateOutput.model_fields) == {"images", "timings", "seed", "has_nsfw_concepts", "prompt"}
+
+
+def test_urls_are_logged_without_query_or_credentials():
+    from farm.redact import url_for_log
+
+    assert url_for_log("https://u:pw@hooks.example:8443/x/y?token=s3cret#f") == "https://hooks.example:8443/x/y?…"
+    assert url_for_log("https://hooks.example/x") == "https://hooks.example/x"
+    assert "s3cret" not in url_for_log("https://[::1]:9/a?k=s3cret")
