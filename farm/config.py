@@ -128,7 +128,6 @@ class Settings(BaseSettings):
     auth_enabled: bool = Field(True, description="Require `Authorization: Key …`; off only when set false")
     max_jobs_in_flight: int = Field(100, description="Per owner: queued + running jobs (a key may set less)")
     file_input_max_bytes: int = Field(64 * 2**20, description="Largest LoRA/embedding URL or data URI input")
-    upload_max_bytes: int = Field(64 * 2**20, description="Largest file accepted by the upload endpoint")
     max_upload_bytes: int = Field(64 * 2**20, ge=1, description="Largest file one upload may store")
     upload_quota_bytes: int = Field(
         1 * 2**30, ge=0, description="Per owner: bytes all their uploads may hold together (0: no uploads)"
@@ -191,6 +190,14 @@ class Settings(BaseSettings):
     owner_daily_gpu_seconds: dict[str, float] = Field(
         default_factory=dict, description="JSON {owner: GPU-seconds a day}: quotas per owner, over "
         "FARM_DAILY_GPU_SECONDS (0: none for that owner)"
+    )
+    max_body_bytes: int = Field(
+        2 * 2**20, ge=1024, description="Largest request body of every route but uploads (checked before reading)"
+    )
+    max_streams_per_owner: int = Field(16, ge=1, description="Per owner: status streams (SSE) open at once")
+    max_bulk_running: int = Field(2, ge=1, description="Per owner: bulk jobs running at once over HTTP")
+    max_bulk_images: int = Field(
+        1_000_000, ge=1, description="Largest image budget of a bulk job started over HTTP (budget_images)"
     )
 
     # Webhooks.

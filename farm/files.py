@@ -14,6 +14,7 @@ from typing import Literal
 from farm.config import Settings
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+NOT_ALLOWED = "not a file under the allowed files root (FARM_FILES_ROOT), nor a hub id like 'owner/name'"
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,10 @@ def resolve_weights_path(path: str, settings: Settings) -> WeightsRef:
     candidate = candidate if candidate.is_absolute() else root / candidate
     resolved = candidate.resolve()
     inside = resolved == root or root in resolved.parents
-    if resolved.exists():
-        if not inside:
-            raise ValueError(f"must be inside the allowed files root {root}")
+    if inside and resolved.is_file():
         return WeightsRef("local", str(resolved))
-    if Path(path).is_absolute():
-        raise ValueError(f"no such file under the allowed files root {root}")
-    if HUB_ID.match(path):
+    if not Path(path).is_absolute() and HUB_ID.match(path):
         return WeightsRef("hub", path)
-    raise ValueError(f"not a file under the allowed files root {root}, nor a hub id like 'owner/name'")
+    # one answer for a path that is missing and one that exists outside the root (no file-existence
+    # oracle), and no server path in it
+    raise ValueError(NOT_ALLOWED)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shutil
 import tempfile
 from datetime import timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 from urllib.parse import unquote, urlparse
 
 from farm.config import Settings, get_settings
@@ -75,6 +76,8 @@ def atomic_write(path: Path, data: bytes, durable: bool = False, mode: int = 0o6
 
 class Storage(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> None: ...
+    def put_file(self, key: str, fh: BinaryIO, size: int, content_type: str) -> None: ...
+    def usage(self, prefix: str) -> int: ...
     def get(self, key: str) -> bytes: ...
     def url(self, key: str, expiry_seconds: int) -> str: ...
     def list(self, prefix: str) -> list[str]: ...
@@ -97,11 +100,32 @@ class LocalStorage:
     def put(self, key: str, data: bytes, content_type: str) -> None:
         atomic_write(self._path(key), data)
 
+    def put_file(self, key: str, fh: BinaryIO, size: int, content_type: str) -> None:
+        """Store ``size`` bytes read from ``fh`` as they come (never held whole), atomically."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            os.fchmod(fd, 0o666 & ~current_umask())
+            with os.fdopen(fd, "wb") as out:
+                shutil.copyfileobj(fh, out, 1 << 20)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def usage(self, prefix: str) -> int:
+        """Bytes stored under ``prefix`` (a folder: ``owner/uploads/``)."""
+        folder = self.root / prefix
+        if not folder.is_dir():
+            return 0
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".tmp-"))
+
     def get(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
         except FileNotFoundError:
-            raise StorageError(f"object {key!r} not found under {self.root}") from None
+            raise StorageError(f"object {key!r} not found") from None
 
     def url(self, key: str, expiry_seconds: int) -> str:
         return self._path(key).as_uri()
@@ -168,6 +192,20 @@ class S3Storage:
             self.client.put_object(self.bucket, self._key(key), io.BytesIO(data), len(data), content_type)
         except Exception as exc:
             raise StorageError(f"cannot store {key!r} in bucket {self.bucket!r}: {exc}") from exc
+
+    def put_file(self, key: str, fh: BinaryIO, size: int, content_type: str) -> None:
+        """Store ``size`` bytes read from ``fh`` in parts (the client streams them), never held whole."""
+        self._ensure_bucket()
+        try:
+            self.client.put_object(self.bucket, self._key(key), fh, size, content_type, part_size=16 * 2**20)
+        except Exception as exc:
+            raise StorageError(f"cannot store {key!r} in bucket {self.bucket!r}: {exc}") from exc
+
+    def usage(self, prefix: str) -> int:
+        """Bytes stored under ``prefix`` (a folder: ``owner/uploads/``)."""
+        self._ensure_bucket()
+        objects = self.client.list_objects(self.bucket, prefix=self._key(prefix), recursive=True)
+        return sum(int(o.size or 0) for o in objects)
 
     def get(self, key: str) -> bytes:
         try:

@@ -33,7 +33,7 @@ from db import batches as ledger_batches
 from db import ledger
 from db.session import session_scope
 from farm.config import Settings, get_settings
-from farm.errors import FarmError
+from farm.errors import FarmError, StorageError
 from farm.inputs import owner_scope
 from farm.lifecycle.claim import Claimed, claim_group, claim_next_group, describe, higher_lane_waiting, release
 from farm.lifecycle.finish import finish
@@ -188,6 +188,9 @@ def _give_back(group: list[Claimed], exc: BaseException, settings: Settings, ser
     Fenced: a claim that no longer holds changes nothing (its new holder carries on).
     """
     reason = _reason(exc)
+    # what the jobs' logs and errors say: a batch may hold several owners' requests, and a storage
+    # error names object keys and the bucket, so it goes to this worker's log only (below)
+    public = STORAGE_FAILED if isinstance(exc, StorageError) else reason
     final = isinstance(exc, FarmError) and 400 <= exc.http_status < 500  # bad input: retrying cannot help
     lost = []
     with session_scope() as s:
@@ -197,7 +200,7 @@ def _give_back(group: list[Claimed], exc: BaseException, settings: Settings, ser
                 if not ledger_batches.fail(s, c.batch_id, c.token, reason):
                     lost.append(c)
                     continue
-                message = f"images {failed} failed: {reason}"
+                message = f"images {failed} failed: {public}"
                 finish(s, c.job_id, JobStatus.FAILED, message=message, error=message,
                        error_type=_error_type(exc), settings=settings)
                 continue
@@ -205,12 +208,15 @@ def _give_back(group: list[Claimed], exc: BaseException, settings: Settings, ser
             if not ledger_batches.give_back(s, c.batch_id, c.token, reason, backoff):
                 lost.append(c)
                 continue
-            ledger.add_log(s, c.job_id, f"images {failed} failed: {reason}; retry {c.attempts} of "
+            ledger.add_log(s, c.job_id, f"images {failed} failed: {public}; retry {c.attempts} of "
                            f"{settings.batch_retries} in {backoff:.0f} s", level="WARNING")
     if lost:
         log.warning("batch %s failed (%s) but was taken over meanwhile: dropped", describe(lost), reason)
     if len(lost) < len(group):
         log.warning("batch %s failed: %s", describe([c for c in group if c not in lost]), reason)
+
+
+STORAGE_FAILED = "the images could not be stored (a storage error; the worker's log has the details)"
 
 
 def _reason(exc: BaseException) -> str:

@@ -193,7 +193,8 @@ def test_bulk_job_over_http_for_its_owner_only(api_stack, tmp_path):
         manifest = '{"prompt": "a red boat"}\n{"prompt": "a {calm|stormy} sea"}\n'
         body = {"manifest": "data:application/jsonl;base64," + base64.b64encode(manifest.encode()).decode(),
                 "manifest_format": "jsonl", "out": "http-ds", "model_name": TINY, "format": "imagefolder",
-                "shard_size": 2, "defaults": {"image_size": {"width": 64, "height": 64}, "num_inference_steps": 1}}
+                "shard_size": 2, "defaults": {"image_size": {"width": 64, "height": 64}, "num_inference_steps": 1},
+                "budget_images": 100}
         with api_stack.client(key) as c:
             bad = c.post("/bulk", json={**body, "out": "../../escape"})
             assert bad.status_code == 422 and "out" in bad.text

@@ -230,7 +230,7 @@ def api(settings: Settings) -> tuple[TestClient, dict[str, str]]:
     from farm.keys import create_key
 
     keys = {owner: create_key(owner)[1] for owner in ("ann", "ben")}
-    app_settings = settings.model_copy(update={"upload_max_bytes": 2 * 2**20})
+    app_settings = settings.model_copy(update={"max_upload_bytes": 2 * 2**20})
     return TestClient(create_app(app_settings), base_url="https://farm.test"), keys
 
 

@@ -135,10 +135,13 @@ def test_local_weights_must_live_under_the_files_root(farm_env, tmp_path):
     assert ref.kind == "local" and ref.value == str(root / "loras" / "style.safetensors")
     assert resolve_weights_path("latent-consistency/lcm-lora-sdxl", get_settings()).kind == "hub"
     (root / "escape").symlink_to(outside)
-    with pytest.raises(ValueError, match="inside the allowed files root"):
-        resolve_weights_path("escape", get_settings())
-    with pytest.raises(ValueError, match="allowed files root"):
-        resolve_weights_path(str(outside), get_settings())
+    answers = []
+    for path in ("escape", str(outside), str(tmp_path / "missing.safetensors"), "/etc/passwd", "/etc/no-such-file"):
+        with pytest.raises(ValueError, match="allowed files root") as caught:
+            resolve_weights_path(path, get_settings())
+        answers.append(str(caught.value))
+    # missing and forbidden alike: no file-existence oracle, and no server path in the answer
+    assert len(set(answers)) == 1 and str(root) not in answers[0] and str(tmp_path) not in answers[0]
 
 
 def test_settings_refuse_a_time_limit_above_the_visibility_timeout():
@@ -153,3 +156,11 @@ def test_output_schema_fields():
     })
     assert out.images[0].content_type == "image/jpeg"
     assert set(GenerateOutput.model_fields) == {"images", "timings", "seed", "has_nsfw_concepts", "prompt"}
+
+
+def test_urls_are_logged_without_query_or_credentials():
+    from farm.redact import url_for_log
+
+    assert url_for_log("https://u:pw@hooks.example:8443/x/y?token=s3cret#f") == "https://hooks.example:8443/x/y?…"
+    assert url_for_log("https://hooks.example/x") == "https://hooks.example/x"
+    assert "s3cret" not in url_for_log("https://[::1]:9/a?k=s3cret")

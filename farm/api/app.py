@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from farm import events
 from farm.api import errors
+from farm.api.guard import BodyGuard
 from farm.api.routes_queue import queue_router
 from farm.api.routes_run import router as run_router
 from farm.config import Settings, get_settings
@@ -103,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings or get_settings()
     errors.install(app)
+    app.add_middleware(BodyGuard, settings=app.state.settings)  # key and body size before any body is read
     from farm.metrics.http import MetricsMiddleware, metrics_router
 
     app.add_middleware(MetricsMiddleware)

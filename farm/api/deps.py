@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader
 
 from farm.api.errors import AuthError
+from farm.api.guard import STATE_KEY
 from farm.config import Settings
 from farm.keys import cached_key, verify_key
 
@@ -40,12 +41,21 @@ async def get_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-async def get_tenant(settings: SettingsDep, authorization: Annotated[str | None, Security(api_key_header)]) -> Tenant:
+async def get_tenant(
+    request: Request, settings: SettingsDep, authorization: Annotated[str | None, Security(api_key_header)]
+) -> Tenant:
     """The key's owner; without auth (``FARM_AUTH_ENABLED=false``) the default owner.
 
     A key verified a moment ago is answered from memory on the event loop (``farm.keys``:
     revocation still applies); any other goes to the ledger from a worker thread.
     """
+    # verified by farm.api.guard before the body was read
+    return await tenant_for(settings, authorization, getattr(request.state, STATE_KEY, None))
+
+
+async def tenant_for(settings: Settings, authorization: str | None, door: Any = None) -> Tenant:
+    """:func:`get_tenant` for an ``Authorization`` header (also a websocket's); ``door``: the
+    (token, key) that farm.api.guard verified for this request, if any."""
     if not settings.auth_enabled:
         return Tenant(settings.default_owner, None, settings.max_jobs_in_flight, None)
     if not authorization:
@@ -53,7 +63,7 @@ async def get_tenant(settings: SettingsDep, authorization: Annotated[str | None,
     scheme, _, token = authorization.strip().partition(" ")
     if scheme.lower() != "key" or not token.strip():
         raise AuthError("the Authorization header must be `Key <id>:<secret>`")
-    key = cached_key(token)
+    key = door[1] if door is not None and door[0] == token else cached_key(token)
     if key is None:
         key = await run_in_threadpool(verify_key, token)
     if key is None:

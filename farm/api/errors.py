@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from farm.errors import FarmError, InvalidInputError
+from farm.errors import BrokerUnavailableError, FarmError, InvalidInputError, StorageError
 
 log = logging.getLogger("farm.api")
 
@@ -25,7 +25,8 @@ _TAGS = ("named", "custom")
 # job error types that no exception class carries (see farm/lifecycle/)
 _STORED_ERROR_STATUS = {"cancelled": 400, "timeout": 504}
 _UNPARSABLE_BODY = "There was an error parsing the body"
-_HTTP_ERROR_TYPES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 429: "too_many_requests"}
+_HTTP_ERROR_TYPES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+                     429: "too_many_requests"}
 
 
 class AuthError(FarmError):
@@ -37,6 +38,13 @@ class AuthError(FarmError):
 
 class TooManyJobsError(FarmError):
     """Raised when an owner already has as many jobs in flight as its limit allows."""
+
+    http_status = 429
+    error_type = "too_many_requests"
+
+
+class TooManyStreamsError(FarmError):
+    """Raised when an owner already has as many status streams open as its limit allows."""
 
     http_status = 429
     error_type = "too_many_requests"
@@ -152,7 +160,17 @@ def _farm_error(request: Request, exc: Exception) -> JSONResponse:
                  " ".join(str(exc).split()))
     elif exc.http_status >= 500:
         log.error("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
-    return error_response(exc.http_status, str(exc), exc.error_type, headers)
+    return error_response(exc.http_status, _public(exc), exc.error_type, headers)
+
+
+def _public(exc: FarmError) -> str:
+    """What the client is told: storage and broker errors name buckets, object keys, paths and hosts,
+    so they get a fixed sentence (the full one is in the server's log, above)."""
+    if isinstance(exc, StorageError):
+        return "storage is unavailable or refused the operation; try again later (details in the server's log)"
+    if isinstance(exc, BrokerUnavailableError):
+        return "the broker is unavailable; try again later"
+    return str(exc)
 
 
 def _validation_error(request: Request, exc: Exception) -> JSONResponse:

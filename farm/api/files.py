@@ -3,17 +3,20 @@ embedding input by the same owner; ``GET /storage/files/…`` reads it back.
 
 The body is either ``multipart/form-data`` with one file field (``file``), or the raw bytes
 with their ``Content-Type`` (name them with ``?file_name=``). Objects are kept under
-``<owner>/uploads/<uuid>/<safe name>``; more than ``upload_max_bytes`` answers 413. The
+``<owner>/uploads/<uuid>/<safe name>``; more than ``max_upload_bytes`` answers 413, as does an
+upload beyond the owner's ``upload_quota_bytes``. The
 returned URL is resolved from storage directly when used as an input (``farm.inputs``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import mimetypes
 import re
+import tempfile
 import uuid
 from collections.abc import AsyncGenerator
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
 from urllib.parse import quote
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
@@ -24,13 +27,15 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from farm.api.deps import SettingsDep, TenantDep
 from farm.api.errors import ERROR_RESPONSES, NOT_FOUND, ErrorBody
+from farm.api.guard import MULTIPART_SLACK
 from farm.errors import StorageError
 from farm.storage import get_storage
 
 router = APIRouter(tags=["files"])
 
-MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+SPOOL_BYTES = 1 << 20  # an upload is kept in memory up to this, then spooled to a temporary file
+_quota_locks: dict[str, asyncio.Lock] = {}  # per owner, in this process: quota check and store in one step
 
 
 class UploadResult(BaseModel):
@@ -48,7 +53,7 @@ def safe_name(name: str | None) -> str:
 
 
 def _too_large(limit: int) -> HTTPException:
-    return HTTPException(413, f"the file is larger than the {limit} bytes allowed (FARM_UPLOAD_MAX_BYTES)")
+    return HTTPException(413, f"the file is larger than the {limit} bytes allowed (FARM_MAX_UPLOAD_BYTES)")
 
 
 async def _capped(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
@@ -60,24 +65,43 @@ async def _capped(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
         yield chunk
 
 
-async def _read_multipart(request: Request, limit: int) -> tuple[bytes, str | None, str | None]:
-    parser = MultiPartParser(request.headers, _capped(request, limit + MULTIPART_SLACK), max_files=1, max_fields=8)
+async def _spool(chunks: AsyncGenerator[bytes, None], limit: int) -> tuple[BinaryIO, int]:
+    """The bytes of ``chunks`` in a spooled temporary file (on disk beyond SPOOL_BYTES), and their size."""
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (closed by the caller)
+    size = 0
+    try:
+        async for chunk in chunks:
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            spool.write(chunk)
+    except BaseException:
+        spool.close()
+        raise
+    spool.seek(0)
+    return spool, size  # type: ignore[return-value]
+
+
+async def _read_multipart(request: Request, limit: int) -> tuple[BinaryIO, int, str | None, str | None]:
+    """The file part of a multipart body: starlette spools it to disk as it is parsed."""
+    parser = MultiPartParser(request.headers, _capped(request, limit + MULTIPART_SLACK), max_files=1, max_fields=8,
+                             max_part_size=64 * 1024)
     try:
         form = await parser.parse()
     except MultiPartException as exc:
         raise HTTPException(400, f"bad multipart body: {exc.message}") from None
-    try:
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            upload = next((v for _, v in form.multi_items() if isinstance(v, UploadFile)), None)
-        if upload is None:
-            raise HTTPException(400, "the multipart body has no file part (name it 'file')")
-        data = await upload.read(limit + 1)
-        if len(data) > limit:
-            raise _too_large(limit)
-        return data, upload.filename, upload.content_type
-    finally:
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        upload = next((v for _, v in form.multi_items() if isinstance(v, UploadFile)), None)
+    if upload is None:
         await form.close()
+        raise HTTPException(400, "the multipart body has no file part (name it 'file')")
+    size = upload.size if upload.size is not None else 0
+    if size > limit:
+        await form.close()
+        raise _too_large(limit)
+    upload.file.seek(0)
+    return upload.file, size, upload.filename, upload.content_type
 
 
 UPLOAD_BODY: dict[str, Any] = {
@@ -107,27 +131,42 @@ async def upload(
     settings: SettingsDep,
     file_name: Annotated[str | None, Query(max_length=255, description="Name of a raw-body upload.")] = None,
 ) -> UploadResult:
-    """Store the body (multipart `file` field, or raw bytes) and return its URL."""
-    limit = settings.upload_max_bytes
+    """Store the body (multipart `file` field, or raw bytes) and return its URL.
+
+    The body is spooled (to disk beyond 1 MiB) and streamed to storage, never held whole; the
+    owner's uploads may take at most ``upload_quota_bytes`` (413 beyond it).
+    """
+    limit = settings.max_upload_bytes
     declared = request.headers.get("content-length", "")
     content_type = request.headers.get("content-type", "application/octet-stream")
     multipart = content_type.lower().startswith("multipart/form-data")
     if declared.isdigit() and int(declared) > limit + (MULTIPART_SLACK if multipart else 0):
         raise _too_large(limit)
     if multipart:
-        data, part_name, part_type = await _read_multipart(request, limit)
+        fh, size, part_name, part_type = await _read_multipart(request, limit)
         file_name = file_name or part_name
         content_type = part_type or "application/octet-stream"
     else:
-        data = b"".join([chunk async for chunk in _capped(request, limit)])
-    if not data:
-        raise HTTPException(400, "the file is empty")
-    name = safe_name(file_name)
-    key = f"{tenant.owner}/uploads/{uuid.uuid4().hex}/{name}"
-    await run_in_threadpool(get_storage(settings).put, key, data, content_type)
+        fh, size = await _spool(_capped(request, limit), limit)
+    try:
+        if not size:
+            raise HTTPException(400, "the file is empty")
+        name = safe_name(file_name)
+        key = f"{tenant.owner}/uploads/{uuid.uuid4().hex}/{name}"
+        storage = get_storage(settings)
+        lock = _quota_locks.setdefault(tenant.owner, asyncio.Lock())
+        async with lock:
+            used = await run_in_threadpool(storage.usage, f"{tenant.owner}/uploads/")
+            if used + size > settings.upload_quota_bytes:
+                raise HTTPException(413, f"this owner's uploads would take {used + size} bytes, more than the "
+                                    f"{settings.upload_quota_bytes} bytes allowed (FARM_UPLOAD_QUOTA_BYTES): "
+                                    "delete some first")
+            await run_in_threadpool(storage.put_file, key, fh, size, content_type)
+    finally:
+        fh.close()
     base = (settings.public_url or str(request.base_url)).rstrip("/")
     url = f"{base}/storage/files/{quote(tenant.owner, safe='')}/uploads/{key.split('/')[2]}/{quote(name)}"
-    return UploadResult(url=url, content_type=content_type, file_name=name, file_size=len(data))
+    return UploadResult(url=url, content_type=content_type, file_name=name, file_size=size)
 
 
 @router.get(
@@ -148,4 +187,6 @@ async def download(owner: str, upload_id: str, name: str, tenant: TenantDep, set
             raise HTTPException(404, "no such file") from None
         raise
     media = mimetypes.guess_type(name)[0] or "application/octet-stream"
-    return Response(data, media_type=media)
+    # served as a download, never rendered by a browser as a page of this origin
+    return Response(data, media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"',
+                                                     "X-Content-Type-Options": "nosniff"})

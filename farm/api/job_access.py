@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from fastapi import Request
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from db import ledger
@@ -54,10 +54,8 @@ def check_webhook(url: str, settings: Settings) -> None:
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise RequestFieldError("query", "fal_webhook", "must be an http(s) URL")
-    try:
-        from farm.netguard import check_url  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        return
+    from farm.netguard import check_url  # a guard fails closed: no fallback if it cannot be imported
+
     try:
         check_url(url, settings)
     except ValueError as exc:
@@ -65,11 +63,9 @@ def check_webhook(url: str, settings: Settings) -> None:
 
 
 def _check_uploads(inp: GenerateInput, owner: str) -> None:
-    """Refuse upload URLs (LoRA/embedding inputs) of another owner (farm.inputs, when present)."""
-    try:
-        from farm.inputs import check_owner  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        return
+    """Refuse upload URLs (LoRA/embedding inputs) of another owner (farm.inputs)."""
+    from farm.inputs import check_owner
+
     check_owner(inp, owner)
 
 
@@ -93,6 +89,15 @@ def _existing(owner: str, key: str) -> Job | None:
     with session_scope() as s:
         stmt = select(Job).where(Job.owner == owner, Job.idempotency_key == key)
         return s.scalars(stmt).one_or_none()
+
+
+def lock_owner(s: Session, owner: str) -> None:
+    """Hold the owner's lock until the transaction ends, so that in-flight counts and the rows they
+    admit are one step: concurrent submits of one owner are admitted one at a time. PostgreSQL: a
+    transaction-scoped advisory lock on the owner's name (a hash collision only serialises two
+    owners); SQLite already serialises writing transactions (the job insert holds its write lock)."""
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(text("SELECT pg_advisory_xact_lock(hashtext('farm.owner:' || :owner))"), {"owner": owner})
 
 
 def _count_in_flight(s: Session, owner: str) -> int:
@@ -141,7 +146,8 @@ def submit_job(
 
     One transaction on the common path: the job row is inserted (a repeated key finds the job
     already there instead), then checked (uploads, the key's image limit, the owner's jobs in
-    flight, counted with the new row) before its batches are recorded; a refused submit rolls
+    flight, counted with the new row under the owner's lock, so that no number of concurrent
+    submits passes the limit) before its batches are recorded; a refused submit rolls
     back and records nothing. An owner whose daily GPU-second quota is spent gets 429 (farm.usage).
     A webhook URL is vetted (DNS) before the transaction, and only for
     a new request, so that request looks its key up first.
@@ -167,6 +173,7 @@ def submit_job(
             return False
         if webhook_url is None:
             _check_new(inp, tenant)
+        lock_owner(s, tenant.owner)  # the count below sees every admitted job of this owner (committed)
         check_quota(s, tenant.owner, settings)  # 429 once the owner's daily GPU-seconds are spent
         running = _count_in_flight(s, tenant.owner) - 1  # not this one
         if running >= tenant.max_in_flight:

@@ -13,18 +13,25 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
+from db.models import BulkJob
 from db.session import session_scope
 from farm import dispatch
 from farm.api.deps import SettingsDep, TenantDep
-from farm.api.errors import ERROR_RESPONSES, NOT_FOUND, ErrorBody
+from farm.api.errors import ERROR_RESPONSES, NOT_FOUND, ErrorBody, TooManyJobsError
+from farm.api.job_access import lock_owner
+from farm.bulk.control import RUNNING
 from farm.config import Settings
 from farm.errors import InvalidInputError
+from farm.keys import check_owner
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/bulk", tags=["bulk"])
@@ -46,7 +53,8 @@ class BulkRequest(BaseModel):
     expand: Literal["combinatorial", "random", "none"] = "combinatorial"
     variants: int = Field(1, ge=1, le=10000)
     strict: bool = False
-    budget_images: int | None = Field(None, ge=1)
+    budget_images: int = Field(..., ge=1, description="Required: the most images the job may render "
+                               "(at most FARM_MAX_BULK_IMAGES); resume it with a larger budget to go on")
     budget_gpu_seconds: float | None = Field(None, gt=0)
 
 
@@ -55,31 +63,33 @@ class BulkStarted(BaseModel):
     status_url: str
 
 
-def _materialise(req: BulkRequest, owner: str, settings: Settings) -> tuple[Any, dict[str, Any]]:
-    from farm.api.files import safe_name
+def _materialise(req: BulkRequest, owner: str, settings: Settings) -> tuple[Path, dict[str, Any], bool]:
+    """The manifest's path, the job's options, and whether the manifest is a copy written just now."""
     from farm.inputs import decode_data_uri, kind_of, upload_key, upload_owner
     from farm.storage import get_storage
     from tasks.bulk import inside
 
     options = req.model_dump(exclude={"manifest", "manifest_format"})
     # each owner has a folder of its own: another owner's manifests and datasets are out of reach
-    own = settings.effective_bulk_root / "tenants" / safe_name(owner)
+    # the owner's name as it is (farm.keys.OWNER admits only path-safe names: no '/', no leading '.'),
+    # so that two owners never share a folder
+    own = settings.effective_bulk_root / "tenants" / check_owner(owner)
     own.mkdir(parents=True, exist_ok=True)
     out = req.out.strip("/")
     if not out or req.out.startswith(("/", "s3:")) or any(part in ("", ".", "..") for part in out.split("/")):
         raise InvalidInputError("out", "must be a relative name such as 'datasets/boats-v1' (no '..')")
     if settings.bulk_s3_url:
-        options["out"] = f"{settings.bulk_s3_url.rstrip('/')}/{safe_name(owner)}/{out}"
+        options["out"] = f"{settings.bulk_s3_url.rstrip('/')}/{owner}/{out}"
     else:
         options["out"] = str(own / out)
     kind = kind_of(req.manifest)
     if kind is None:
-        return inside(own, req.manifest, "manifest"), options
+        return inside(own, req.manifest, "manifest"), options, False
     if req.manifest_format is None:
         raise InvalidInputError("manifest_format", "required with a data URI or upload URL manifest")
     if kind == "data":
         try:
-            data = decode_data_uri(req.manifest, settings.upload_max_bytes)
+            data = decode_data_uri(req.manifest, settings.max_upload_bytes)
         except ValueError as exc:
             raise InvalidInputError("manifest", str(exc)) from None
     else:
@@ -91,7 +101,7 @@ def _materialise(req: BulkRequest, owner: str, settings: Settings) -> tuple[Any,
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{uuid.uuid4().hex}.{req.manifest_format}"
     path.write_bytes(data)
-    return path, options
+    return path, options, True
 
 
 def _announce(bulk_id: str, settings: Settings) -> None:
@@ -109,9 +119,28 @@ def _announce(bulk_id: str, settings: Settings) -> None:
 async def start(req: BulkRequest, tenant: TenantDep, settings: SettingsDep) -> BulkStarted:
     from tasks.bulk import create_from_options
 
+    if req.budget_images > settings.max_bulk_images:
+        raise InvalidInputError("budget_images", f"must be at most {settings.max_bulk_images} "
+                                f"(FARM_MAX_BULK_IMAGES; got {req.budget_images})")
+
+    def admit(s: Session) -> None:
+        """At most max_bulk_running running bulk jobs per owner, counted under the owner's lock."""
+        lock_owner(s, tenant.owner)
+        running = s.scalar(select(func.count()).select_from(BulkJob)
+                           .where(BulkJob.owner == tenant.owner, BulkJob.status == RUNNING)) or 0
+        if running >= settings.max_bulk_running:
+            raise TooManyJobsError(f"{running} bulk jobs are running for this owner; the limit is "
+                                   f"{settings.max_bulk_running} (FARM_MAX_BULK_RUNNING): wait, pause or cancel one")
+
     def _create() -> str:
-        manifest, options = _materialise(req, tenant.owner, settings)
-        bulk_id = create_from_options(options, settings, owner=tenant.owner, manifest=manifest)
+        manifest, options, written = _materialise(req, tenant.owner, settings)
+        try:
+            bulk_id = create_from_options(options, settings, owner=tenant.owner, manifest=manifest,
+                                          key_max_in_flight=tenant.max_in_flight, admit=admit)
+        except BaseException:
+            if written:
+                manifest.unlink(missing_ok=True)  # refused: nothing is left behind
+            raise
         _announce(bulk_id, settings)
         return bulk_id
 

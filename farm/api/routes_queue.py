@@ -18,6 +18,7 @@ from sse_starlette import EventSourceResponse
 from db import ledger
 from db.session import session_scope
 from farm import events, lifecycle
+from farm.api import streams
 from farm.api.deps import SettingsDep, TenantDep
 from farm.api.errors import ERROR_RESPONSES, FAILED, NOT_FOUND, ErrorBody
 from farm.api.fal import APP_ID, CancelResult, QueueStatus, QueueSubmitted, fal_status, request_urls, status_payload
@@ -142,9 +143,10 @@ def queue_router(prefix: str) -> APIRouter:
                             logs: Logs = False) -> EventSourceResponse:  # fmt: skip
         """Server-sent status events, sent when the status, queue position or logs change."""
         await run_in_threadpool(get_job, _checked(request_id), tenant.owner)  # 404 before the stream starts
+        streams.take(tenant.owner, settings.max_streams_per_owner)  # 429 beyond the owner's open streams
         updates = _status_events(request_id, tenant.owner, base_of(request, settings), logs,
                                  settings.event_fallback_seconds)  # fmt: skip
-        return EventSourceResponse(updates, ping=STREAM_PING_SECONDS)
+        return EventSourceResponse(streams.holding(tenant.owner, updates), ping=STREAM_PING_SECONDS)
 
     @router.get(
         "/requests/{request_id}",

@@ -18,7 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field, field_validator
 
 from farm import events
-from farm.api.deps import SettingsDep, Tenant, TenantDep, get_tenant
+from farm.api.deps import SettingsDep, Tenant, TenantDep, tenant_for
 from farm.api.errors import ERROR_RESPONSES
 from farm.api.fal import APP_ALIAS, APP_ID
 from farm.api.realtime_hub import LaneUnavailableError, get_hub
@@ -119,7 +119,7 @@ async def _authenticate(ws: WebSocket, settings: Settings) -> Tenant:
     from_key: Tenant | None = None
     if header:
         try:
-            from_key = await get_tenant(settings, header)
+            from_key = await tenant_for(settings, header)
         except FarmError as exc:
             raise Refused(CLOSE_UNAUTHORIZED, str(exc)) from None
     if not token:

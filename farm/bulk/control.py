@@ -7,6 +7,7 @@ the first run would. ``farm.bulk.driver`` runs a job; this module only records a
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ class BulkSpec:
     strict: bool = False
     budget_images: int | None = None
     budget_gpu_seconds: float | None = None
+    max_in_flight: int | None = None  # the owner's key's limit on jobs in flight (a job started over HTTP)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -69,8 +71,12 @@ def create(
     owner: str,
     bulk_id: str | None = None,
     settings: Settings | None = None,
+    admit: Callable[[Session], None] | None = None,
 ) -> str:
-    """Record a bulk job (or find the one with ``bulk_id`` and the same options); its id."""
+    """Record a bulk job (or find the one with ``bulk_id`` and the same options); its id.
+
+    ``admit(s)`` runs in the transaction before a new job is recorded and may raise to refuse it
+    (the HTTP API's per-owner cap on running bulk jobs, under the owner's lock)."""
     settings = settings or get_settings()
     if fmt not in FORMATS:
         raise InvalidInputError("format", f"must be one of {', '.join(FORMATS)} (got {fmt!r})")
@@ -79,7 +85,7 @@ def create(
     if spec.images_per_prompt < 1:
         raise InvalidInputError("images_per_prompt", "must be at least 1")
     if not manifest.is_file():
-        raise InvalidInputError("manifest", f"no such file: {manifest}")
+        raise InvalidInputError("manifest", f"no such file: {manifest.name}")  # its name only: no server path
     # defaults, expansion options and the manifest's format are checked now (the file is read later)
     read_manifest(manifest, defaults={**spec.defaults, "model_name": spec.model_name},
                   images_per_prompt=spec.images_per_prompt, base_seed=spec.base_seed,
@@ -96,6 +102,8 @@ def create(
                 raise ConflictError(f"bulk job {bulk_id} was started with other options; resume it with "
                                     f"`farm bulk resume {bulk_id}`")
             return bulk_id
+        if admit is not None:
+            admit(s)
         s.add(BulkJob(id=bulk_id, owner=owner, status=RUNNING, manifest=str(manifest), dest=dest, format=fmt,
                       shard_size=shard_size, spec=spec.to_json(), ingested=0, manifest_done=False,
                       rows_rejected=0))

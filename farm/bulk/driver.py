@@ -156,6 +156,8 @@ def _run(bulk_id: str, runner: str, on_progress: Callable[[Progress], None] | No
         manifest, dest_url, fmt, shard_size = Path(job.manifest), job.dest, job.format, job.shard_size
         skip, owner = job.ingested, job.owner
         manifest_done = job.manifest_done
+    if spec.max_in_flight is not None:  # the key's limit of the owner who started it over HTTP
+        max_in_flight = max(1, min(max_in_flight, spec.max_in_flight))
     dest = open_destination(dest_url, settings)
     storage = get_storage(settings)
     window = max(2 * max_in_flight, 2 * shard_size)
