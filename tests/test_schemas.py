@@ -159,8 +159,9 @@ def test_output_schema_fields():
 
 
 def test_urls_are_logged_without_query_or_credentials():
-    from farm.redact import url_for_log
+    from farm.netguard import redact
 
-    assert url_for_log("https://u:pw@hooks.example:8443/x/y?token=s3cret#f") == "https://hooks.example:8443/x/y?…"
-    assert url_for_log("https://hooks.example/x") == "https://hooks.example/x"
-    assert "s3cret" not in url_for_log("https://[::1]:9/a?k=s3cret")
+    shown = redact("https://u:pw@hooks.example:8443/x/y?token=s3cret#f")
+    assert shown == "https://hooks.example:8443/x/y" and "pw" not in shown
+    assert redact("https://hooks.example/x") == "https://hooks.example/x"
+    assert "s3cret" not in redact("https://[::1]:9/a?k=s3cret")
