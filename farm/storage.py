@@ -82,7 +82,6 @@ class Storage(Protocol):
     def url(self, key: str, expiry_seconds: int) -> str: ...
     def list(self, prefix: str) -> list[str]: ...
     def delete(self, key: str) -> None: ...
-    def total_size(self, prefix: str) -> int: ...
 
 
 class LocalStorage:
@@ -139,10 +138,6 @@ class LocalStorage:
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
-
-    def total_size(self, prefix: str) -> int:
-        """Bytes held by the objects whose keys start with ``prefix``."""
-        return sum(self._path(k).stat().st_size for k in self.list(prefix) if self._path(k).is_file())
 
 
 class S3Storage:
@@ -232,12 +227,6 @@ class S3Storage:
 
     def delete(self, key: str) -> None:
         self.client.remove_object(self.bucket, self._key(key))
-
-    def total_size(self, prefix: str) -> int:
-        """Bytes held by the objects whose keys start with ``prefix``."""
-        self._ensure_bucket()
-        objects = self.client.list_objects(self.bucket, prefix=self._key(prefix), recursive=True)
-        return sum(o.size or 0 for o in objects)
 
     def presigned_put(self, key: str, expiry_seconds: int) -> str:
         """A URL that stores one object at ``key`` with a plain PUT, no other credentials."""

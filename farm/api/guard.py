@@ -4,7 +4,9 @@ A pure ASGI middleware, outside every route:
 
 - a request that carries a body (``POST``, ``PUT``, ``PATCH``) must show a valid key
   (``Authorization: Key <id>:<secret>``) before a byte of it is read: a missing, malformed,
-  unknown or revoked key answers 401 at once (the client's upload is cut off there);
+  unknown or revoked key answers 401 at once (the client's upload is cut off there); the one
+  exception is a signed upload URL (``PUT /storage/upload/signed/…``, fal's upload protocol),
+  whose route checks the signature and expiry before it reads a byte;
 - a body may be at most ``max_body_bytes`` (``FARM_MAX_BODY_BYTES``, JSON routes) or, on
   ``POST /storage/upload``, ``max_upload_bytes`` plus a little multipart framing. A declared
   ``Content-Length`` beyond it answers 413 before reading; a body sent without one (chunked)
@@ -26,6 +28,7 @@ from farm.config import Settings
 from farm.keys import KeyInfo, cached_key, verify_key
 
 UPLOAD_PATH = "/storage/upload"
+SIGNED_UPLOAD_PREFIX = "/storage/upload/signed/"  # fal's upload protocol: the signed URL is the credential
 MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around an uploaded file
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 STATE_KEY = "farm_key"  # request.state.farm_key: (token, KeyInfo) verified at the door
@@ -39,6 +42,8 @@ def body_limit(path: str, settings: Settings) -> tuple[int, str]:
     """The most bytes a body on ``path`` may have, and the setting that says so."""
     if path.rstrip("/") == UPLOAD_PATH:
         return settings.max_upload_bytes + MULTIPART_SLACK, "FARM_MAX_UPLOAD_BYTES"
+    if path.startswith(SIGNED_UPLOAD_PREFIX):
+        return settings.max_upload_bytes, "FARM_MAX_UPLOAD_BYTES"
     return settings.max_body_bytes, "FARM_MAX_BODY_BYTES"
 
 
@@ -69,7 +74,9 @@ class BodyGuard:
         method = scope.get("method", "GET")
         limit, setting = body_limit(scope.get("path", ""), self.settings)
         has_body = method in BODY_METHODS  # other methods' bodies are never read (a declared one is capped)
-        if has_body and self.settings.auth_enabled:
+        # a signed upload URL carries no key: the route checks its signature before reading the body
+        keyless = scope.get("path", "").startswith(SIGNED_UPLOAD_PREFIX)
+        if has_body and self.settings.auth_enabled and not keyless:
             problem = await self._check_key(scope, headers.get(b"authorization"))
             if problem is not None:
                 await _answer(send, 401, problem, "unauthorized", [(b"www-authenticate", b"Key")])

@@ -21,6 +21,7 @@ import hmac
 import os
 import re
 import secrets
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -33,7 +34,7 @@ from pydantic import BaseModel, Field
 
 from farm.api.deps import SettingsDep, TenantDep
 from farm.api.errors import ERROR_RESPONSES, ErrorBody
-from farm.api.files import safe_name
+from farm.api.files import SPOOL_BYTES, safe_name
 from farm.config import Settings
 from farm.errors import FarmError
 from farm.storage import S3Storage, get_storage
@@ -127,9 +128,9 @@ def _upload_key(owner: str, upload_id: str, name: str) -> str:
 
 def _check_room(settings: Settings, owner: str, adding: int = 0, replacing: str | None = None) -> None:
     storage = get_storage(settings)
-    used = storage.total_size(f"{owner}/uploads/")
+    used = storage.usage(f"{owner}/uploads/")
     if replacing is not None:
-        used -= storage.total_size(replacing)
+        used -= storage.usage(replacing)
     quota = settings.upload_quota_bytes
     if used + adding > quota or (adding == 0 and used >= quota):
         raise UploadQuotaError(
@@ -203,15 +204,18 @@ async def put_signed(
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise _too_large(int(declared), limit)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(size, limit)
-        chunks.append(chunk)
-    await run_in_threadpool(_check_room, settings, owner, size, key)
     content_type = request.headers.get("content-type", "application/octet-stream")
-    await run_in_threadpool(get_storage(settings).put, key, b"".join(chunks), content_type)
+    # spooled (on disk beyond SPOOL_BYTES) and streamed to storage: never held whole in memory
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(size, limit)
+            spool.write(chunk)
+        spool.seek(0)
+        await run_in_threadpool(_check_room, settings, owner, size, key)
+        await run_in_threadpool(get_storage(settings).put_file, key, spool, size, content_type)  # type: ignore[arg-type]
     base = _base(request, settings)
     file_url = f"{base}/storage/files/{quote(owner, safe='')}/uploads/{upload_id}/{quote(name)}"
     return StoredUpload(file_url=file_url, file_size=size)
