@@ -88,6 +88,8 @@ def test_realtime_from_both_clients(api_stack: ApiStack, js: Path, mode: str) ->
     key = api_stack.make_key(f"js-{mode}")
     out = run_node(["--experimental-websocket", "clients.mjs", mode], _env(api_stack, key))["realtime"]
     assert "error" not in out, out
+    assert out["sockets"] == ["closed"], out  # one socket for the whole session, closed by close()
+    assert [e["status"] for e in out["afterClose"]] in ([], [1005]), out  # the echo of a code-less close
     results, errors = out["results"], out["errors"]
     assert [r["request_id"] for r in results] == ["js-0", "js-1", "js-2", "js-after-bad"], out
     for result, (width, height) in zip(results, [(64, 64), (96, 64), (64, 128), (64, 64)], strict=True):
