@@ -186,8 +186,11 @@ def test_bulk_job_over_http_for_its_owner_only(api_stack, tmp_path):
     """POST /bulk with a data-URI manifest, progress at GET /bulk/{id}, driven by a `farm bulk worker`."""
     import base64
 
-    driver = subprocess.Popen([FARM, "bulk", "worker"], env=api_stack.env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # its output goes to a file: a pipe nobody reads fills up and blocks the worker (it could not exit)
+    driver_log = tmp_path / "bulk-worker.log"
+    with open(driver_log, "w") as out:
+        driver = subprocess.Popen([FARM, "bulk", "worker"], env=api_stack.env, stdout=out,
+                                  stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         key, other = api_stack.make_key("bulk-alice"), api_stack.make_key("bulk-bob")
         manifest = '{"prompt": "a red boat"}\n{"prompt": "a {calm|stormy} sea"}\n'
@@ -217,7 +220,13 @@ def test_bulk_job_over_http_for_its_owner_only(api_stack, tmp_path):
                                                            "00001_stats.json", "_stats.json"]
     finally:
         os.killpg(driver.pid, signal.SIGTERM)
-        driver.wait(30)
+        try:
+            driver.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait(10)
+            raise AssertionError("farm bulk worker did not stop within 30 s of SIGTERM:\n"
+                                 + driver_log.read_text()[-4000:]) from None
 
 
 def test_budget_stops_cleanly_then_pause_and_resume_finish_the_job(stack, tmp_path):  # noqa: F811
