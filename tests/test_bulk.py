@@ -154,8 +154,9 @@ def test_bulk_task_from_plain_celery_with_a_bulk_worker(stack, tmp_path):  # noq
     (root / "in" / "p.csv").write_text('prompt,num_inference_steps\n"a red boat",1\n"a blue door",2\n')
     env = dict(stack["env"], FARM_BULK_ROOT=str(root))
     _start_tiny(stack, env, "tiny@celery-bulk.test")
-    driver = subprocess.Popen([FARM, "bulk", "worker", "--concurrency", "2"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    with open(tmp_path / "bulk-worker.log", "w") as out:  # a file, not a pipe nobody reads (it could fill)
+        driver = subprocess.Popen([FARM, "bulk", "worker", "--concurrency", "2"], env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         broker = env["FARM_BROKER_URL"]
         client = Celery("plain", broker=broker, backend=broker)  # knows nothing of lcm-farm
