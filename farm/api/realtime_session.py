@@ -41,6 +41,7 @@ from farm.realtime.protocol import (
     unpack,
 )
 from farm.schemas import GenerateInput, field_errors
+from farm.usage import check_quota
 from models.registry import get_model
 
 log = logging.getLogger("farm.api.realtime")
@@ -259,14 +260,7 @@ async def _key_still_active(key_id: str) -> bool | None:
 
 
 def quota_spent(owner: str, settings: Settings) -> str | None:
-    """Why ``owner`` may not render now (its daily GPU-second quota is spent), or None.
-
-    The quota lives in ``farm.usage`` (issue 12's usage and quotas); a farm without it has none.
-    """
-    try:
-        from farm.usage import check_quota  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        return None
+    """Why ``owner`` may not render now (its daily GPU-second quota is spent, ``farm.usage``), or None."""
     from db.session import session_scope
 
     with session_scope() as s:
