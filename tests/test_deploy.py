@@ -7,7 +7,8 @@ checked against its schema instead, and against the farm itself.
   (``cloudcoil-models-keda``, ``cloudcoil-models-prometheus-operator``), with unknown fields refused;
 - every ``FARM_*`` variable set anywhere is a field of :class:`farm.config.Settings`;
 - every path a Dockerfile copies exists; both images run as a non-root user; no weights in an image;
-- the KEDA triggers name exactly the Redis lists of their model's lanes (``tasks.queues``).
+- the KEDA triggers name exactly the Redis lists of their model's work: its lanes (``tasks.queues``) and its
+  realtime frames (``farm.realtime.lane``).
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import jsonschema
 import pytest
 import yaml
 
 from farm.config import Settings
+from farm.realtime.lane import lane_key
 from models.registry import get_model
 from tasks.queues import model_queues
 
@@ -218,6 +221,9 @@ def test_worker_pools_scale_on_all_their_lanes() -> None:
     workers = [d for d in by_kind("Deployment") if d["metadata"]["name"].startswith("farm-worker-")]
     scaled = {s["spec"]["scaleTargetRef"]["name"]: s for s in by_kind("ScaledObject")}
     pdbs = [p["spec"]["selector"]["matchLabels"] for p in by_kind("PodDisruptionBudget")]
+    config = next(c for c in by_kind("ConfigMap") if c["metadata"]["name"] == "farm-config")
+    broker_url = urlparse(config["data"]["FARM_BROKER_URL"])
+    broker = (broker_url.netloc, broker_url.path.strip("/") or "0")
     assert {_worker_model(d) for d in workers} == {"stabilityai/stable-diffusion-xl-base-1.0",
                                                    "runwayml/stable-diffusion-v1-5"}
     for d in workers:
@@ -231,7 +237,13 @@ def test_worker_pools_scale_on_all_their_lanes() -> None:
         so = scaled.pop(name, None)
         assert so is not None, f"no ScaledObject for {name}"
         lists = [t["metadata"]["listName"] for t in so["spec"]["triggers"] if t["type"] == "redis"]
-        assert lists == model_queues(key), f"{name} scales on {lists}, not on its lanes {model_queues(key)}"
+        # the names come from the code that makes them: the four Celery lanes, and the Redis list that the
+        # API pushes websocket frames to and workers pop them from (farm.realtime.lane)
+        expected = [*model_queues(key), lane_key(key)]
+        assert sorted(lists) == sorted(expected) and len(lists) == len(set(lists)), (
+            f"{name} scales on {lists}, not on the lists its work waits in {expected}")
+        for t in so["spec"]["triggers"]:  # the broker's Redis and database, where those lists are
+            assert (t["metadata"]["address"], t["metadata"]["databaseIndex"]) == broker, (name, t["name"])
         formula = so["spec"]["advanced"]["scalingModifiers"]["formula"]
         assert set(re.findall(r"\w+", formula)) == {t["name"] for t in so["spec"]["triggers"]}, formula
         labels = d["spec"]["selector"]["matchLabels"]
