@@ -236,6 +236,7 @@ def test_worker_pools_scale_on_all_their_lanes() -> None:
         assert any(m["mountPath"] == "/models" and m.get("readOnly") for m in container["volumeMounts"]), name
         so = scaled.pop(name, None)
         assert so is not None, f"no ScaledObject for {name}"
+        assert "replicas" not in d["spec"], f"{name}: KEDA owns replicas; an apply that sets it resets the pool"
         lists = [t["metadata"]["listName"] for t in so["spec"]["triggers"] if t["type"] == "redis"]
         # the names come from the code that makes them: the four Celery lanes, and the Redis list that the
         # API pushes websocket frames to and workers pop them from (farm.realtime.lane)
