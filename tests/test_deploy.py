@@ -315,6 +315,79 @@ def test_every_farm_variable_is_a_setting() -> None:
     assert not unknown, f"FARM_* variables that farm/config.py does not know: {unknown}"
 
 
+# --- what every API replica must share
+
+
+def _made_under_data_dir() -> dict[str, Any]:
+    """The settings that, unset, make a secret of their own under the process's data dir, with the function that
+    makes it (each API replica would make a different one)."""
+    from farm.api.uploads import signing_key as upload_key
+    from farm.realtime.tokens import _secret as token_secret
+    from farm.webhooks.signing import signing_key as webhook_key
+
+    return {"upload_signing_key": upload_key, "realtime_token_secret": token_secret, "webhook_key_path": webhook_key}
+
+
+def test_the_per_host_secrets_are_known(tmp_path: Path) -> None:
+    """The list above is config.py's: every setting whose default is made under data_dir is in it, and each one
+    unset makes a file there and set makes none."""
+    from farm.webhooks.signing import forget_keys
+
+    made = _made_under_data_dir()
+    described = {name for name, field in Settings.model_fields.items()
+                 if "under data_dir" in (field.description or "")}
+    assert described == set(made), f"settings made per host under data_dir: {sorted(described)}"
+    try:
+        for name, make in made.items():
+            unset = Settings(data_dir=tmp_path / name / "unset", **{n: None for n in made})
+            make(unset)
+            assert list(unset.data_dir.iterdir()), f"{name} unset made nothing under the data dir"
+            value: Any = tmp_path / name / "elsewhere.pem" if name == "webhook_key_path" else "s" * 64
+            given = Settings(data_dir=tmp_path / name / "set", **{**{n: None for n in made}, name: value})
+            make(given)
+            assert not given.data_dir.exists(), f"{name} set, still something under the data dir"
+    finally:
+        forget_keys()
+
+
+def _secret_keys() -> dict[str, set[str]]:
+    return {d["metadata"]["name"]: set(d.get("stringData", {})) | set(d.get("data", {})) for d in by_kind("Secret")}
+
+
+def test_api_replicas_share_every_per_host_secret() -> None:
+    """Every API Deployment of more than one replica (and the Compose API) sets each setting that would otherwise
+    be made per host under data_dir, from a Secret (the webhook key: a file of a mounted Secret)."""
+    needed = {f"FARM_{name.upper()}" for name in _made_under_data_dir()}
+    secrets = _secret_keys()
+    apis = [d for d in by_kind("Deployment") if d["spec"]["template"]["spec"]["containers"][0]["args"][0] == "api"]
+    assert [d["metadata"]["name"] for d in apis] == ["farm-api"]
+    for api in apis:
+        if api["spec"].get("replicas", 1) <= 1:
+            continue
+        pod = api["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        from_secrets = {k for e in container.get("envFrom", []) if "secretRef" in e
+                        for k in secrets.get(e["secretRef"]["name"], set())}
+        from_secrets |= {e["name"] for e in container.get("env", [])
+                         if "secretKeyRef" in e.get("valueFrom", {})}
+        paths = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+        secret_volumes = {v["name"] for v in pod["volumes"] if "secret" in v}
+        secret_mounts = [m["mountPath"] for m in container["volumeMounts"] if m["name"] in secret_volumes]
+        for name in sorted(needed):
+            if name.endswith("_PATH"):
+                assert any(paths.get(name, "").startswith(m + "/") for m in secret_mounts), (
+                    f"{api['metadata']['name']}: {name} must name a file of a mounted Secret")
+            else:
+                assert name in from_secrets, f"{api['metadata']['name']} ({api['spec']['replicas']} replicas) " \
+                                             f"does not set {name} from a Secret: each replica would make its own"
+    env = compose()["services"]["api"]["environment"]
+    for name in sorted(needed):
+        assert name in env, f"Compose's api does not set {name}"
+        if not name.endswith("_PATH"):
+            assert f"${{{name}:?" in env[name], f"Compose's api must refuse to start without {name}"
+            assert re.search(rf"^{name}=", (DEPLOY / "farm.env.example").read_text(), re.M), name
+
+
 # --- Dockerfiles
 
 
