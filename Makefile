@@ -23,7 +23,7 @@ install: $(VENV)/.worker-installed
 install-test: $(VENV)/.test-installed
 
 demo: install
-	$(BIN)/farm generate --model farm/tiny-lcm "a lighthouse at dusk" --num-images 4 --out ./out
+	@$(BIN)/farm generate --model farm/tiny-lcm "a lighthouse at dusk" --num-images 4 --out ./out
 
 lint: install-test
 	$(BIN)/ruff check farm tasks models db migrations tests benchmarks

@@ -74,7 +74,7 @@ def test_generate_through_a_worker_process(stack, tmp_path):
     _start_worker(stack)
     out = tmp_path / "out"
     done = run_farm(["generate", "--model", TINY, "a lighthouse at dusk", "--num-images", "3",
-                     "--image-size", "64x64", "--steps", "2", "--seed", "7", "--out", str(out)], stack["env"])
+                     "--image-size", "64x64", "--steps", "2", "--seed", "7", "--json", "--out", str(out)], stack["env"])
     assert done.returncode == 0, done.stderr
     output = json.loads(done.stdout)
     assert output["seed"] == 7 and output["prompt"] == "a lighthouse at dusk"
@@ -214,7 +214,7 @@ def test_hold_stand_in_through_worker_processes(stack):
         stack["workers"].append(worker)
         worker.start()
     done = run_farm(["generate", "--model", "farm/hold", "a flat square", "--num-images", "20",
-                     "--image-size", "64x64", "--seed", "3"], dict(stack["env"], FARM_BATCH_SIZE="4"))
+                     "--image-size", "64x64", "--seed", "3", "--json"], dict(stack["env"], FARM_BATCH_SIZE="4"))
     assert done.returncode == 0, done.stderr
     output = json.loads(done.stdout)
     assert [(i["width"], i["height"]) for i in output["images"]] == [(64, 64)] * 20

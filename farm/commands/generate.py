@@ -92,7 +92,9 @@ def _is_float(text: str) -> bool:
 @click.option("--lora", "loras", multiple=True, help="PATH[:SCALE], under the files root or a hub id.")
 @click.option("--embedding", "embeddings", multiple=True, help="PATH[:<tok1>,<tok2>].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Save the images into this folder.")
+              help="Save the images into this folder (their paths are printed).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the output JSON on stdout (else one line per image: its saved path, or its URL).")
 @click.option("--lane", type=click.Choice([lane.value for lane in Lane]), default=Lane.SYNC.value, show_default=True,
               help="Priority lane: a worker always takes the highest non-empty one (realtime > sync > queue > bulk).")
 @click.option("--device", default="cpu", show_default=True, help="Device of the in-process worker (embedded mode).")
@@ -102,8 +104,9 @@ def generate(prompt: str, model_name: str | None, negative_prompt: str | None, i
              guidance_rescale: float | None, num_images: int | None, sync_mode: bool,
              enable_safety_checker: bool | None, safety_checker_version: str | None,
              expand_prompt: bool | None, format_: str | None, request_id: str | None, loras: tuple[str, ...],
-             embeddings: tuple[str, ...], out_dir: Path | None, lane: str, device: str, timeout: float) -> None:
-    """Render PROMPT through the farm; print the output JSON and save the images."""
+             embeddings: tuple[str, ...], out_dir: Path | None, as_json: bool, lane: str, device: str,
+             timeout: float) -> None:
+    """Render PROMPT through the farm; print each image's path (with --out) or URL, or the output JSON."""
     fields: dict[str, Any] = {
         "prompt": prompt, "model_name": model_name, "negative_prompt": negative_prompt,
         "image_size": _image_size(image_size) if image_size else None,
@@ -149,9 +152,13 @@ def generate(prompt: str, model_name: str | None, negative_prompt: str | None, i
                 path = out_dir / f"{rid}_{row.index}.{row.object_key.rsplit('.', 1)[-1]}"
                 path.write_bytes(storage.get(row.object_key))
                 saved.append(path)
-    click.echo(output.model_dump_json(indent=2))
-    for path in saved:
-        click.echo(f"saved {path}", err=True)  # one line per path, never wrapped
+    if as_json:  # the JSON alone on stdout (a program reads it); the paths go to stderr
+        click.echo(output.model_dump_json(indent=2))
+        for path in saved:
+            click.echo(f"saved {path}", err=True)  # one line per path, never wrapped
+    else:  # one line per image, for a shell: where it was saved, else where to fetch it
+        for line in saved or [image.url for image in output.images]:
+            click.echo(str(line))
 
 
 def _warn_if_unserved(model_name: str, settings: Settings) -> None:
