@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     s3_secret_key: str = ""
     s3_region: str = "us-east-1"
     s3_secure: bool | None = Field(None, description="TLS to the S3 server; default from the endpoint scheme")
+    s3_public_endpoint: str | None = Field(
+        None, description="http(s)://host:port that clients (browsers, SDKs) reach the S3 server at, when it differs "
+        "from s3_endpoint (e.g. http://minio:9000 inside Compose): presigned result and upload URLs name it; "
+        "default: s3_endpoint"
+    )
     data_dir: Path = Field(default_factory=_default_data_dir)
     model_dir: Path | None = Field(None, description="Folder of model weights in diffusers layout")
     files_root: Path | None = Field(None, description="Allowed root for local LoRA/embedding files")

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from datetime import timedelta
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote, urlparse
 
 from farm.config import Settings, get_settings
@@ -144,23 +144,13 @@ class S3Storage:
     """Objects in an S3 bucket under an optional prefix; URLs are presigned GETs."""
 
     def __init__(self, bucket: str, prefix: str, settings: Settings) -> None:
-        from minio import Minio
-
         if not settings.s3_endpoint:
             raise StorageError("FARM_STORAGE_URL is s3://… but FARM_S3_ENDPOINT is not set")
-        endpoint = settings.s3_endpoint
-        secure = settings.s3_secure
-        if "://" in endpoint:
-            parsed = urlparse(endpoint)
-            secure = parsed.scheme == "https" if secure is None else secure
-            endpoint = parsed.netloc
-        self.client = Minio(
-            endpoint,
-            access_key=settings.s3_access_key or None,
-            secret_key=settings.s3_secret_key or None,
-            secure=bool(secure),
-            region=settings.s3_region,
-        )
+        self.client = _minio(settings.s3_endpoint, settings.s3_secure, settings)
+        # URLs handed to clients (results, upload URLs) are signed for the endpoint they reach, when it differs
+        # (signing is offline: the region is given, so the API never has to reach that address itself)
+        public = settings.s3_public_endpoint
+        self.public_client = _minio(public, None, settings) if public else self.client
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self._bucket_checked = False
@@ -214,7 +204,7 @@ class S3Storage:
             response.release_conn()
 
     def url(self, key: str, expiry_seconds: int) -> str:
-        return self.client.presigned_get_object(
+        return self.public_client.presigned_get_object(
             self.bucket, self._key(key), expires=timedelta(seconds=expiry_seconds)
         )
 
@@ -231,7 +221,20 @@ class S3Storage:
     def presigned_put(self, key: str, expiry_seconds: int) -> str:
         """A URL that stores one object at ``key`` with a plain PUT, no other credentials."""
         self._ensure_bucket()
-        return self.client.presigned_put_object(self.bucket, self._key(key), expires=timedelta(seconds=expiry_seconds))
+        return self.public_client.presigned_put_object(self.bucket, self._key(key),
+                                                       expires=timedelta(seconds=expiry_seconds))
+
+
+def _minio(endpoint: str, secure: bool | None, settings: Settings) -> Any:
+    """A client of ``endpoint`` (``host:port`` or ``http(s)://host:port``; ``secure`` None: from its scheme)."""
+    from minio import Minio
+
+    if "://" in endpoint:
+        parsed = urlparse(endpoint)
+        secure = parsed.scheme == "https" if secure is None else secure
+        endpoint = parsed.netloc
+    return Minio(endpoint, access_key=settings.s3_access_key or None, secret_key=settings.s3_secret_key or None,
+                 secure=bool(secure), region=settings.s3_region)
 
 
 def make_storage(settings: Settings) -> Storage:
@@ -252,7 +255,8 @@ _storages: dict[tuple[object, ...], Storage] = {}
 def get_storage(settings: Settings | None = None) -> Storage:
     """A storage client per configuration, made once per process."""
     settings = settings or get_settings()
-    ident = (settings.effective_storage_url, settings.s3_endpoint, settings.s3_access_key, settings.s3_secure)
+    ident = (settings.effective_storage_url, settings.s3_endpoint, settings.s3_access_key, settings.s3_secure,
+             settings.s3_public_endpoint)
     if ident not in _storages:
         _storages[ident] = make_storage(settings)
     return _storages[ident]

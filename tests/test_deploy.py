@@ -133,6 +133,25 @@ def test_compose_prometheus_and_grafana_see_the_farm() -> None:
         assert json.loads(dashboard.read_text())["panels"], dashboard
 
 
+def test_clients_get_s3_urls_they_can_open() -> None:
+    """Presigned URLs name FARM_S3_PUBLIC_ENDPOINT, not the in-network http://minio:9000: Compose publishes MinIO's
+    S3 port (on loopback) at the address that setting names; Kubernetes names an address of its own."""
+    services = compose()["services"]
+    env = services["api"]["environment"]
+    assert urlparse(env["FARM_S3_ENDPOINT"]).hostname == "minio"
+    public = re.fullmatch(r"\$\{FARM_S3_PUBLIC_ENDPOINT:-(.+)\}", env["FARM_S3_PUBLIC_ENDPOINT"])
+    assert public, env["FARM_S3_PUBLIC_ENDPOINT"]
+    url = urlparse(public.group(1))
+    assert url.hostname in ("localhost", "127.0.0.1") and url.port, url
+    published = {p.rsplit(":", 2)[-2]: p.rsplit(":", 2)[-1] for p in services["minio"]["ports"]}
+    assert published.get(str(url.port)) == str(urlparse(env["FARM_S3_ENDPOINT"]).port), (
+        f"MinIO's S3 port is not published at {url.port}: {services['minio']['ports']}")
+    assert all(p.startswith("127.0.0.1:") for p in services["minio"]["ports"]), "MinIO is published on loopback only"
+    config = next(c for c in by_kind("ConfigMap") if c["metadata"]["name"] == "farm-config")["data"]
+    k8s_public = urlparse(config["FARM_S3_PUBLIC_ENDPOINT"])
+    assert k8s_public.scheme == "https" and k8s_public.hostname != urlparse(config["FARM_S3_ENDPOINT"]).hostname
+
+
 # --- Kubernetes
 
 
