@@ -297,6 +297,63 @@ def test_kustomization_loads_the_dashboard_grafana_loads() -> None:
     assert generator["files"] == ["grafana/dashboards/farm.json"]
 
 
+def _container_env(container: dict[str, Any]) -> dict[str, str]:
+    """A container's environment as Kubernetes makes it: its ConfigMaps' and Secrets' keys, then its env."""
+    sources = {(d["kind"], d["metadata"]["name"]): {**d.get("data", {}), **d.get("stringData", {})}
+               for d in by_kind("ConfigMap") + by_kind("Secret")}
+    env: dict[str, str] = {}
+    for e in container.get("envFrom", []):
+        kind, ref = ("ConfigMap", e["configMapRef"]) if "configMapRef" in e else ("Secret", e["secretRef"])
+        env.update(sources[(kind, ref["name"])])
+    env.update({e["name"]: e.get("value", "<from a reference>") for e in container.get("env", [])})
+    return env
+
+
+def _bulk_root(env: dict[str, str]) -> str:
+    return env.get("FARM_BULK_ROOT") or f"{env.get('FARM_DATA_DIR', '/var/lib/farm')}/bulk"
+
+
+def test_a_bulk_worker_runs_post_bulk_jobs() -> None:
+    """POST /bulk only records a job and sends farm.bulk: a `farm bulk worker` must run, see the manifests the API
+    writes under FARM_BULK_ROOT, and write datasets to FARM_BULK_S3_URL (in the farm's bucket)."""
+    # Compose
+    services = compose()["services"]
+    bulk = [n for n, s in services.items() if s.get("command", [])[:2] == ["bulk", "worker"]]
+    assert len(bulk) == 1, f"one `farm bulk worker` service, not {bulk}"
+    worker, api = services[bulk[0]], services["api"]
+    assert worker["image"].startswith("lcm-farm-api:") and "profiles" not in worker, "always on, no torch needed"
+    assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    for service in (worker, api):
+        assert urlparse(service["environment"]["FARM_BULK_S3_URL"]).netloc == \
+            urlparse(service["environment"]["FARM_STORAGE_URL"]).netloc, "datasets go to the bucket minio-init made"
+
+    def bulk_volume(service: dict[str, Any]) -> str:
+        root = _bulk_root(service["environment"])
+        mounts = [v.split(":") for v in service.get("volumes", [])]
+        return next(src for src, dst, *_ in mounts if root == dst or root.startswith(dst.rstrip("/") + "/"))
+
+    assert bulk_volume(worker) == bulk_volume(api) and not bulk_volume(api).startswith("."), "one named volume"
+    # Kubernetes
+    deployments = {d["metadata"]["name"]: d for d in by_kind("Deployment")}
+    bulk = [n for n, d in deployments.items() if d["spec"]["template"]["spec"]["containers"][0]["args"][:2]
+            == ["bulk", "worker"]]
+    assert len(bulk) == 1, f"one `farm bulk worker` Deployment, not {bulk}"
+    claims = []
+    for name in (bulk[0], "farm-api"):
+        pod = deployments[name]["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        env = _container_env(container)
+        assert env.get("FARM_BULK_S3_URL", "").startswith("s3://"), f"{name}: FARM_BULK_S3_URL is not set"
+        assert urlparse(env["FARM_BULK_S3_URL"]).netloc == urlparse(env["FARM_STORAGE_URL"]).netloc
+        assert "nvidia.com/gpu" not in container.get("resources", {}).get("limits", {})
+        mount = next(m for m in container["volumeMounts"] if m["mountPath"] == _bulk_root(env))
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        claims.append(volume["persistentVolumeClaim"]["claimName"])
+    assert claims[0] == claims[1], f"the API and the bulk worker must share the bulk root's volume: {claims}"
+    (pvc,) = [p for p in by_kind("PersistentVolumeClaim") if p["metadata"]["name"] == claims[0]]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "mounted by pods on several nodes"
+
+
 # --- what every file sets
 
 
