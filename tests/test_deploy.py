@@ -152,6 +152,32 @@ def test_clients_get_s3_urls_they_can_open() -> None:
     assert k8s_public.scheme == "https" and k8s_public.hostname != urlparse(config["FARM_S3_ENDPOINT"]).hostname
 
 
+def test_only_prometheus_reads_the_farms_metrics() -> None:
+    """The metrics name owners: every farm process has FARM_METRICS_TOKEN (Compose refuses to start without one) and
+    every scrape of a farm process sends it, from a Compose secret of that same variable."""
+    data = compose()
+    services = data["services"]
+    farm = {"api"} | {n for n, s in services.items() if s.get("image", "").startswith("lcm-farm-worker")}
+    for name in farm:
+        assert "${FARM_METRICS_TOKEN:?" in services[name]["environment"].get("FARM_METRICS_TOKEN", ""), name
+    secrets = {name: secret for name, secret in data.get("secrets", {}).items()
+               if secret.get("environment") == "FARM_METRICS_TOKEN"}
+    mounted = {f"/run/secrets/{s}" for s in services["prometheus"].get("secrets", []) if s in secrets}
+    assert mounted, "Prometheus gets no secret holding FARM_METRICS_TOKEN"
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    scraped = set()
+    for job in config["scrape_configs"]:
+        hosts = {t.split(":")[0] for sc in job["static_configs"] for t in sc["targets"]}
+        if not hosts & farm:
+            continue
+        assert hosts <= farm, f"{job['job_name']} mixes farm and other targets: {hosts}"
+        auth = job.get("authorization", {})
+        assert auth.get("type", "Bearer") == "Bearer" and auth.get("credentials_file") in mounted, (
+            f"{job['job_name']} does not send FARM_METRICS_TOKEN: {auth}")
+        scraped |= hosts
+    assert scraped == farm, f"farm processes no job scrapes: {sorted(farm - scraped)}"
+
+
 # --- Kubernetes
 
 
@@ -288,6 +314,32 @@ def test_api_has_probes_a_service_and_one_webhook_key() -> None:
     redis = next(s for s in by_kind("StatefulSet") if s["metadata"]["name"] == "redis")
     args = " ".join(redis["spec"]["template"]["spec"]["containers"][0]["args"])
     assert "--appendonly yes" in args and "--maxmemory-policy noeviction" in args
+
+
+def test_every_pod_monitor_sends_the_token_its_pods_check() -> None:
+    """Each PodMonitor endpoint sends, as a bearer token, the very Secret key its pods read FARM_METRICS_TOKEN from;
+    and every farm pod that serves metrics is scraped."""
+    monitors = by_kind("PodMonitor")
+    deployments = by_kind("Deployment")
+    scraped = set()
+    for monitor in monitors:
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        pods = [d for d in deployments if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+        assert pods, f"PodMonitor/{monitor['metadata']['name']} selects no Deployment"
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            auth = endpoint.get("authorization", {})
+            assert auth.get("type") == "Bearer", f"PodMonitor/{monitor['metadata']['name']}: no bearer token"
+            ref = (auth["credentials"]["name"], auth["credentials"]["key"])
+            for d in pods:
+                container = d["spec"]["template"]["spec"]["containers"][0]
+                assert endpoint["port"] in {p["name"] for p in container["ports"]}, (d["metadata"]["name"], endpoint)
+                sources = {(e["secretRef"]["name"], "FARM_METRICS_TOKEN") for e in container.get("envFrom", [])
+                           if "secretRef" in e and "FARM_METRICS_TOKEN" in _secret_keys()[e["secretRef"]["name"]]}
+                assert ref in sources, f"{d['metadata']['name']} reads FARM_METRICS_TOKEN from {sources}, not {ref}"
+                scraped.add(d["metadata"]["name"])
+    serving = {d["metadata"]["name"] for d in deployments if d["spec"]["template"]["spec"]["containers"][0]["args"][0]
+               == "api" or d["metadata"]["name"].startswith("farm-worker-")}
+    assert serving <= scraped, f"not scraped: {sorted(serving - scraped)}"
 
 
 def test_kustomization_loads_the_dashboard_grafana_loads() -> None:
