@@ -21,7 +21,7 @@ from farm import lifecycle
 from farm.bulk.manifest import read_manifest
 from farm.bulk.writers import FORMATS, open_destination
 from farm.config import Settings, get_settings
-from farm.errors import ConflictError, InvalidInputError, JobNotFoundError
+from farm.errors import ConflictError, InvalidInputError, JobNotFoundError, NoLiveWorkerError
 from farm.status import SampleStatus
 
 RUNNING, PAUSED, CANCELLED, COMPLETED, BUDGET = "RUNNING", "PAUSED", "CANCELLED", "COMPLETED", "BUDGET_REACHED"
@@ -104,10 +104,25 @@ def create(
             return bulk_id
         if admit is not None:
             admit(s)
+        if settings.require_live_worker and not settings.embedded:
+            _require_live_worker(s, spec.model_name, settings)
         s.add(BulkJob(id=bulk_id, owner=owner, status=RUNNING, manifest=str(manifest), dest=dest, format=fmt,
                       shard_size=shard_size, spec=spec.to_json(), ingested=0, manifest_done=False,
                       rows_rejected=0))
     return bulk_id
+
+
+def _require_live_worker(s: Session, model_name: str, settings: Settings) -> None:
+    """``FARM_REQUIRE_LIVE_WORKER``: a new bulk job for a model that no live worker serves is refused
+    (``farm bulk run`` exits with the reason, ``POST /bulk`` answers 503, a ``farm.bulk`` task fails
+    with it), as a submit is."""
+    from farm.lifecycle.pool import unserved
+    from models.registry import get_model
+
+    model = get_model(model_name, settings)
+    state = unserved(s, model.name, model.key, settings)
+    if state is not None:
+        raise NoLiveWorkerError(state.describe().split(": the job waits")[0])
 
 
 def get(s: Session, bulk_id: str, owner: str | None = None) -> BulkJob:
@@ -128,13 +143,17 @@ def progress(s: Session, bulk_id: str) -> Progress:
                     rows_rejected=job.rows_rejected, gpu_seconds=gpu_seconds(s, bulk_id))
 
 
-def set_status(bulk_id: str, status: str, owner: str | None = None) -> str:
-    """Pause, resume or cancel; returns the status the job had."""
+def set_status(bulk_id: str, status: str, owner: str | None = None,
+               admit: Callable[[Session], None] | None = None) -> str:
+    """Pause, resume or cancel; returns the status the job had. ``admit`` (over HTTP: the owner's running
+    cap and quota, under the owner's lock) may refuse a job that would start running, in the same transaction."""
     with session_scope() as s:
         job = get(s, bulk_id, owner)
         before = job.status
         if before in (COMPLETED, CANCELLED):
             return before
+        if admit is not None and status == RUNNING and before != RUNNING:
+            admit(s)
         job.status = status
         if status == CANCELLED:
             job.finished_at = utcnow()

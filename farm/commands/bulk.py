@@ -85,6 +85,10 @@ def _nothing_to_do(bulk_id: str) -> bool:
 
 def _drive(bulk_id: str, model_name: str, device: str, max_in_flight: int) -> driver.Progress:
     settings = get_settings()
+    if not settings.embedded:
+        from farm.commands.generate import warn_if_unserved
+
+        warn_if_unserved(model_name, settings)  # the job waits for a worker: said before the bar starts
     with contextlib.ExitStack() as stack:
         if settings.embedded:
             from tasks.app import get_app

@@ -132,7 +132,7 @@ def generate(prompt: str, model_name: str | None, negative_prompt: str | None, i
                                  settings=settings)
         err.print(f"request {rid}", highlight=False)
         if not settings.embedded:
-            _warn_if_unserved(inp.model_name, settings)
+            warn_if_unserved(inp.model_name, settings)
         final = _follow(rid, inp.num_images, timeout)
     if final != JobStatus.COMPLETED:
         with session_scope() as s:
@@ -157,11 +157,11 @@ def generate(prompt: str, model_name: str | None, negative_prompt: str | None, i
         for path in saved:
             click.echo(f"saved {path}", err=True)  # one line per path, never wrapped
     else:  # one line per image, for a shell: where it was saved, else where to fetch it
-        for line in saved or [image.url for image in output.images]:
-            click.echo(str(line))
+        for line in [str(path) for path in saved] or [image.url for image in output.images]:
+            click.echo(line)
 
 
-def _warn_if_unserved(model_name: str, settings: Settings) -> None:
+def warn_if_unserved(model_name: str, settings: Settings) -> None:
     """Say before waiting that no live worker serves the model (the job waits for one to join)."""
     from farm.lifecycle.pool import pool_state
     from models.registry import get_model

@@ -1,9 +1,10 @@
 """Who serves a model: the live pool, and since when nobody does.
 
 A job for a model that no live worker serves still waits (a pool can scale up from zero), but
-its submitter is told: the job's log says so (``farm status``, the fal status logs), ``farm
-generate`` warns before it waits, and ``FARM_REQUIRE_LIVE_WORKER=true`` makes such a submit
-answer 503 at once, naming the model.
+its submitter is told: the job's log says so (``farm status``, the fal status logs), at submit or,
+when the pool's last worker goes away later, by the sweeper (:func:`log_unserved`); ``farm
+generate`` and ``farm bulk run`` warn before they wait, and ``FARM_REQUIRE_LIVE_WORKER=true``
+makes such a submit (or a new bulk job) answer 503 at once, naming the model.
 """
 
 from __future__ import annotations
@@ -13,12 +14,17 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import exists, func, select, text
 from sqlalchemy.orm import Session
 
+from db import ledger
 from db.batches import live_workers
-from db.models import Worker
+from db.models import Job, JobLog, Worker
+from db.session import session_scope
 from farm.config import Settings
+from farm.status import JobStatus
+
+UNSERVED = "no live worker serves "  # how every such log line starts (once per job)
 
 
 @dataclass
@@ -31,7 +37,7 @@ class PoolState:
         """Why a job of this model waits, in words (only meaningful when ``live`` is 0)."""
         when = (f"none since {self.last_seen:%Y-%m-%d %H:%M:%S} UTC" if self.last_seen is not None
                 else "none has joined this farm yet")
-        return (f"no live worker serves {self.model_name} ({when}): the job waits in the queue until one joins "
+        return (f"{UNSERVED}{self.model_name} ({when}): the job waits in the queue until one joins "
                 f"(start one with `farm worker --model {self.model_name}`)")
 
 
@@ -61,3 +67,30 @@ def unserved(s: Session, model_name: str, model_key: str, settings: Settings) ->
             _live_until[model_key] = now + _LIVE_CACHE_SECONDS
         return None
     return state
+
+
+def log_unserved(settings: Settings, limit: int = 500) -> int:
+    """Sweep step: a WARNING line, once per job, on queued jobs whose model has no live worker
+    (its pool went away after they were submitted); how many lines were written. Bulk samples
+    get none (``farm bulk run`` warns). Per model, one sweeper at a time writes (PostgreSQL: a
+    transaction-scoped advisory lock, skipped when taken), and reads the logs only after taking it,
+    so two sweepers never write a job's line twice."""
+    written = 0
+    with session_scope() as s:
+        models = s.execute(select(Job.model_key, Job.model_name).where(
+            Job.status == JobStatus.IN_QUEUE, Job.source != "bulk").distinct()).all()
+    for key, name in dict(models).items():
+        with session_scope() as s:
+            state = unserved(s, name, key, settings)
+            if state is None:
+                continue
+            if s.get_bind().dialect.name == "postgresql" and not s.scalar(
+                    text("SELECT pg_try_advisory_xact_lock(hashtext('farm.unserved:' || :key))"), {"key": key}):
+                continue  # another sweeper writes this model's lines now
+            told = exists().where(JobLog.job_id == Job.id, JobLog.message.startswith(UNSERVED))
+            ids = s.scalars(select(Job.id).where(Job.model_key == key, Job.status == JobStatus.IN_QUEUE,
+                                                 Job.source != "bulk", ~told).limit(limit)).all()
+            for rid in ids:
+                ledger.add_log(s, rid, state.describe(), level="WARNING", source="sweeper")
+            written += len(ids)
+    return written

@@ -24,6 +24,10 @@ with ``SKIP LOCKED`` and a duplicate message is harmless (the claim decides). On
 0. **Fetches**: jobs whose file inputs are still to be fetched and that no process holds (farm.lifecycle.fetch)
    are fetched in this process's fetch pool.
 
+5. **Unserved models**: a queued job whose model has lost its last live worker since the job was
+   submitted gets the WARNING line "no live worker serves M (none since T) …" once
+   (``farm.lifecycle.pool.log_unserved``), as a submit for an unserved model gets it at once.
+
 So no job stays non-terminal without either a live lease or a recent message.
 """
 
@@ -43,6 +47,7 @@ from db.session import session_scope
 from farm import dispatch
 from farm.config import Settings
 from farm.lifecycle.finish import finish
+from farm.lifecycle.pool import log_unserved
 from farm.metrics import count
 from farm.status import JobStatus
 from tasks.queues import render_queue
@@ -58,6 +63,7 @@ class Swept:
     broker_reset: datetime | None = None
     bulk: int = 0
     fetches: int = 0
+    unserved: int = 0  # jobs told that no live worker serves their model
 
 
 def reap(settings: Settings) -> tuple[int, int]:
@@ -88,6 +94,8 @@ def sweep(settings: Settings) -> Swept:
     from farm.lifecycle import fetch
 
     out.fetches = fetch.sweep(settings)
+    if not settings.embedded:  # embedded: the in-process worker serves the one model it was started for
+        out.unserved = log_unserved(settings)
     if dispatch.broker_down():
         return out  # publishing now would only wait on timeouts; the next sweep tries again
     now = utcnow()
