@@ -11,6 +11,8 @@ import io
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -79,9 +81,34 @@ class Storage(Protocol):
     def put_file(self, key: str, fh: BinaryIO, size: int, content_type: str) -> None: ...
     def usage(self, prefix: str) -> int: ...
     def get(self, key: str) -> bytes: ...
+    def size(self, key: str) -> int: ...
+    def chunks(self, key: str, limit: int) -> Iterator[bytes]: ...
     def url(self, key: str, expiry_seconds: int) -> str: ...
     def list(self, prefix: str) -> list[str]: ...
     def delete(self, key: str) -> None: ...
+
+
+@contextmanager
+def _os_errors(action: str, key: str) -> Iterator[None]:
+    """An OSError of a local storage operation as a StorageError (its text names paths: server-log only)."""
+    try:
+        yield
+    except OSError as exc:
+        raise StorageError(f"cannot {action} {key!r}: {exc}") from exc
+
+
+def _missing(key: str) -> int:
+    raise StorageError(f"object {key!r} not found")
+
+
+def _capped(read: Callable[[int], bytes], limit: int) -> Iterator[bytes]:
+    left = limit + 1
+    while left > 0:
+        chunk = read(min(left, 1 << 20))
+        if not chunk:
+            return
+        left -= len(chunk)
+        yield chunk
 
 
 class LocalStorage:
@@ -97,11 +124,15 @@ class LocalStorage:
         return path
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
-        atomic_write(self._path(key), data)
+        with _os_errors("store", key):
+            atomic_write(self._path(key), data)
 
     def put_file(self, key: str, fh: BinaryIO, size: int, content_type: str) -> None:
         """Store ``size`` bytes read from ``fh`` as they come (never held whole), atomically."""
-        path = self._path(key)
+        with _os_errors("store", key):
+            self._put_file(self._path(key), fh)
+
+    def _put_file(self, path: Path, fh: BinaryIO) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
@@ -121,10 +152,31 @@ class LocalStorage:
         return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".tmp-"))
 
     def get(self, key: str) -> bytes:
+        path = self._path(key)
         try:
-            return self._path(key).read_bytes()
+            return path.read_bytes()
         except FileNotFoundError:
             raise StorageError(f"object {key!r} not found") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {key!r}: {exc}") from exc
+
+    def size(self, key: str) -> int:
+        """The object's size, from its metadata: nothing of it is read."""
+        path = self._path(key)
+        try:
+            return path.stat().st_size if path.is_file() else _missing(key)
+        except OSError as exc:
+            raise StorageError(f"cannot read {key!r}: {exc}") from exc
+
+    def chunks(self, key: str, limit: int) -> Iterator[bytes]:
+        """The object's bytes in pieces, stopping after ``limit`` + 1 bytes (so a caller sees it pass ``limit``)."""
+        try:
+            with self._path(key).open("rb") as fh:
+                yield from _capped(fh.read, limit)
+        except FileNotFoundError:
+            _missing(key)
+        except OSError as exc:
+            raise StorageError(f"cannot read {key!r}: {exc}") from exc
 
     def url(self, key: str, expiry_seconds: int) -> str:
         return self._path(key).as_uri()
@@ -199,6 +251,25 @@ class S3Storage:
             raise StorageError(f"cannot read {key!r} from bucket {self.bucket!r}: {exc}") from exc
         try:
             return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    def size(self, key: str) -> int:
+        """The object's size, from a HEAD request: nothing of it is read."""
+        try:
+            return int(self.client.stat_object(self.bucket, self._key(key)).size or 0)
+        except Exception as exc:
+            raise StorageError(f"cannot read {key!r} from bucket {self.bucket!r}: {exc}") from exc
+
+    def chunks(self, key: str, limit: int) -> Iterator[bytes]:
+        """The object's bytes in pieces, stopping after ``limit`` + 1 bytes (so a caller sees it pass ``limit``)."""
+        try:
+            response = self.client.get_object(self.bucket, self._key(key))
+        except Exception as exc:
+            raise StorageError(f"cannot read {key!r} from bucket {self.bucket!r}: {exc}") from exc
+        try:
+            yield from _capped(response.read, limit)
         finally:
             response.close()
             response.release_conn()

@@ -33,7 +33,7 @@ from db import batches as ledger_batches
 from db import ledger
 from db.session import session_scope
 from farm.config import Settings, get_settings
-from farm.errors import FarmError, StorageError
+from farm.errors import BrokerUnavailableError, FarmError, StorageError
 from farm.inputs import owner_scope
 from farm.lifecycle.claim import Claimed, claim_group, claim_next_group, describe, higher_lane_waiting, release
 from farm.lifecycle.finish import finish
@@ -188,9 +188,10 @@ def _give_back(group: list[Claimed], exc: BaseException, settings: Settings, ser
     Fenced: a claim that no longer holds changes nothing (its new holder carries on).
     """
     reason = _reason(exc)
-    # what the jobs' logs and errors say: a batch may hold several owners' requests, and a storage
-    # error names object keys and the bucket, so it goes to this worker's log only (below)
-    public = STORAGE_FAILED if isinstance(exc, StorageError) else reason
+    # what the jobs' logs and errors say: a batch may hold several owners' requests, and an error that
+    # is not one of the farm's client-safe ones (a storage error names object keys and the bucket; an
+    # OSError or library error may name anything) goes to this worker's log only (below)
+    public = _public_reason(exc, reason)
     final = isinstance(exc, FarmError) and 400 <= exc.http_status < 500  # bad input: retrying cannot help
     lost = []
     with session_scope() as s:
@@ -217,6 +218,21 @@ def _give_back(group: list[Claimed], exc: BaseException, settings: Settings, ser
 
 
 STORAGE_FAILED = "the images could not be stored (a storage error; the worker's log has the details)"
+RENDER_FAILED = "the batch failed (an internal error; the worker's log has the details)"
+
+
+def _public_reason(exc: BaseException, reason: str) -> str:
+    """What every owner of the batch may be told: the text of the farm's own errors, which are written
+    for users (bad input, an unreadable adapter, a render error), and of the time limit; a fixed
+    sentence for a storage or broker error (they name object keys, buckets, hosts) and for anything
+    else (an OSError or a library's error may name any path, another owner's objects included)."""
+    if isinstance(exc, StorageError):
+        return STORAGE_FAILED
+    if isinstance(exc, BrokerUnavailableError):
+        return RENDER_FAILED
+    if isinstance(exc, SoftTimeLimitExceeded | FarmError):
+        return reason
+    return RENDER_FAILED
 
 
 def _reason(exc: BaseException) -> str:
