@@ -3,7 +3,8 @@
 * At submit, :func:`stage_inline` moves every base64 ``data:`` URI to storage (content-addressed
   ``<owner>/inputs/<sha256>.<ext>``) and puts ``farm-stored:<key>`` in its place, so the ledger
   row holds a key, not megabytes; the decoded bytes of one request's data URIs together are
-  capped by ``inline_input_max_bytes``.
+  capped by ``inline_input_max_bytes``. Stored inputs count against the owner's
+  ``upload_quota_bytes`` with its uploads (farm.upload_quota), so no tenant fills the disks.
 * :func:`pending` lists what the fetch stage (``farm.lifecycle.fetch``) must still get: ``https://``
   URLs and Hugging Face hub ids. :func:`fetch_one` gets one of them within its wall-clock deadline
   (``input_fetch_deadline_seconds``) and the size cap (``file_input_max_bytes``) into storage.
@@ -18,6 +19,7 @@ Import-light: no torch, no huggingface_hub.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from farm.files import HUB_ID, resolve_weights_path
 from farm.inputs import STORED, _mib, decode_data_uri, kind_of, materialise
 from farm.schemas import GenerateInput
 from farm.storage import LocalStorage, Storage, get_storage
+from farm.upload_quota import UploadQuotaError, store_within_quota
 
 # The file names diffusers looks for first (LORA_WEIGHT_NAME(_SAFE), TEXT_INVERSION_NAME(_SAFE)).
 HUB_FILES = {
@@ -63,12 +66,13 @@ def _suffix(data: bytes) -> str:
     return ".bin"
 
 
-def store_blob(owner: str, data: bytes, storage: Storage, prefix: str = "") -> tuple[str, bool]:
-    """Put ``data`` at its content-addressed key under ``<owner>/inputs/``; (key, newly written)."""
+def store_blob(owner: str, data: bytes, storage: Storage, settings: Settings, prefix: str = "") -> tuple[str, bool]:
+    """Put ``data`` at its content-addressed key under ``<owner>/inputs/``; (key, newly written). A new blob
+    counts against the owner's ``upload_quota_bytes`` with its uploads (UploadQuotaError, 413, beyond it)."""
     key = f"{owner}/inputs/{prefix}{hashlib.sha256(data).hexdigest()}{_suffix(data)}"
     if _exists(storage, key):
         return key, False
-    storage.put(key, data, "application/octet-stream")
+    store_within_quota(storage, owner, key, io.BytesIO(data), len(data), "application/octet-stream", settings)
     return key, True
 
 
@@ -96,11 +100,11 @@ def stage_inline(inp: GenerateInput, owner: str, settings: Settings,
     paths, written = {}, []
     try:
         for field, data in blobs.items():
-            key, new = store_blob(owner, data, storage)
+            key, new = store_blob(owner, data, storage, settings)
             paths[field] = STORED + key
             if new:
                 written.append(key)
-    except StorageError:
+    except (StorageError, UploadQuotaError):
         discard(written, settings, storage)
         raise
     return _with_paths(inp, paths), written
@@ -197,5 +201,5 @@ def fetch_one(field: str, path: str, owner: str, settings: Settings, storage: St
         names = HUB_FILES["loras" if field.startswith("loras") else "embeddings"]
         local = (_cached_hub_file(path, names, settings) if hub_offline()
                  else _hub_download(path, names, settings))
-    key, _ = store_blob(owner, local.read_bytes(), storage)
+    key, _ = store_blob(owner, local.read_bytes(), storage, settings)
     return STORED + key

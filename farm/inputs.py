@@ -260,17 +260,23 @@ def materialise(kind: Kind, value: str, settings: Settings) -> Path:
         cached = _cached(folder, digest)
         if cached is not None:
             return cached
+        from farm import upload_quota
         from farm.storage import get_storage
 
+        storage = get_storage(settings)
         try:
-            data = get_storage(settings).get(key)
+            if kind == "upload":  # size and quota from metadata before a byte is read (presigned S3 PUTs are uncapped)
+                upload_quota.check_stored(storage, key, settings)
+            data = b"".join(storage.chunks(key, settings.file_input_max_bytes))
         except StorageError as exc:
             if "not found" in str(exc) or "NoSuchKey" in str(exc):
                 raise ValueError("no such upload") from None
             raise
-        cap = min(settings.file_input_max_bytes, settings.max_upload_bytes)  # a presigned S3 PUT is not capped
+        except (upload_quota.UploadTooLargeError, upload_quota.UploadQuotaError) as exc:
+            raise ValueError(str(exc)) from None
+        cap = settings.file_input_max_bytes
         if len(data) > cap:
-            raise ValueError(f"the upload is {_mib(len(data))}, more than the {_mib(cap)} allowed")
+            raise ValueError(f"the file is more than the {_mib(cap)} allowed (FARM_FILE_INPUT_MAX_BYTES)")
         return _write(folder, digest, data)
     digest = "url-" + hashlib.sha256(value.encode()).hexdigest()
     return _cached(folder, digest) or _download(value, folder, digest, settings)

@@ -135,12 +135,12 @@ def test_cap_and_quota(api: tuple[TestClient, dict[str, str]]) -> None:
         assert _put(client, _initiate(client, keys["cat"])["upload_url"], b"x" * 1000).status_code == 200
     target = _initiate(client, keys["cat"])  # 2000 of 2500 used: there is room
     over = _put(client, target["upload_url"], b"x" * 600)
-    assert over.status_code == 403 and over.json()["error_type"] == "upload_quota_exceeded", over.text
+    assert over.status_code == 413 and over.json()["error_type"] == "upload_quota_exceeded", over.text
     assert client.get(target["file_url"], headers=_auth(keys["cat"])).status_code == 404
     assert _put(client, target["upload_url"], b"x" * 500).status_code == 200  # exactly the quota
     full = client.post("/storage/upload/initiate", json={"content_type": "a/b", "file_name": "x"},
                        headers=_auth(keys["cat"]))  # fmt: skip
-    assert full.status_code == 403 and "FARM_UPLOAD_QUOTA_BYTES" in full.json()["detail"]
+    assert full.status_code == 413 and "FARM_UPLOAD_QUOTA_BYTES" in full.json()["detail"]
     assert _initiate(client, keys["ben"])  # other owners are not affected
 
 

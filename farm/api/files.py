@@ -4,13 +4,13 @@ embedding input by the same owner; ``GET /storage/files/…`` reads it back.
 The body is either ``multipart/form-data`` with one file field (``file``), or the raw bytes
 with their ``Content-Type`` (name them with ``?file_name=``). Objects are kept under
 ``<owner>/uploads/<uuid>/<safe name>``; more than ``max_upload_bytes`` answers 413, as does an
-upload beyond the owner's ``upload_quota_bytes``. The
-returned URL is resolved from storage directly when used as an input (``farm.inputs``).
+upload beyond the owner's ``upload_quota_bytes`` (farm.upload_quota: checked and stored under the
+owner's lock). The returned URL is resolved from storage directly when used as an input
+(``farm.inputs``). A download is streamed, after its size and owner's quota are checked.
 """
 
 from __future__ import annotations
 
-import asyncio
 import mimetypes
 import re
 import tempfile
@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -30,12 +31,12 @@ from farm.api.errors import ERROR_RESPONSES, NOT_FOUND, ErrorBody
 from farm.api.guard import MULTIPART_SLACK
 from farm.errors import StorageError
 from farm.storage import get_storage
+from farm.upload_quota import store_within_quota, stream
 
 router = APIRouter(tags=["files"])
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 SPOOL_BYTES = 1 << 20  # an upload is kept in memory up to this, then spooled to a temporary file
-_quota_locks: dict[str, asyncio.Lock] = {}  # per owner, in this process: quota check and store in one step
 
 
 class UploadResult(BaseModel):
@@ -153,15 +154,8 @@ async def upload(
             raise HTTPException(400, "the file is empty")
         name = safe_name(file_name)
         key = f"{tenant.owner}/uploads/{uuid.uuid4().hex}/{name}"
-        storage = get_storage(settings)
-        lock = _quota_locks.setdefault(tenant.owner, asyncio.Lock())
-        async with lock:
-            used = await run_in_threadpool(storage.usage, f"{tenant.owner}/uploads/")
-            if used + size > settings.upload_quota_bytes:
-                raise HTTPException(413, f"this owner's uploads would take {used + size} bytes, more than the "
-                                    f"{settings.upload_quota_bytes} bytes allowed (FARM_UPLOAD_QUOTA_BYTES): "
-                                    "delete some first")
-            await run_in_threadpool(storage.put_file, key, fh, size, content_type)
+        await run_in_threadpool(store_within_quota, get_storage(settings), tenant.owner, key, fh, size, content_type,
+                                settings)
     finally:
         fh.close()
     base = (settings.public_url or str(request.base_url)).rstrip("/")
@@ -172,7 +166,8 @@ async def upload(
 @router.get(
     "/storage/files/{owner}/uploads/{upload_id}/{name}",
     summary="Download an uploaded file",
-    responses={**ERROR_RESPONSES, **NOT_FOUND, 200: {"content": {"application/octet-stream": {}}}},
+    responses={**ERROR_RESPONSES, **NOT_FOUND, 413: {"model": ErrorBody},
+               200: {"content": {"application/octet-stream": {}}}},
     response_class=Response,
 )
 async def download(owner: str, upload_id: str, name: str, tenant: TenantDep, settings: SettingsDep) -> Response:
@@ -180,13 +175,13 @@ async def download(owner: str, upload_id: str, name: str, tenant: TenantDep, set
     if owner != tenant.owner or not re.fullmatch(r"[0-9a-f]{32}", upload_id) or safe_name(name) != name:
         raise HTTPException(404, "no such file")
     key = f"{owner}/uploads/{upload_id}/{name}"
-    try:
-        data = await run_in_threadpool(get_storage(settings).get, key)
+    try:  # size and quota from metadata, then streamed: never held whole (a presigned S3 PUT is not capped)
+        chunks = await run_in_threadpool(stream, get_storage(settings), key, settings)
     except StorageError as exc:
         if "not found" in str(exc) or "NoSuchKey" in str(exc):
             raise HTTPException(404, "no such file") from None
         raise
     media = mimetypes.guess_type(name)[0] or "application/octet-stream"
     # served as a download, never rendered by a browser as a page of this origin
-    return Response(data, media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"',
-                                                     "X-Content-Type-Options": "nosniff"})
+    return StreamingResponse(chunks, media_type=media, headers={
+        "Content-Disposition": f'attachment; filename="{name}"', "X-Content-Type-Options": "nosniff"})

@@ -32,6 +32,7 @@ from farm.bulk.control import RUNNING
 from farm.config import Settings
 from farm.errors import InvalidInputError
 from farm.keys import check_owner
+from farm.usage import check_quota
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/bulk", tags=["bulk"])
@@ -65,6 +66,7 @@ class BulkStarted(BaseModel):
 
 def _materialise(req: BulkRequest, owner: str, settings: Settings) -> tuple[Path, dict[str, Any], bool]:
     """The manifest's path, the job's options, and whether the manifest is a copy written just now."""
+    from farm import upload_quota
     from farm.inputs import decode_data_uri, kind_of, upload_key, upload_owner
     from farm.storage import get_storage
     from tasks.bulk import inside
@@ -96,12 +98,27 @@ def _materialise(req: BulkRequest, owner: str, settings: Settings) -> tuple[Path
         key = upload_key(req.manifest)
         if key is None or upload_owner(key) != owner:
             raise InvalidInputError("manifest", "must be a data URI, one of your upload URLs or a bulk-root path")
-        data = get_storage(settings).get(key)
+        try:  # size and quota from metadata, the read capped: a presigned S3 PUT is not capped
+            data = upload_quota.read(get_storage(settings), key, settings)
+        except (upload_quota.UploadTooLargeError, upload_quota.UploadQuotaError) as exc:
+            raise InvalidInputError("manifest", str(exc)) from None
     folder = own / "manifests"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{uuid.uuid4().hex}.{req.manifest_format}"
     path.write_bytes(data)
     return path, options, True
+
+
+def _admit(s: Session, owner: str, settings: Settings) -> None:
+    """A bulk job may start (POST /bulk) or resume running: at most max_bulk_running running per owner,
+    counted under the owner's lock, and the owner's daily GPU-second quota not spent (429)."""
+    lock_owner(s, owner)
+    check_quota(s, owner, settings)
+    running = s.scalar(select(func.count()).select_from(BulkJob)
+                       .where(BulkJob.owner == owner, BulkJob.status == RUNNING)) or 0
+    if running >= settings.max_bulk_running:
+        raise TooManyJobsError(f"{running} bulk jobs are running for this owner; the limit is "
+                               f"{settings.max_bulk_running} (FARM_MAX_BULK_RUNNING): wait, pause or cancel one")
 
 
 def _announce(bulk_id: str, settings: Settings) -> None:
@@ -114,8 +131,8 @@ def _announce(bulk_id: str, settings: Settings) -> None:
 
 
 @router.post("", status_code=202, response_model=BulkStarted, summary="Start a bulk dataset job",
-             responses={**ERROR_RESPONSES, 409: {"model": ErrorBody}, 502: {"model": ErrorBody},
-                        503: {"model": ErrorBody}})
+             responses={**ERROR_RESPONSES, 409: {"model": ErrorBody}, 429: {"model": ErrorBody},
+                        502: {"model": ErrorBody}, 503: {"model": ErrorBody}})
 async def start(req: BulkRequest, tenant: TenantDep, settings: SettingsDep) -> BulkStarted:
     from tasks.bulk import create_from_options
 
@@ -123,20 +140,12 @@ async def start(req: BulkRequest, tenant: TenantDep, settings: SettingsDep) -> B
         raise InvalidInputError("budget_images", f"must be at most {settings.max_bulk_images} "
                                 f"(FARM_MAX_BULK_IMAGES; got {req.budget_images})")
 
-    def admit(s: Session) -> None:
-        """At most max_bulk_running running bulk jobs per owner, counted under the owner's lock."""
-        lock_owner(s, tenant.owner)
-        running = s.scalar(select(func.count()).select_from(BulkJob)
-                           .where(BulkJob.owner == tenant.owner, BulkJob.status == RUNNING)) or 0
-        if running >= settings.max_bulk_running:
-            raise TooManyJobsError(f"{running} bulk jobs are running for this owner; the limit is "
-                                   f"{settings.max_bulk_running} (FARM_MAX_BULK_RUNNING): wait, pause or cancel one")
-
     def _create() -> str:
         manifest, options, written = _materialise(req, tenant.owner, settings)
         try:
             bulk_id = create_from_options(options, settings, owner=tenant.owner, manifest=manifest,
-                                          key_max_in_flight=tenant.max_in_flight, admit=admit)
+                                          key_max_in_flight=tenant.max_in_flight,
+                                          admit=lambda s: _admit(s, tenant.owner, settings))
         except BaseException:
             if written:
                 manifest.unlink(missing_ok=True)  # refused: nothing is left behind
@@ -161,7 +170,7 @@ async def progress(bulk_id: str, tenant: TenantDep) -> dict[str, Any]:
 
 
 @router.post("/{bulk_id}/{action}", summary="Pause, resume or cancel a bulk job",
-             responses={**ERROR_RESPONSES, **NOT_FOUND, 503: {"model": ErrorBody}})
+             responses={**ERROR_RESPONSES, **NOT_FOUND, 429: {"model": ErrorBody}, 503: {"model": ErrorBody}})
 async def control(bulk_id: str, action: Literal["pause", "resume", "cancel"], tenant: TenantDep,
                   settings: SettingsDep) -> dict[str, Any]:
     from farm.bulk import driver
@@ -170,7 +179,7 @@ async def control(bulk_id: str, action: Literal["pause", "resume", "cancel"], te
         if action == "resume":
             with session_scope() as s:
                 driver.get(s, bulk_id, tenant.owner)
-            driver.set_status(bulk_id, driver.RUNNING, tenant.owner)
+            driver.set_status(bulk_id, driver.RUNNING, tenant.owner, admit=lambda s: _admit(s, tenant.owner, settings))
             _announce(bulk_id, settings)
         else:
             driver.set_status(bulk_id, driver.PAUSED if action == "pause" else driver.CANCELLED, tenant.owner)

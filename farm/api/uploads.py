@@ -9,9 +9,10 @@ plain ``PUT upload_url`` carrying the bytes and no credentials (what ``fal.stora
 ``file_url`` is the same owner-only URL ``POST /storage/upload`` returns
 (``…/storage/files/<owner>/uploads/<id>/<name>``): usable as a LoRA or embedding ``path`` by its
 owner only (``farm.inputs``). Limits: one file at most ``max_upload_bytes``, an owner's uploads
-together at most ``upload_quota_bytes`` (checked when an upload is initiated and, on local
-storage, again when it is stored). A presigned S3 PUT cannot be capped by S3: an object over
-the cap is refused when it is used as an input, and it counts against its owner's quota.
+together with the owner's stored inputs at most ``upload_quota_bytes`` (checked when an upload is
+initiated and, on local storage, again when it is stored, under the owner's lock: farm.upload_quota).
+A presigned S3 PUT cannot be capped by S3: before the farm reads a stored upload (an input, a bulk
+manifest, a download) it checks the object's size and its owner's quota from metadata, and refuses it.
 """
 
 from __future__ import annotations
@@ -38,25 +39,12 @@ from farm.api.files import SPOOL_BYTES, safe_name
 from farm.config import Settings
 from farm.errors import FarmError
 from farm.storage import S3Storage, get_storage
+from farm.upload_quota import check_room, store_within_quota, too_large
 
 router = APIRouter(tags=["files"])
 
 _ID = re.compile(r"[0-9a-f]{32}")
 _CONTENT_TYPE = r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*(\s*;.*)?$"
-
-
-class UploadTooLargeError(FarmError):
-    """Raised when an uploaded file is larger than ``max_upload_bytes``."""
-
-    http_status = 413
-    error_type = "upload_too_large"
-
-
-class UploadQuotaError(FarmError):
-    """Raised when an upload would take an owner's uploads past ``upload_quota_bytes``."""
-
-    http_status = 403
-    error_type = "upload_quota_exceeded"
 
 
 class UploadUrlError(FarmError):
@@ -123,22 +111,6 @@ def _upload_key(owner: str, upload_id: str, name: str) -> str:
     return f"{owner}/uploads/{upload_id}/{name}"
 
 
-# -- quota ----------------------------------------------------------------------------------------
-
-
-def _check_room(settings: Settings, owner: str, adding: int = 0, replacing: str | None = None) -> None:
-    storage = get_storage(settings)
-    used = storage.usage(f"{owner}/uploads/")
-    if replacing is not None:
-        used -= storage.usage(replacing)
-    quota = settings.upload_quota_bytes
-    if used + adding > quota or (adding == 0 and used >= quota):
-        raise UploadQuotaError(
-            f"uploads of owner {owner!r} would hold {used + adding} bytes, over the quota of {quota} bytes "
-            "(FARM_UPLOAD_QUOTA_BYTES)"
-        )
-
-
 # -- routes ---------------------------------------------------------------------------------------
 
 
@@ -150,7 +122,7 @@ def _base(request: Request, settings: Settings) -> str:
     "/storage/upload/initiate",
     response_model=InitiatedUpload,
     summary="Start an upload (fal's protocol)",
-    responses={**ERROR_RESPONSES, 403: {"model": ErrorBody}},
+    responses={**ERROR_RESPONSES, 413: {"model": ErrorBody}},
 )
 async def initiate(
     body: InitiateUpload,
@@ -160,7 +132,7 @@ async def initiate(
     storage_type: Annotated[str | None, Query(description="Accepted and ignored (fal's `fal-cdn-v3`).")] = None,
 ) -> InitiatedUpload:
     """A URL to PUT the file to, and the URL the file will have. The owner's quota must have room."""
-    await run_in_threadpool(_check_room, settings, tenant.owner)
+    await run_in_threadpool(check_room, get_storage(settings), tenant.owner, settings)
     name, upload_id = safe_name(body.file_name), uuid.uuid4().hex
     key = _upload_key(tenant.owner, upload_id, name)
     base = _base(request, settings)
@@ -203,7 +175,7 @@ async def put_signed(
     limit = settings.max_upload_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise _too_large(int(declared), limit)
+        raise too_large(int(declared), limit)
     content_type = request.headers.get("content-type", "application/octet-stream")
     # spooled (on disk beyond SPOOL_BYTES) and streamed to storage: never held whole in memory
     with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
@@ -211,18 +183,11 @@ async def put_signed(
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise _too_large(size, limit)
+                raise too_large(size, limit)
             spool.write(chunk)
         spool.seek(0)
-        await run_in_threadpool(_check_room, settings, owner, size, key)
-        await run_in_threadpool(get_storage(settings).put_file, key, spool, size, content_type)  # type: ignore[arg-type]
+        await run_in_threadpool(store_within_quota, get_storage(settings), owner, key, spool, size,  # type: ignore[arg-type]
+                                content_type, settings, key)
     base = _base(request, settings)
     file_url = f"{base}/storage/files/{quote(owner, safe='')}/uploads/{upload_id}/{quote(name)}"
     return StoredUpload(file_url=file_url, file_size=size)
-
-
-def _too_large(size: int, limit: int) -> UploadTooLargeError:
-    return UploadTooLargeError(
-        f"the file has {'at least ' if size > limit else ''}{size} bytes, more than the {limit} allowed "
-        "(FARM_MAX_UPLOAD_BYTES)"
-    )
