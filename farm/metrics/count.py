@@ -1,7 +1,8 @@
 """Counting from the lifecycle code: each helper imports the metric definitions when first called, so
 that a process that never counts (a CLI run) never imports prometheus-client, and one that does
 imports it after ``farm worker`` / ``farm api`` set multiprocess mode up. Counting never fails
-the work it counts."""
+the work it counts, and a metric that cannot be updated says so once (a warning with its cause), then
+only at debug level."""
 
 from __future__ import annotations
 
@@ -10,13 +11,20 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
+_warned: set[str] = set()  # the helpers whose failure was logged as a warning already
 
 
-def _safely(action: Any) -> None:
+def _safely(action: Any, what: str | None = None) -> None:
     try:
         action()
-    except Exception:  # a metric must never fail a store, a sweep or a delivery
-        log.debug("metric update failed", exc_info=True)
+    except Exception as exc:  # a metric must never fail a store, a sweep or a delivery
+        name = what or action.__qualname__.split(".")[0]
+        if name in _warned:
+            log.debug("metric update %s failed", name, exc_info=True)
+        else:
+            _warned.add(name)
+            log.warning("metric update %s failed (%s: %s); its metric is left out or stale (logged once)",
+                        name, type(exc).__name__, exc, exc_info=True)
 
 
 def jobs_finished(statuses: Iterable[str]) -> None:
@@ -84,7 +92,8 @@ def model_loaded(model: str, device: str, seconds: float) -> None:
 
 
 def gpu_memory(model: str, device: str) -> None:
-    """The CUDA device's memory (allocated and reserved by this process, and the device's total)."""
+    """The CUDA device's memory (allocated and reserved by this process, and the device's total); nothing on
+    another device. All three are read before any is set: a device that cannot be read leaves no partial gauge."""
     if not device.startswith("cuda"):
         return
 
@@ -94,11 +103,12 @@ def gpu_memory(model: str, device: str) -> None:
         from farm.metrics.defs import GPU_MEMORY
 
         dev = torch.device(device)
-        GPU_MEMORY.labels(model, device, "allocated").set(torch.cuda.memory_allocated(dev))
-        GPU_MEMORY.labels(model, device, "reserved").set(torch.cuda.memory_reserved(dev))
-        GPU_MEMORY.labels(model, device, "total").set(torch.cuda.get_device_properties(dev).total_memory)
+        values = {"allocated": torch.cuda.memory_allocated(dev), "reserved": torch.cuda.memory_reserved(dev),
+                  "total": torch.cuda.get_device_properties(dev).total_memory}
+        for kind, value in values.items():
+            GPU_MEMORY.labels(model, device, kind).set(value)
 
-    _safely(act)
+    _safely(act, "gpu_memory")
 
 
 def worker_up(name: str, model: str, device: str) -> None:
