@@ -342,6 +342,31 @@ def test_every_pod_monitor_sends_the_token_its_pods_check() -> None:
     assert serving <= scraped, f"not scraped: {sorted(serving - scraped)}"
 
 
+def test_the_mounted_webhook_key_is_private_and_the_farm_does_not_warn_about_it(tmp_path: Path) -> None:
+    """The Secret is mounted 0400; kubelet makes it 0440 for the pod's fsGroup, the group the farm runs as. The
+    farm warns about a key others can read, not about that one."""
+    import os
+
+    from farm.webhooks.signing import readable_by_others
+
+    (api,) = [d for d in by_kind("Deployment") if d["metadata"]["name"] == "farm-api"]
+    pod = api["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "webhook-key"]
+    assert volume["secret"]["defaultMode"] == 0o400, oct(volume["secret"]["defaultMode"])
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    key = tmp_path / "webhook_ed25519.pem"
+    key.write_text("k")
+    for mode, warns in ((0o400, False), (0o440, False), (0o600, False), (0o444, True), (0o604, True)):
+        key.chmod(mode)
+        assert readable_by_others(key) is warns, oct(mode)
+    groups = {os.getgid(), os.getegid(), *os.getgroups()}
+    foreign = next((g for g in range(1, 65534) if g not in groups), None)
+    if foreign is not None and os.geteuid() == 0:  # only root may give a file a group it is not in
+        os.chown(key, -1, foreign)
+        key.chmod(0o440)
+        assert readable_by_others(key), "a group the farm is not in can read it"
+
+
 def test_kustomization_loads_the_dashboard_grafana_loads() -> None:
     kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
     (generator,) = kustomization["configMapGenerator"]

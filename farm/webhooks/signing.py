@@ -88,13 +88,23 @@ def signing_key(settings: Settings) -> Ed25519PrivateKey:
             if not path.exists():
                 _create(path)
                 log.info("created the webhook signing key %s", path)
-            elif path.stat().st_mode & 0o077:
+            elif readable_by_others(path):
                 log.warning("webhook signing key %s is readable by others; chmod 600 it", path)
             loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
             if not isinstance(loaded, Ed25519PrivateKey):
                 raise ValueError(f"{path} does not hold an ED25519 private key")
             _keys[path] = loaded
         return _keys[path]
+
+
+def readable_by_others(path: Path) -> bool:
+    """Whether users other than this process's may read or change ``path``: any "other" bit, or a group bit of a
+    group this process is not in. A Kubernetes Secret mounted with ``defaultMode: 0400`` and the pod's
+    ``fsGroup`` is group-readable (kubelet adds g+r for that group, the process's own): not a warning."""
+    st = path.stat()
+    if st.st_mode & 0o007:
+        return True
+    return bool(st.st_mode & 0o070) and st.st_gid not in {os.getgid(), os.getegid(), *os.getgroups()}
 
 
 def forget_keys() -> None:
