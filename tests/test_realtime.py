@@ -10,21 +10,28 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import msgpack
 import pytest
+from sqlalchemy import create_engine, text
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from tests.api_stack import APP, ApiStack, tiny_input
+from tests.services import free_port
 from tests.test_fal_client import run_fal
+from tests.workers import WorkerProcess
+
+HOLD = "farm/hold"  # the scheduling STAND-IN (models/hold.py): holds FARM_HOLD_MS per image
 
 SCRIPT = r'''
 import io, json, sys, time
 import fal_client
+import websockets.exceptions
 from PIL import Image
 
 APP, TINY = sys.argv[1], json.loads(sys.argv[2])
@@ -81,7 +88,10 @@ with fal_client.realtime(APP, use_jwt=False) as conn:
 # a wrong key: the socket is closed with a reason
 try:
     with fal_client.SyncClient(key="0123456789abcdef:wrong").realtime(APP, use_jwt=False) as conn:
-        conn.send(TINY)
+        try:
+            conn.send(TINY)
+        except websockets.exceptions.ConnectionClosed:
+            pass  # the refusal came first: recv() says why
         out["wrong_key"] = {"result": conn.recv()}
 except fal_client.client.RealtimeError as exc:
     out["wrong_key"] = {"error": exc.error, "reason": exc.reason}
@@ -103,8 +113,20 @@ def _env(stack: ApiStack, key: str, run_host: str) -> dict[str, str]:
     return {"FAL_KEY": key, "FAL_RUN_HOST": run_host, "FAL_QUEUE_RUN_HOST": f"{stack.host}/queue"}
 
 
+def _stored_objects(stack: ApiStack) -> set[str]:
+    """Every object in the stack's bucket (its storage, as the farm lists it)."""
+    from farm.config import Settings
+    from farm.storage import make_storage
+
+    env = stack.env
+    settings = Settings(storage_url=env["FARM_STORAGE_URL"], s3_endpoint=env["FARM_S3_ENDPOINT"],
+                        s3_access_key=env["FARM_S3_ACCESS_KEY"], s3_secret_key=env["FARM_S3_SECRET_KEY"])  # fmt: skip
+    return set(make_storage(settings).list(""))
+
+
 def test_fal_client_realtime_frames_burst_bad_input_and_wrong_key(api_stack: ApiStack, tmp_path: Path) -> None:
     key = api_stack.make_key("rt-user")
+    objects_before = _stored_objects(api_stack)
     out = run_fal(api_stack, tmp_path, SCRIPT, _env(api_stack, key, f"{api_stack.host}/run"), APP,
                   json.dumps(tiny_input()))
 
@@ -142,6 +164,12 @@ def test_fal_client_realtime_frames_burst_bad_input_and_wrong_key(api_stack: Api
     assert len(rows) == 1 and rows[0][0] == "realtime"
     assert rows[0][1] == expected and rows[0][2] > 0
     assert api_stack.sql("SELECT count(*) FROM jobs WHERE owner = 'rt-user'") == [(0,)]
+    # and no object stored per frame: whatever appeared in the bucket meanwhile is an image of a job row
+    # (another test's job still rendering), none of this owner's
+    new_objects = _stored_objects(api_stack) - objects_before
+    assert not any(k.startswith("rt-user/") for k in new_objects), sorted(new_objects)
+    job_images = {row[0] for row in api_stack.sql("SELECT object_key FROM images")}
+    assert new_objects <= job_images, sorted(new_objects - job_images)
 
 
 def test_fal_client_realtime_at_the_root(api_stack: ApiStack, tmp_path: Path) -> None:
@@ -264,33 +292,104 @@ def test_farm_client_realtime_sync_and_async(api_stack: ApiStack) -> None:
     assert asyncio.run(run_async()) == ["async-False", "async-True"]
 
 
-def test_frames_go_ahead_of_a_queued_job(api_stack: ApiStack) -> None:
-    """A frame sent while a long job renders is answered before that job ends (it waits one batch at most)."""
+def test_a_frame_waits_at_most_one_batch_of_a_rendering_job(api_stack: ApiStack) -> None:
+    """A frame sent while a big job renders is answered after at most the batch being rendered.
+
+    A ``farm/hold`` worker (the STAND-IN: holds FARM_HOLD_MS per image) pins the batch time: batches
+    of ``batch`` images, ``batch`` × 120 ms each. Each frame is sent just after a batch of the job was
+    stored (so the next one is rendering); while it waits, at most ``batch`` more images of the job may
+    be stored (image rows are written with images_done; their times are compared with when the
+    frame was sent and answered, so a slow read of the ledger after the answer counts nothing more).
+    """
+    batch, images = 4, 32
+    worker = WorkerProcess({**api_stack.env, "FARM_HOLD_MS": "120", "FARM_BATCH_SIZE": str(batch)}, model=HOLD,
+                           name="hold@rt-priority.test")  # fmt: skip
     key = api_stack.make_key("rt-priority")
-    with _socket(api_stack, key=key) as ws:  # the worker's first render of a shape can be slow: not this one
-        ws.send(msgpack.packb(tiny_input(request_id="warm-up")))
-        assert isinstance(ws.recv(timeout=120), bytes)
-    with api_stack.client(key) as c:
-        # four batches of 16 (the tiny model's batch size): each frame waits for one batch at most
-        big = c.post(f"/{APP}", json=tiny_input(num_images=64, sync_mode=False))
-        assert big.status_code == 200, big.text
-        job = big.json()["request_id"]
-        for _ in range(600):  # bounded: until the job renders
-            if c.get(f"/{APP}/requests/{job}/status").json()["status"] == "IN_PROGRESS":
-                break
-            time.sleep(0.05)
-        with _socket(api_stack, key=key) as ws:
+    engine = create_engine(api_stack.db_url)
+
+    def stored(job: str) -> list[datetime]:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT created_at FROM images WHERE job_id = :id"), {"id": job}).all()
+        return [row[0] for row in rows]
+
+    try:
+        worker.start()
+        with api_stack.client(key) as c, _socket(api_stack, key=key) as ws:
+            ws.send(msgpack.packb(tiny_input(model_name=HOLD, request_id="warm-up")))
+            assert msgpack.unpackb(ws.recv(timeout=60))["request_id"] == "warm-up"
+            big = c.post(f"/{APP}", json=tiny_input(model_name=HOLD, num_images=images, sync_mode=False))
+            assert big.status_code == 200, big.text
+            job = big.json()["request_id"]
             for i in range(3):
-                ws.send(msgpack.packb(tiny_input(request_id=f"ahead-{i}")))
+                before = now = len(stored(job))
+                for _ in range(3000):  # bounded (60 s at least): until the next batch of the job is stored
+                    now = len(stored(job))
+                    if now > before:
+                        break
+                    time.sleep(0.01)
+                sent = datetime.now(UTC)
+                ws.send(msgpack.packb(tiny_input(model_name=HOLD, request_id=f"ahead-{i}")))
                 answer = ws.recv(timeout=60)
+                answered = datetime.now(UTC)
+                assert before < now < images, f"frame {i}: the job was not rendering ({now} of {images} stored)"
                 assert isinstance(answer, bytes), answer
                 assert msgpack.unpackb(answer)["request_id"] == f"ahead-{i}"
-        (done,) = api_stack.sql("SELECT images_done FROM jobs WHERE id = :id", id=job)
-        assert done[0] < 64  # the frames did not wait for the job (three frames: three batches at most)
-        final = c.get(f"/{APP}/requests/{job}/status")
-        for _ in range(1200):
-            if final.json()["status"] == "COMPLETED":
-                break
-            time.sleep(0.05)
-            final = c.get(f"/{APP}/requests/{job}/status")
-        assert final.json()["status"] == "COMPLETED" and final.json().get("error") is None
+                meanwhile = [t for t in stored(job) if sent < t <= answered]
+                assert len(meanwhile) <= batch, f"frame {i} waited while {len(meanwhile)} images were stored"
+            for _ in range(1200):  # bounded (60 s at least): the job itself completes
+                final = c.get(f"/{APP}/requests/{job}/status").json()
+                if final["status"] == "COMPLETED":
+                    break
+                time.sleep(0.05)
+        assert final["status"] == "COMPLETED" and final.get("error") is None
+        assert len(stored(job)) == images
+    finally:
+        engine.dispose()
+        worker.stop()
+
+
+def test_spent_quota_closes_the_socket_and_refuses_new_ones(api_stack: ApiStack, tmp_path: Path) -> None:
+    """An owner over its daily GPU-second quota: an open socket is closed, a new one refused (4029).
+
+    A second ``farm api`` on the same servers gives the owner a tiny quota and checks it every 0.2 s
+    (``FARM_REALTIME_USAGE_SECONDS``, the interval at which usage is recorded and the quota read).
+    """
+    key = api_stack.make_key("rt-quota")
+    env = {**api_stack.env, "FARM_OWNER_DAILY_GPU_SECONDS": json.dumps({"rt-quota": 1e-6}),
+           "FARM_REALTIME_USAGE_SECONDS": "0.2"}  # fmt: skip
+    capped = ApiStack(env=env, db_url=api_stack.db_url, bucket=api_stack.bucket, port=free_port(),
+                      ca_path=api_stack.ca_path, log_path=tmp_path / "api.log", worker=api_stack.worker)  # fmt: skip
+    try:
+        capped.start()
+        with _socket(capped, key=key) as ws:  # nothing used yet: the socket opens and renders
+            ws.send(msgpack.packb(tiny_input(request_id="within-quota")))
+            assert msgpack.unpackb(ws.recv(timeout=60))["request_id"] == "within-quota"
+            code, reason = _closed(ws)  # its GPU seconds are recorded and spend the quota: closed
+        assert code == 4029 and reason.startswith("daily GPU-second quota spent"), (code, reason)
+        with _socket(capped, key=key) as ws:  # a new socket is refused at once
+            code, reason = _closed(ws)
+        assert code == 4029 and reason.startswith("daily GPU-second quota spent"), (code, reason)
+        rows = capped.sql("SELECT source, frames, gpu_seconds FROM usage WHERE owner = 'rt-quota'")
+        assert len(rows) == 1 and rows[0][:2] == ("realtime", 1) and rows[0][2] > 1e-6
+        with _socket(api_stack, key=key) as ws:  # the shared API has no quota for the owner
+            ws.send(msgpack.packb(tiny_input(request_id="no-quota")))
+            assert msgpack.unpackb(ws.recv(timeout=60))["request_id"] == "no-quota"
+    finally:
+        capped.stop()
+
+
+def test_without_redis_the_socket_closes_1013(tmp_path: Path) -> None:
+    """The realtime lane is Redis: a farm with the in-process broker refuses the socket, saying so."""
+    from fastapi.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    from farm.api.app import create_app
+    from farm.config import Settings
+
+    settings = Settings(data_dir=tmp_path, auth_enabled=False, broker_url=None)
+    client = TestClient(create_app(settings))  # no lifespan: the refusal needs no ledger
+    with client.websocket_connect(f"/run/{APP}/realtime") as ws, pytest.raises(WebSocketDisconnect) as closed:
+        ws.receive_bytes()
+    assert closed.value.code == 1013
+    assert closed.value.reason == "realtime is unavailable: it needs a Redis broker (FARM_BROKER_URL=redis://…) " \
+        "and this farm has none"

@@ -38,6 +38,8 @@ from farm.realtime.protocol import (
 log = logging.getLogger("farm.api.realtime")
 router = APIRouter(tags=["realtime"])
 _sessions: set[RealtimeSession] = set()
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # the lane is Redis lists and pub/sub (redis-py's URLs)
+NO_REDIS = "realtime is unavailable: it needs a Redis broker (FARM_BROKER_URL=redis://…) and this farm has none"
 
 
 class Refused(Exception):
@@ -151,6 +153,8 @@ async def realtime(ws: WebSocket) -> None:
     try:
         buffering = _buffering(ws, settings)
         tenant = await _authenticate(ws, settings)
+        if not (settings.broker_url or "").startswith(REDIS_SCHEMES):
+            raise Refused(CLOSE_UNAVAILABLE, NO_REDIS)
         try:
             hub = await get_hub(ws.app.state, settings.broker_url or "", settings.publish_timeout)
             limit = min(settings.realtime_max_connections, tenant.max_in_flight)
