@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.api_stack import ApiStack
+from tests.node import node_project
 from tests.services import missing
 
 BUNDLE = Path(__file__).parents[1] / "farm" / "api" / "static" / "fal-client.js"
@@ -55,11 +58,25 @@ def _wait_for(page: Any, predicate: str, timeout: float = 60, console: list[str]
     raise AssertionError(f"not true within {timeout:.0f} s: {predicate}; status {shown!r}; console {console}")
 
 
-def test_bundle_is_the_locked_client() -> None:
-    """The served bundle is @fal-ai/client at the version tests/js pins (rebuild: npm run build:playground)."""
+def test_bundle_is_the_locked_client(tmp_path: Path) -> None:
+    """The served bundle is @fal-ai/client as tests/js locks it: its banner names the locked version, and
+    the build script (npm run build:playground), run again on the locked packages (npm ci), writes the
+    same bytes (esbuild's output is deterministic: a stale or edited bundle differs)."""
     locked = json.loads(LOCK.read_text())["packages"]["node_modules/@fal-ai/client"]["version"]
     banner = BUNDLE.read_text().splitlines()[0]
     assert re.search(rf"@fal-ai/client {re.escape(locked)}\b", banner), (locked, banner)
+
+    js = node_project()
+    script = json.loads((js / "package.json").read_text())["scripts"]["build:playground"]
+    tool, *args = shlex.split(script)
+    assert tool == "esbuild" and sum(a.startswith("--outfile=") for a in args) == 1, script
+    rebuilt = tmp_path / "fal-client.js"
+    args = [f"--outfile={rebuilt}" if a.startswith("--outfile=") else a for a in args]
+    done = subprocess.run([str(js / "node_modules" / ".bin" / tool), *args], cwd=js, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert rebuilt.read_bytes() == BUNDLE.read_bytes(), "farm/api/static/fal-client.js is not the build of the " \
+        "locked packages: cd tests/js && npm ci && npm run build:playground"
 
 
 def test_playground_draws_images_as_you_type(api_stack: ApiStack, browser: Any) -> None:
