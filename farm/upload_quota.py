@@ -6,14 +6,16 @@
   advisory lock, so it holds across API processes), with the check, so that concurrent uploads
   cannot pass the quota together.
 - A presigned S3 PUT cannot be capped by S3: before any read of a stored upload its size is taken
-  from the metadata (HEAD / stat) and checked against ``max_upload_bytes``, and the owner's total
-  against the quota; the read itself stops past the cap, so an object replaced meanwhile is no hole.
+  from the metadata (HEAD / stat) and checked against ``max_upload_bytes`` (an object over it is
+  deleted), and the owner's total against the quota; the read itself stops past the cap, so an
+  object replaced meanwhile is no hole.
 
 Import-light: no FastAPI.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -80,11 +82,14 @@ def store_within_quota(storage: Storage, owner: str, key: str, fh: BinaryIO, siz
 
 def check_stored(storage: Storage, key: str, settings: Settings) -> int:
     """The size of a stored upload, from its metadata, once it is known to be readable: at most
-    ``max_upload_bytes`` and its owner within the quota (UploadTooLargeError / UploadQuotaError)."""
+    ``max_upload_bytes`` and its owner within the quota (UploadTooLargeError / UploadQuotaError).
+    An object over the cap can never be used: it is deleted, so that its owner's quota has room again."""
     size = storage.size(key)
     cap = settings.max_upload_bytes
     if size > cap:
-        raise too_large(size, cap)
+        with contextlib.suppress(Exception):
+            storage.delete(key)
+        raise too_large(size, cap, "; it has been deleted")
     owner = key.split("/", 1)[0]
     total = used(storage, owner)
     if total > settings.upload_quota_bytes:
@@ -92,10 +97,10 @@ def check_stored(storage: Storage, key: str, settings: Settings) -> int:
     return size
 
 
-def too_large(size: int, limit: int) -> UploadTooLargeError:
+def too_large(size: int, limit: int, note: str = "") -> UploadTooLargeError:
     return UploadTooLargeError(
-        f"the file has {'at least ' if size > limit else ''}{size} bytes, more than the {limit} allowed "
-        "(FARM_MAX_UPLOAD_BYTES)"
+        f"the file has {'at least ' if size > limit and not note else ''}{size} bytes, more than the {limit} "
+        f"allowed (FARM_MAX_UPLOAD_BYTES){note}"
     )
 
 

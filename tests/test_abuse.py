@@ -6,9 +6,12 @@ One API process of its own, with small limits, beside the session stack's worker
 from __future__ import annotations
 
 import base64
+import select
 import socket
+import ssl
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,9 +19,12 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, text
 
-from tests.api_stack import APP, ApiStack, idle_input
+from db.usage import today_utc
+from tests.api_stack import APP, ApiStack, _write_certs, idle_input, tiny_input
 from tests.services import free_port
+from tests.workers import WorkerProcess, clean_env, run_farm
 
 GiB = 2**30
 MiB = 2**20
@@ -31,7 +37,8 @@ def guarded(api_stack: ApiStack, tmp_path_factory: pytest.TempPathFactory) -> It
     """A second ``farm api`` on the same ledger and storage, with small limits."""
     root = tmp_path_factory.mktemp("abuse")
     env = {**api_stack.env, "FARM_MAX_UPLOAD_BYTES": str(UPLOAD_CAP), "FARM_UPLOAD_QUOTA_BYTES": str(QUOTA),
-           "FARM_MAX_STREAMS_PER_OWNER": "2", "FARM_MAX_BULK_RUNNING": "1", "FARM_MAX_BULK_IMAGES": "1000"}
+           "FARM_MAX_STREAMS_PER_OWNER": "2", "FARM_MAX_BULK_RUNNING": "1", "FARM_MAX_BULK_IMAGES": "1000",
+           "FARM_OWNER_DAILY_GPU_SECONDS": '{"abuse-spent": 1}'}
     stack = ApiStack(env=env, db_url=api_stack.db_url, bucket=api_stack.bucket, port=free_port(),
                      ca_path=api_stack.ca_path, log_path=root / "api.log", worker=api_stack.worker)
     stack.start()
@@ -66,8 +73,73 @@ def _raw_request(stack: ApiStack, head: str, body: bytes = b"") -> bytes:
         return b"".join(chunks)
 
 
+def _answer_of(tls: socket.socket, data: bytes = b"") -> bytes:
+    """Read one HTTP answer: its head and a body of its Content-Length (or up to the connection's end)."""
+    for _ in range(1000):  # bounded: an answer is a few KB; each read waits at most 20 s
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if sep:
+            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), None)
+            if length is not None and len(body) >= length:
+                break
+        try:
+            chunk = tls.recv(65536)
+        except (TimeoutError, OSError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _early(tls: ssl.SSLSocket, wait: float) -> bytes | None:
+    """What the server has sent already (b"" if it hung up), or None: nothing within ``wait`` seconds.
+    A readable socket alone says nothing: TLS 1.3 sends session tickets after the handshake."""
+    end = time.monotonic() + wait
+    while True:
+        if tls.pending() or select.select([tls], [], [], max(0.0, end - time.monotonic()))[0]:
+            tls.settimeout(0.0)
+            try:
+                return tls.recv(65536)
+            except ssl.SSLWantReadError:  # a ticket, no answer yet
+                pass
+            finally:
+                tls.settimeout(20)
+        if time.monotonic() >= end:
+            return None
+
+
+def _push(stack: ApiStack, head: str, chunked: bool, deadline: float) -> tuple[bytes, int]:
+    """Send a request's head, then up to 1 GiB of body in 1 MiB blocks, looking for the server's answer
+    before each block (so that an answer followed by a hang-up is read, not lost); (answer, bytes sent)."""
+    block = b"{" + b" " * (MiB - 1)
+    frame = f"{len(block):x}\r\n".encode() + block + b"\r\n" if chunked else block
+    sent = 0
+    with (socket.create_connection(("127.0.0.1", stack.port), timeout=20) as raw,
+          stack.ssl_context.wrap_socket(raw, server_hostname="127.0.0.1") as tls):
+        tls.sendall(head.encode())
+        first = None
+        while sent < GiB and time.monotonic() < deadline:
+            # the first wait gives an answer to the head alone its chance; later ones only look
+            first = _early(tls, 0.5 if sent == 0 else 0.0)
+            if first is not None:
+                break
+            try:
+                tls.sendall(frame)
+            except OSError:  # the server hung up (after answering: read below)
+                break
+            sent += len(block)
+        return _answer_of(tls, first or b""), sent
+
+
+def _status(answer: bytes) -> int | None:
+    first = answer.split(b"\r\n", 1)[0].split()
+    return int(first[1]) if len(first) > 1 and first[0].startswith(b"HTTP/") and first[1].isdigit() else None
+
+
 def test_huge_bodies_without_a_key_are_refused_before_they_are_read(guarded: ApiStack) -> None:
-    """Ten parallel 1 GiB bodies without a key: 401/413 (or the connection cut early), RSS grows < 50 MB."""
+    """Ten parallel 1 GiB bodies without a key, each answered: 401 (or 413 / 403 on the signed upload
+    route, whose URL is its credential), read before the body is; the API's RSS grows < 50 MB."""
     assert guarded.proc is not None
     pid = guarded.proc.pid
     before = _rss(pid)
@@ -79,25 +151,18 @@ def test_huge_bodies_without_a_key_are_refused_before_they_are_read(guarded: Api
             peak[0] = max(peak[0], _rss(pid))
             time.sleep(0.02)
 
-    sent = [0] * 10
     deadline = time.monotonic() + 60  # bounded: a server that read it all would be caught by `sent`
+    expires = int(time.time()) + 600
+    signed = f"/storage/upload/signed/abuse/{uuid.uuid4().hex}/x.bin?expires={expires}&signature={'0' * 64}"
+    paths = [f"/{APP}", "/storage/upload", signed]
 
-    def body(i: int) -> Iterator[bytes]:
-        block = b"{" + b" " * (MiB - 1)
-        while sent[i] < GiB and time.monotonic() < deadline:
-            sent[i] += len(block)
-            yield block
-
-    def attack(i: int) -> tuple[int | None, int]:
-        headers = {"Content-Type": "application/json"}
-        if i % 2:
-            headers["Content-Length"] = str(GiB)  # declared; the others are chunked
-        path = f"/{APP}" if i % 3 else "/storage/upload"
-        try:
-            with guarded.client(**headers) as c:
-                return c.post(path, content=body(i)).status_code, sent[i]
-        except httpx.TransportError:  # the server answered and hung up while we were still sending
-            return None, sent[i]
+    def attack(i: int) -> tuple[str, bool, int | None, int]:
+        path, chunked = paths[i % 3], bool(i % 2)
+        length = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {GiB}"
+        head = (f"{'PUT' if path == signed else 'POST'} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Content-Type: application/json\r\n{length}\r\n\r\n")
+        answer, sent = _push(guarded, head, chunked, deadline)
+        return path, chunked, _status(answer), sent
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -108,8 +173,11 @@ def test_huge_bodies_without_a_key_are_refused_before_they_are_read(guarded: Api
         stop.set()
         watcher.join(5)
     peak[0] = max(peak[0], _rss(pid))
-    for status, n in results:
-        assert status in (None, 401, 413), results
+    for path, chunked, status, n in results:
+        if path != signed:
+            assert status == 401, results  # the key first, whatever the body
+        else:  # no key needed: a declared length over the cap is 413 at the door, a bad signature 403
+            assert status == (403 if chunked else 413), results
         assert n < GiB, f"a 1 GiB body was sent whole: {results}"  # cut off early
     assert peak[0] - before < 50 * 10**6, f"API RSS grew from {before} to {peak[0]} bytes"
     assert guarded.proc.poll() is None
@@ -129,20 +197,11 @@ def test_a_keyed_body_over_the_limit_is_413_naming_the_setting(guarded: ApiStack
     assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
     assert b"FARM_MAX_BODY_BYTES" in answer and b"payload_too_large" in answer
     # chunked (no length declared): counted as it streams, refused once past the limit
-    sent = [0]
-
-    def chunks() -> Iterator[bytes]:
-        while sent[0] < 256 * MiB:
-            sent[0] += 64 * 1024
-            yield b" " * (64 * 1024)
-
-    try:
-        with guarded.client(key, **{"Content-Type": "application/json"}) as c:
-            r = c.post(f"/{APP}", content=chunks())
-        assert r.status_code == 413 and "FARM_MAX_BODY_BYTES" in r.text
-    except httpx.TransportError:
-        pass  # answered and cut while we were sending
-    assert sent[0] < 256 * MiB
+    head = (f"POST /{APP} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Key {key}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+    answer, sent = _push(guarded, head, True, time.monotonic() + 60)
+    assert _status(answer) == 413 and b"FARM_MAX_BODY_BYTES" in answer, answer[:300]
+    assert sent < 256 * MiB
     with guarded.client(key) as c:  # an ordinary request still works
         ok = c.post(f"/{APP}", json=idle_input())
         assert ok.status_code == 200, ok.text
@@ -266,3 +325,144 @@ def test_local_paths_give_no_file_existence_oracle_and_no_server_path(guarded: A
             assert guarded.env["FARM_DATA_DIR"] not in r.text, r.text
     assert len(set(answers)) == 1, answers
     assert guarded.env["FARM_DATA_DIR"] not in answers[0]
+
+
+def _execute(stack: ApiStack, query: str, **params: Any) -> None:
+    engine = create_engine(stack.db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(query), params)
+    finally:
+        engine.dispose()
+
+
+def test_an_oversized_presigned_s3_upload_is_never_read(guarded: ApiStack) -> None:
+    """S3 cannot cap a presigned PUT: 2 MiB objects over FARM_MAX_UPLOAD_BYTES (1 MiB here) are stored,
+    but the API refuses each by its size from a HEAD before reading it (download, bulk manifest) and
+    deletes it. (The worker's check of a LoRA/embedding upload is tests/test_inputs.py's: this stack's
+    worker is shared, with the default cap.)"""
+    key = guarded.make_key("abuse-s3put")
+
+    def initiate(c: httpx.Client, name: str) -> dict[str, str]:
+        reply = c.post("/storage/upload/initiate", json={"content_type": "text/plain", "file_name": name})
+        assert reply.status_code == 200, reply.text
+        return dict(reply.json())
+
+    with guarded.client(key) as c:
+        targets = [initiate(c, "a.txt"), initiate(c, "b.txt")]
+    with httpx.Client() as plain:  # straight to the S3 server, as fal's client does
+        for target in targets:
+            assert plain.put(target["upload_url"], content=b"a boat\n" * (2 * MiB // 7)).is_success
+    with guarded.client(key) as c:
+        full = c.post("/storage/upload/initiate", json={"content_type": "text/plain", "file_name": "c.txt"})
+        assert full.status_code == 413 and full.json()["error_type"] == "upload_quota_exceeded", full.text
+        download = c.get(targets[0]["file_url"])
+        assert download.status_code == 413 and "FARM_MAX_UPLOAD_BYTES" in download.text, download.text
+        bulk = c.post("/bulk", json={"manifest": targets[1]["file_url"], "manifest_format": "txt", "out": "big",
+                                     "model_name": "farm/tiny-lcm", "budget_images": 5})
+        assert bulk.status_code == 422, bulk.text
+        (err,) = bulk.json()["detail"]
+        assert err["loc"] == ["body", "manifest"] and "FARM_MAX_UPLOAD_BYTES" in err["msg"], err
+        assert _manifests(guarded, "abuse-s3put") == []
+        assert [c.get(t["file_url"]).status_code for t in targets] == [404, 404]  # deleted: the quota has room
+        small = initiate(c, "s.txt")
+    with httpx.Client() as plain:
+        assert plain.put(small["upload_url"], content=b"a boat\n").is_success
+    with guarded.client(key) as c:  # a file within the cap is served (streamed) as before
+        assert c.get(small["file_url"]).content == b"a boat\n"
+
+
+def test_inline_inputs_count_against_the_upload_quota(guarded: ApiStack) -> None:
+    """Data URIs stored under <owner>/inputs/ count with the owner's uploads (FARM_UPLOAD_QUOTA_BYTES)."""
+    key = guarded.make_key("abuse-inline", "--max-in-flight", "10")
+    with guarded.client(key) as c:
+        assert c.post("/storage/upload", params={"file_name": "a.bin"}, content=b"u" * MiB).status_code == 200
+        lora = "data:application/octet-stream;base64," + base64.b64encode(b"l" * (MiB // 2 + 1)).decode()
+        over = c.post(f"/{APP}", json=idle_input(loras=[{"path": lora}]))
+        assert over.status_code == 413, over.text
+        assert over.json()["error_type"] == "upload_quota_exceeded" and "FARM_UPLOAD_QUOTA_BYTES" in over.text
+        small = "data:application/octet-stream;base64," + base64.b64encode(b"s" * 1000).decode()
+        ok = c.post(f"/{APP}", json=idle_input(loras=[{"path": small}]))
+        assert ok.status_code == 200, ok.text
+        c.put(f"/{APP}/requests/{ok.json()['request_id']}/cancel")
+        # the stored input counts too: the upload that fitted beside the first one no longer does
+        full = c.post("/storage/upload", params={"file_name": "b.bin"}, content=b"v" * (QUOTA - MiB))
+        assert full.status_code == 413 and full.json()["error_type"] == "upload_quota_exceeded", full.text
+
+
+def test_bulk_resume_keeps_the_running_cap_and_the_daily_quota(guarded: ApiStack) -> None:
+    """FARM_MAX_BULK_RUNNING is 1 here: two paused jobs cannot both be resumed. An owner whose daily
+    GPU-seconds are spent (its usage row written here: a day of rendering is not reproduced) gets 429."""
+    manifest = "data:text/plain;base64," + base64.b64encode(b"a boat\n").decode()
+    body: dict[str, Any] = {"manifest": manifest, "manifest_format": "txt", "budget_images": 5,
+                            "model_name": "runwayml/stable-diffusion-v1-5"}
+    for owner in ("abuse-resume", "abuse-spent"):
+        with guarded.client(guarded.make_key(owner)) as c:
+            ids = []
+            for out in ("one", "two"):
+                started = c.post("/bulk", json={**body, "out": out})
+                assert started.status_code == 202, started.text
+                ids.append(started.json()["bulk_id"])
+                assert c.post(f"/bulk/{ids[-1]}/pause").status_code == 200
+            if owner == "abuse-spent":
+                _execute(guarded, "INSERT INTO usage (owner, model, day, source, images, frames, gpu_seconds) "
+                         "VALUES ('abuse-spent', 'x', :day, 'batch', 1, 0, 5)", day=today_utc())
+                for refused in (c.post(f"/bulk/{ids[0]}/resume"), c.post("/bulk", json={**body, "out": "three"})):
+                    assert refused.status_code == 429, refused.text
+                    assert refused.json()["error_type"] == "quota_exceeded"
+            else:
+                assert c.post(f"/bulk/{ids[0]}/resume").status_code == 200
+                second = c.post(f"/bulk/{ids[1]}/resume")
+                assert second.status_code == 429 and "FARM_MAX_BULK_RUNNING" in second.text, second.text
+                assert c.get(f"/bulk/{ids[1]}").json()["status"] == "PAUSED"
+            for bulk_id in ids:
+                assert c.post(f"/bulk/{bulk_id}/cancel").status_code == 200
+
+
+@pytest.fixture
+def local_farm(redis_server, postgres_server, tmp_path: Path) -> Iterator[ApiStack]:
+    """``farm api`` on local storage (a folder) with a ledger of its own; its worker is started by the test."""
+    db_url = postgres_server.new_database(f"leak_{uuid.uuid4().hex[:10]}")
+    env = clean_env(FARM_BROKER_URL=f"redis://127.0.0.1:{redis_server.port}/13", FARM_DATABASE_URL=db_url,
+                    FARM_STORAGE_URL=f"file://{tmp_path / 'store'}", FARM_DATA_DIR=str(tmp_path / "data"),
+                    FARM_BATCH_SIZE="4", FARM_BATCH_RETRIES="0")
+    done = run_farm(["db", "upgrade"], env)
+    assert done.returncode == 0, done.stderr
+    stack = ApiStack(env=env, db_url=db_url, bucket="", port=free_port(), ca_path=_write_certs(tmp_path),
+                     log_path=tmp_path / "api.log", worker=WorkerProcess(env))
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+        stack.worker.stop()
+
+
+def test_a_shared_batch_storage_error_names_no_other_owners_objects(local_farm: ApiStack, tmp_path: Path) -> None:
+    """Two owners' requests in one GPU batch; storing fails (each owner's storage folder is a regular
+    file: a real fault, even for root). Neither owner's error or log names the other's objects."""
+    owners = ("leak-alpha", "leak-bravo")
+    keys = {owner: local_farm.make_key(owner) for owner in owners}
+    rids = {}
+    for owner in owners:  # queued before the worker starts, so that one batch takes both
+        with local_farm.client(keys[owner]) as c:
+            rids[owner] = c.post(f"/{APP}", json=tiny_input()).json()["request_id"]
+    for owner in owners:
+        (tmp_path / "store" / owner).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "store" / owner).write_text("not a folder")
+    local_farm.worker.start()
+    seen = {}
+    for owner in owners:
+        with local_farm.client(keys[owner]) as c:
+            deadline = time.monotonic() + 120
+            while (state := c.get(f"/{APP}/requests/{rids[owner]}/status", params={"logs": 1}).json())["status"] \
+                    != "COMPLETED":
+                assert time.monotonic() < deadline, state
+                time.sleep(0.2)
+            seen[owner] = str(state) + c.get(f"/{APP}/requests/{rids[owner]}").text
+    failed = local_farm.worker.wait_for("failed:", 10)  # the worker's log has the details
+    assert rids["leak-alpha"] in failed and rids["leak-bravo"] in failed, failed  # one batch held both
+    for owner, other in (owners, owners[::-1]):
+        assert "could not be stored" in seen[owner], seen[owner]
+        assert other not in seen[owner] and rids[other] not in seen[owner], seen[owner]
+        assert str(tmp_path) not in seen[owner], seen[owner]

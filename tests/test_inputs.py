@@ -263,6 +263,24 @@ def test_upload_round_trip_and_use_as_lora(api, renderer, settings, lora):
         renderer.render(p, 1, [0])
 
 
+def test_an_upload_over_the_cap_is_refused_before_it_is_read(settings):
+    """A presigned S3 PUT cannot be capped: an object over max_upload_bytes (written straight to storage
+    here, as such a PUT would write it) is refused as an input from its size, naming the setting, and deleted."""
+    from farm.storage import get_storage
+
+    upload_id = "a" * 32
+    storage = get_storage(settings)
+    storage.put(f"cat/uploads/{upload_id}/big.bin", b"x" * 2000, "application/octet-stream")
+    url = f"https://farm.test/storage/files/cat/uploads/{upload_id}/big.bin"
+    capped = settings.model_copy(update={"max_upload_bytes": 1000})
+    try:
+        with inputs.owner_scope("cat"), pytest.raises(ValueError, match="2000 bytes.*FARM_MAX_UPLOAD_BYTES"):
+            inputs.materialise("upload", url, capped)
+        assert storage.list("cat/uploads/") == []  # never usable: deleted, so its owner's quota has room again
+    finally:
+        storage.delete(f"cat/uploads/{upload_id}/big.bin")
+
+
 def test_upload_multipart_limits_and_auth(api):
     client, keys = api
     files = {"file": ("emb.safetensors", b"\x00" * 1000, "application/octet-stream")}

@@ -30,7 +30,7 @@ from farm.api.errors import ERROR_RESPONSES, NOT_FOUND, ErrorBody, TooManyJobsEr
 from farm.api.job_access import lock_owner
 from farm.bulk.control import RUNNING
 from farm.config import Settings
-from farm.errors import InvalidInputError
+from farm.errors import InvalidInputError, StorageError
 from farm.keys import check_owner
 from farm.usage import check_quota
 
@@ -102,6 +102,10 @@ def _materialise(req: BulkRequest, owner: str, settings: Settings) -> tuple[Path
             data = upload_quota.read(get_storage(settings), key, settings)
         except (upload_quota.UploadTooLargeError, upload_quota.UploadQuotaError) as exc:
             raise InvalidInputError("manifest", str(exc)) from None
+        except StorageError as exc:
+            if "not found" in str(exc) or "NoSuchKey" in str(exc):
+                raise InvalidInputError("manifest", "no such upload") from None
+            raise
     folder = own / "manifests"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{uuid.uuid4().hex}.{req.manifest_format}"
