@@ -2,9 +2,9 @@
 
 - An owner's uploads (``<owner>/uploads/``) and stored inputs (``<owner>/inputs/``: data URIs and
   fetched LoRA / embedding files) count together against ``upload_quota_bytes``.
-- A file is stored only under the owner's lock (:func:`farm.api.job_access.lock_owner`: a PostgreSQL
-  advisory lock, so it holds across API processes), with the check, so that concurrent uploads
-  cannot pass the quota together.
+- A file is stored only under the owner's storage lock (:func:`farm.api.job_access.lock_owner` on
+  ``<owner>/storage``: a PostgreSQL advisory lock, so it holds across API processes), with the check,
+  so that concurrent uploads cannot pass the quota together.
 - A presigned S3 PUT cannot be capped by S3: before any read of a stored upload its size is taken
   from the metadata (HEAD / stat) and checked against ``max_upload_bytes`` (an object over it is
   deleted), and the owner's total against the quota; the read itself stops past the cap, so an
@@ -75,7 +75,9 @@ def store_within_quota(storage: Storage, owner: str, key: str, fh: BinaryIO, siz
     with _locks_guard:
         lock = _locks.setdefault(owner, threading.Lock())
     with lock, session_scope() as s:
-        lock_owner(s, owner)  # held until this transaction ends: across API processes
+        # held until this transaction ends, across API processes; a lock of its own ('/' is in no owner's
+        # name), so that an upload being stored never holds up the owner's submits
+        lock_owner(s, f"{owner}/storage")
         check_room(storage, owner, settings, size, replacing)
         storage.put_file(key, fh, size, content_type)
 

@@ -425,7 +425,8 @@ def local_farm(redis_server, postgres_server, tmp_path: Path) -> Iterator[ApiSta
     db_url = postgres_server.new_database(f"leak_{uuid.uuid4().hex[:10]}")
     env = clean_env(FARM_BROKER_URL=f"redis://127.0.0.1:{redis_server.port}/13", FARM_DATABASE_URL=db_url,
                     FARM_STORAGE_URL=f"file://{tmp_path / 'store'}", FARM_DATA_DIR=str(tmp_path / "data"),
-                    FARM_BATCH_SIZE="4", FARM_BATCH_RETRIES="0")
+                    FARM_BATCH_SIZE="4", FARM_BATCH_RETRIES="0", FARM_MAX_UPLOAD_BYTES=str(UPLOAD_CAP),
+                    FARM_UPLOAD_QUOTA_BYTES=str(QUOTA))
     done = run_farm(["db", "upgrade"], env)
     assert done.returncode == 0, done.stderr
     stack = ApiStack(env=env, db_url=db_url, bucket="", port=free_port(), ca_path=_write_certs(tmp_path),
@@ -466,3 +467,32 @@ def test_a_shared_batch_storage_error_names_no_other_owners_objects(local_farm: 
         assert "could not be stored" in seen[owner], seen[owner]
         assert other not in seen[owner] and rids[other] not in seen[owner], seen[owner]
         assert str(tmp_path) not in seen[owner], seen[owner]
+
+
+def test_the_upload_quota_holds_across_api_processes(local_farm: ApiStack, tmp_path: Path) -> None:
+    """Twenty-four 128 KiB uploads at once, through two API processes and both upload routes (raw POST
+    and fal's signed PUT, local storage): the quota (1.5 MiB here) admits twelve, whatever the interleaving."""
+    second = ApiStack(env=local_farm.env, db_url=local_farm.db_url, bucket="", port=free_port(),
+                      ca_path=local_farm.ca_path, log_path=tmp_path / "api2.log", worker=local_farm.worker)
+    second.start()
+    try:
+        key = local_farm.make_key("abuse-quota-race")
+        size, n = 128 * 1024, 24
+        with local_farm.client(key) as c:
+            urls = [c.post("/storage/upload/initiate", json={"content_type": "a/b", "file_name": f"{i}.bin"}).json()
+                    ["upload_url"].removeprefix(local_farm.base_url) for i in range(n // 2)]
+
+        def upload(i: int) -> int:
+            api = (local_farm, second)[i % 2]
+            with api.client(key if i >= n // 2 else None) as c:
+                if i >= n // 2:
+                    return c.post("/storage/upload", params={"file_name": f"p{i}.bin"}, content=b"p" * size).status_code
+                return c.put(urls[i], content=b"s" * size).status_code
+
+        with ThreadPoolExecutor(n) as pool:
+            codes = list(pool.map(upload, range(n)))
+        assert sorted(codes) == [200] * 12 + [413] * (n - 12), codes
+        stored = sum(p.stat().st_size for p in (tmp_path / "store" / "abuse-quota-race").rglob("*") if p.is_file())
+        assert stored == 12 * size <= QUOTA
+    finally:
+        second.stop()
