@@ -131,6 +131,7 @@ def test_missing_weights_say_where_and_how_to_download_and_the_pool_tries_once(f
     assert "HF_HUB_OFFLINE is set here" in out
     for internal in ("local_files_only", "stacktrace", "Traceback"):
         assert internal not in out, internal
+    assert "farm worker ready" not in out, out  # never said for a model that did not load
     assert _ledger(farm, "SELECT count(*) FROM workers") == [(0,)]
 
 
