@@ -78,7 +78,7 @@ def _is_float(text: str) -> bool:
 @click.option("--guidance-rescale", type=float, default=None, help="guidance_rescale, 0 to 1 (0).")
 @click.option("--num-images", type=int, default=None, help="num_images (1), at most FARM_MAX_NUM_IMAGES.")
 @click.option("--sync-mode/--no-sync-mode", default=False, show_default=True,
-              help="Return images as data URIs in the printed JSON (the CLI defaults to URLs).")
+              help="Return images as data URIs, not URLs (the CLI defaults to URLs, unlike the API).")
 @click.option("--safety-checker/--no-safety-checker", "enable_safety_checker", default=None,
               help="Black out images the safety checker flags (default: on).")
 @click.option("--safety-checker-version", type=click.Choice(["v1", "v2"]), default=None,
