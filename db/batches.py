@@ -385,6 +385,7 @@ def register_worker(s: Session, *, name: str, model_name: str, model_key: str, d
         s.add(row)
     row.model_name, row.model_key, row.device = model_name, model_key, device
     row.max_batch, row.loads, row.pid, row.host = max_batch, loads, pid, host
+    row.recompiles = row.cold_renders = 0
     row.started_at = row.heartbeat_at = now
     row.stopped_at = None
     try:
@@ -394,11 +395,12 @@ def register_worker(s: Session, *, name: str, model_name: str, model_key: str, d
                                    "give this one another --name") from exc
 
 
-def beat_worker(s: Session, name: str, loads: int, pid: int | None = None, host: str | None = None) -> None:
+def beat_worker(s: Session, name: str, loads: int, pid: int | None = None, host: str | None = None,
+                recompiles: int = 0, cold_renders: int = 0) -> None:
     """Refresh this process's row (``pid``/``host`` default to this process's): never a namesake's."""
     s.execute(update(Worker).where(Worker.name == name, Worker.pid == (pid or os.getpid()),
                                    Worker.host == (host or socket.gethostname()))
-              .values(heartbeat_at=utcnow(), loads=loads))
+              .values(heartbeat_at=utcnow(), loads=loads, recompiles=recompiles, cold_renders=cold_renders))
 
 
 def stop_worker(s: Session, name: str, pid: int | None = None, host: str | None = None) -> None:

@@ -270,7 +270,7 @@ class Batch(Base):
 
 
 class Worker(Base):
-    """A live (or once live) worker process: what it serves, its batch size, its reload counter."""
+    """A live (or once live) worker process: what it serves, its batch size, its reload and compile counters."""
 
     __tablename__ = "workers"
 
@@ -280,6 +280,9 @@ class Worker(Base):
     device: Mapped[str] = mapped_column(String(32))
     max_batch: Mapped[int] = mapped_column(Integer)
     loads: Mapped[int] = mapped_column(Integer, default=1)
+    # with FARM_COMPILE: graphs compiled after warm-up (0 in steady state), and micro-batches run uncompiled
+    recompiles: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cold_renders: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     pid: Mapped[int] = mapped_column(Integer)
     host: Mapped[str | None] = mapped_column(String(256))  # with pid, which process the row is (NULL: before 0006)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

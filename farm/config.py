@@ -6,16 +6,20 @@ With nothing set, everything runs embedded: a SQLite ledger and local outputs un
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 def _default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "lcm-farm"
+
+
+SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
 class Settings(BaseSettings):
@@ -120,6 +124,33 @@ class Settings(BaseSettings):
     )
     log_level: str = "INFO"
 
+    # GPU speed (models.speed; README "Real models on GPUs"). Off by default: a CPU worker does what it always did.
+    compile: Literal["none", "unet", "unet+vae"] = Field(
+        "none", description="torch.compile the UNet (and the VAE decoder) at worker start, warming each "
+        "FARM_WARM_SIZES size; shapes not warmed then run uncompiled, never recompile"
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = Field(
+        "default", description="torch.compile mode (inductor): reduce-overhead adds CUDA graphs; max-autotune "
+        "searches kernels (minutes of warm-up)"
+    )
+    compile_backend: str = Field("inductor", description="torch.compile backend (`eager`: trace only, for tests)")
+    warm_sizes: list[str] = Field(
+        default_factory=list, description="JSON list of WIDTHxHEIGHT sizes compiled and warmed at worker start "
+        "(with FARM_COMPILE); empty: the model's default size"
+    )
+    warm_batches: list[int] = Field(
+        default_factory=lambda: [0, 1], description="JSON list of batch sizes warmed per size (0: the worker's "
+        "full batch)"
+    )
+    fuse_qkv: bool = Field(
+        False, description="Fuse each UNet attention's Q/K/V projections into one matmul (a request with LoRAs "
+        "renders unfused)"
+    )
+    tiny_decoder: str = Field(
+        "", description="OPT-IN, CHANGES IMAGES: decode with a tiny autoencoder (TAESD architecture): `auto` "
+        "(madebyollin/taesd, or madebyollin/taesdxl for SDXL) or a repo id/folder; empty: the model's VAE"
+    )
+
     # Flower (`farm flower`).
     flower_user: str = Field("admin", description="Basic-auth user of `farm flower`")
     flower_password: str = Field("", description="Basic-auth password of `farm flower`; empty: refuse to start")
@@ -220,6 +251,15 @@ class Settings(BaseSettings):
     webhook_poll_seconds: float = Field(0.5, description="How often the outbox is polled")
     webhook_key_path: Path | None = Field(None, description="ED25519 signing key (PEM); default under data_dir")
 
+    @field_validator("warm_sizes")
+    @classmethod
+    def _sizes(cls, sizes: list[str]) -> list[str]:
+        for size in sizes:
+            match = SIZE.match(size.strip().lower())
+            if not match or int(match[1]) % 8 or int(match[2]) % 8:
+                raise ValueError(f"{size!r}: sizes are WIDTHxHEIGHT, multiples of 8 (e.g. 1024x1024)")
+        return sizes
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.task_time_limit >= self.visibility_timeout:
@@ -263,6 +303,12 @@ class Settings(BaseSettings):
     @property
     def effective_bulk_root(self) -> Path:
         return (self.bulk_root or self.data_dir / "bulk").resolve()
+
+    @property
+    def warm_size_list(self) -> list[tuple[int, int]]:
+        """FARM_WARM_SIZES as (width, height) pairs."""
+        pairs = [SIZE.match(size.strip().lower()) for size in self.warm_sizes]
+        return [(int(m[1]), int(m[2])) for m in pairs if m]
 
     @property
     def builtin_model_dir(self) -> Path:

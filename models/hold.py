@@ -22,7 +22,7 @@ from farm.config import Settings, get_settings
 from farm.errors import RenderError
 from farm.schemas import GenerateInput
 from models.registry import ModelSpec, get_model
-from models.rendered import ProgressHook, RenderedImage, RenderItem, RenderResult
+from models.rendered import PendingRender, ProgressHook, Ready, RenderedImage, RenderItem, RenderResult
 
 __all__ = ["HoldRenderer", "flat_colour"]
 
@@ -70,6 +70,10 @@ class HoldRenderer:
     def render(self, params: GenerateInput, seed: int, indices: Sequence[int]) -> RenderResult:
         """Hold ``len(indices)`` × hold_ms, then return flat images; image ``i`` is coloured by ``seed + i``."""
         return self.render_items([RenderItem(params, seed, i) for i in indices])
+
+    def begin_items(self, items: Sequence[RenderItem], on_progress: ProgressHook | None = None) -> PendingRender:
+        """As ``render_items``: nothing is left to finish."""
+        return Ready(self.render_items(items, on_progress))
 
     def render_items(self, items: Sequence[RenderItem], on_progress: ProgressHook | None = None) -> RenderResult:
         """Hold each image hold_ms (``on_progress`` after each), then return flat images."""

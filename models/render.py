@@ -1,8 +1,14 @@
 """Render one batch of a request, top to bottom in the order of a diffusers ``__call__``.
 
 1. check inputs   2. expand the prompt   3. apply the request's LoRAs/embeddings
-4. one CPU ``torch.Generator`` per image, seeded ``seed + index``   5. denoise and decode
-6. unload LoRAs/embeddings (always)   7. safety check, black out what is flagged
+4. one CPU ``torch.Generator`` per image, seeded ``seed + index``   5. denoise, and queue the decode
+6. unload LoRAs/embeddings (always)   7. pixels to images, safety check, black out what is flagged
+
+:func:`begin` does 1-6 and returns a :class:`Pending`; its ``result()`` does 7. :func:`render` is
+both at once. A worker on a GPU calls ``result()`` in its uploader thread (``farm.render``), so the
+CPU side of batch k (waiting for its pixels, PIL images, safety check, then JPEG encode and upload)
+runs while the GPU denoises batch k+1; the VAE decode itself is queued on the GPU right after the
+denoising of its batch (``models.decode``).
 
 Image ``i`` of a request always uses seed ``seed + i`` and its own generator, which draws both
 its initial latents and the LCM scheduler's per-step noise; generators live on the CPU so the
@@ -26,16 +32,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from PIL import Image
 
 from farm.config import Settings
 from farm.errors import RenderError
 from farm.schemas import GenerateInput
 from models.adapters import request_adapters
+from models.decode import Decoded, Decoder
 from models.prompt import expand_prompt
 from models.registry import ModelSpec
 from models.rendered import ProgressHook, RenderedImage, RenderItem, RenderResult
 from models.safety import SafetyCheckers, black_like
+from models.speed import unfused_for_loras
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +51,7 @@ def _accepts(pipe: Any, name: str) -> bool:
     return name in inspect.signature(pipe.__call__).parameters
 
 
-def _uses_cfg(pipe: Any, guidance_scale: float) -> bool:
+def uses_cfg(pipe: Any, guidance_scale: float) -> bool:
     """Whether the pipeline runs classifier-free guidance (so a negative prompt matters)."""
     embeds_guidance = getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None
     return guidance_scale > 1.0 and not embeds_guidance and _accepts(pipe, "negative_prompt")
@@ -78,10 +85,10 @@ def _pipe_kwargs(pipe: Any, params: GenerateInput) -> dict[str, Any]:
         "width": width,
         "num_inference_steps": params.num_inference_steps,
         "guidance_scale": params.guidance_scale,
-        "output_type": "pil",
+        "output_type": "latent",  # decoded by models.decode
     }
     if params.negative_prompt:
-        if _uses_cfg(pipe, params.guidance_scale):
+        if uses_cfg(pipe, params.guidance_scale):
             kwargs["negative_prompt"] = params.negative_prompt
         elif not _accepts(pipe, "negative_prompt") or getattr(pipe.unet.config, "time_cond_proj_dim", None):
             log.warning("%s has no negative prompt (LCM-distilled, guidance is embedded): ignored",
@@ -93,16 +100,59 @@ def _pipe_kwargs(pipe: Any, params: GenerateInput) -> dict[str, Any]:
     return kwargs
 
 
+class Pending:
+    """A batch whose denoising and decoding are queued; :meth:`result` finishes it (stage 7)."""
+
+    def __init__(self, items: list[RenderItem], prompt: str, params: GenerateInput, safety: SafetyCheckers,
+                 decoded: list[Decoded], inference_seconds: float) -> None:
+        self.items = items
+        self.prompt = prompt
+        self.params = params
+        self.safety = safety
+        self.decoded = decoded
+        self.inference_seconds = inference_seconds  # denoising (and, on a CPU, decoding)
+        self.finish_seconds = 0.0  # waiting for the pixels, images, safety check: set by result()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def result(self) -> RenderResult:
+        t0 = time.perf_counter()
+        pil_images = [image for part in self.decoded for image in part.images()]
+        # 7. Safety check: flagged images become black images of the same size
+        if self.params.enable_safety_checker:
+            flags = self.safety.check(pil_images, self.params.safety_checker_version)
+        else:
+            flags = [False] * len(pil_images)
+        self.finish_seconds = time.perf_counter() - t0
+        share = self.inference_seconds / len(self.items)
+        images = [
+            RenderedImage(index=item.index, seed=item.seed + item.index, image=black_like(img) if flagged else img,
+                          nsfw=flagged, render_seconds=share, tag=item.tag)
+            for item, img, flagged in zip(self.items, pil_images, flags, strict=True)
+        ]
+        return RenderResult(images=images, prompt=self.prompt, inference_seconds=self.inference_seconds)
+
+
 def render(pipe: Any, safety: SafetyCheckers, spec: ModelSpec, settings: Settings,
-           items: Sequence[RenderItem], micro_batch: int, on_progress: ProgressHook | None = None) -> RenderResult:
-    """Render ``items`` (images of one request, or of several compatible ones); image ``i`` of a
-    request uses seed ``seed + i``.
+           items: Sequence[RenderItem], micro_batch: int, on_progress: ProgressHook | None = None,
+           decoder: Decoder | None = None) -> RenderResult:
+    """Render ``items`` (see :func:`begin`) and finish them."""
+    return begin(pipe, safety, spec, settings, items, micro_batch, on_progress, decoder).result()
+
+
+def begin(pipe: Any, safety: SafetyCheckers, spec: ModelSpec, settings: Settings,
+          items: Sequence[RenderItem], micro_batch: int, on_progress: ProgressHook | None = None,
+          decoder: Decoder | None = None) -> Pending:
+    """Denoise ``items`` (images of one request, or of several compatible ones) and queue their decoding;
+    image ``i`` of a request uses seed ``seed + i``.
 
     At most ``micro_batch`` images go through the pipeline at once (see the module doc). Items of
     different requests must agree on everything but prompt, negative prompt and seed
     (``db.batches.compat_key``); the first item's request supplies size, steps, guidance, LoRAs.
     ``on_progress`` is called after every denoising step and may raise to abort.
     """
+    decoder = decoder or Decoder(pipe)
     # 1. Check inputs
     items = list(items)
     if not items:
@@ -118,7 +168,7 @@ def render(pipe: Any, safety: SafetyCheckers, spec: ModelSpec, settings: Setting
     prompts = {key: expand_prompt(p.prompt) if p.expand_prompt else p.prompt for key, (p, _, _) in requests.items()}
 
     kwargs = _pipe_kwargs(pipe, first)
-    use_negative = _uses_cfg(pipe, first.guidance_scale) and any(i.params.negative_prompt for i in items)
+    use_negative = uses_cfg(pipe, first.guidance_scale) and any(i.params.negative_prompt for i in items)
     if _accepts(pipe, "callback_on_step_end") and on_progress is not None:
         hook = on_progress
 
@@ -127,33 +177,22 @@ def render(pipe: Any, safety: SafetyCheckers, spec: ModelSpec, settings: Setting
             return callback_kwargs
 
         kwargs["callback_on_step_end"] = _step
-    pil_images: list[Image.Image] = []
-    # 3. Apply the request's LoRAs and embeddings (6. unloaded on the way out, whatever happens)
-    with request_adapters(pipe, first, settings):
+    decoded: list[Decoded] = []
+    # 3. Apply the request's LoRAs and embeddings (6. unloaded on the way out, whatever happens); LoRA
+    # layers sit on the separate Q/K/V projections, so fused ones (FARM_FUSE_QKV) are undone meanwhile
+    with unfused_for_loras(pipe, bool(first.loras)), request_adapters(pipe, first, settings):
         t0 = time.perf_counter()
         for start in range(0, len(items), micro_batch):
             chunk = items[start : start + micro_batch]
             # 4. One generator per image, on the CPU, seeded seed + index
             generators = [torch.Generator("cpu").manual_seed(i.seed + i.index) for i in chunk]
-            # 5. Denoise and decode
+            # 5. Denoise, then queue the decode
             batch = {**kwargs, "prompt": [prompts[id(i.params)] for i in chunk], "generator": generators}
             batch.pop("negative_prompt", None)
             if use_negative:
                 batch["negative_prompt"] = [i.params.negative_prompt or "" for i in chunk]
-            pil_images.extend(pipe(**batch).images)
+            decoded.append(decoder(pipe(**batch).images))
             if on_progress is not None:
                 on_progress()
         inference_seconds = time.perf_counter() - t0
-
-    # 7. Safety check: flagged images become black images of the same size
-    if first.enable_safety_checker:
-        flags = safety.check(pil_images, first.safety_checker_version)
-    else:
-        flags = [False] * len(pil_images)
-    share = inference_seconds / len(items)
-    images = [
-        RenderedImage(index=item.index, seed=item.seed + item.index, image=black_like(img) if flagged else img,
-                      nsfw=flagged, render_seconds=share, tag=item.tag)
-        for item, img, flagged in zip(items, pil_images, flags, strict=True)
-    ]
-    return RenderResult(images=images, prompt=prompts[id(first)], inference_seconds=inference_seconds)
+    return Pending(items, prompts[id(first)], first, safety, decoded, inference_seconds)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from PIL import Image
 
@@ -42,3 +43,27 @@ class RenderResult:
     images: list[RenderedImage]
     prompt: str  # the prompt actually used (after expand_prompt)
     inference_seconds: float
+
+
+class PendingRender(Protocol):
+    """A batch handed over before it is finished: ``result()`` finishes it (``models.render.Pending``)."""
+
+    inference_seconds: float
+
+    def __len__(self) -> int: ...
+
+    def result(self) -> RenderResult: ...
+
+
+class Ready:
+    """A render with nothing left to do: ``result()`` returns it."""
+
+    def __init__(self, result: RenderResult) -> None:
+        self._result = result
+        self.inference_seconds = result.inference_seconds
+
+    def __len__(self) -> int:
+        return len(self._result.images)
+
+    def result(self) -> RenderResult:
+        return self._result

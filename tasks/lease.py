@@ -66,10 +66,12 @@ class LeaseKeeper:
     name: str
     settings: Settings
     loads: Callable[[], int]
+    compiles: Callable[[], tuple[int, int]] = lambda: (0, 0)  # (recompiles, cold renders): see models.speed
     held: dict[int, _Hold] = field(default_factory=dict)  # batch id → claim
     _generation: int = 0  # bumped by hold(): an abort decided for an older batch never hits a newer one
     _aborted: set[int] = field(default_factory=set)  # generations whose claims are all lost
     _next_sweep: float = 0.0
+    _recompiles_seen: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -135,8 +137,12 @@ class LeaseKeeper:
         with self._lock:
             alive = {i: h for i, h in self.held.items() if now - h.last_progress < self.settings.lease_seconds}
             stuck = sorted(set(self.held) - set(alive))
+        recompiles, cold = self.compiles()
+        if recompiles > self._recompiles_seen:
+            log.warning("torch.compile built %d graph(s) after warm-up (%d uncompiled render(s))", recompiles, cold)
+            self._recompiles_seen = recompiles
         with session_scope() as s:
-            ledger_batches.beat_worker(s, self.name, self.loads())
+            ledger_batches.beat_worker(s, self.name, self.loads(), recompiles=recompiles, cold_renders=cold)
             kept = ledger_batches.extend(s, [(i, h.token) for i, h in alive.items()], self.name,
                                          self.settings.lease_seconds) if alive else set()
             missing = [(i, h.token) for i, h in alive.items() if i not in kept]
@@ -225,12 +231,17 @@ def start_services(app: Celery, name: str, renderer: Any, settings: Settings) ->
     sys.setswitchinterval(0.001)
     max_batch = int(renderer.find_max_batch())
     renderer.micro_batch = min(renderer.micro_batch, max_batch)  # a listed group may hold more images
+    warm_compiled = getattr(renderer, "warm_compiled", None)  # FARM_COMPILE: compile each shape before joining
+    if warm_compiled is not None:
+        warm_compiled()
     with session_scope() as s:
         ledger_batches.register_worker(
             s, name=name, model_name=renderer.spec.name, model_key=renderer.spec.key, device=renderer.device,
             max_batch=max_batch, loads=renderer.loads, pid=os.getpid(),
         )
-    keeper = LeaseKeeper(app=app, name=name, settings=settings, loads=lambda: int(renderer.loads))
+    keeper = LeaseKeeper(app=app, name=name, settings=settings, loads=lambda: int(renderer.loads),
+                         compiles=lambda: (int(getattr(renderer, "recompiles", 0)),
+                                           int(getattr(renderer, "cold_renders", 0))))
     keeper.start()
     realtime = None
     if (settings.broker_url or "").startswith(("redis://", "rediss://", "unix://")):

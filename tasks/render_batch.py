@@ -3,7 +3,8 @@
 The Celery message only says "batch k of job J is ready" (farm.dispatch). The ledger decides
 (farm.lifecycle): the worker claims the batch (and companions of other jobs that fit the same GPU
 batch), renders what is not stored yet while its keeper beats for the claims, and its uploader
-stores the result in one fenced transaction while the next batch renders. While a batch renders,
+finishes it (on a GPU: waits for its decoded pixels, safety checks; see models.render) and stores the result
+in one fenced transaction while the next batch renders. While a batch renders,
 the worker already pulls its next one from the ledger (highest lane first; given back if a
 higher lane has work by the time the render ends), for up to ``pull_seconds``: in steady state
 no Celery hop sits between two batches, and a message whose batch was pulled finds nothing. A claim taken over
@@ -41,7 +42,7 @@ from farm.lifecycle.store import store
 from farm.metrics import count
 from farm.status import BatchStatus, JobStatus
 from farm.storage import get_storage
-from models.rendered import RenderItem, RenderResult
+from models.rendered import PendingRender, Ready, RenderItem, RenderResult
 from tasks.config import soft_time_limit
 from tasks.lease import BatchAborted, WorkerServices, get_services
 from tasks.loaded_model import get_renderer
@@ -120,17 +121,17 @@ def _run_group(app: Celery, claimed: list[Claimed], renderer: Any, services: Wor
         _fault_hook(claimed, settings)
         realtime_gate.wait_turn(lambda: services.keeper.progress_quietly(ids))  # realtime frames go first
         t1 = time.perf_counter()
-        result = _render(renderer, claimed, lambda: services.keeper.progress(ids))
+        pending = _render(renderer, claimed, lambda: services.keeper.progress(ids))
         t2 = time.perf_counter()
-        count.rendered(renderer.spec.key, len(result.images), result.inference_seconds)
+        count.rendered(renderer.spec.key, len(pending), pending.inference_seconds)
         count.gpu_memory(renderer.spec.key, renderer.device)
         note = getattr(renderer, "stand_in_note", None)  # farm/hold says it held, not rendered
         suffix = f", {renderer.spec.name} {note}" if note else ""
-        services.uploader.submit(lambda: _store(app, claimed, result, suffix, settings, services))
+        services.uploader.submit(lambda: _store(app, claimed, pending, suffix, settings, services))
         handed_off = True
         log.info("batch %s: claim %.1f ms, render %.1f ms, hand-off %.1f ms (%d image(s), %d request(s))",
                  describe(claimed[:1]), (t1 - t0) * 1000, (t2 - t1) * 1000, (time.perf_counter() - t2) * 1000,
-                 len(result.images), len(claimed))
+                 len(pending), len(claimed))
         return True
     except BatchAborted:
         with session_scope() as s:
@@ -158,20 +159,23 @@ def _fault_hook(claimed: list[Claimed], settings: Settings) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _render(renderer: Any, claimed: list[Claimed], on_progress: Any) -> RenderResult:
+def _render(renderer: Any, claimed: list[Claimed], on_progress: Any) -> PendingRender:
+    """Denoise the group's images; on a GPU the batch comes back unfinished (decode queued: models.render)."""
     items = [RenderItem(c.params, c.seed, i, tag=c.job_id) for c in claimed for i in c.todo]
     if not items:
-        return RenderResult(images=[], prompt="", inference_seconds=0.0)
+        return Ready(RenderResult(images=[], prompt="", inference_seconds=0.0))
     with owner_scope(claimed[0].owner):  # upload URLs resolve only for their owner
-        result: RenderResult = renderer.render_items(items, on_progress=on_progress)
-    return result
+        pending: PendingRender = renderer.begin_items(items, on_progress=on_progress)
+    return pending
 
 
-def _store(app: Celery, group: list[Claimed], result: RenderResult, suffix: str, settings: Settings,
+def _store(app: Celery, group: list[Claimed], pending: PendingRender, suffix: str, settings: Settings,
            services: WorkerServices) -> None:
-    """The uploader's step: store, record and complete (farm.lifecycle.store); a failure gives the batch back."""
+    """The uploader's step: finish the batch (pixels, safety check: models.render), then store, record and
+    complete (farm.lifecycle.store); a failure gives the batch back."""
     ids = [c.batch_id for c in group]
     try:
+        result = pending.result()
         outcome = store(group, result.images, worker=services.name, storage=get_storage(settings), settings=settings,
                         note=suffix, inference_seconds=result.inference_seconds,
                         on_progress=lambda: services.keeper.progress_quietly(ids))

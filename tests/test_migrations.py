@@ -24,7 +24,7 @@ from db.session import build_engine, dispose_engines, get_engine
 from farm.errors import LedgerSchemaError
 
 TABLES = set(Base.metadata.tables)
-HEAD = "i10b_webhooks"
+HEAD = "i13_compile_counters"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -90,7 +90,7 @@ def test_ensure_schema_creates_the_embedded_ledger(farm_env: Path) -> None:
 
 def test_ensure_schema_refuses_an_unmigrated_server_database(pg_url: str) -> None:
     with pytest.raises(
-        LedgerSchemaError, match=r"ledger at revision none .*code needs i10b_webhooks: run `farm db upgrade`"
+        LedgerSchemaError, match=rf"ledger at revision none .*code needs {HEAD}: run `farm db upgrade`"
     ):
         ensure_schema(pg_url)
     assert tables(pg_url) == set()
