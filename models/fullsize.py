@@ -12,7 +12,7 @@ Their images are noise. The tokenizer is the tiny model's byte-level CLIP vocabu
 (``models.tiny.write_tokenizer_files``): prompts are padded to 77 tokens as with the real one,
 so the text encoders do the same work.
 
-    python -m models.fullsize --out DIR [--family sd15 --family sdxl] [--device cuda] [--small]
+    python -m models.fullsize --out DIR [--family sd15 --family sdxl] [--distilled sd15] [--device cuda] [--small]
 
 ``--small`` scales every width and depth down (same classes, same layout, same loading path),
 for CPU tests.
@@ -282,8 +282,9 @@ def write_tiny_decoder(out: Path, *, dtype: torch.dtype = torch.float16) -> Path
 
 
 def write_all(model_dir: Path, families: list[str], *, dtype: torch.dtype = torch.float16, device: str = "cpu",
-              small: bool = False, distilled: bool = True) -> dict[str, float]:
-    """Everything the farm loads for ``families``, at repo-id paths under ``model_dir``; seconds per part."""
+              small: bool = False, distilled: list[str] | None = None) -> dict[str, float]:
+    """Everything the farm loads for ``families``, at repo-id paths under ``model_dir`` (the LCM-distilled UNets
+    of the ``distilled`` families only, default all); seconds per part."""
     took: dict[str, float] = {}
 
     def timed(name: str, fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -296,7 +297,7 @@ def write_all(model_dir: Path, families: list[str], *, dtype: torch.dtype = torc
         base = SDXL_BASE if family == "sdxl" else SD15_BASE
         timed(base, write_pipeline, model_dir / base, family, dtype=dtype, device=device, small=small)
         timed(str(LORAS[family]), write_lora, model_dir / str(LORAS[family]), family, dtype=dtype, small=small)
-        if distilled:
+        if distilled is None or family in distilled:
             timed(DISTILLED_UNETS[family], write_distilled_unet, model_dir / DISTILLED_UNETS[family], family,
                   dtype=dtype, device=device, small=small)
         timed(TINY_DECODERS[family], write_tiny_decoder, model_dir / TINY_DECODERS[family], dtype=dtype)
@@ -313,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="where the random weights are made (cuda is much faster)")
     parser.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="fp16: the fp16 variant files")
     parser.add_argument("--small", action="store_true", help="narrow, shallow versions of the same layout")
-    parser.add_argument("--no-distilled", action="store_true", help="skip the LCM-distilled UNets")
+    parser.add_argument("--distilled", action="append", choices=["sd15", "sdxl", "none"],
+                        help="the families whose LCM-distilled UNet to write (default: every family written)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from diffusers.utils import logging as diffusers_logging
@@ -322,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     took = write_all(args.out, args.family or ["sd15", "sdxl"], dtype=torch.float16 if args.dtype == "fp16"
-                     else torch.float32, device=args.device, small=args.small, distilled=not args.no_distilled)
+                     else torch.float32, device=args.device, small=args.small, distilled=args.distilled)
     print(json.dumps({"model_dir": str(args.out), "seconds": took, "extra_models": extra_models()}))
 
 
