@@ -140,14 +140,18 @@ def embedded_farm(model_name: str, device: str) -> Iterator[Any]:
     ledger, local storage: what ``farm generate --device`` runs); yields its renderer."""
     from db.migrate import ensure_schema
     from farm.config import get_settings
+    from tasks import loaded_model
     from tasks.app import get_app
     from tasks.embedded import embedded_worker
     from tasks.loaded_model import get_renderer
 
     settings = get_settings()
     ensure_schema()
-    with embedded_worker(get_app(settings), model_name, device, settings):
-        yield get_renderer()
+    try:
+        with embedded_worker(get_app(settings), model_name, device, settings):
+            yield get_renderer()
+    finally:
+        loaded_model._renderer = None  # the process keeps its model; a benchmark moves on to the next one
 
 
 def run_job(inp: Any, timeout: float = 600.0) -> tuple[float, Any]:
