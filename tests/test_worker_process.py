@@ -253,7 +253,7 @@ def test_register_worker_refuses_a_live_namesake_and_stop_marks_only_its_own_row
 @pytest.mark.parametrize("how", ["SIGTERM to the worker", "Ctrl-C in its terminal"])
 def test_a_stopped_worker_says_which_batch_it_finishes_then_stores_it_and_leaves(farm: dict, how: str) -> None:
     w = _worker(farm, "hold@leave.test", FARM_HOLD_MS="1500", FARM_BATCH_SIZE="2").start()
-    gen = subprocess.Popen([FARM, "generate", "--model", HOLD, "a flat square", "--num-images", "2"],
+    gen = subprocess.Popen([FARM, "generate", "--model", HOLD, "a flat square", "--num-images", "2", "--json"],
                            env=dict(farm["env"], FARM_BATCH_SIZE="2"), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     try:
