@@ -87,6 +87,7 @@ LONG = 30 * 86400  # a bulk job may run for days: no task time limit worth the n
 
 def register(app: Celery) -> None:
     # acknowledged on receipt: redelivery after the visibility timeout would start a second
-    # driver beside a live one. A bulk worker that dies leaves its job RUNNING in the ledger;
-    # `farm bulk resume ID` (or POST /bulk/{id}/resume) carries on where it stopped.
+    # driver beside a live one. A bulk worker that stops (its drivers hand their jobs back) or dies
+    # leaves its job RUNNING in the ledger without a live driver; a sweeper sends farm.bulk again
+    # (farm.lifecycle.sweep.bulk_dispatch), and `farm bulk resume ID` carries on at once.
     app.task(name="farm.bulk", acks_late=False, time_limit=LONG, soft_time_limit=LONG - 60)(bulk_job)

@@ -254,3 +254,56 @@ def test_budget_stops_cleanly_then_pause_and_resume_finish_the_job(stack, tmp_pa
     cancelled = run_farm(["bulk", "cancel", "b1"], env)
     assert "COMPLETED → CANCELLED" in cancelled.stdout  # a finished job stays finished
     assert json.loads(run_farm(["bulk", "status", "b1"], env).stdout)["status"] == "COMPLETED"
+
+
+def test_a_stopped_bulk_worker_hands_its_job_back_and_another_finishes_it(stack, tmp_path):  # noqa: F811
+    """SIGTERM to a `farm bulk worker` whose job cannot finish yet (no render worker serves its model):
+    the worker leaves at once instead of waiting for the job, the job stays RUNNING without a driver,
+    and once a render worker is up its sweeper sends farm.bulk again to a second bulk worker, which
+    completes the job with every sample once."""
+    root = tmp_path / "bulk-root"
+    (root / "in").mkdir(parents=True)
+    (root / "in" / "p.txt").write_text("a red boat\na blue door\na green hill\n")
+    env = dict(stack["env"], FARM_BULK_ROOT=str(root), FARM_SWEEP_SECONDS="1", FARM_DISPATCH_TIMEOUT="2")
+    logs = [tmp_path / "bulk-a.log", tmp_path / "bulk-b.log"]
+
+    def bulk_worker(log_path: Path) -> subprocess.Popen[str]:
+        with open(log_path, "w") as out:  # a file, not a pipe nobody reads
+            return subprocess.Popen([FARM, "bulk", "worker"], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    text=True, start_new_session=True)
+
+    first = bulk_worker(logs[0])
+    second = None
+    try:
+        client = Celery("plain", broker=env["FARM_BROKER_URL"], backend=env["FARM_BROKER_URL"])
+        client.send_task("farm.bulk", queue="farm.bulk", kwargs={
+            "manifest": "in/p.txt", "out": "out/ds", "model_name": TINY, "format": "imagefolder",
+            "images_per_prompt": 2, "defaults": {"image_size": {"width": 64, "height": 64}, "num_inference_steps": 1}})
+        client.close()
+        _wait(lambda: _ledger(stack, "SELECT count(*) FROM bulk_jobs WHERE runner IS NOT NULL "
+                                     "AND ingested = 6")[0][0] == 1, 120, "the job to be driven")
+        os.killpg(first.pid, signal.SIGTERM)
+        try:
+            first.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(10)
+            raise AssertionError("the bulk worker waited for its job:\n" + logs[0].read_text()[-3000:]) from None
+        assert "stays RUNNING for the next driver" in logs[0].read_text()
+        rows = _ledger(stack, "SELECT status, runner FROM bulk_jobs")
+        assert rows == [("RUNNING", None)], rows
+        assert _ledger(stack, "SELECT count(*) FROM bulk_samples WHERE status = 'done'") == [(0,)]
+        second = bulk_worker(logs[1])
+        _start_tiny(stack, env, "tiny@handback.test")  # its sweeper sends farm.bulk again
+        _wait(lambda: _ledger(stack, "SELECT status FROM bulk_jobs")[0][0] == "COMPLETED", 240,
+              "the second bulk worker to complete the job")
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(30)
+    assert "farm.bulk" in logs[1].read_text()
+    counts = _ledger(stack, "SELECT status, count(*) FROM bulk_samples GROUP BY 1")
+    assert [tuple(c) for c in counts] == [("done", 6)], counts
+    lines = (root / "out" / "ds" / "00000" / "metadata.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and len({json.loads(x)["file_name"] for x in lines}) == 6

@@ -33,6 +33,7 @@ import itertools
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -106,6 +107,16 @@ def run(
 
 
 RUNNER_LEASE_SECONDS = 60.0
+
+# set by a bulk worker's warm shutdown (``farm bulk worker``, SIGTERM or Ctrl-C): every driver in this
+# process ends its round and returns, leaving its job RUNNING with no driver; the farm jobs it has in
+# flight go on rendering, and a sweeper sends ``farm.bulk`` again, so another bulk worker carries on
+_leaving = threading.Event()
+
+
+def leave_jobs() -> None:
+    """Make the drivers of this process hand their jobs back after their current round."""
+    _leaving.set()
 
 
 def _take_runner(bulk_id: str, runner: str) -> None:
@@ -234,6 +245,9 @@ def _rounds(bulk_id: str, runner: str, on_progress: Callable[[Progress], None] |
     lost_check_at = time.monotonic() + LOST_CHECK_SECONDS
     wait = POLL_MIN_SECONDS
     while True:
+        if _leaving.is_set():
+            log.info("bulk job %s: this worker is stopping; the job stays RUNNING for the next driver", bulk_id)
+            return
         if time.monotonic() >= renew_at:
             _take_runner(bulk_id, runner)  # renews the lease; lost to another driver: ConflictError
             renew_at = time.monotonic() + RUNNER_RENEW_SECONDS

@@ -249,8 +249,14 @@ def bulk_worker(concurrency: int, log_level: str | None, old_log_level: str | No
     if settings.embedded:
         raise FarmError("farm bulk worker needs FARM_BROKER_URL (redis://…)")
     ensure_schema()
+    from celery.signals import worker_shutting_down
+
+    from farm.bulk.driver import leave_jobs
     from tasks.app import get_app
 
+    # a warm shutdown waits for the running tasks, and a farm.bulk task runs as long as its job: its
+    # driver hands the job back instead (it stays RUNNING; a sweeper sends farm.bulk again)
+    worker_shutting_down.connect(lambda **_: leave_jobs(), weak=False)
     argv = ["worker", "--pool", "threads", "--concurrency", str(concurrency), "--queues", settings.bulk_queue,
             "--hostname", "bulk@%h", "--loglevel", (loglevel or settings.log_level).upper(), "--task-events"]
     get_app(settings).worker_main(argv)
