@@ -26,7 +26,7 @@ from PIL import Image
 
 from tests.api_stack import ApiStack
 from tests.services import free_port
-from tests.workers import FARM, clean_env
+from tests.workers import FARM, clean_env, run_farm
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -299,8 +299,15 @@ def test_celery_bulk_task_block(api_stack: ApiStack, tmp_path: Path) -> None:
     dest = "s3://datasets/boats-v1"
     assert dest in block
     env = dict(api_stack.env, FARM_BULK_ROOT=str(root))
-    driver = subprocess.Popen([FARM, "bulk", "worker", "--concurrency", "1"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    # the session's stack is shared: a bulk job another test left running has no driver, so the sweeper
+    # sends it again and it would take a slot of this worker; end those first, the way an operator would
+    for (other,) in api_stack.sql("SELECT id FROM bulk_jobs WHERE status IN ('RUNNING', 'PAUSED')"):
+        ended = run_farm(["bulk", "cancel", str(other)], api_stack.env)
+        assert ended.returncode == 0, ended.stderr[-2000:]
+    driver_log = tmp_path / "bulk-worker.log"
+    with driver_log.open("w") as log:  # a file, not a pipe: an unread full pipe would block the worker
+        driver = subprocess.Popen([FARM, "bulk", "worker"], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
     try:
         (tmp_path / "send.py").write_text(f"{app}\n{block}\n")
         code, out = run_block(f'"{VENV_BIN / "python"}" send.py', tmp_path, _fresh_env(tmp_path), timeout=120)
@@ -311,7 +318,7 @@ def test_celery_bulk_task_block(api_stack: ApiStack, tmp_path: Path) -> None:
             if rows and rows[0][0] in ("COMPLETED", "CANCELLED", "BUDGET_REACHED") or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        assert rows == [("COMPLETED",)], (rows, api_stack.log_tail())
+        assert rows == [("COMPLETED",)], (rows, driver_log.read_text()[-4000:], api_stack.log_tail())
         (bulk_id,) = api_stack.sql("SELECT id FROM bulk_jobs WHERE dest = :d", d=dest)[0]
         counts = api_stack.sql("SELECT status, count(*) FROM bulk_samples WHERE bulk_id = :b GROUP BY 1", b=bulk_id)
         assert [tuple(c) for c in counts] == [("done", 14)], counts  # 7 prompts x 2 images, as in the example
