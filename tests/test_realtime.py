@@ -29,13 +29,37 @@ from tests.workers import WorkerProcess
 HOLD = "farm/hold"  # the scheduling STAND-IN (models/hold.py): holds FARM_HOLD_MS per image
 
 SCRIPT = r'''
-import io, json, sys, time
+import contextlib, io, json, ssl, sys, time
 import fal_client
 import websockets.exceptions
 from PIL import Image
 
 APP, TINY = sys.argv[1], json.loads(sys.argv[2])
-out = {}
+out = {"reconnects": 0}
+
+
+@contextlib.contextmanager
+def realtime(**options):
+    """fal_client.realtime, opened again once if the connection breaks before it is open: seen once in
+    CI, an ssl 'internal error' while the client sent its upgrade request, which the API never saw;
+    a connection that opened and then fails is not retried (that is what the blocks below test)."""
+    for attempt in range(2):
+        opener = fal_client.realtime(APP, use_jwt=False, **options)
+        try:
+            conn = opener.__enter__()
+        except (ssl.SSLError, websockets.exceptions.ConnectionClosedError, ConnectionError):
+            if attempt:
+                raise
+            out["reconnects"] += 1
+            continue
+        break
+    try:
+        yield conn
+    except BaseException:
+        if not opener.__exit__(*sys.exc_info()):
+            raise
+    else:
+        opener.__exit__(None, None, None)
 
 def decoded(result):
     image = result["images"][0]
@@ -47,7 +71,7 @@ def decoded(result):
             "count": len(result["images"])}
 
 # several frames on one connection, each answered with its own size
-with fal_client.realtime(APP, use_jwt=False) as conn:
+with realtime() as conn:
     frames = []
     for i, (w, h) in enumerate([(64, 64), (128, 64), (64, 96)]):
         conn.send(dict(TINY, image_size={"width": w, "height": h}, seed=10 + i, request_id=f"frame-{i}",
@@ -56,7 +80,7 @@ with fal_client.realtime(APP, use_jwt=False) as conn:
     out["frames"] = frames
 
 # a burst faster than the render: the newest frames win
-with fal_client.realtime(APP, use_jwt=False, max_buffering=2) as conn:
+with realtime(max_buffering=2) as conn:
     heavy = dict(TINY, image_size={"width": 256, "height": 256}, num_inference_steps=8)
     for i in range(20):
         conn.send(dict(heavy, seed=i, request_id=f"burst-{i}"))
@@ -69,7 +93,7 @@ with fal_client.realtime(APP, use_jwt=False, max_buffering=2) as conn:
     out["burst"] = got
 
 # bad input: an x-fal-error naming the field, then the same connection serves a good frame
-with fal_client.realtime(APP, use_jwt=False) as conn:
+with realtime() as conn:
     conn.send(dict(TINY, num_inference_steps=0, request_id="bad-1"))
     try:
         conn.recv()
@@ -151,6 +175,7 @@ def test_fal_client_realtime_frames_burst_bad_input_and_wrong_key(api_stack: Api
     assert out["extra"]["field"] == "wrong_field"
     assert out["after_bad"]["request_id"] == "good-after-bad" and out["after_bad"]["size"] == [64, 64]
 
+    assert out["reconnects"] <= 1, out["reconnects"]  # a transport flake once, not a pattern
     assert out["wrong_key"]["error"] == "CONNECTION_CLOSED"
     assert "4001" in out["wrong_key"]["reason"] and "invalid or revoked API key" in out["wrong_key"]["reason"]
 
