@@ -31,23 +31,19 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
-import socket
-import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import String, case, cast, func, insert, literal, null, or_, select, update
+from sqlalchemy import String, case, cast, func, insert, literal, null, select, update
 from sqlalchemy.orm import Session
 
 from db.models import BulkJob, BulkSample, BulkShard, Job, utcnow
 from db.session import session_scope
 from farm import lifecycle
+from farm.bulk import runners
 from farm.bulk.control import (
     BUDGET,
     CANCELLED,
@@ -67,7 +63,7 @@ from farm.bulk.manifest import RowError, Sample, read_manifest
 from farm.bulk.shards import ReadAhead, sample_fields, write_ready_shards
 from farm.bulk.writers import open_destination, sample_key, write_stats
 from farm.config import Settings, get_settings
-from farm.errors import ConflictError, InvalidInputError, JobNotFoundError
+from farm.errors import InvalidInputError, JobNotFoundError
 from farm.schemas import GenerateInput, stored_input
 from farm.status import JobStatus, Lane, SampleStatus
 from farm.storage import get_storage
@@ -82,7 +78,6 @@ SUBMIT_CHUNK = 64  # samples per submit at least (when the window has room for t
 POLL_MIN_SECONDS = 0.02  # rounds are at least this far apart, at most poll_seconds (see _rounds)
 TAIL_POLL_SECONDS = 0.05  # … and at most this far while few samples are left in flight
 LOST_CHECK_SECONDS = 5.0  # how often an idle round looks for submitted samples without a farm job
-RUNNER_RENEW_SECONDS = 5.0  # how often the driver's lease (RUNNER_LEASE_SECONDS) is renewed
 
 
 def run(
@@ -96,64 +91,8 @@ def run(
 ) -> Progress:
     """Drive a bulk job until it completes, is paused or cancelled, or reaches its budget."""
     settings = settings or get_settings()
-    runner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    _take_runner(bulk_id, runner)
-    try:
+    with runners.driving(bulk_id) as runner:
         return _run(bulk_id, runner, on_progress, on_row_error, max_in_flight, poll_seconds, settings)
-    finally:
-        with session_scope() as s:
-            s.execute(update(BulkJob).where(BulkJob.id == bulk_id, BulkJob.runner == runner)
-                      .values(runner=None, runner_until=None))
-
-
-RUNNER_LEASE_SECONDS = 60.0
-
-# set by a bulk worker's warm shutdown (``farm bulk worker``, SIGTERM or Ctrl-C): every driver in this
-# process ends its round and returns, leaving its job RUNNING with no driver; the farm jobs it has in
-# flight go on rendering, and a sweeper sends ``farm.bulk`` again, so another bulk worker carries on
-_leaving = threading.Event()
-
-
-def leave_jobs() -> None:
-    """Make the drivers of this process hand their jobs back after their current round."""
-    _leaving.set()
-
-
-def _take_runner(bulk_id: str, runner: str) -> None:
-    """Become the one driver of the job, or raise ConflictError naming the one that is."""
-    now = utcnow()
-    with session_scope() as s:
-        get(s, bulk_id)
-        taken = s.execute(
-            update(BulkJob)
-            .where(BulkJob.id == bulk_id,
-                   or_(BulkJob.runner.is_(None), BulkJob.runner_until < now, BulkJob.runner == runner))
-            .values(runner=runner, runner_until=now + timedelta(seconds=RUNNER_LEASE_SECONDS))
-        ).rowcount  # type: ignore[attr-defined]
-        if not taken:
-            job = get(s, bulk_id)
-            if job.runner and _dead_here(job.runner):  # its driver died on this host: take over now
-                s.execute(update(BulkJob).where(BulkJob.id == bulk_id, BulkJob.runner == job.runner)
-                          .values(runner=runner, runner_until=now + timedelta(seconds=RUNNER_LEASE_SECONDS)))
-                log.warning("bulk %s: its driver %s is gone; taking over", bulk_id, job.runner)
-                return
-            raise ConflictError(f"bulk job {bulk_id} is being driven by {job.runner} (lease until "
-                                f"{job.runner_until:%H:%M:%S} UTC); pause it, or wait for that driver to stop")
-
-
-def _dead_here(runner: str) -> bool:
-    """Whether ``runner`` (``host:pid:token``) ran on this host in a process that no longer exists."""
-    host, _, rest = runner.partition(":")
-    pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 def _run(bulk_id: str, runner: str, on_progress: Callable[[Progress], None] | None,
@@ -241,16 +180,16 @@ def _rounds(bulk_id: str, runner: str, on_progress: Callable[[Progress], None] |
     """The driver's rounds, until the job completes, stops (pause, budget) or is cancelled."""
     chunk = max(1, min(max_in_flight // 4, SUBMIT_CHUNK))  # fewer, larger submits (see below)
     budgeted = spec.budget_images is not None or spec.budget_gpu_seconds is not None
-    renew_at = time.monotonic() + RUNNER_RENEW_SECONDS  # run() has just taken the lease
+    renew_at = time.monotonic() + runners.RENEW_SECONDS  # run() has just taken the lease
     lost_check_at = time.monotonic() + LOST_CHECK_SECONDS
     wait = POLL_MIN_SECONDS
     while True:
-        if _leaving.is_set():
+        if runners.leaving():
             log.info("bulk job %s: this worker is stopping; the job stays RUNNING for the next driver", bulk_id)
             return
         if time.monotonic() >= renew_at:
-            _take_runner(bulk_id, runner)  # renews the lease; lost to another driver: ConflictError
-            renew_at = time.monotonic() + RUNNER_RENEW_SECONDS
+            runners.take(bulk_id, runner)  # renews the lease; lost to another driver: ConflictError
+            renew_at = time.monotonic() + runners.RENEW_SECONDS
         # one transaction per round: the job's status, the finished farm jobs collected, the counts
         with session_scope() as s:
             if _status(s, bulk_id) == CANCELLED:

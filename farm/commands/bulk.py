@@ -251,7 +251,7 @@ def bulk_worker(concurrency: int, log_level: str | None, old_log_level: str | No
     ensure_schema()
     from celery.signals import worker_shutting_down
 
-    from farm.bulk.driver import leave_jobs
+    from farm.bulk.runners import leave_jobs
     from tasks.app import get_app
 
     # a warm shutdown waits for the running tasks, and a farm.bulk task runs as long as its job: its
