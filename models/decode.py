@@ -56,8 +56,10 @@ class Decoder:
     def __call__(self, latents: torch.Tensor) -> Decoded:
         vae = self.pipe.vae
         image = self._decode(self.fp32_vae or vae, latents)
-        if image.dtype == torch.float16 and not bool(torch.isfinite(image).all()):  # waits for the GPU (rare:
-            # only until a VAE that overflows has been found out)
+        # waits for this decode on every fp16 batch (until an overflowing VAE is found out and upcast): the
+        # decode does not overlap the next batch's denoising, only the finishing in the uploader thread does;
+        # to be measured on a GPU before it is moved into Decoded.images()
+        if image.dtype == torch.float16 and not bool(torch.isfinite(image).all()):
             self._make_fp32_copy(vae)
             image = self._decode(self.fp32_vae, latents)
         watermark = getattr(self.pipe, "watermark", None)

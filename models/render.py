@@ -7,8 +7,8 @@
 :func:`begin` does 1-6 and returns a :class:`Pending`; its ``result()`` does 7. :func:`render` is
 both at once. A worker on a GPU calls ``result()`` in its uploader thread (``farm.render``), so the
 CPU side of batch k (waiting for its pixels, PIL images, safety check, then JPEG encode and upload)
-runs while the GPU denoises batch k+1; the VAE decode itself is queued on the GPU right after the
-denoising of its batch (``models.decode``).
+runs while the GPU denoises batch k+1. The VAE decode itself runs right after the denoising of its
+batch, under the render lock: an fp16 decode's finite-value check waits for it (``models.decode``).
 
 Image ``i`` of a request always uses seed ``seed + i`` and its own generator, which draws both
 its initial latents and the LCM scheduler's per-step noise; generators live on the CPU so the
