@@ -86,6 +86,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app; ``settings`` default to the process's (``FARM_*`` environment)."""
+    from farm.api import log_redact
     from farm.api.files import router as files_router
     from farm.api.playground import router as playground_router
     from farm.api.proxy import FalProxy
@@ -103,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings or get_settings()
+    log_redact.install()  # realtime tokens and signatures in query strings stay out of uvicorn's log lines
     errors.install(app)
     app.add_middleware(BodyGuard, settings=app.state.settings)  # key and body size before any body is read
     from farm.metrics.http import MetricsMiddleware, metrics_router
