@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -115,3 +116,43 @@ def test_flower_refuses_without_password_or_broker(redis_server, tmp_path):
     done = run_farm(["flower"], clean_env(FARM_DATA_DIR=str(tmp_path), FARM_FLOWER_PASSWORD="x"), timeout=60)
     assert done.returncode == 1
     assert "FARM_BROKER_URL" in done.stderr
+
+
+def test_flower_broker_shows_the_backlog_of_a_model_with_no_worker(flower_stack, redis_server):
+    """SD1.5 jobs sent as a plain Celery client does, with only a tiny-lcm worker live: the tiny worker
+    records them and fans them out to render.sd15.queue, where they wait; Flower's Broker page and its
+    queue API list that queue with its 4 messages (Flower alone knows only the live workers' queues)."""
+    from celery import Celery
+    from redis import Redis
+
+    broker = f"redis://127.0.0.1:{redis_server.port}/{REDIS_DB}"
+    producer = Celery("client", broker=broker, set_as_current=False)
+    producer.conf.update(task_serializer="json", broker_connection_retry_on_startup=True)
+    backlog = "render.sd15.queue"
+    redis = Redis.from_url(broker)
+    try:
+        for n in range(4):
+            producer.send_task("farm.generate", queue="celery", kwargs={
+                "prompt": f"a lighthouse {n}", "model_name": "runwayml/stable-diffusion-v1-5", "num_images": 1})
+        deadline = time.monotonic() + 60
+        lengths: dict[str, int] = {}
+        while time.monotonic() < deadline:
+            reply = httpx.get(f"{flower_stack}/api/queues/length", auth=(USER, PASSWORD), timeout=10)
+            assert reply.status_code == 200, reply.text
+            lengths = {q["name"]: q["messages"] for q in reply.json()["active_queues"]}
+            if lengths.get(backlog) == 4:
+                break
+            time.sleep(0.3)
+        assert lengths.get(backlog) == 4, lengths
+        # every lane of every model is listed, with or without a worker, and the farm's other queues
+        assert {"render.sdxl.realtime", "render.sd15.bulk", "render.tiny-lcm.sync", "celery", "farm.bulk"} <= set(lengths)
+        page = httpx.get(f"{flower_stack}/broker", auth=(USER, PASSWORD), timeout=10)
+        assert page.status_code == 200
+        row = re.search(r'<tr id="render\.sd15\.queue">\s*<td>render\.sd15\.queue</td>\s*<td[^>]*>\s*(\d+)\s*</td>',
+                        page.text)
+        assert row is not None, page.text[-3000:]
+        assert row.group(1) == "4"
+    finally:
+        producer.close()
+        redis.delete(*(f"render.sd15.{lane}" for lane in ("realtime", "sync", "queue", "bulk")))
+        redis.close()

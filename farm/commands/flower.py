@@ -6,6 +6,11 @@ Flower 2.x registers itself as a ``celery flower`` sub-command (entry point grou
 The credentials are handed to Flower's option object directly, never on a command
 line, so they do not show in the process list. ``/metrics`` (Prometheus text) and
 ``/healthcheck`` are Flower's own routes and answer without authentication.
+
+Flower's Broker page (and ``/api/queues/length``) measures only the queues that live workers
+consume, falling back to the app's ``task_queues`` when no worker answers. A model with no
+worker would hide its backlog, so :func:`learn_configured_queues` adds every queue the farm's
+configuration names: each model's ``render.<key>.<lane>``, the dispatch queue and the bulk queue.
 """
 
 from __future__ import annotations
@@ -14,10 +19,38 @@ import logging
 
 import click
 
-from farm.config import get_settings
+from farm.config import Settings, get_settings
 from farm.errors import FarmError
 
 log = logging.getLogger("farm.flower")
+
+
+def configured_queues(settings: Settings) -> list[str]:
+    """Every queue the farm publishes to: dispatch, bulk, and each model's lanes (sorted)."""
+    from models.registry import all_models
+    from tasks.queues import model_queues
+
+    names = {settings.dispatch_queue, settings.bulk_queue}
+    for key in {spec.key for spec in all_models(settings).values()}:
+        names.update(model_queues(key))
+    return sorted(names)
+
+
+def learn_configured_queues(names: list[str]) -> None:
+    """Make Flower measure ``names`` as well as the queues its live workers consume.
+
+    Flower 2.x reads the app's ``task_queues`` only while no worker answers, so its handlers'
+    ``get_active_queue_names`` (used by the Broker page and ``/api/queues/length``) is widened
+    to the union. Called once, by ``farm flower``, before Flower starts.
+    """
+    from flower.views import BaseHandler
+
+    from_workers = BaseHandler.get_active_queue_names
+
+    def get_active_queue_names(self: BaseHandler) -> list[str]:
+        return sorted(set(from_workers(self)) | set(names))
+
+    BaseHandler.get_active_queue_names = get_active_queue_names  # type: ignore[method-assign]
 
 
 @click.command()
@@ -55,6 +88,7 @@ def flower(port: int, address: str, no_auth: bool) -> None:
     # Read by Flower's handlers at request time; argv and FLOWER_* variables may still add to it.
     options.basic_auth = credentials
     app = get_app(settings)
+    learn_configured_queues(configured_queues(settings))
     click.echo(f"farm flower on http://{address}:{port} (API under /api, Prometheus metrics at /metrics)",
                err=True)
     argv = ["flower", f"--port={port}", f"--address={address}", "--persistent=False"]
