@@ -1,7 +1,8 @@
 """The services of one worker process, beside its model: leases, reaper, registry, uploader.
 
 * :class:`LeaseKeeper` (a thread) beats for the claims this process holds, each only while its
-  batch makes progress (a hung render stops beating and loses its lease); it keeps the worker's
+  batch makes progress (a hung render stops beating and loses its lease; a batch pulled ahead,
+  waiting for its turn, is kept while the render before it makes progress); it keeps the worker's
   registry row fresh (so coordinators count it in the pool) and runs the sweeper
   (farm.lifecycle.sweep) every ``sweep_seconds``.
 * :class:`Uploader` (a thread) encodes and stores rendered batches, so the next batch renders
@@ -49,6 +50,7 @@ class _Hold:
     generation: int
     last_progress: float = field(default_factory=time.monotonic)
     lost: bool = False
+    started: bool = False  # its render (or store) gave a sign of life; until then it waits for its turn
 
 
 @dataclass
@@ -57,7 +59,9 @@ class LeaseKeeper:
 
     Progress is tracked per batch: the render's step callback marks the batches being rendered,
     the uploader the ones being stored, so a hung render loses its lease even while the uploader
-    is busy. The heartbeat is fenced by each claim's token; a claim it finds lost (taken over, or
+    is busy. A batch that has not started yet (pulled ahead, waiting behind the render in
+    progress) lives on this worker's latest progress: it waits while the render before it moves,
+    and loses its lease with a stalled one. The heartbeat is fenced by each claim's token; a claim it finds lost (taken over, or
     closed because its job ended) is logged once, and a render whose claims are all lost is
     aborted at its next step.
     """
@@ -72,6 +76,7 @@ class LeaseKeeper:
     _aborted: set[int] = field(default_factory=set)  # generations whose claims are all lost
     _next_sweep: float = 0.0
     _recompiles_seen: int = 0
+    _last_progress: float = field(default_factory=time.monotonic)  # this worker's latest sign of life, any batch
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -104,7 +109,8 @@ class LeaseKeeper:
         with self._lock:
             holds = [self.held[i] for i in batch_ids if i in self.held]
             for hold in holds:
-                hold.last_progress = now
+                hold.last_progress, hold.started = now, True
+            self._last_progress = now
             aborted = bool(holds) and all(h.generation in self._aborted for h in holds)
         if aborted:
             raise BatchAborted("every claim of this batch was lost (its jobs ended, or it was taken over)")
@@ -115,7 +121,8 @@ class LeaseKeeper:
         with self._lock:
             for i in batch_ids:
                 if i in self.held:
-                    self.held[i].last_progress = now
+                    self.held[i].last_progress, self.held[i].started = now, True
+            self._last_progress = now
 
     def _run(self) -> None:
         interval = beat_interval(self.settings)
@@ -135,7 +142,9 @@ class LeaseKeeper:
     def beat(self) -> None:
         now = time.monotonic()
         with self._lock:
-            alive = {i: h for i, h in self.held.items() if now - h.last_progress < self.settings.lease_seconds}
+            lease = self.settings.lease_seconds
+            alive = {i: h for i, h in self.held.items()
+                     if now - (h.last_progress if h.started else max(h.last_progress, self._last_progress)) < lease}
             stuck = sorted(set(self.held) - set(alive))
         recompiles, cold = self.compiles()
         if recompiles > self._recompiles_seen:

@@ -142,6 +142,25 @@ def test_sigkilled_worker_of_three_loses_its_batch_to_the_pool_within_the_lease(
     assert all("farm worker ready" in w.output for w in workers)
 
 
+def test_a_batch_pulled_ahead_keeps_its_lease_while_the_render_before_it_moves(farm):
+    """Issue 17, item 3: each batch renders longer than the lease (one heartbeat of progress per image),
+    so the batch pulled ahead waits longer than the lease behind it: it keeps its claim, is never taken
+    back, and every batch is claimed once; the keeper never says that the render stalled."""
+    farm["configure"](FARM_HOLD_MS="500", FARM_LEASE_SECONDS="2", FARM_BATCH_SIZE="10", FARM_SWEEP_SECONDS="0.5")
+    worker = farm["start"](HOLD, "hold@ahead.test")
+    rid = _submit(HOLD, "a long render", 30, image_size={"width": 64, "height": 64})
+    _wait(lambda: _status(rid) == JobStatus.COMPLETED, 120, "the job to complete", detail=lambda: _diagnose(farm, rid))
+    batches = _ledger(farm, "SELECT k, status, attempts, worker FROM batches WHERE job_id = :id ORDER BY k", id=rid)
+    assert batches == [(k, "done", 1, "hold@ahead.test") for k in range(3)], batches  # claimed once each
+    logs = [m for (m,) in _ledger(farm, "SELECT message FROM job_logs WHERE job_id = :id", id=rid)]
+    assert not [m for m in logs if "back to the pool" in m], logs
+    assert "no render progress" not in worker.output and "taken over or closed" not in worker.output, worker.output[-3000:]
+    # the premise: the pulled-ahead batch was claimed while the one before it rendered, and waited
+    claimed = [c for (c,) in _ledger(farm, "SELECT claimed_at FROM batches WHERE job_id = :id ORDER BY k", id=rid)]
+    finished = [f for (f,) in _ledger(farm, "SELECT finished_at FROM batches WHERE job_id = :id ORDER BY k", id=rid)]
+    assert claimed[1] < finished[0] and finished[0] - claimed[1] > timedelta(seconds=4), (claimed, finished)
+
+
 def test_cancel_stops_a_running_job_within_one_batch(farm):
     farm["configure"](FARM_HOLD_MS="50", FARM_LEASE_SECONDS="3", FARM_BATCH_SIZE="4")
     farm["start"](HOLD, "hold@c0.test")
