@@ -17,6 +17,7 @@ checked against its schema instead, and against the farm itself.
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -215,6 +216,9 @@ def test_dockerfile_copies_what_exists_and_runs_unprivileged(name: str) -> None:
                 assert (context / source).exists(), f"{name}: COPY {source}: no such path in the build context"
                 copied.append(context / source)
     assert copied, f"{name} copies nothing"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for needed in (project["readme"], *project["license-files"]):  # the build reads them
+        assert context / needed in copied, f"{name} must COPY {needed}: pyproject.toml names it"
     weights = [p for c in copied if c.is_dir() for p in c.rglob("*")
                if p.suffix in (".safetensors", ".bin", ".ckpt", ".pt", ".gguf")]
     assert not weights, f"{name} would bake weights into the image: {weights[:3]}"
