@@ -145,7 +145,8 @@ def test_flower_broker_shows_the_backlog_of_a_model_with_no_worker(flower_stack,
             time.sleep(0.3)
         assert lengths.get(backlog) == 4, lengths
         # every lane of every model is listed, with or without a worker, and the farm's other queues
-        assert {"render.sdxl.realtime", "render.sd15.bulk", "render.tiny-lcm.sync", "celery", "farm.bulk"} <= set(lengths)
+        expected = {"render.sdxl.realtime", "render.sd15.bulk", "render.tiny-lcm.sync", "celery", "farm.bulk"}
+        assert expected <= set(lengths)
         page = httpx.get(f"{flower_stack}/broker", auth=(USER, PASSWORD), timeout=10)
         assert page.status_code == 200
         row = re.search(r'<tr id="render\.sd15\.queue">\s*<td>render\.sd15\.queue</td>\s*<td[^>]*>\s*(\d+)\s*</td>',
