@@ -16,6 +16,7 @@ import pytest
 from db.session import dispose_engines
 from farm.config import reset_settings
 from tests.api_stack import api_stack  # noqa: F401  (session fixture shared by the HTTP API tests)
+from tests.chromium import browser  # noqa: F401  (module fixture of the page tests)
 from tests.metrics_stack import metrics_stack  # noqa: F401  (module fixture of the metrics tests)
 from tests.services import (
     PostgresServer,

@@ -87,6 +87,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app; ``settings`` default to the process's (``FARM_*`` environment)."""
     from farm.api import log_redact
+    from farm.api.docs import router as docs_router
     from farm.api.files import router as files_router
     from farm.api.playground import router as playground_router
     from farm.api.proxy import FalProxy
@@ -102,6 +103,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         version=_version(),
         lifespan=lifespan,
+        docs_url=None,  # farm.api.docs serves /docs from the package (offline); /redoc would need a CDN
+        redoc_url=None,
     )
     app.state.settings = settings or get_settings()
     log_redact.install()  # realtime tokens and signatures in query strings stay out of uvicorn's log lines
@@ -119,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics_router())
     app.include_router(usage_router)
     app.include_router(playground_router)
+    app.include_router(docs_router)
     app.include_router(uploads_router)  # before files_router: /storage/upload/initiate is not an upload
     app.include_router(files_router)
     app.include_router(bulk_router)  # before the queue routes: /{owner}/{alias} would match /bulk/…
