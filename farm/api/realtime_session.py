@@ -6,9 +6,11 @@ a deque of ``max_buffering`` frames: when the client sends faster than the pool 
 oldest waiting frame is dropped (latest wins) and the queue is never longer. The sender takes the
 oldest waiting frame, pushes it to the model's realtime lane, waits for its reply (at most
 ``FARM_REALTIME_FRAME_TIMEOUT``) and sends it on: one frame of a connection is at a worker at a
-time. A third task, every ``FARM_REALTIME_USAGE_SECONDS`` and at close, adds the frames answered
-and their GPU seconds to the owner's usage (one upsert), keeps the connection counted in the
-owner's limit, and closes the socket if the key was revoked.
+time. A frame for another model than the frames before it makes them stale: those waiting are
+dropped and the one at a worker is no longer waited for (a model without workers never delays
+the next model's frames behind its timeouts). A third task, every ``FARM_REALTIME_USAGE_SECONDS``
+and at close, adds the frames answered and their GPU seconds to the owner's usage (one upsert),
+keeps the connection counted in the owner's limit, and closes the socket if the key was revoked.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ from farm.usage import check_quota
 from models.registry import get_model
 
 log = logging.getLogger("farm.api.realtime")
+
+
+class Superseded(Exception):
+    """Set on the reply future of a frame at a worker when a frame for another model arrives."""
 
 
 class FrameError(Exception):
@@ -101,6 +107,7 @@ class RealtimeSession:
         self.check_key = asyncio.Event()
         self.send_lock = asyncio.Lock()
         self.usage: dict[str, list[float]] = {}  # model → [frames, gpu seconds] not yet recorded
+        self.inflight: tuple[str, asyncio.Future[Any]] | None = None  # model, reply of the frame at a worker
         self.seq = 0
         self.frames = 0
         self.dropped = 0
@@ -165,10 +172,22 @@ class RealtimeSession:
                     extra["request_id"] = rid
                 await self._send_text(error_frame(exc.error, exc.reason, **extra))
                 continue
+            self._supersede(inp.model_name)
             if len(self.pending) == self.pending.maxlen:
                 self.dropped += 1
             self.pending.append((inp, _request_id(data)))
             self.wake.set()
+
+    def _supersede(self, model: str) -> None:
+        """A frame for ``model`` arrived: frames of other models, waiting or at a worker, are stale."""
+        stale = sum(1 for inp, _ in self.pending if inp.model_name != model)
+        if stale:
+            kept = [item for item in self.pending if item[0].model_name == model]
+            self.pending.clear()
+            self.pending.extend(kept)
+            self.dropped += stale
+        if self.inflight is not None and self.inflight[0] != model and not self.inflight[1].done():
+            self.inflight[1].set_exception(Superseded())
 
     async def _serve(self) -> None:
         while True:
@@ -190,13 +209,20 @@ class RealtimeSession:
         except LaneUnavailableError as exc:
             await self._send_text(error_frame("unavailable", str(exc), **extra))
             return
+        self.inflight = (inp.model_name, fut)
         try:
             reply = await asyncio.wait_for(fut, timeout)
+        except Superseded:  # a frame for another model came: this one's answer is not wanted any more
+            self.hub.forget(frame.id)
+            self.dropped += 1
+            return
         except TimeoutError:
             self.hub.forget(frame.id)
             await self._send_text(error_frame(
                 "timeout", f"no worker of {inp.model_name} answered within {timeout:g} s", **extra))
             return
+        finally:
+            self.inflight = None
         if reply.error:
             await self._send_text(error_frame(reply.error, reply.reason, **extra))
             return
