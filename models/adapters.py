@@ -14,7 +14,9 @@ absolute local paths only; a worker never downloads.
 
 LoRA ``force``: a LoRA that does not fit this model (no matching layer, wrong shapes, an
 unknown format) fails the request, unless ``force`` is true: then it is skipped with a
-warning and the request renders without it.
+warning and the request renders without it. A file that is not weights at all (empty, truncated, not
+safetensors nor a PyTorch checkpoint) is an input error naming the field and the file's problem, which
+``force`` does not skip; like every input error it fails the batch at once, never retried.
 
 Embedding files: a tensor ``[n, dim]`` (safetensors with one key, or the usual A1111 /
 diffusers layouts) for ``n`` tokens, or one token expanded to ``n`` vectors. SDXL files
@@ -83,6 +85,35 @@ def _unreadable(what: str, field: str, path: str, ref: WeightsRef, exc: BaseExce
     return ModelNotFoundError(f"{what} {shown!r} could not be read from {where}: {type(exc).__name__}: {first}")
 
 
+def _file_problem(what: str, field: str, path: str, source: str) -> InvalidInputError | None:
+    """After a loader failed on the local ``source``: the input error naming what is wrong with the file
+    itself (not safetensors, truncated, empty), or None when the file reads
+    (then the failure was not the file's: it stays an unreadable-weights error). Deterministic, so the
+    batch fails once instead of being retried."""
+    local = Path(source)  # a file: resolve_weights_path accepts no folder
+    shown = f"{_short(path)!r} " if kind_of(path) is None else ""  # a copy the farm made is named by field
+    if not local.is_file():
+        return None  # gone meanwhile: not the file's content
+    if local.stat().st_size == 0:
+        return InvalidInputError(field, f"the {what} file {shown}is empty")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(local), framework="pt") as handle:
+            handle.keys()
+        return None
+    except Exception as exc:
+        not_safetensors = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if local.suffix != ".safetensors":
+        try:
+            torch.load(str(local), map_location="cpu", weights_only=True)
+            return None
+        except Exception as exc:
+            return InvalidInputError(field, f"the {what} file {shown}is neither a valid safetensors file "
+                                            f"({not_safetensors}) nor a PyTorch checkpoint ({type(exc).__name__})")
+    return InvalidInputError(field, f"the {what} file {shown}is not a valid safetensors file ({not_safetensors})")
+
+
 def _adapters_present(pipe: Any) -> set[str]:
     return {name for names in pipe.get_list_adapters().values() for name in names}
 
@@ -109,7 +140,10 @@ def load_loras(pipe: Any, loras: list[LoraWeight], settings: Settings) -> list[s
             if name in _adapters_present(pipe):
                 pipe.delete_adapters(name)
             continue
-        except Exception as exc:  # OSError, or the hub client's connection errors
+        except Exception as exc:  # OSError: a bad file, or one that could not be read
+            problem = _file_problem("LoRA", field, lora.path, source)
+            if problem is not None:
+                raise problem from exc
             raise _unreadable("LoRA", field, lora.path, ref, exc) from exc
         names.append(name)
         scales.append(lora.scale)
@@ -161,7 +195,10 @@ def load_embeddings(pipe: Any, embeddings: list[Embedding], settings: Settings) 
         source = _source("embedding", emb.path, ref)
         try:
             state = load_textual_inversion_state_dicts([source])[0]
-        except Exception as exc:  # OSError, or the hub client's connection errors
+        except Exception as exc:  # OSError: a bad file, or one that could not be read
+            problem = _file_problem("embedding", field, emb.path, source)
+            if problem is not None:
+                raise problem from exc
             raise _unreadable("embedding", field, emb.path, ref, exc) from exc
         tensors = _embedding_tensors(state, sdxl=len(pairs) == 2, field=field)
         for (tokenizer, text_encoder), tensor in zip(pairs, tensors, strict=True):

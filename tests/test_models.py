@@ -243,6 +243,26 @@ def test_bad_lora_and_embedding_inputs(
     save_file(nowhere, settings.effective_files_root / "loras" / "nowhere.safetensors")
     with pytest.raises(InvalidInputError, match="does not fit"):
         renderer.render(params(num_images=1, loras=[{"path": "loras/nowhere.safetensors"}]), 1, [0])
+    # a file that is not weights at all: an input error naming the field and the file's problem (force
+    # does not skip it: it is not a LoRA that does not fit, it is no LoRA)
+    (settings.effective_files_root / "loras" / "junk.bin").write_bytes(b"not a lora")
+    (settings.effective_files_root / "loras" / "empty.safetensors").write_bytes(b"")
+    (folder / "junk.safetensors").write_bytes(b"\xff" * 64)
+    for path, problem in [
+        ("loras/junk.bin", "the LoRA file 'loras/junk.bin' is neither a valid safetensors file (Error while "
+                           "deserializing header: "),
+        ("loras/empty.safetensors", "the LoRA file 'loras/empty.safetensors' is empty"),
+    ]:
+        with pytest.raises(InvalidInputError) as caught:
+            renderer.render(params(num_images=1, loras=[{"path": path, "force": True}]), 1, [0])
+        assert caught.value.field == "loras.0.path" and caught.value.reason.startswith(problem), caught.value
+    with pytest.raises(InvalidInputError) as caught:
+        renderer.render(params(num_images=1, embeddings=[{"path": "embeddings/junk.safetensors", "tokens": ["<j>"]}]),
+                        1, [0])
+    assert caught.value.field == "embeddings.0.path"
+    assert caught.value.reason.startswith("the embedding file 'embeddings/junk.safetensors' is not a valid "
+                                          "safetensors file ("), caught.value
+    assert renderer.pipe.get_list_adapters() == {}
     forced = params(num_images=1, loras=[{"path": "loras/nowhere.safetensors", "force": True}])
     assert render_pngs(renderer, forced, indices=(0,)) == render_pngs(renderer, params(num_images=1), indices=(0,))
     assert renderer.pipe.get_list_adapters() == {}

@@ -361,8 +361,8 @@ def test_worker_enqueues_webhooks_for_completed_and_failed_jobs(
     assert got["/ok"]["status"] == "OK" and got["/ok"]["payload"]["images"][0]["width"] == 64
     assert got["/ok"]["payload"]["images"][0]["url"].startswith("http://")  # presigned S3 URL
     assert got["/bad"]["status"] == "ERROR" and got["/bad"]["payload"] is None
-    # moved to storage at submit, materialised by the worker, unreadable: named by its field, no key or path
-    assert "LoRA 'loras.0.path' could not be read from the copy the farm made of it" in got["/bad"]["error"]
+    # moved to storage at submit, materialised by the worker, not weights: named by its field, no key or path
+    assert "loras.0.path: the LoRA file is neither a valid safetensors file (" in got["/bad"]["error"]
     assert "farm-stored" not in got["/bad"]["error"] and "/inputs/" not in got["/bad"]["error"]
 
 
