@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Batch, Image, Job, JobLog, utcnow
 from farm import events
-from farm.errors import ConflictError
+from farm.errors import ConflictError, RequestIdTakenError
 from farm.status import ACTIVE, BatchStatus, JobStatus
 
 
@@ -60,9 +60,9 @@ def _find_existing(
     job = get_job(s, request_id)
     if job is not None:
         if job.owner != owner:
-            raise ConflictError(f"request id {request_id!r} is already taken")
+            raise RequestIdTakenError(f"request id {request_id!r} is already taken")
         if _canonical(job.input) != input:
-            raise ConflictError(f"request id {request_id!r} was already used for a different request")
+            raise RequestIdTakenError(f"request id {request_id!r} was already used for a different request")
         return job
     if idempotency_key is not None:
         stmt = select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key)

@@ -13,6 +13,7 @@ from rich.markup import escape
 
 from farm.commands.api import api
 from farm.commands.bulk import bulk
+from farm.commands.cancel import cancel
 from farm.commands.db import db
 from farm.commands.flower import flower
 from farm.commands.generate import generate, status
@@ -36,6 +37,7 @@ def cli(log_level: str) -> None:
 
 cli.add_command(generate)
 cli.add_command(status)
+cli.add_command(cancel)
 cli.add_command(worker)
 cli.add_command(models)
 cli.add_command(db)

@@ -57,6 +57,11 @@ class ConflictError(FarmError):
     error_type = "conflict"
 
 
+class RequestIdTakenError(ConflictError):
+    """Raised when a request id is taken by another owner's job, or by a job with a different input
+    (the caller's input is at fault: ``farm generate --request-id`` exits 2, as for bad input)."""
+
+
 class WorkerNameTakenError(FarmError):
     """Raised when a worker starts under the name of another live worker."""
 

@@ -7,6 +7,7 @@ and the reason.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -302,6 +303,31 @@ class GenerateOutput(BaseModel):
 FieldError = Annotated[tuple[str, str], "field, reason"]
 
 
+# pydantic's bound errors ("Input should be less than or equal to 1"): their reason gets the value given
+_NUMBER_BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of")
+_LENGTH_BOUNDS = ("string_too_short", "string_too_long")
+
+
+def _shown(value: Any) -> str:
+    """A number as the user would write it: 2, not 2.0."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def error_reason(err: Mapping[str, Any]) -> str:
+    """The reason of one pydantic error, as the CLI, the API and bulk all say it: pydantic's bound
+    messages end with the value given, "(got 2)", like the farm's own bound messages."""
+    msg = str(err.get("msg", "")).removeprefix("Value error, ")
+    if "(got " in msg or "input" not in err:
+        return msg
+    if err.get("type") in _NUMBER_BOUNDS:
+        return f"{msg} (got {_shown(err['input'])})"
+    if err.get("type") in _LENGTH_BOUNDS and isinstance(err["input"], str):
+        return f"{msg} (got {len(err['input'])})"
+    return msg
+
+
 def field_errors(exc: ValidationError) -> list[FieldError]:
     """(field, reason) pairs of a ValidationError, with dotted field paths."""
     out: list[FieldError] = []
@@ -309,8 +335,7 @@ def field_errors(exc: ValidationError) -> list[FieldError]:
         # drop the union's branch tags ("named", "custom") from the location
         loc = [str(p) for p in err["loc"] if p not in ("named", "custom")]
         field = ".".join(loc) or "input"
-        msg = err["msg"].removeprefix("Value error, ")
-        out.append((field, msg))
+        out.append((field, error_reason(err)))
     return out
 
 

@@ -16,6 +16,7 @@ from celery.worker import WorkController
 from celery.worker import state as worker_state
 
 from farm.config import Settings
+from farm.devices import require_device
 from models.registry import get_model
 from tasks.queues import model_queues
 
@@ -35,8 +36,9 @@ def embedded_worker(app: Celery, model_name: str, device: str, settings: Setting
     from tasks.lease import start_services, stop_services
     from tasks.loaded_model import load_renderer
 
-    renderer = load_renderer(model_name, device, settings)
     spec = get_model(model_name, settings)
+    require_device(device, spec.family)  # this machine has it: a clear error, not a traceback from the load
+    renderer = load_renderer(model_name, device, settings)
     start_services(app, f"{spec.key}@embedded", renderer, settings)
     worker = _ThreadWorker(
         app=app,

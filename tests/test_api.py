@@ -128,6 +128,7 @@ def test_repeated_submit_with_an_idempotency_key_makes_one_job(api_stack: ApiSta
         ({"num_inference_steps": 0}, ["body", "num_inference_steps"], "between 1 and 50"),
         ({"model_name": "nope/model"}, ["body", "model_name"], "unknown model"),
         ({"num_images": 10000}, ["body", "num_images"], "between 1 and 64"),
+        ({"guidance_rescale": 2}, ["body", "guidance_rescale"], "less than or equal to 1 (got 2)"),
         ({"prompt": "a\u0000b"}, ["body", "prompt"], "NUL"),
         ({"colour": "red"}, ["body", "colour"], "Extra inputs are not permitted"),
     ],
@@ -277,7 +278,7 @@ def test_run_answers_the_output_directly(api_stack: ApiStack) -> None:
         assert events[-1] == "output" and set(events[:-1]) <= {"status"}
         # a request that does not start in time is cancelled: 504, not retried by fal_client
         logged = len(api_stack.log_path.read_bytes())
-        r = c.post(f"/run/{APP}", json=idle_input(), headers={"X-Fal-Request-Timeout": "1.5"})
+        r = r_timeout = c.post(f"/run/{APP}", json=idle_input(), headers={"X-Fal-Request-Timeout": "1.5"})
         assert r.status_code == 504 and r.json()["error_type"] == "request_timeout"
         assert r.headers["x-fal-request-timeout-type"] == "user"
         # the caller's own limit is an outcome of its request, not a fault of the server: no ERROR logged
@@ -291,6 +292,12 @@ def test_run_answers_the_output_directly(api_stack: ApiStack) -> None:
             time.sleep(0.1)
     rows = api_stack.sql("SELECT lane, status FROM jobs WHERE owner = 'runner' ORDER BY created_at")
     assert rows == [("sync", "COMPLETED"), ("sync", "COMPLETED"), ("sync", "CANCELLED"), ("sync", "CANCELLED")]
+    # the ledger says why each was cancelled, as the caller was told (not "cancelled by request")
+    assert "did not start within 1.5 s" in r_timeout.json()["detail"], r_timeout.text
+    why = api_stack.sql("SELECT error, error_type FROM jobs WHERE owner = 'runner' AND status = 'CANCELLED' "
+                        "ORDER BY created_at")
+    assert why == [("did not start within 1.5 s (X-Fal-Request-Timeout); cancelled", "cancelled"),
+                   ("the caller hung up before the request finished; cancelled", "cancelled")], why
 
 
 def test_unknown_apps_and_routes_are_404_and_openapi_documents_every_route(api_stack: ApiStack) -> None:

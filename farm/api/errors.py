@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from farm.errors import BrokerUnavailableError, FarmError, InvalidInputError, StorageError
+from farm.schemas import error_reason
 
 log = logging.getLogger("farm.api")
 
@@ -176,8 +177,7 @@ def _public(exc: FarmError) -> str:
 def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     detail = [
-        {"loc": _clean_loc(err.get("loc", ())), "msg": str(err.get("msg", "")).removeprefix("Value error, "),
-         "type": str(err.get("type", "value_error"))}
+        {"loc": _clean_loc(err.get("loc", ())), "msg": error_reason(err), "type": str(err.get("type", "value_error"))}
         for err in exc.errors()
     ]  # fmt: skip
     return error_response(422, detail, "validation_error")

@@ -108,15 +108,14 @@ async def wait_for_job(
             now = time.monotonic()
             waited = now - started
             if start_timeout is not None and status == JobStatus.IN_QUEUE and waited > start_timeout:
-                await run_in_threadpool(lifecycle.cancel, request_id)
-                raise RequestTimeoutError(
-                    f"request {request_id} did not start within {start_timeout:g} s; cancelled"
-                )
+                # the ledger records the real reason, as the caller is told it
+                reason = f"did not start within {start_timeout:g} s (X-Fal-Request-Timeout); cancelled"
+                await run_in_threadpool(lifecycle.cancel, request_id, reason=reason)
+                raise RequestTimeoutError(f"request {request_id} {reason}")
             if waited > settings.task_time_limit:
-                await run_in_threadpool(lifecycle.cancel, request_id)
-                raise RequestTimeoutError(
-                    f"request {request_id} did not finish within {settings.task_time_limit} s; cancelled"
-                )
+                reason = f"did not finish within {settings.task_time_limit} s; cancelled"
+                await run_in_threadpool(lifecycle.cancel, request_id, reason=reason)
+                raise RequestTimeoutError(f"request {request_id} {reason}")
             # sleep until the job changes, the fallback re-read or a time limit; look for a hang-up meanwhile
             read_again = min(now + settings.event_fallback_seconds,
                              started + settings.task_time_limit + DEADLINE_SLACK_SECONDS)  # fmt: skip
@@ -127,7 +126,8 @@ async def wait_for_job(
                 if request is not None and now >= next_disconnect_check:
                     next_disconnect_check = now + DISCONNECT_CHECK_SECONDS
                     if await request.is_disconnected():
-                        await run_in_threadpool(lifecycle.cancel, request_id)
+                        reason = "the caller hung up before the request finished; cancelled"
+                        await run_in_threadpool(lifecycle.cancel, request_id, reason=reason)
                         return
                 if now >= read_again:
                     break
@@ -197,7 +197,8 @@ async def _run_events(
     finally:
         if not finished:
             with anyio.CancelScope(shield=True):
-                await run_in_threadpool(lifecycle.cancel, request_id)
+                await run_in_threadpool(lifecycle.cancel, request_id,
+                                        reason="the caller hung up before the request finished; cancelled")
     yield {"event": "output", "data": output.model_dump_json()}
 
 

@@ -24,7 +24,8 @@ from db.migrate import ensure_schema
 from db.session import session_scope
 from farm import events, lifecycle
 from farm.config import Settings, get_settings
-from farm.errors import FarmError, InvalidInputError, JobNotFoundError
+from farm.devices import check_device
+from farm.errors import FarmError, InvalidInputError, JobNotFoundError, RequestIdTakenError
 from farm.results import build_output, status_view
 from farm.schemas import ImageSizeName, parse_input
 from farm.status import JobStatus, Lane
@@ -107,6 +108,7 @@ def generate(prompt: str, model_name: str | None, negative_prompt: str | None, i
              embeddings: tuple[str, ...], out_dir: Path | None, as_json: bool, lane: str, device: str,
              timeout: float) -> None:
     """Render PROMPT through the farm; print each image's path (with --out) or URL, or the output JSON."""
+    check_device(device)  # spelled right; the in-process worker checks that this machine has it
     fields: dict[str, Any] = {
         "prompt": prompt, "model_name": model_name, "negative_prompt": negative_prompt,
         "image_size": _image_size(image_size) if image_size else None,
@@ -128,8 +130,11 @@ def generate(prompt: str, model_name: str | None, negative_prompt: str | None, i
 
             with err.status(f"loading {inp.model_name} in-process (embedded mode, no servers configured)"):
                 stack.enter_context(embedded_worker(app, inp.model_name, device, settings))
-        rid = lifecycle.submit(inp, owner=settings.default_owner, lane=Lane(lane), source="cli",
-                                 settings=settings)
+        try:
+            rid = lifecycle.submit(inp, owner=settings.default_owner, lane=Lane(lane), source="cli",
+                                     settings=settings)
+        except RequestIdTakenError as exc:  # the user's --request-id: bad input (exit 2), nothing recorded
+            raise InvalidInputError("request_id", f"{exc}; give a new id, or the same input again") from None
         err.print(f"request {rid}", highlight=False)
         if not settings.embedded:
             warn_if_unserved(inp.model_name, settings)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import socket
 import sys
@@ -16,11 +15,11 @@ from typing import Any, NoReturn
 import click
 
 from farm.config import Settings, get_settings
-from farm.errors import FarmError, InvalidInputError, WorkerNameTakenError
+from farm.devices import check_device, require_device
+from farm.errors import FarmError, WorkerNameTakenError
 from models.registry import all_models, get_model
 
 log = logging.getLogger("farm.worker")
-DEVICE = re.compile(r"^(cpu|cuda:\d+|mps)$")
 
 
 def device_label(device: str) -> str:
@@ -103,9 +102,9 @@ def worker(model_name: str, device: str, name: str | None, log_level: str | None
             "farm worker needs FARM_BROKER_URL (redis://…); with no broker configured, "
             "`farm generate` runs its own worker in-process"
         )
-    if not DEVICE.match(device):
-        raise InvalidInputError("--device", f"must be cpu, cuda:N or mps (got {device!r})")
+    check_device(device)
     spec = get_model(model_name, settings)
+    require_device(device, spec.family)  # in this process, before the pool process forks and loads
 
     from celery.exceptions import WorkerShutdown
     from celery.signals import (

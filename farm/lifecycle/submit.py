@@ -342,16 +342,17 @@ def _group_message(chunk: list[_Queued]) -> dispatch.Message:
                             group=[(c.job_id, c.k) for c in rest])
 
 
-def cancel(rid: str, owner: str | None = None, source: str = "api") -> str:
+def cancel(rid: str, owner: str | None = None, source: str = "api", reason: str | None = None) -> str:
     """Cancel a job: ``CANCELLATION_REQUESTED``, ``ALREADY_COMPLETED`` or ``NOT_FOUND``.
 
     A queued job never starts (its batches are closed, its messages find nothing to claim); a
     running one stops within its current batch (its worker's fenced writes are refused and its
-    keeper aborts the render between steps).
+    keeper aborts the render between steps). ``reason``, when the cancel is not a caller's plain
+    request (a time limit passed, the caller hung up …), is the job's log line and its error.
     """
     with session_scope() as s:
         if ledger.get_job(s, rid, owner=owner) is None:
             return "NOT_FOUND"
-    done = finish_now(rid, JobStatus.CANCELLED, message="cancellation requested", owner=owner, source=source,
-                      error="cancelled by request", error_type="cancelled")
+    done = finish_now(rid, JobStatus.CANCELLED, message=reason or "cancellation requested", owner=owner,
+                      source=source, error=reason or "cancelled by request", error_type="cancelled")
     return "CANCELLATION_REQUESTED" if done else "ALREADY_COMPLETED"
