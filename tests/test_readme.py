@@ -224,8 +224,11 @@ def test_quick_start_demo_then_using_it_and_usage(tmp_path):
     assert sd15, block
     script = block.replace(sd15.group(0), "").replace("REQUEST_ID", "$(ls out | head -1 | cut -d_ -f1)")
     script += "\n" + readme_block("usage-cli")
+    # from the repository's root (its .venv), with `farm` not on the PATH until the block's first line
+    assert block.startswith(". .venv/bin/activate "), block
     (tmp_path / "using").mkdir()
-    code, out = run_block(script, tmp_path / "using", env, timeout=400)
+    (tmp_path / "using" / ".venv").symlink_to(VENV_BIN.parent, target_is_directory=True)
+    code, out = run_block(script, tmp_path / "using", dict(env, PATH="/usr/bin:/bin"), timeout=400)
     assert code == 0, out[-6000:]
     status = json.loads(out[out.index('{\n  "request_id"'):out.index("\n}\n") + 2])  # `farm status … --result`
     assert status["status"] == "COMPLETED" and len(status["result"]["images"]) == 4, out[-6000:]
