@@ -8,7 +8,6 @@ from db import ledger
 from db.migrate import ensure_schema
 from db.session import session_scope
 from farm import lifecycle
-from farm.config import get_settings
 from farm.errors import FarmError, JobNotFoundError
 
 REASON = "cancelled with `farm cancel`"
@@ -21,7 +20,6 @@ def cancel(request_id: str) -> None:
 
     Any owner's request, as `farm status` reads any (the CLI works on the ledger itself).
     """
-    get_settings()
     ensure_schema()
     with session_scope() as s:
         job = ledger.get_job(s, request_id)
