@@ -15,7 +15,7 @@ from db.session import dispose_engines
 from tests.api_stack import APP, IDLE_MODEL, idle_input, tiny_input
 from tests.services import free_port
 from tests.test_stack import _ledger, builtin_dir, stack  # noqa: F401  (fixtures)
-from tests.workers import FARM, run_farm
+from tests.workers import FARM, WorkerProcess, run_farm
 
 SD15 = "runwayml/stable-diffusion-v1-5"
 
@@ -134,3 +134,47 @@ def test_bulk_run_warns_of_an_unserved_model_and_require_live_worker_refuses_it(
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
+
+
+def test_a_job_whose_last_worker_leaves_mid_job_is_told_and_farm_generate_says_so(stack, tmp_path):  # noqa: F811
+    """Issue 17, item 3: the only worker of the model stops (SIGTERM: it finishes its batch and leaves)
+    while the job is IN_PROGRESS; the job's log gets the notice and `farm generate`, still waiting, prints it."""
+    env = dict(stack["env"], FARM_HOLD_MS="100", FARM_BATCH_SIZE="4", FARM_SWEEP_SECONDS="0.5")
+    worker = WorkerProcess(env, model="farm/hold", name="hold@leaves.test")
+    stack["workers"].append(worker)
+    worker.start()
+    out = tmp_path / "generate.log"
+    with open(out, "wb") as log:
+        proc = subprocess.Popen([FARM, "generate", "--model", "farm/hold", "a long job", "--num-images", "60",
+                                 "--image-size", "64x64", "--timeout", "300"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _ledger(stack, "SELECT id FROM jobs WHERE images_done > 0"):
+            assert proc.poll() is None and time.monotonic() < deadline, out.read_text(errors="replace")
+            time.sleep(0.1)
+        assert worker.proc is not None
+        worker.proc.send_signal(signal.SIGTERM)  # the main process: a warm shutdown
+        assert worker.wait(60) == 0, worker.output[-3000:]
+        expected = "warning: no live worker serves farm/hold (none since "
+        deadline = time.monotonic() + 60
+        while expected not in out.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, out.read_text(errors="replace")
+            time.sleep(0.2)
+        (rid, status, done), = _ledger(stack, "SELECT id, status, images_done FROM jobs")
+        assert status == "IN_PROGRESS" and 0 < done < 60, (status, done)
+        told = [(level, message) for level, message in _ledger(
+            stack, "SELECT level, message FROM job_logs WHERE job_id = :id ORDER BY id", id=rid)
+            if message.startswith("no live worker serves")]
+        assert len(told) == 1 and told[0][0] == "WARNING", told  # once, not at submit (a worker was live then)
+        assert "the job waits for the rest of its images until one joins" in told[0][1], told
+        line = next(ln for ln in out.read_text(errors="replace").splitlines() if expected in ln)
+        assert line.startswith(expected) and line.endswith(told[0][1]), line  # one line, unwrapped
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: `farm generate` cancels the job and exits
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    assert _ledger(stack, "SELECT status FROM jobs") == [("CANCELLED",)]

@@ -185,7 +185,9 @@ def _follow(rid: str, total: int, timeout: float) -> JobStatus:
     batch, finishes), and at least every ``event_fallback_seconds``.
     """
     deadline = time.monotonic() + timeout
-    fallback = get_settings().event_fallback_seconds
+    settings = get_settings()
+    fallback = settings.event_fallback_seconds
+    told, next_check = -1, 0.0  # the job's "no live worker serves" lines printed up to this log id (-1: none read)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     try:
@@ -203,6 +205,9 @@ def _follow(rid: str, total: int, timeout: float) -> JobStatus:
                 progress.update(bar, completed=done, description=label)
                 if status.is_terminal:
                     return status
+                if not settings.embedded and time.monotonic() >= next_check:  # its pool may go away mid-job
+                    next_check = time.monotonic() + settings.sweep_seconds
+                    told = _say_unserved(rid, told, settings, progress.console)
                 left = deadline - time.monotonic()
                 if left < 0:
                     _cancel(rid, f"client gave up after {timeout:.0f} s")
@@ -211,6 +216,19 @@ def _follow(rid: str, total: int, timeout: float) -> JobStatus:
     except KeyboardInterrupt:
         _cancel(rid, "cancelled by the user (Ctrl-C)")
         raise
+
+
+def _say_unserved(rid: str, told: int, settings: Settings, console: Console) -> int:
+    """Print the job's new "no live worker serves …" lines (those written before the first call were
+    said at submit); the last log id seen."""
+    from farm.lifecycle.pool import unserved_notices
+
+    if told < 0:
+        told = max((i for i, _ in unserved_notices(rid, 0, settings, write=False)), default=0)
+    lines = unserved_notices(rid, told, settings)
+    for _, message in lines:
+        console.print(f"warning: {message}", soft_wrap=True, highlight=False, markup=False)  # one line, unwrapped
+    return lines[-1][0] if lines else told
 
 
 def _cancel(rid: str, reason: str) -> None:
