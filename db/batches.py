@@ -364,7 +364,7 @@ def unpublished(s: Session, batch_ids: Sequence[int]) -> None:
 
 def register_worker(s: Session, *, name: str, model_name: str, model_key: str, device: str,
                     max_batch: int, loads: int, pid: int, host: str | None = None,
-                    live_within: float | None = None) -> None:
+                    live_within: float | None = None, metrics_url: str | None = None) -> None:
     """Insert or refresh the row of a worker that has just become ready.
 
     A name belongs to one live worker: the row of another live process (see
@@ -385,6 +385,7 @@ def register_worker(s: Session, *, name: str, model_name: str, model_key: str, d
         s.add(row)
     row.model_name, row.model_key, row.device = model_name, model_key, device
     row.max_batch, row.loads, row.pid, row.host = max_batch, loads, pid, host
+    row.metrics_url = metrics_url
     row.recompiles = row.cold_renders = 0
     row.started_at = row.heartbeat_at = now
     row.stopped_at = None

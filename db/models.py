@@ -285,6 +285,7 @@ class Worker(Base):
     cold_renders: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     pid: Mapped[int] = mapped_column(Integer)
     host: Mapped[str | None] = mapped_column(String(256))  # with pid, which process the row is (NULL: before 0006)
+    metrics_url: Mapped[str | None] = mapped_column(String(512))  # where to scrape it (NULL: no exporter)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

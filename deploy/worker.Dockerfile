@@ -34,7 +34,7 @@ ENV PATH=/opt/farm/bin:$PATH PYTHONUNBUFFERED=1 FARM_DATA_DIR=/var/lib/farm FARM
 USER 10001:10001
 WORKDIR /var/lib/farm
 VOLUME ["/models"]
-# worker metrics (FARM_METRICS_PORT, default 9808)
+# worker metrics (FARM_METRICS_PORT, default 9808; one worker per container, so the port is free)
 EXPOSE 9808
 # SIGTERM to the main process starts Celery's warm shutdown: the batch in hand is finished and stored
 STOPSIGNAL SIGTERM

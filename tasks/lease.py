@@ -230,8 +230,10 @@ class WorkerServices:
 _services: WorkerServices | None = None
 
 
-def start_services(app: Celery, name: str, renderer: Any, settings: Settings) -> WorkerServices:
-    """Register this worker in the pool and start its keeper and uploader (once per process)."""
+def start_services(app: Celery, name: str, renderer: Any, settings: Settings,
+                   metrics_url: str | None = None) -> WorkerServices:
+    """Register this worker in the pool (with where its metrics are scraped) and start its keeper and
+    uploader (once per process)."""
     global _services
     if _services is not None:
         return _services
@@ -246,7 +248,7 @@ def start_services(app: Celery, name: str, renderer: Any, settings: Settings) ->
     with session_scope() as s:
         ledger_batches.register_worker(
             s, name=name, model_name=renderer.spec.name, model_key=renderer.spec.key, device=renderer.device,
-            max_batch=max_batch, loads=renderer.loads, pid=os.getpid(),
+            max_batch=max_batch, loads=renderer.loads, pid=os.getpid(), metrics_url=metrics_url,
         )
     keeper = LeaseKeeper(app=app, name=name, settings=settings, loads=lambda: int(renderer.loads),
                          compiles=lambda: (int(getattr(renderer, "recompiles", 0)),

@@ -7,13 +7,14 @@ import json
 import os
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.metrics_stack import APP, MetricsStack, tiny, value
+from tests.metrics_stack import APP, TOKEN, MetricsStack, tiny, value
 from tests.services import free_port
 from tests.workers import run_farm
 
@@ -79,6 +80,24 @@ def test_metrics_need_the_token_when_one_is_set(metrics_stack: MetricsStack) -> 
     for url in (f"{stack.base_url}/metrics", f"http://127.0.0.1:{stack.metrics_port}/metrics"):
         assert httpx.get(url, timeout=30).status_code == 401
         assert httpx.get(url, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
+
+
+def test_the_api_lists_where_each_live_worker_is_scraped(metrics_stack: MetricsStack) -> None:
+    """Issue 17, item 1: Prometheus finds workers through the API (http_sd): the target the `workers` row
+    names answers the scrape; the list needs the metrics token like /metrics."""
+    stack = running(metrics_stack)
+    url = f"{stack.base_url}/metrics/targets"
+    assert httpx.get(url, timeout=30).status_code == 401
+    r = httpx.get(url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    (row,) = stack.sql("SELECT metrics_url FROM workers WHERE name = 'metrics-worker'")
+    assert row[0] == f"http://{socket.gethostname()}:{stack.metrics_port}/metrics"
+    groups = [g for g in r.json() if g["labels"]["worker"] == "metrics-worker"]
+    assert groups == [{"targets": [f"{socket.gethostname()}:{stack.metrics_port}"],
+                       "labels": {"worker": "metrics-worker", "__scheme__": "http", "__metrics_path__": "/metrics"}}]
+    scraped = httpx.get(row[0], headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    assert scraped.status_code == 200 and 'name="metrics-worker"' in scraped.text
+    assert f"metrics={row[0]}" in stack.worker.output  # its ready line says so too
 
 
 def test_usage_shows_an_owner_its_own_and_the_cli_shows_all(metrics_stack: MetricsStack) -> None:

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -22,10 +23,12 @@ import tarfile
 import time
 from pathlib import Path
 
+import httpx
 from PIL import Image
 
 from tests.api_stack import ApiStack
 from tests.services import free_port
+from tests.test_stack import _ledger, builtin_dir, stack  # noqa: F401  (fixtures)
 from tests.workers import FARM, clean_env, run_farm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +52,7 @@ RUN = {
     "bulk-worked-example": "test_bulk_worked_example_then_the_training_script_reads_it",
     "bulk-training-read": "test_bulk_worked_example_then_the_training_script_reads_it",
     "celery-bulk": "test_celery_bulk_task_block",
+    "pools-one-host-cpu": "test_two_workers_on_one_host_from_the_readme_pool_example",
 }
 # block → why no test runs it
 EXEMPT = {
@@ -238,7 +242,7 @@ def test_quick_start_demo_then_using_it_and_usage(tmp_path):
     assert sum(row["images"] for row in usage) == 8 and {row["model"] for row in usage} == {"farm/tiny-lcm"}, out
 
 
-def _api_script(stack: ApiStack, key: str) -> str:
+def _api_script(stack: ApiStack, key: str) -> str:  # noqa: F811  (not the fixture)
     """The client blocks in order, in one shell, with the stack's host, a fresh key and its CA."""
     def sub(text: str) -> str:
         return text.replace("farm-host:8443", stack.host).replace("<id>:<secret>", key)
@@ -327,3 +331,43 @@ def test_celery_bulk_task_block(api_stack: ApiStack, tmp_path: Path) -> None:
         assert [tuple(c) for c in counts] == [("done", 14)], counts  # 7 prompts x 2 images, as in the example
     finally:
         _stop_group(driver)
+
+
+def test_two_workers_on_one_host_from_the_readme_pool_example(stack, tmp_path):  # noqa: F811
+    """Issue 17, item 1: the pool example's CPU loop as written, against the private servers, with the
+    default metrics port: both workers start (no per-worker setting), take distinct names and ports, say
+    where they are scraped (ready line and `workers` row), serve their metrics there, and the job renders."""
+    block = readme_block("pools-one-host-cpu")
+    assert block.startswith("for i in 1 2; do farm worker --model farm/tiny-lcm & done\n"), block
+    env = {k: v for k, v in stack["env"].items() if k != "FARM_METRICS_PORT"}  # both on the default, 9808
+    env["PATH"] = f"{VENV_BIN}:/usr/bin:/bin"
+    log = tmp_path / "block.log"
+    with open(log, "wb") as out:  # `wait`: the workers run until this test has looked at them
+        proc = subprocess.Popen(["bash", "-e", "-o", "pipefail", "-c", f"{block}\necho '=== block done'\nwait"],
+                                cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            out_text = log.read_text(errors="replace")
+            if "=== block done" in out_text and out_text.count("farm worker ready: ") == 2:
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, out_text[-6000:]
+            time.sleep(0.2)
+        assert "Traceback" not in out_text and "error:" not in out_text, out_text[-6000:]  # neither refused
+        host = socket.gethostname()
+        rows = _ledger(stack, "SELECT name, metrics_url FROM workers WHERE stopped_at IS NULL ORDER BY name")
+        assert {name for name, _ in rows} == {f"tiny-lcm@cpu.{host}", f"tiny-lcm@cpu-2.{host}"}, rows
+        urls = [url for _, url in rows]
+        assert len(set(urls)) == 2 and all(url and url.startswith(f"http://{host}:") for url in urls), rows
+        ready = [line for line in out_text.splitlines() if "farm worker ready: " in line]
+        for name, url in rows:
+            assert [line for line in ready if f"ready: {name} " in line and line.endswith(f" metrics={url}")], ready
+            scraped = httpx.get(url, timeout=30)
+            assert scraped.status_code == 200, (url, scraped.text[:500])
+            assert f'farm_worker_info{{device="cpu",model="tiny-lcm",name="{name}"}} 1.0' in scraped.text, url
+        (status, done), = _ledger(stack, "SELECT status, images_done FROM jobs")
+        assert (status, done) == ("COMPLETED", 8)
+        assert len([line for line in out_text.splitlines() if line.startswith("http")]) == 8, out_text[-4000:]
+    finally:
+        _stop_group(proc)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
 import os
 import signal
@@ -64,6 +66,55 @@ def _refuse_a_live_namesake(name: str, settings: Settings) -> None:
             raise row.name_taken(now)
 
 
+NAMES_TRIED = 64  # <key>@<device>.<host>, then <key>@<device>-2.<host> … -64
+
+
+def _free_name(base: str, settings: Settings) -> tuple[str, int]:
+    """The first of ``<base>.%h``, ``<base>-2.%h``, … that no live worker holds and no worker of this host
+    is starting under for the same ledger (a lock file held for this process's life, so two started at
+    once differ too); the node name and the lock's file descriptor. Refuses if all are held."""
+    from db.models import Worker, utcnow
+    from db.session import session_scope
+
+    host = socket.gethostname()
+    farm = hashlib.sha256(settings.effective_database_url.encode()).hexdigest()[:12]  # names are per ledger
+    for n in range(1, NAMES_TRIED + 1):
+        node = f"{base}{'' if n == 1 else f'-{n}'}.%h"
+        shown = node.replace("%h", host)
+        try:
+            fd = os.open(Path(tempfile.gettempdir()) / f"farm-worker-{farm}-{shown}.lock",
+                         os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError:
+            continue  # another user's lock file: that user's worker may hold the name
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # a worker of this host is starting (or runs) under it
+        with session_scope() as s:
+            row = s.get(Worker, shown)
+            now = utcnow()
+            if row is None or not row.live_other_than(host, None, settings.lease_seconds, now):
+                return node, fd
+        os.close(fd)
+    _refuse_a_live_namesake(f"{base}.{host}", settings)
+    raise WorkerNameTakenError(f"worker names {base}.{host} to {base}-{NAMES_TRIED}.{host} are all taken by "
+                               "live workers of this host: give this one a --name")
+
+
+def _serve_metrics(settings: Settings, port: int) -> str | None:
+    """Start this worker's exporter (another port if ``port`` is taken); where to scrape it, or None."""
+    from farm.metrics import exposition
+
+    exposition.setup("worker")  # the pool child writes its values there; this process exports them
+    server = exposition.serve(settings.metrics_host, port, settings.metrics_token)
+    if server is None:
+        return None
+    url = exposition.scrape_url(settings.metrics_host, server.server_port)
+    click.echo(f"metrics on {url} (listening on {settings.metrics_host}:{server.server_port})", err=True)
+    return url
+
+
 def _held(name: str) -> str:
     """The batches this worker holds in the ledger, in words: "batch 2 of job J and batch 0 of job K"."""
     from sqlalchemy import select
@@ -86,11 +137,13 @@ def _held(name: str) -> str:
 @click.option("--model", "model_name", required=True, help="The one model this worker serves.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda:N or mps.")
 @click.option("--name", default=None,
-              help="Node name, unique among live workers (default: <model-key>@<device>.<host>).")
+              help="Node name, unique among live workers (default: <model-key>@<device>.<host>, or "
+                   "<model-key>@<device>-2.<host> … while a live worker of this host has it).")
 @click.option("--log-level", "log_level", default=None, help="Worker log level (default: FARM_LOG_LEVEL).")
 @click.option("--loglevel", "old_log_level", default=None, hidden=True, help="Deprecated: use --log-level.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
-              help="Port of this worker's Prometheus exporter (default: FARM_METRICS_PORT, 9808); 0: none.")
+              help="Port of this worker's Prometheus exporter (default: FARM_METRICS_PORT, 9808); taken (another "
+                   "worker of this host): the next free one, as logged and in the workers table; 0: none.")
 def worker(model_name: str, device: str, name: str | None, log_level: str | None, old_log_level: str | None,
            metrics_port: int | None) -> None:
     """Serve MODEL's queues on DEVICE (FARM_BROKER_URL must point at Redis)."""
@@ -121,15 +174,13 @@ def worker(model_name: str, device: str, name: str | None, log_level: str | None
     from tasks.queues import model_queues
 
     ensure_schema()
-    node = name or f"{spec.key}@{device_label(device)}.%h"
+    if name:  # a name given is this worker's or none: refused if a live worker holds it
+        node = name
+        _refuse_a_live_namesake(node.replace("%h", socket.gethostname()), settings)
+    else:  # several workers of one model and device on one host: the second is <key>@<device>-2.<host>
+        node, _lock = _free_name(f"{spec.key}@{device_label(device)}", settings)  # held until this process exits
     shown = node.replace("%h", socket.gethostname())
-    _refuse_a_live_namesake(shown, settings)
-    if port:
-        from farm.metrics import exposition
-
-        exposition.setup("worker")  # the pool child writes its values there; this process exports them
-        exposition.serve(settings.metrics_host, port, settings.metrics_token)
-        click.echo(f"metrics on http://{settings.metrics_host}:{port}/metrics", err=True)
+    metrics_url = _serve_metrics(settings, port) if port else None
     app = get_app(settings)
 
     failure = Path(tempfile.mkstemp(prefix="farm-worker-")[1])  # the pool process's reason to give up
@@ -158,7 +209,7 @@ def worker(model_name: str, device: str, name: str | None, log_level: str | None
         except Exception as exc:
             _give_up(f"cannot load {spec.name} on {device}: {_reason(exc)}")
         try:
-            services = start_services(app, shown, renderer, settings)  # in the pool, with its batch size
+            services = start_services(app, shown, renderer, settings, metrics_url)  # in the pool, with its batch size
         except Exception as exc:
             _give_up(_reason(exc) if isinstance(exc, WorkerNameTakenError) else f"cannot join the pool: {_reason(exc)}")
         count.worker_up(shown, spec.key, device)
@@ -188,8 +239,8 @@ def worker(model_name: str, device: str, name: str | None, log_level: str | None
     def _announce() -> None:
         line = os.read(joined_r, 256).decode().split()  # the pool process joined
         if len(line) == 2:
-            log.info("farm worker ready: %s model=%s device=%s max_batch=%s loads=%s", shown, spec.name, device,
-                     *line)
+            log.info("farm worker ready: %s model=%s device=%s max_batch=%s loads=%s metrics=%s", shown, spec.name,
+                     device, *line, metrics_url or "none")
 
     def _consuming(**_: Any) -> None:
         # main process: the consumer takes messages from the broker; ready once the pool process joined too

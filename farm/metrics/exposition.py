@@ -14,6 +14,7 @@ metrics endpoint (the metrics name owners: keep them from tenants).
 from __future__ import annotations
 
 import atexit
+import errno
 import hmac
 import logging
 import os
@@ -26,8 +27,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
-
-from farm.errors import FarmError
 
 log = logging.getLogger(__name__)
 ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -107,11 +106,17 @@ class _Server(WSGIServer):
     allow_reuse_address = True
 
 
-def serve(host: str, port: int, token: str | None) -> WSGIServer:
-    """The worker's exporter: ``GET /metrics`` (and ``/``) on ``host:port`` in a daemon thread."""
+PORTS_TRIED = 32  # the configured port and the next ones, before any free port
+
+
+def serve(host: str, port: int, token: str | None) -> WSGIServer | None:
+    """The worker's exporter: ``GET /metrics`` (and ``/``) in a daemon thread, on ``host:port`` or, when
+    that port is taken (another worker of this host has it), the first free one of the next
+    ``PORTS_TRIED - 1``, else any free port. None (logged) only if the interface cannot be served at
+    all: a worker never refuses to serve its GPU for its metrics. ``server.server_port`` says which."""
     from socketserver import ThreadingMixIn
 
-    class Threading(ThreadingMixIn, _Server):
+    class Threading(ThreadingMixIn, _Server):  # SO_REUSEADDR: a port another socket listens on is still refused
         pass
 
     reg = registry()
@@ -127,13 +132,32 @@ def serve(host: str, port: int, token: str | None) -> WSGIServer:
         start("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
         return [body]
 
-    try:
-        server = make_server(host, port, app, Threading, handler_class=_Quiet)
-    except OSError as exc:
-        raise FarmError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc} (another worker on this "
-                        "host? give each its own --metrics-port, or FARM_METRICS_PORT=0 to export none)") from None
-    threading.Thread(target=server.serve_forever, name="farm-metrics", daemon=True).start()
-    return server
+    candidates = [p for p in range(port, port + PORTS_TRIED) if p <= 65535] + [0]
+    first_error: OSError | None = None
+    for candidate in candidates:
+        try:
+            server = make_server(host, candidate, app, Threading, handler_class=_Quiet)
+        except OSError as exc:
+            first_error = first_error or exc
+            if exc.errno != errno.EADDRINUSE:
+                break  # not a taken port (an unknown interface, no permission): no other port helps
+            continue
+        if candidate != port:
+            log.warning("metrics port %d is taken (another worker on this host?): serving metrics on %s:%d instead",
+                        port, host, server.server_port)
+        threading.Thread(target=server.serve_forever, name="farm-metrics", daemon=True).start()
+        return server
+    log.error("cannot serve metrics on %s:%d: %s; this worker serves without them (FARM_METRICS_HOST, "
+              "FARM_METRICS_PORT)", host, port, getattr(first_error, "strerror", None) or first_error)
+    return None
+
+
+def scrape_url(host: str, port: int) -> str:
+    """Where Prometheus reaches an exporter bound to ``host:port`` (the host's name for a wildcard)."""
+    import socket
+
+    name = socket.gethostname() if host in ("", "0.0.0.0", "::") else host
+    return f"http://{f'[{name}]' if ':' in name else name}:{port}/metrics"
 
 
 def child_started() -> None:

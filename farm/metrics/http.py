@@ -1,4 +1,5 @@
-"""The API's metrics: requests by route template and status, their latency, and ``GET /metrics``.
+"""The API's metrics: requests by route template and status, their latency, ``GET /metrics``, and
+``GET /metrics/targets``: where each live worker's exporter is (Prometheus ``http_sd_configs``).
 
 The middleware is plain ASGI: the latency is the time to the response headers (a status stream
 or an SSE run would otherwise count its whole life), and the route is the matched template
@@ -14,6 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from farm.config import Settings
@@ -83,4 +85,39 @@ def metrics_router() -> APIRouter:
         body, content_type = await run_in_threadpool(exposition.render, api_registry(settings))
         return Response(body, media_type=content_type)
 
+    @router.get("/metrics/targets", summary="Where to scrape each live worker (Prometheus HTTP service discovery)",
+                responses={200: {"description": "Prometheus http_sd target groups, one per live worker"},
+                           401: {"description": "FARM_METRICS_TOKEN is set and the request lacks it"}})
+    async def targets(request: Request) -> Response:
+        """The live workers' exporters as Prometheus `http_sd_configs` target groups (`worker` label: its name);
+        several workers of one host each have their own port (`workers.metrics_url`)."""
+        settings: Settings = request.app.state.settings
+        if not exposition.authorized(request.headers.get("authorization"), settings.metrics_token):
+            return Response("metrics need Authorization: Bearer <FARM_METRICS_TOKEN>\n", status_code=401,
+                            media_type="text/plain", headers={"WWW-Authenticate": "Bearer"})
+        return JSONResponse(await run_in_threadpool(worker_targets, settings))
+
     return router
+
+
+def worker_targets(settings: Settings) -> list[dict[str, Any]]:
+    """One target group per live worker with an exporter, from the ledger's ``workers`` table."""
+    from urllib.parse import urlsplit
+
+    from sqlalchemy import select
+
+    from db.models import Worker, utcnow
+    from db.session import session_scope
+
+    since = utcnow().timestamp() - settings.lease_seconds
+    with session_scope() as s:
+        rows = s.execute(select(Worker.name, Worker.metrics_url, Worker.heartbeat_at).where(
+            Worker.stopped_at.is_(None), Worker.metrics_url.is_not(None)).order_by(Worker.name)).all()
+    groups = []
+    for name, url, beat in rows:
+        if beat.timestamp() < since:
+            continue
+        parts = urlsplit(url)
+        groups.append({"targets": [parts.netloc], "labels": {
+            "worker": name, "__scheme__": parts.scheme or "http", "__metrics_path__": parts.path or "/metrics"}})
+    return groups
