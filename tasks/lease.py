@@ -61,9 +61,9 @@ class LeaseKeeper:
     the uploader the ones being stored, so a hung render loses its lease even while the uploader
     is busy. A batch that has not started yet (pulled ahead, waiting behind the render in
     progress) lives on this worker's latest progress: it waits while the render before it moves,
-    and loses its lease with a stalled one. The heartbeat is fenced by each claim's token; a claim it finds lost (taken over, or
-    closed because its job ended) is logged once, and a render whose claims are all lost is
-    aborted at its next step.
+    and loses its lease with a stalled one. The heartbeat is fenced by each claim's token; a claim
+    it finds lost (taken over, or closed because its job ended) is logged once, and a render whose
+    claims are all lost is aborted at its next step.
     """
 
     app: Celery

@@ -154,7 +154,8 @@ def test_a_batch_pulled_ahead_keeps_its_lease_while_the_render_before_it_moves(f
     assert batches == [(k, "done", 1, "hold@ahead.test") for k in range(3)], batches  # claimed once each
     logs = [m for (m,) in _ledger(farm, "SELECT message FROM job_logs WHERE job_id = :id", id=rid)]
     assert not [m for m in logs if "back to the pool" in m], logs
-    assert "no render progress" not in worker.output and "taken over or closed" not in worker.output, worker.output[-3000:]
+    tail = worker.output[-3000:]
+    assert "no render progress" not in worker.output and "taken over or closed" not in worker.output, tail
     # the premise: the pulled-ahead batch was claimed while the one before it rendered, and waited
     claimed = [c for (c,) in _ledger(farm, "SELECT claimed_at FROM batches WHERE job_id = :id ORDER BY k", id=rid)]
     finished = [f for (f,) in _ledger(farm, "SELECT finished_at FROM batches WHERE job_id = :id ORDER BY k", id=rid)]
