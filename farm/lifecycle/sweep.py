@@ -24,9 +24,10 @@ with ``SKIP LOCKED`` and a duplicate message is harmless (the claim decides). On
 0. **Fetches**: jobs whose file inputs are still to be fetched and that no process holds (farm.lifecycle.fetch)
    are fetched in this process's fetch pool.
 
-5. **Unserved models**: a queued job whose model has lost its last live worker since the job was
-   submitted gets the WARNING line "no live worker serves M (none since T) …" once
-   (``farm.lifecycle.pool.log_unserved``), as a submit for an unserved model gets it at once.
+5. **Unserved models**: a queued or in-progress job whose model has lost its last live worker since
+   the job was submitted (or, in progress, since it started) gets the WARNING line "no live worker
+   serves M (none since T) …" once (``farm.lifecycle.pool.log_unserved``), as a submit for an
+   unserved model gets it at once.
 
 So no job stays non-terminal without either a live lease or a recent message.
 """

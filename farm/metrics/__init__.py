@@ -5,7 +5,8 @@
   worker's exporter (``FARM_METRICS_PORT``).
 * :mod:`farm.metrics.ledger`: gauges read from the ledger when the API is scraped (queue depth
   and age per model and lane, jobs by status, live workers, unserved models, webhook outbox).
-* :mod:`farm.metrics.http`: the API's request counter and latency, and its ``GET /metrics``.
+* :mod:`farm.metrics.http`: the API's request counter and latency, its ``GET /metrics``, and
+  ``GET /metrics/targets`` (each live worker's exporter, for Prometheus service discovery).
 
 Counters and histograms live in prometheus-client's multiprocess mode when
 ``PROMETHEUS_MULTIPROC_DIR`` is set (``farm worker`` and ``farm api`` set it to a fresh folder of
