@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import anyio.to_thread
 from fastapi import Depends, Request, Security
-from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader
 
 from farm.api.errors import AuthError
@@ -65,7 +65,8 @@ async def tenant_for(settings: Settings, authorization: str | None, door: Any = 
         raise AuthError("the Authorization header must be `Key <id>:<secret>`")
     key = door[1] if door is not None and door[0] == token else cached_key(token)
     if key is None:
-        key = await run_in_threadpool(verify_key, token)
+        # abandonable: a caller's deadline (a realtime socket's admission) stops waiting on a stuck ledger
+        key = await anyio.to_thread.run_sync(verify_key, token, abandon_on_cancel=True)
     if key is None:
         raise AuthError("invalid or revoked API key")
     limit = key.max_in_flight if key.max_in_flight is not None else settings.max_jobs_in_flight

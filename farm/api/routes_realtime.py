@@ -9,10 +9,14 @@ code and a reason, which every client shows (an HTTP refusal of the upgrade carr
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import uuid
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
+import anyio.to_thread
 from fastapi import APIRouter, Body, WebSocket
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field, field_validator
@@ -21,7 +25,7 @@ from farm import events
 from farm.api.deps import SettingsDep, Tenant, TenantDep, tenant_for
 from farm.api.errors import ERROR_RESPONSES
 from farm.api.fal import APP_ALIAS, APP_ID
-from farm.api.realtime_hub import LaneUnavailableError, get_hub
+from farm.api.realtime_hub import Hub, LaneUnavailableError, get_hub
 from farm.api.realtime_session import RealtimeSession, quota_spent
 from farm.config import Settings
 from farm.errors import FarmError
@@ -35,10 +39,13 @@ from farm.realtime.protocol import (
     close_reason,
 )
 
+T = TypeVar("T")
 log = logging.getLogger("farm.api.realtime")
 router = APIRouter(tags=["realtime"])
 _sessions: set[RealtimeSession] = set()
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # the lane is Redis lists and pub/sub (redis-py's URLs)
+ADMIT_SECONDS = 10.0  # credentials, lane, limit and quota checks of a new connection, in all
+CLOSE_SECONDS = 5.0  # sending a refusal, uncounting a connection
 NO_REDIS = "realtime is unavailable: it needs a Redis broker (FARM_BROKER_URL=redis://…) and this farm has none"
 
 
@@ -128,7 +135,7 @@ async def _authenticate(ws: WebSocket, settings: Settings) -> Tenant:
         assert from_key is not None
         return from_key
     try:
-        claims = await run_in_threadpool(tokens.verify, settings, token, APP_ID)
+        claims = await _in_thread(tokens.verify, settings, token, APP_ID)
     except tokens.TokenError as exc:
         code = CLOSE_FORBIDDEN if "does not allow" in str(exc) else CLOSE_UNAUTHORIZED
         raise Refused(code, str(exc)) from None
@@ -136,7 +143,7 @@ async def _authenticate(ws: WebSocket, settings: Settings) -> Tenant:
         raise Refused(CLOSE_FORBIDDEN, "the realtime token belongs to another owner than the API key")
     from farm.keys import active_key
 
-    key = await run_in_threadpool(active_key, claims.key_id) if claims.key_id else None
+    key = await _in_thread(active_key, claims.key_id) if claims.key_id else None
     if claims.key_id and key is None:
         raise Refused(CLOSE_UNAUTHORIZED, "the API key that made this realtime token was revoked")
     if key is not None and key.owner != claims.owner:
@@ -145,34 +152,83 @@ async def _authenticate(ws: WebSocket, settings: Settings) -> Tenant:
     return Tenant(claims.owner, claims.key_id, limit, key.max_images if key is not None else None)
 
 
+async def _in_thread(func: Callable[..., T], *args: Any) -> T:
+    """A blocking call (the ledger) that the admission deadline can stop waiting for: Starlette's
+    run_in_threadpool cannot be cancelled, so a stuck ledger would hold the refusal for as long as it is
+    stuck. The abandoned thread ends on its own when the call returns."""
+    return await anyio.to_thread.run_sync(functools.partial(func, *args), abandon_on_cancel=True)
+
+
+async def _admit(ws: WebSocket, settings: Settings, conn_id: str) -> tuple[int, Tenant, Hub]:
+    """The connection's buffering, tenant and hub, with the owner's connection counted; raises Refused."""
+    buffering = _buffering(ws, settings)
+    tenant = await _authenticate(ws, settings)
+    if not (settings.broker_url or "").startswith(REDIS_SCHEMES):
+        raise Refused(CLOSE_UNAVAILABLE, NO_REDIS)
+    try:
+        hub = await get_hub(ws.app.state, settings.broker_url or "", settings.publish_timeout)
+        limit = min(settings.realtime_max_connections, tenant.max_in_flight)
+        over = await hub.admit(tenant.owner, conn_id, limit)
+    except (LaneUnavailableError, OSError, ConnectionError) as exc:
+        raise Refused(CLOSE_UNAVAILABLE, f"realtime is unavailable: {exc}") from None
+    except Exception as exc:  # redis raises its own types for a dead server
+        raise Refused(CLOSE_UNAVAILABLE, f"realtime is unavailable: {exc}") from None
+    if over is not None:
+        raise Refused(CLOSE_OVER_LIMIT, f"owner {tenant.owner} has {over} realtime connection(s) open: the "
+                      f"limit is {limit}")
+    try:
+        spent = await _in_thread(quota_spent, tenant.owner, settings)
+    except BaseException:
+        await _leave(hub, tenant.owner, conn_id)
+        raise
+    if spent is not None:
+        await _leave(hub, tenant.owner, conn_id)
+        raise Refused(CLOSE_OVER_LIMIT, spent)
+    return buffering, tenant, hub
+
+
+async def _leave(hub: Hub, owner: str, conn_id: str) -> None:
+    """Uncount a connection that is not opened after all (bounded; the entry expires on its own anyway)."""
+    try:
+        async with asyncio.timeout(CLOSE_SECONDS):
+            await hub.leave(owner, conn_id)
+    except Exception as exc:
+        log.debug("realtime %s: could not leave the connection set: %s", conn_id, exc)
+
+
+async def _refuse(ws: WebSocket, conn_id: str, code: int, reason: str) -> None:
+    """Close with ``code`` and ``reason``, at once: bounded, and never raises (a client that went away)."""
+    log.info("realtime %s refused: %s", conn_id, reason)
+    try:
+        async with asyncio.timeout(CLOSE_SECONDS):
+            await ws.close(code, close_reason(reason))
+    except Exception as exc:  # gone, or not reading: the server drops the connection when this returns
+        log.debug("realtime %s: the refusal could not be sent: %s", conn_id, exc)
+
+
 async def realtime(ws: WebSocket) -> None:
-    """Frames in, results out (see ``farm.api.realtime_session``)."""
+    """Frames in, results out (see ``farm.api.realtime_session``).
+
+    The upgrade is accepted first, then the connection is admitted within ``ADMIT_SECONDS`` (credentials,
+    the lane, the owner's connection limit and quota) or refused with a close code and a reason: every
+    path out of admission closes the socket, a check that hangs (the ledger, Redis) included.
+    """
     settings: Settings = ws.app.state.settings
     await ws.accept()
     conn_id = uuid.uuid4().hex[:16]
     try:
-        buffering = _buffering(ws, settings)
-        tenant = await _authenticate(ws, settings)
-        if not (settings.broker_url or "").startswith(REDIS_SCHEMES):
-            raise Refused(CLOSE_UNAVAILABLE, NO_REDIS)
-        try:
-            hub = await get_hub(ws.app.state, settings.broker_url or "", settings.publish_timeout)
-            limit = min(settings.realtime_max_connections, tenant.max_in_flight)
-            over = await hub.admit(tenant.owner, conn_id, limit)
-        except (LaneUnavailableError, OSError, ConnectionError) as exc:
-            raise Refused(CLOSE_UNAVAILABLE, f"realtime is unavailable: {exc}") from None
-        except Exception as exc:  # redis raises its own types for a dead server
-            raise Refused(CLOSE_UNAVAILABLE, f"realtime is unavailable: {exc}") from None
-        if over is not None:
-            raise Refused(CLOSE_OVER_LIMIT, f"owner {tenant.owner} has {over} realtime connection(s) open: the "
-                          f"limit is {limit}")
-        spent = await run_in_threadpool(quota_spent, tenant.owner, settings)
-        if spent is not None:
-            await hub.leave(tenant.owner, conn_id)
-            raise Refused(CLOSE_OVER_LIMIT, spent)
+        async with asyncio.timeout(ADMIT_SECONDS):
+            buffering, tenant, hub = await _admit(ws, settings, conn_id)
     except Refused as exc:
-        log.info("realtime %s refused: %s", conn_id, exc.reason)
-        await ws.close(exc.code, close_reason(exc.reason))
+        await _refuse(ws, conn_id, exc.code, exc.reason)
+        return
+    except TimeoutError:
+        await _refuse(ws, conn_id, CLOSE_UNAVAILABLE, f"realtime is unavailable: the connection could not be "
+                      f"admitted within {ADMIT_SECONDS:g} s (the ledger or Redis is slow); try again")
+        return
+    except Exception:
+        log.exception("realtime %s: admission failed", conn_id)
+        await _refuse(ws, conn_id, CLOSE_UNAVAILABLE, "realtime is unavailable: an internal error; try again")
         return
     session = RealtimeSession(ws, hub, tenant, settings, conn_id, buffering)
     log.info("realtime %s (%s): open, max_buffering %d", conn_id, tenant.owner, buffering)
