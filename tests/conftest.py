@@ -27,6 +27,7 @@ from tests.services import (
     find_redis,
     missing,
 )
+from tests.timeouts import pytest_collection_modifyitems  # noqa: F401  (per-test time limits)
 
 
 @pytest.fixture(scope="session")
