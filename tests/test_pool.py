@@ -287,10 +287,19 @@ def test_message_taken_by_a_worker_that_died_before_claiming_comes_back(farm):
 
 def test_a_failing_batch_is_retried_a_bounded_number_of_times_then_the_job_names_it(farm):
     import base64
+    import io
+
+    import torch
 
     farm["configure"](FARM_BATCH_RETRIES="1", FARM_LEASE_SECONDS="2", FARM_BATCH_SIZE="2")
     farm["start"](TINY, "tiny@f0.test")
-    bad_lora = "data:application/octet-stream;base64," + base64.b64encode(b"not a lora").decode()
+    # a file that reads (a valid PyTorch checkpoint: torch.load with weights_only takes it) but that the LoRA
+    # loader cannot read (a list, not a state dict: diffusers fails with a TypeError): not the file's own
+    # problem (models.adapters._file_problem finds none), so it is unreadable weights (ModelNotFoundError,
+    # 503), which the farm retries; garbage bytes would be an input error that fails once (test_bad_lora)
+    checkpoint = io.BytesIO()
+    torch.save([1, 2], checkpoint)
+    bad_lora = "data:application/octet-stream;base64," + base64.b64encode(checkpoint.getvalue()).decode()
     rid = _submit(TINY, "a broken adapter", 2, image_size={"width": 64, "height": 64}, num_inference_steps=1,
                   loras=[{"path": bad_lora}])
     _wait(lambda: _status(rid) == JobStatus.FAILED, 90, "the job to fail", detail=lambda: _diagnose(farm, rid))
