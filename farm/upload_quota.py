@@ -2,7 +2,7 @@
 
 - An owner's uploads (``<owner>/uploads/``) and stored inputs (``<owner>/inputs/``: data URIs and
   fetched LoRA / embedding files) count together against ``upload_quota_bytes``.
-- A file is stored only under the owner's storage lock (:func:`farm.api.job_access.lock_owner` on
+- A file is stored only under the owner's storage lock (:func:`db.locks.lock_owner` on
   ``<owner>/storage``: a PostgreSQL advisory lock, so it holds across API processes), with the check,
   so that concurrent uploads cannot pass the quota together.
 - A presigned S3 PUT cannot be capped by S3: before any read of a stored upload its size is taken
@@ -69,8 +69,8 @@ def check_room(storage: Storage, owner: str, settings: Settings, adding: int = 0
 def store_within_quota(storage: Storage, owner: str, key: str, fh: BinaryIO, size: int, content_type: str,
                        settings: Settings, replacing: str | None = None) -> None:
     """Check the quota and store the file as one step under the owner's lock (this process's and the ledger's)."""
+    from db.locks import lock_owner
     from db.session import session_scope
-    from farm.api.job_access import lock_owner
 
     with _locks_guard:
         lock = _locks.setdefault(owner, threading.Lock())

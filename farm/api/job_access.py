@@ -11,10 +11,11 @@ from typing import Any
 from urllib.parse import urlparse
 
 from fastapi import Request
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db import ledger
+from db.locks import lock_owner
 from db.models import Job
 from db.session import session_scope
 from farm import lifecycle
@@ -89,15 +90,6 @@ def _existing(owner: str, key: str) -> Job | None:
     with session_scope() as s:
         stmt = select(Job).where(Job.owner == owner, Job.idempotency_key == key)
         return s.scalars(stmt).one_or_none()
-
-
-def lock_owner(s: Session, owner: str) -> None:
-    """Hold the owner's lock until the transaction ends, so that in-flight counts and the rows they
-    admit are one step: concurrent submits of one owner are admitted one at a time. PostgreSQL: a
-    transaction-scoped advisory lock on the owner's name (a hash collision only serialises two
-    owners); SQLite already serialises writing transactions (the job insert holds its write lock)."""
-    if s.get_bind().dialect.name == "postgresql":
-        s.execute(text("SELECT pg_advisory_xact_lock(hashtext('farm.owner:' || :owner))"), {"owner": owner})
 
 
 def _count_in_flight(s: Session, owner: str) -> int:

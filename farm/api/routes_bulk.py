@@ -22,12 +22,12 @@ from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from db.locks import lock_owner
 from db.models import BulkJob
 from db.session import session_scope
 from farm import dispatch
 from farm.api.deps import SettingsDep, TenantDep
 from farm.api.errors import ERROR_RESPONSES, NOT_FOUND, ErrorBody, TooManyJobsError
-from farm.api.job_access import lock_owner
 from farm.bulk.control import RUNNING
 from farm.config import Settings
 from farm.errors import InvalidInputError, StorageError
