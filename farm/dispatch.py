@@ -27,9 +27,9 @@ from typing import Any
 
 from celery import Celery
 
+from farm.celery_config import celery_config
 from farm.config import Settings, get_settings
-from tasks.config import celery_config
-from tasks.queues import render_queue
+from farm.queues import render_queue
 
 log = logging.getLogger(__name__)
 

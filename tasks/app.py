@@ -11,8 +11,8 @@ import threading
 
 from celery import Celery
 
+from farm.celery_config import celery_config, soft_time_limit
 from farm.config import Settings, get_settings
-from tasks.config import celery_config, soft_time_limit
 
 __all__ = ["celery_config", "get_app", "make_app", "soft_time_limit"]
 _registered: set[int] = set()

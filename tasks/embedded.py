@@ -17,8 +17,8 @@ from celery.worker import state as worker_state
 
 from farm.config import Settings
 from farm.devices import require_device
+from farm.queues import model_queues
 from models.registry import get_model
-from tasks.queues import model_queues
 
 
 class _ThreadWorker(WorkController):

@@ -33,6 +33,7 @@ from sqlalchemy.exc import OperationalError
 from db import batches as ledger_batches
 from db import ledger
 from db.session import session_scope
+from farm.celery_config import soft_time_limit
 from farm.config import Settings, get_settings
 from farm.errors import BrokerUnavailableError, FarmError, StorageError
 from farm.inputs import owner_scope
@@ -43,7 +44,6 @@ from farm.metrics import count
 from farm.status import BatchStatus, JobStatus
 from farm.storage import get_storage
 from models.rendered import PendingRender, Ready, RenderItem, RenderResult
-from tasks.config import soft_time_limit
 from tasks.lease import BatchAborted, WorkerServices, get_services
 from tasks.loaded_model import get_renderer
 from tasks.realtime import gate as realtime_gate

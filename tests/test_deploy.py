@@ -7,7 +7,7 @@ checked against its schema instead, and against the farm itself.
   (``cloudcoil-models-keda``, ``cloudcoil-models-prometheus-operator``), with unknown fields refused;
 - every ``FARM_*`` variable set anywhere is a field of :class:`farm.config.Settings`;
 - every path a Dockerfile copies exists; both images run as a non-root user; no weights in an image;
-- the KEDA triggers name exactly the Redis lists of their model's work: its lanes (``tasks.queues``) and its
+- the KEDA triggers name exactly the Redis lists of their model's work: its lanes (``farm.queues``) and its
   realtime frames (``farm.realtime.lane``);
 - what every API replica must share (each setting that is otherwise made per host under the data dir) is set;
 - only Prometheus reads ``/metrics`` (``FARM_METRICS_TOKEN`` on both sides); clients get S3 URLs they can open

@@ -14,9 +14,9 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
+from farm.queues import model_queues
 from farm.realtime.lane import lane_key
 from models.registry import get_model
-from tasks.queues import model_queues
 from tests.deploy_files import (
     DEPLOY,
     K8S_VERSION,

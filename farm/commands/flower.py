@@ -27,8 +27,8 @@ log = logging.getLogger("farm.flower")
 
 def configured_queues(settings: Settings) -> list[str]:
     """Every queue the farm publishes to: dispatch, bulk, and each model's lanes (sorted)."""
+    from farm.queues import model_queues
     from models.registry import all_models
-    from tasks.queues import model_queues
 
     names = {settings.dispatch_queue, settings.bulk_queue}
     for key in {spec.key for spec in all_models(settings).values()}:

@@ -170,8 +170,8 @@ def worker(model_name: str, device: str, name: str | None, log_level: str | None
 
     from db.migrate import ensure_schema
     from db.session import dispose_engines
+    from farm.queues import model_queues
     from tasks.app import get_app
-    from tasks.queues import model_queues
 
     ensure_schema()
     if name:  # a name given is this worker's or none: refused if a live worker holds it

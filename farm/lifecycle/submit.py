@@ -31,10 +31,10 @@ from farm.errors import NoLiveWorkerError
 from farm.lifecycle import fetch as fetch_stage
 from farm.lifecycle.finish import finish_now
 from farm.lifecycle.pool import unserved
+from farm.queues import render_queue
 from farm.schemas import GenerateInput
 from farm.status import JobStatus, Lane
 from models.registry import ModelSpec, get_model
-from tasks.queues import render_queue
 
 log = logging.getLogger(__name__)
 

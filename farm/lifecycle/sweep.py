@@ -50,8 +50,8 @@ from farm.config import Settings
 from farm.lifecycle.finish import finish
 from farm.lifecycle.pool import log_unserved
 from farm.metrics import count
+from farm.queues import render_queue
 from farm.status import JobStatus
-from tasks.queues import render_queue
 
 log = logging.getLogger(__name__)
 
