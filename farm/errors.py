@@ -90,6 +90,10 @@ class StorageError(FarmError):
     error_type = "storage_error"
 
 
+class ObjectNotFound(StorageError):
+    """Raised when a storage object that is read does not exist."""
+
+
 class FileDownloadError(FarmError):
     """Raised when a file input (LoRA / embedding URL or hub id) cannot be fetched: refused, too big, too slow."""
 

@@ -26,9 +26,9 @@ from pathlib import Path
 from farm.config import Settings
 from farm.errors import InvalidInputError, StorageError
 from farm.files import HUB_ID, resolve_weights_path
-from farm.inputs import STORED, _mib, decode_data_uri, kind_of, materialise
+from farm.inputs import STORED, RemoteNotFoundError, _mib, decode_data_uri, kind_of, materialise
 from farm.schemas import GenerateInput
-from farm.storage import LocalStorage, Storage, get_storage
+from farm.storage import Storage, get_storage
 from farm.upload_quota import UploadQuotaError, store_within_quota
 
 # The file names diffusers looks for first (LORA_WEIGHT_NAME(_SAFE), TEXT_INVERSION_NAME(_SAFE)).
@@ -53,12 +53,6 @@ def _with_paths(inp: GenerateInput, paths: dict[str, str]) -> GenerateInput:
     return inp.model_copy(update={"loras": loras, "embeddings": embs})
 
 
-def _exists(storage: Storage, key: str) -> bool:
-    if isinstance(storage, LocalStorage):
-        return storage._path(key).is_file()
-    return key in storage.list(key)
-
-
 def _suffix(data: bytes) -> str:
     head = data[:16]
     if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100 * 2**20:
@@ -70,7 +64,7 @@ def store_blob(owner: str, data: bytes, storage: Storage, settings: Settings, pr
     """Put ``data`` at its content-addressed key under ``<owner>/inputs/``; (key, newly written). A new blob
     counts against the owner's ``upload_quota_bytes`` with its uploads (UploadQuotaError, 413, beyond it)."""
     key = f"{owner}/inputs/{prefix}{hashlib.sha256(data).hexdigest()}{_suffix(data)}"
-    if _exists(storage, key):
+    if storage.exists(key):
         return key, False
     store_within_quota(storage, owner, key, io.BytesIO(data), len(data), "application/octet-stream", settings)
     return key, True
@@ -182,10 +176,10 @@ def _hub_download(repo: str, names: tuple[str, ...], settings: Settings) -> Path
     for name in names:
         try:
             return materialise("url", f"{endpoint}/{repo}/resolve/main/{name}", settings)
-        except ValueError as exc:
-            if "HTTP 404" not in str(exc):
-                raise ValueError(f"hub file {name} of {repo!r}: {exc}") from None
+        except RemoteNotFoundError:
             misses.append(name)
+        except ValueError as exc:
+            raise ValueError(f"hub file {name} of {repo!r}: {exc}") from None
     raise ValueError(f"hub id {repo!r} has none of {', '.join(misses)}; give the file's URL instead")
 
 

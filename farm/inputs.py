@@ -40,7 +40,7 @@ import httpx
 
 from farm import netguard
 from farm.config import Settings
-from farm.errors import InvalidInputError, StorageError
+from farm.errors import InvalidInputError, ObjectNotFound
 
 if TYPE_CHECKING:
     from farm.schemas import GenerateInput
@@ -53,6 +53,10 @@ FETCH_TIMEOUT_SECONDS = 30.0  # per network operation (the deadline bounds the w
 CHUNK = 1 << 20
 
 _owner: ContextVar[str | None] = ContextVar("farm_input_owner", default=None)
+
+
+class RemoteNotFoundError(ValueError):
+    """Raised when a URL input answers HTTP 404 (refused for good, like any ValueError here)."""
 
 
 def _mib(n: int) -> str:
@@ -214,6 +218,8 @@ def _download(url: str, folder: Path, digest: str, settings: Settings) -> Path:
         with os.fdopen(fd, "wb") as fh, netguard.open_url(
             "GET", url, settings, timeout=FETCH_TIMEOUT_SECONDS, tls_unless_allowlisted=True, deadline=deadline
         ) as response:
+            if response.status_code == 404:
+                raise RemoteNotFoundError("fetching it answered HTTP 404")
             if response.status_code != 200:
                 raise ValueError(f"fetching it answered HTTP {response.status_code}")
             declared = response.headers.get("content-length", "")
@@ -268,10 +274,8 @@ def materialise(kind: Kind, value: str, settings: Settings) -> Path:
             if kind == "upload":  # size and quota from metadata before a byte is read (presigned S3 PUTs are uncapped)
                 upload_quota.check_stored(storage, key, settings)
             data = b"".join(storage.chunks(key, settings.file_input_max_bytes))
-        except StorageError as exc:
-            if "not found" in str(exc) or "NoSuchKey" in str(exc):
-                raise ValueError("no such upload") from None
-            raise
+        except ObjectNotFound:
+            raise ValueError("no such upload") from None
         except (upload_quota.UploadTooLargeError, upload_quota.UploadQuotaError) as exc:
             raise ValueError(str(exc)) from None
         cap = settings.file_input_max_bytes

@@ -19,7 +19,7 @@ from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote, urlparse
 
 from farm.config import Settings, get_settings
-from farm.errors import StorageError
+from farm.errors import ObjectNotFound, StorageError
 
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
 EXTENSIONS = {"jpeg": "jpg", "png": "png"}
@@ -86,6 +86,7 @@ class Storage(Protocol):
     def url(self, key: str, expiry_seconds: int) -> str: ...
     def list(self, prefix: str) -> list[str]: ...
     def delete(self, key: str) -> None: ...
+    def exists(self, key: str) -> bool: ...
 
 
 @contextmanager
@@ -98,7 +99,7 @@ def _os_errors(action: str, key: str) -> Iterator[None]:
 
 
 def _missing(key: str) -> int:
-    raise StorageError(f"object {key!r} not found")
+    raise ObjectNotFound(f"object {key!r} not found")
 
 
 def _capped(read: Callable[[int], bytes], limit: int) -> Iterator[bytes]:
@@ -156,7 +157,7 @@ class LocalStorage:
         try:
             return path.read_bytes()
         except FileNotFoundError:
-            raise StorageError(f"object {key!r} not found") from None
+            raise ObjectNotFound(f"object {key!r} not found") from None
         except OSError as exc:
             raise StorageError(f"cannot read {key!r}: {exc}") from exc
 
@@ -191,6 +192,12 @@ class LocalStorage:
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+
+_S3_MISSING = ("NoSuchKey", "NoSuchObject", "NotFound", "ResourceNotFound")
+
 
 class S3Storage:
     """Objects in an S3 bucket under an optional prefix; URLs are presigned GETs."""
@@ -209,6 +216,12 @@ class S3Storage:
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _read_error(self, key: str, exc: Exception) -> StorageError:
+        """ObjectNotFound for a missing object, else a StorageError naming the bucket."""
+        if getattr(exc, "code", None) in _S3_MISSING:
+            return ObjectNotFound(f"object {key!r} not found")
+        return StorageError(f"cannot read {key!r} from bucket {self.bucket!r}: {exc}")
 
     def _ensure_bucket(self) -> None:
         if self._bucket_checked:
@@ -248,7 +261,7 @@ class S3Storage:
         try:
             response = self.client.get_object(self.bucket, self._key(key))
         except Exception as exc:
-            raise StorageError(f"cannot read {key!r} from bucket {self.bucket!r}: {exc}") from exc
+            raise self._read_error(key, exc) from exc
         try:
             return response.read()
         finally:
@@ -260,14 +273,14 @@ class S3Storage:
         try:
             return int(self.client.stat_object(self.bucket, self._key(key)).size or 0)
         except Exception as exc:
-            raise StorageError(f"cannot read {key!r} from bucket {self.bucket!r}: {exc}") from exc
+            raise self._read_error(key, exc) from exc
 
     def chunks(self, key: str, limit: int) -> Iterator[bytes]:
         """The object's bytes in pieces, stopping after ``limit`` + 1 bytes (so a caller sees it pass ``limit``)."""
         try:
             response = self.client.get_object(self.bucket, self._key(key))
         except Exception as exc:
-            raise StorageError(f"cannot read {key!r} from bucket {self.bucket!r}: {exc}") from exc
+            raise self._read_error(key, exc) from exc
         try:
             yield from _capped(response.read, limit)
         finally:
@@ -288,6 +301,13 @@ class S3Storage:
 
     def delete(self, key: str) -> None:
         self.client.remove_object(self.bucket, self._key(key))
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.size(key)
+        except ObjectNotFound:
+            return False
+        return True
 
     def presigned_put(self, key: str, expiry_seconds: int) -> str:
         """A URL that stores one object at ``key`` with a plain PUT, no other credentials."""

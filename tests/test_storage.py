@@ -9,7 +9,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 
 from farm.config import Settings
-from farm.errors import StorageError
+from farm.errors import ObjectNotFound, StorageError
 from farm.storage import LocalStorage, S3Storage, data_uri, make_storage, object_key
 
 
@@ -59,3 +59,21 @@ def test_s3_storage_on_a_real_server(s3_server, tmp_path):
         assert resp.headers["Content-Type"] == "image/png"
     store.delete("o/r/1.png")
     assert store.list("o/r/") == ["o/r/0.png"]
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_a_missing_object_is_object_not_found(kind, request, tmp_path):
+    """Both storages say a missing object the same way: exists() is False and every read raises
+    ObjectNotFound (a StorageError), so no caller matches error strings."""
+    if kind == "local":
+        store = make_storage(Settings(storage_url=f"file://{tmp_path}/out", data_dir=tmp_path))
+    else:
+        s3 = request.getfixturevalue("s3_server")
+        store = make_storage(Settings(storage_url=f"s3://t-{uuid.uuid4().hex[:8]}/p", s3_endpoint=s3.url,
+                                      s3_access_key="testing", s3_secret_key="testing", data_dir=tmp_path))
+    store.put("o/r/0.png", b"\x89PNG", "image/png")
+    assert store.exists("o/r/0.png") and not store.exists("o/r/1.png")
+    for read in (store.get, store.size, lambda key: b"".join(store.chunks(key, 10))):
+        with pytest.raises(ObjectNotFound, match="not found"):
+            read("o/r/1.png")
+    assert issubclass(ObjectNotFound, StorageError)

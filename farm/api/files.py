@@ -29,7 +29,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from farm.api.deps import SettingsDep, TenantDep
 from farm.api.errors import ERROR_RESPONSES, NOT_FOUND, ErrorBody
 from farm.api.guard import MULTIPART_SLACK
-from farm.errors import StorageError
+from farm.errors import ObjectNotFound
 from farm.storage import get_storage
 from farm.upload_quota import store_within_quota, stream
 
@@ -177,10 +177,8 @@ async def download(owner: str, upload_id: str, name: str, tenant: TenantDep, set
     key = f"{owner}/uploads/{upload_id}/{name}"
     try:  # size and quota from metadata, then streamed: never held whole (a presigned S3 PUT is not capped)
         chunks = await run_in_threadpool(stream, get_storage(settings), key, settings)
-    except StorageError as exc:
-        if "not found" in str(exc) or "NoSuchKey" in str(exc):
-            raise HTTPException(404, "no such file") from None
-        raise
+    except ObjectNotFound:
+        raise HTTPException(404, "no such file") from None
     media = mimetypes.guess_type(name)[0] or "application/octet-stream"
     # served as a download, never rendered by a browser as a page of this origin
     return StreamingResponse(chunks, media_type=media, headers={

@@ -22,15 +22,15 @@ from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from db.locks import lock_owner
 from db.models import BulkJob
 from db.session import session_scope
 from farm import dispatch
 from farm.api.deps import SettingsDep, TenantDep
 from farm.api.errors import ERROR_RESPONSES, NOT_FOUND, ErrorBody, TooManyJobsError
-from farm.api.job_access import lock_owner
 from farm.bulk.control import RUNNING
 from farm.config import Settings
-from farm.errors import InvalidInputError, StorageError
+from farm.errors import InvalidInputError, ObjectNotFound
 from farm.keys import check_owner
 from farm.usage import check_quota
 
@@ -67,9 +67,9 @@ class BulkStarted(BaseModel):
 def _materialise(req: BulkRequest, owner: str, settings: Settings) -> tuple[Path, dict[str, Any], bool]:
     """The manifest's path, the job's options, and whether the manifest is a copy written just now."""
     from farm import upload_quota
-    from farm.bulk.options import inside
     from farm.inputs import decode_data_uri, kind_of, upload_key, upload_owner
     from farm.storage import get_storage
+    from tasks.bulk import inside
 
     options = req.model_dump(exclude={"manifest", "manifest_format"})
     # each owner has a folder of its own: another owner's manifests and datasets are out of reach
@@ -102,10 +102,8 @@ def _materialise(req: BulkRequest, owner: str, settings: Settings) -> tuple[Path
             data = upload_quota.read(get_storage(settings), key, settings)
         except (upload_quota.UploadTooLargeError, upload_quota.UploadQuotaError) as exc:
             raise InvalidInputError("manifest", str(exc)) from None
-        except StorageError as exc:
-            if "not found" in str(exc) or "NoSuchKey" in str(exc):
-                raise InvalidInputError("manifest", "no such upload") from None
-            raise
+        except ObjectNotFound:
+            raise InvalidInputError("manifest", "no such upload") from None
     folder = own / "manifests"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{uuid.uuid4().hex}.{req.manifest_format}"
@@ -138,7 +136,7 @@ def _announce(bulk_id: str, settings: Settings) -> None:
              responses={**ERROR_RESPONSES, 409: {"model": ErrorBody}, 429: {"model": ErrorBody},
                         502: {"model": ErrorBody}, 503: {"model": ErrorBody}})
 async def start(req: BulkRequest, tenant: TenantDep, settings: SettingsDep) -> BulkStarted:
-    from farm.bulk.options import create_from_options
+    from tasks.bulk import create_from_options
 
     if req.budget_images > settings.max_bulk_images:
         raise InvalidInputError("budget_images", f"must be at most {settings.max_bulk_images} "
