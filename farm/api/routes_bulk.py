@@ -67,9 +67,9 @@ class BulkStarted(BaseModel):
 def _materialise(req: BulkRequest, owner: str, settings: Settings) -> tuple[Path, dict[str, Any], bool]:
     """The manifest's path, the job's options, and whether the manifest is a copy written just now."""
     from farm import upload_quota
+    from farm.bulk.options import inside
     from farm.inputs import decode_data_uri, kind_of, upload_key, upload_owner
     from farm.storage import get_storage
-    from tasks.bulk import inside
 
     options = req.model_dump(exclude={"manifest", "manifest_format"})
     # each owner has a folder of its own: another owner's manifests and datasets are out of reach
@@ -136,7 +136,7 @@ def _announce(bulk_id: str, settings: Settings) -> None:
              responses={**ERROR_RESPONSES, 409: {"model": ErrorBody}, 429: {"model": ErrorBody},
                         502: {"model": ErrorBody}, 503: {"model": ErrorBody}})
 async def start(req: BulkRequest, tenant: TenantDep, settings: SettingsDep) -> BulkStarted:
-    from tasks.bulk import create_from_options
+    from farm.bulk.options import create_from_options
 
     if req.budget_images > settings.max_bulk_images:
         raise InvalidInputError("budget_images", f"must be at most {settings.max_bulk_images} "
