@@ -32,7 +32,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from farm.errors import WorkerNameTakenError
-from farm.status import JobStatus
+from farm.status import BulkStatus, JobStatus
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -323,7 +323,7 @@ class Worker(Base):
 class BulkJob(Base):
     """A bulk dataset job: a manifest rendered into a sharded dataset at ``dest``.
 
-    ``status``: RUNNING | PAUSED | CANCELLED | COMPLETED | BUDGET_REACHED. ``spec`` holds every
+    ``status``: a :class:`farm.status.BulkStatus` (its value is stored). ``spec`` holds every
     option (defaults for the input fields, images per prompt, base seed, template expansion,
     shard size, format, budget), so a resumed job renders exactly what the first run would.
     """
@@ -332,7 +332,7 @@ class BulkJob(Base):
 
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     owner: Mapped[str] = mapped_column(String(128), index=True)
-    status: Mapped[str] = mapped_column(String(16), default="RUNNING")
+    status: Mapped[str] = mapped_column(String(16), default=BulkStatus.RUNNING.value)
     manifest: Mapped[str] = mapped_column(Text)
     dest: Mapped[str] = mapped_column(Text)
     format: Mapped[str] = mapped_column(String(16))

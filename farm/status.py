@@ -66,3 +66,13 @@ class DeliveryStatus(StrEnum):
     DELIVERED = "delivered"
     FAILED = "failed"
     GONE = "gone"
+
+
+class BulkStatus(StrEnum):
+    """A bulk job: running → paused | cancelled | completed | budget reached (a paused or budgeted job resumes)."""
+
+    RUNNING = "RUNNING"
+    PAUSED = "PAUSED"
+    CANCELLED = "CANCELLED"
+    COMPLETED = "COMPLETED"
+    BUDGET_REACHED = "BUDGET_REACHED"

@@ -28,10 +28,10 @@ from db.session import session_scope
 from farm import dispatch
 from farm.api.deps import SettingsDep, TenantDep
 from farm.api.errors import ERROR_RESPONSES, NOT_FOUND, ErrorBody, TooManyJobsError
-from farm.bulk.control import RUNNING
 from farm.config import Settings
 from farm.errors import InvalidInputError, ObjectNotFound
 from farm.keys import check_owner
+from farm.status import BulkStatus
 from farm.usage import check_quota
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def _admit(s: Session, owner: str, settings: Settings) -> None:
     lock_owner(s, owner)
     check_quota(s, owner, settings)
     running = s.scalar(select(func.count()).select_from(BulkJob)
-                       .where(BulkJob.owner == owner, BulkJob.status == RUNNING)) or 0
+                       .where(BulkJob.owner == owner, BulkJob.status == BulkStatus.RUNNING)) or 0
     if running >= settings.max_bulk_running:
         raise TooManyJobsError(f"{running} bulk jobs are running for this owner; the limit is "
                                f"{settings.max_bulk_running} (FARM_MAX_BULK_RUNNING): wait, pause or cancel one")
@@ -181,10 +181,11 @@ async def control(bulk_id: str, action: Literal["pause", "resume", "cancel"], te
         if action == "resume":
             with session_scope() as s:
                 driver.get(s, bulk_id, tenant.owner)
-            driver.set_status(bulk_id, driver.RUNNING, tenant.owner, admit=lambda s: _admit(s, tenant.owner, settings))
+            driver.set_status(bulk_id, BulkStatus.RUNNING, tenant.owner,
+                              admit=lambda s: _admit(s, tenant.owner, settings))
             _announce(bulk_id, settings)
         else:
-            driver.set_status(bulk_id, driver.PAUSED if action == "pause" else driver.CANCELLED, tenant.owner)
+            driver.set_status(bulk_id, BulkStatus.PAUSED if action == "pause" else BulkStatus.CANCELLED, tenant.owner)
         with session_scope() as s:
             return dataclasses.asdict(driver.progress(s, bulk_id))
 

@@ -22,9 +22,7 @@ from farm.bulk.manifest import read_manifest
 from farm.bulk.writers import FORMATS, open_destination
 from farm.config import Settings, get_settings
 from farm.errors import ConflictError, InvalidInputError, JobNotFoundError, NoLiveWorkerError
-from farm.status import SampleStatus
-
-RUNNING, PAUSED, CANCELLED, COMPLETED, BUDGET = "RUNNING", "PAUSED", "CANCELLED", "COMPLETED", "BUDGET_REACHED"
+from farm.status import BulkStatus, SampleStatus
 
 
 @dataclass
@@ -50,7 +48,7 @@ class BulkSpec:
 @dataclass
 class Progress:
     bulk_id: str
-    status: str
+    status: BulkStatus
     total: int | None  # None while the manifest is still being read
     ingested: int
     done: int
@@ -106,7 +104,7 @@ def create(
             admit(s)
         if settings.require_live_worker and not settings.embedded:
             _require_live_worker(s, spec.model_name, settings)
-        s.add(BulkJob(id=bulk_id, owner=owner, status=RUNNING, manifest=str(manifest), dest=dest, format=fmt,
+        s.add(BulkJob(id=bulk_id, owner=owner, status=BulkStatus.RUNNING, manifest=str(manifest), dest=dest, format=fmt,
                       shard_size=shard_size, spec=spec.to_json(), ingested=0, manifest_done=False,
                       rows_rejected=0))
     return bulk_id
@@ -137,25 +135,25 @@ def progress(s: Session, bulk_id: str) -> Progress:
     counts = dict(s.execute(select(BulkSample.status, func.count()).where(BulkSample.bulk_id == bulk_id)
                             .group_by(BulkSample.status)).all())
     shards = s.scalar(select(func.count()).select_from(BulkShard).where(BulkShard.bulk_id == bulk_id)) or 0
-    return Progress(bulk_id=bulk_id, status=job.status, total=job.ingested if job.manifest_done else None,
+    return Progress(bulk_id=bulk_id, status=BulkStatus(job.status), total=job.ingested if job.manifest_done else None,
                     ingested=job.ingested, done=int(counts.get("done", 0)), failed=int(counts.get("failed", 0)),
                     in_flight=int(counts.get("submitted", 0)), shards_written=int(shards),
                     rows_rejected=job.rows_rejected, gpu_seconds=gpu_seconds(s, bulk_id))
 
 
-def set_status(bulk_id: str, status: str, owner: str | None = None,
-               admit: Callable[[Session], None] | None = None) -> str:
+def set_status(bulk_id: str, status: BulkStatus, owner: str | None = None,
+               admit: Callable[[Session], None] | None = None) -> BulkStatus:
     """Pause, resume or cancel; returns the status the job had. ``admit`` (over HTTP: the owner's running
     cap and quota, under the owner's lock) may refuse a job that would start running, in the same transaction."""
     with session_scope() as s:
         job = get(s, bulk_id, owner)
-        before = job.status
-        if before in (COMPLETED, CANCELLED):
+        before = BulkStatus(job.status)
+        if before in (BulkStatus.COMPLETED, BulkStatus.CANCELLED):
             return before
-        if admit is not None and status == RUNNING and before != RUNNING:
+        if admit is not None and status == BulkStatus.RUNNING and before != BulkStatus.RUNNING:
             admit(s)
         job.status = status
-        if status == CANCELLED:
+        if status == BulkStatus.CANCELLED:
             job.finished_at = utcnow()
             in_flight = list(s.scalars(select(BulkSample.job_id).where(
                 BulkSample.bulk_id == bulk_id, BulkSample.status == SampleStatus.SUBMITTED)))
@@ -177,8 +175,8 @@ def retry_failed(bulk_id: str) -> int:
         if shards:
             s.query(BulkShard).filter(BulkShard.bulk_id == bulk_id, BulkShard.shard.in_(shards)).delete()
         job = get(s, bulk_id)
-        if n and job.status in (COMPLETED, BUDGET):
-            job.status, job.finished_at = RUNNING, None
+        if n and job.status in (BulkStatus.COMPLETED, BulkStatus.BUDGET_REACHED):
+            job.status, job.finished_at = BulkStatus.RUNNING, None
     return int(n)
 
 

@@ -45,11 +45,6 @@ from db.session import session_scope
 from farm import lifecycle
 from farm.bulk import runners
 from farm.bulk.control import (
-    BUDGET,
-    CANCELLED,
-    COMPLETED,
-    PAUSED,
-    RUNNING,
     BulkSpec,
     Progress,
     create,
@@ -65,13 +60,12 @@ from farm.bulk.writers import open_destination, sample_key, write_stats
 from farm.config import Settings, get_settings
 from farm.errors import InvalidInputError, JobNotFoundError
 from farm.schemas import GenerateInput, stored_input
-from farm.status import JobStatus, Lane, SampleStatus
+from farm.status import BulkStatus, JobStatus, Lane, SampleStatus
 from farm.storage import get_storage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BUDGET", "CANCELLED", "COMPLETED", "PAUSED", "RUNNING", "BulkSpec", "Progress", "create", "get",
-           "progress", "retry_failed", "run", "set_status"]
+__all__ = ["BulkSpec", "BulkStatus", "Progress", "create", "get", "progress", "retry_failed", "run", "set_status"]
 
 INGEST_CHUNK = 1000
 SUBMIT_CHUNK = 64  # samples per submit at least (when the window has room for that many)
@@ -100,8 +94,8 @@ def _run(bulk_id: str, runner: str, on_progress: Callable[[Progress], None] | No
          settings: Settings) -> Progress:
     with session_scope() as s:
         job = get(s, bulk_id)
-        if job.status in (PAUSED, BUDGET):
-            job.status = RUNNING  # running it again resumes it
+        if job.status in (BulkStatus.PAUSED, BulkStatus.BUDGET_REACHED):
+            job.status = BulkStatus.RUNNING  # running it again resumes it
         spec = BulkSpec(**job.spec)
         manifest, dest_url, fmt, shard_size = Path(job.manifest), job.dest, job.format, job.shard_size
         skip, owner = job.ingested, job.owner
@@ -192,12 +186,12 @@ def _rounds(bulk_id: str, runner: str, on_progress: Callable[[Progress], None] |
             renew_at = time.monotonic() + runners.RENEW_SECONDS
         # one transaction per round: the job's status, the finished farm jobs collected, the counts
         with session_scope() as s:
-            if _status(s, bulk_id) == CANCELLED:
+            if _status(s, bulk_id) == BulkStatus.CANCELLED:
                 return
             collected = _collect(s, bulk_id)
             snap = _snapshot(s, bulk_id, gpu_seconds(s, bulk_id) if budgeted else 0.0)
         pending = snap.ingested - snap.done - snap.failed - snap.in_flight
-        stopping = snap.status == PAUSED or (budgeted and _over_budget(snap, spec))
+        stopping = snap.status == BulkStatus.PAUSED or (budgeted and _over_budget(snap, spec))
         busy = False  # driver-side work that may go on at once: more rows to ingest or to submit
         if not stopping and not manifest_done:
             ingested, manifest_done = _ingest(bulk_id, samples, window, shard_size, rejected, on_row_error,
@@ -224,7 +218,8 @@ def _rounds(bulk_id: str, runner: str, on_progress: Callable[[Progress], None] |
         if on_progress is not None:
             on_progress(snap)
         if finishing:
-            _finish(bulk_id, (PAUSED if snap.status == PAUSED else BUDGET) if stopping else COMPLETED, dest)
+            _finish(bulk_id, (BulkStatus.PAUSED if snap.status == BulkStatus.PAUSED else BulkStatus.BUDGET_REACHED)
+                    if stopping else BulkStatus.COMPLETED, dest)
             return
         if busy:
             continue
@@ -242,11 +237,11 @@ def _rounds(bulk_id: str, runner: str, on_progress: Callable[[Progress], None] |
         time.sleep(min(wait, TAIL_POLL_SECONDS) if snap.in_flight <= chunk else wait)
 
 
-def _status(s: Session, bulk_id: str) -> str:
+def _status(s: Session, bulk_id: str) -> BulkStatus:
     status = s.scalar(select(BulkJob.status).where(BulkJob.id == bulk_id))
     if status is None:
         raise JobNotFoundError(f"no bulk job {bulk_id!r}")
-    return status
+    return BulkStatus(status)
 
 
 def _snapshot(s: Session, bulk_id: str, gpu: float) -> Progress:
@@ -266,8 +261,8 @@ def _snapshot(s: Session, bulk_id: str, gpu: float) -> Progress:
         .group_by(BulkSample.status))}
     unfinished = counts.get(SampleStatus.PENDING, 0) + counts.get(SampleStatus.SUBMITTED, 0)
     failed = counts.get(SampleStatus.FAILED, 0)
-    return Progress(bulk_id=bulk_id, status=status, total=ingested if manifest_done else None, ingested=ingested,
-                    done=ingested - unfinished - failed, failed=failed,
+    return Progress(bulk_id=bulk_id, status=BulkStatus(status), total=ingested if manifest_done else None,
+                    ingested=ingested, done=ingested - unfinished - failed, failed=failed,
                     in_flight=counts.get(SampleStatus.SUBMITTED, 0), shards_written=int(written or 0),
                     rows_rejected=rows_rejected, gpu_seconds=gpu)
 
@@ -392,10 +387,10 @@ def _over_budget(snap: Progress, spec: BulkSpec) -> bool:
     return spec.budget_gpu_seconds is not None and snap.gpu_seconds >= spec.budget_gpu_seconds
 
 
-def _finish(bulk_id: str, status: str, dest: Any) -> None:
+def _finish(bulk_id: str, status: BulkStatus, dest: Any) -> None:
     with session_scope() as s:
         job = get(s, bulk_id)
-        if job.status not in (CANCELLED,):
+        if job.status != BulkStatus.CANCELLED:
             job.status = status
             job.finished_at = utcnow()
         snap = progress(s, bulk_id)

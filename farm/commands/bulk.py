@@ -19,6 +19,7 @@ from farm.bulk import driver
 from farm.bulk.manifest import read_manifest
 from farm.config import get_settings
 from farm.errors import FarmError, InvalidInputError
+from farm.status import BulkStatus
 
 err = Console(stderr=True)
 
@@ -72,10 +73,10 @@ def _nothing_to_do(bulk_id: str) -> bool:
     with session_scope() as s:
         snap = driver.progress(s, bulk_id)
         dest = driver.get(s, bulk_id).dest
-    if snap.status not in (driver.COMPLETED, driver.CANCELLED):
+    if snap.status not in (BulkStatus.COMPLETED, BulkStatus.CANCELLED):
         return False
     click.echo(json.dumps(dataclasses.asdict(snap), indent=2))
-    if snap.status == driver.CANCELLED:
+    if snap.status == BulkStatus.CANCELLED:
         raise FarmError(f"bulk job {bulk_id} was cancelled")
     hint = "; --retry-failed renders the failed samples again" if snap.failed else ""
     err.print(f"bulk job {bulk_id} is already complete ({snap.done} done, {snap.failed} failed, "
@@ -102,7 +103,7 @@ def _drive(bulk_id: str, model_name: str, device: str, max_in_flight: int) -> dr
                                                                                            highlight=False),
                                max_in_flight=max_in_flight, settings=settings)
     click.echo(json.dumps(dataclasses.asdict(final), indent=2))
-    if final.status == driver.CANCELLED:
+    if final.status == BulkStatus.CANCELLED:
         raise FarmError(f"bulk job {bulk_id} was cancelled")
     return final
 
@@ -194,7 +195,7 @@ def status(bulk_id: str) -> None:
 def pause(bulk_id: str) -> None:
     """Stop submitting; the running driver lets in-flight images finish and stops."""
     ensure_schema()
-    click.echo(f"{bulk_id}: {driver.set_status(bulk_id, driver.PAUSED)} → PAUSED")
+    click.echo(f"{bulk_id}: {driver.set_status(bulk_id, BulkStatus.PAUSED)} → PAUSED")
 
 
 @bulk.command()
@@ -202,7 +203,7 @@ def pause(bulk_id: str) -> None:
 def cancel(bulk_id: str) -> None:
     """Cancel a bulk job and its images in flight (written shards stay)."""
     ensure_schema()
-    click.echo(f"{bulk_id}: {driver.set_status(bulk_id, driver.CANCELLED)} → CANCELLED")
+    click.echo(f"{bulk_id}: {driver.set_status(bulk_id, BulkStatus.CANCELLED)} → CANCELLED")
 
 
 @bulk.command()
@@ -219,7 +220,7 @@ def resume(bulk_id: str, retry_failed: bool, budget_images: int | None, budget_g
     with session_scope() as s:
         job = driver.get(s, bulk_id)
         model_name = job.spec["model_name"]
-        if job.status == driver.CANCELLED:
+        if job.status == BulkStatus.CANCELLED:
             raise FarmError(f"bulk job {bulk_id} was cancelled")
         if budget_images is not None or budget_gpu_seconds is not None:
             spec = dict(job.spec)

@@ -132,12 +132,12 @@ def sweep(settings: Settings) -> Swept:
 
 def bulk_dispatch(settings: Settings, older: datetime) -> int:
     """Step 4: a ``farm.bulk`` message for each RUNNING bulk job without a live driver (see above)."""
-    from farm.bulk.control import RUNNING
+    from farm.status import BulkStatus
 
     now = utcnow()
     with session_scope() as s:
         ids = list(s.scalars(select(BulkJob.id).where(
-            BulkJob.status == RUNNING, BulkJob.updated_at < older,
+            BulkJob.status == BulkStatus.RUNNING, BulkJob.updated_at < older,
             or_(BulkJob.runner.is_(None), BulkJob.runner_until < now)).order_by(BulkJob.id).limit(20)))
     if not ids or dispatch.queue_depths([settings.bulk_queue], settings).get(settings.bulk_queue, 0):
         return 0
