@@ -84,7 +84,9 @@ class RequestFieldError(InvalidInputError):
         self.where = where
 
 
-class FieldError(BaseModel):
+class InvalidField(BaseModel):
+    """One entry of a 422 answer's ``detail``: where the bad field is and what is wrong with it."""
+
     loc: list[str | int] = Field(..., description="Where: 'body', 'query' or 'header', then the field path.")
     msg: str = Field(..., description="What is wrong with it.")
     type: str = Field(..., description="Machine-readable kind of error.")
@@ -100,7 +102,7 @@ class ErrorBody(BaseModel):
 class ValidationErrorBody(BaseModel):
     """Invalid input: one entry per bad field."""
 
-    detail: list[FieldError]
+    detail: list[InvalidField]
     error_type: str = Field("validation_error", description="Always validation_error.")
 
 
