@@ -14,7 +14,8 @@ COPY tasks ./tasks
 COPY models ./models
 COPY db ./db
 COPY migrations ./migrations
-RUN /opt/farm/bin/pip install --constraint constraints.txt . \
+# the base install, plus pyarrow (the `bulk` extra's one package that POST /bulk and `farm bulk worker` need)
+RUN /opt/farm/bin/pip install --constraint constraints.txt . pyarrow \
  && ! /opt/farm/bin/python -c "import torch" 2>/dev/null
 
 FROM ${PYTHON_IMAGE}

@@ -15,6 +15,7 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
+from farm.bulk import arrow
 from farm.errors import InvalidInputError
 
 SUFFIXES = (".txt", ".csv", ".jsonl", ".parquet")
@@ -124,8 +125,7 @@ def _csv_records(path: Path) -> Records:
 
 
 def _parquet_records(path: Path) -> Records:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa, pq = arrow.pyarrow(), arrow.parquet()
 
     try:
         pf = pq.ParquetFile(path)

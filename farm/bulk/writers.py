@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
+from farm.bulk import arrow
 from farm.config import Settings, get_settings
 from farm.errors import InvalidInputError, StorageError
 from farm.storage import atomic_write
@@ -183,7 +184,7 @@ def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
 
 def _table(rows: list[dict[str, Any]], fixed: dict[str, Any] | None = None) -> Any:
     """An Arrow table of ``rows`` (nested values as JSON strings); ``fixed``: typed columns first."""
-    import pyarrow as pa
+    pa = arrow.pyarrow()
 
     arrays: dict[str, Any] = dict(fixed or {})
     for name, values in _columns(rows).items():
@@ -199,7 +200,7 @@ def _table(rows: list[dict[str, Any]], fixed: dict[str, Any] | None = None) -> A
 
 
 def _parquet_bytes(table: Any) -> bytes:
-    import pyarrow.parquet as pq
+    pq = arrow.parquet()
 
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
@@ -266,7 +267,7 @@ def _write_imagefolder(dest: Destination, shard: int, samples: list[ShardSample]
 
 
 def _write_parquet(dest: Destination, shard: int, samples: list[ShardSample]) -> list[str]:
-    import pyarrow as pa
+    pa = arrow.pyarrow()
 
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     fixed = {
