@@ -46,13 +46,20 @@ Held = tuple[int, int]  # (batch id, claim token): what every fenced write names
 
 _COMPAT_FIELDS = (
     "model_name", "image_size", "num_inference_steps", "guidance_scale", "guidance_rescale",
-    "loras", "embeddings", "enable_safety_checker", "safety_checker_version", "has_negative_prompt", "owner",
+    "loras", "embeddings", "enable_safety_checker", "safety_checker_version",
 )
 
 
-def compat_key(input: dict[str, Any]) -> str:
-    """Batches with the same key can share a GPU batch: same model, size, steps, guidance, LoRAs."""
+def compat_key(input: dict[str, Any], owner: str | None = None) -> str:
+    """The cross-request batching key, of batches and realtime frames alike: inputs with the same key can
+    share a GPU batch (same model, size, steps, guidance, LoRAs; ``input`` as ``model_dump(mode="json")``).
+
+    With or without a negative prompt never share (SDXL: no negative prompt is not an empty one), and
+    inputs with LoRAs or embeddings share only with their ``owner``'s (upload URLs resolve per owner).
+    """
     picked = {name: input.get(name) for name in _COMPAT_FIELDS}
+    picked["has_negative_prompt"] = bool(input.get("negative_prompt"))
+    picked["owner"] = owner if input.get("loras") or input.get("embeddings") else None
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
+from db.batches import compat_key
 from farm.config import Settings
 from farm.inputs import owner_scope
 from farm.realtime.lane import Frame, Reply, lane_key
@@ -61,13 +62,6 @@ class Gate:
 
 
 gate = Gate()
-
-
-def _compat(inp: GenerateInput, owner: str) -> str:
-    from db.batches import compat_key
-
-    key = compat_key(inp.model_dump(mode="json"))
-    return f"{key}:{owner}" if inp.loras or inp.embeddings else key  # upload URLs resolve per owner
 
 
 class RealtimeServer:
@@ -133,7 +127,7 @@ class RealtimeServer:
                 replies.append((frame.reply, Reply(frame.id, error="invalid_input", reason=str(exc))))
         groups: dict[str, list[tuple[Frame, GenerateInput]]] = {}
         for frame, inp in frames:
-            groups.setdefault(_compat(inp, frame.owner), []).append((frame, inp))
+            groups.setdefault(compat_key(inp.model_dump(mode="json"), frame.owner), []).append((frame, inp))
         with gate.frames():
             for group in groups.values():
                 replies.extend(self._render(group))

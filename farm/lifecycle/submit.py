@@ -39,15 +39,6 @@ from models.registry import ModelSpec, get_model
 log = logging.getLogger(__name__)
 
 
-def _compat(inp: GenerateInput, owner: str) -> str:
-    """The cross-request batching key; requests with LoRAs or embeddings batch only with their owner's."""
-    fields = inp.model_dump(mode="json")
-    fields["has_negative_prompt"] = bool(inp.negative_prompt)  # SDXL: no negative prompt ≠ ""
-    if inp.loras or inp.embeddings:
-        fields["owner"] = owner
-    return compat_key(fields)
-
-
 def split_job(s: Session, model_name: str, num_images: int, settings: Settings,
               pool: Sequence[Worker] | None = None) -> list[list[int]]:
     """Cut a job into batches: at most the pool's batch size, and at least one per live worker."""
@@ -146,7 +137,8 @@ def _record(inp: GenerateInput, spec: ModelSpec, seed: int, rid: str, owner: str
         if created:
             # one image is one batch whatever the pool (plan_batches gives [[0]]): no look at the pool
             chunks = [[0]] if inp.num_images == 1 else split_job(s, spec.name, inp.num_images, settings)
-            rows = ledger_batches.create_batches(s, rid, spec.key, lane.value, _compat(inp, owner), chunks)
+            compat = compat_key(inp.model_dump(mode="json"), owner)
+            rows = ledger_batches.create_batches(s, rid, spec.key, lane.value, compat, chunks)
             if fetch:
                 for b in rows:
                     b.status, b.publishes, b.published_at = ledger_batches.FETCHING, 0, None
@@ -188,10 +180,7 @@ def submit_many(
     items, staged, fetch_ids = _stage_many(items, owner, settings)
     try:
         with session_scope() as s:
-            if s.get_bind().dialect.name in ("postgresql", "sqlite"):
-                rows, sizes, created = _record_many(s, items, owner, lane, source, settings)
-            else:
-                rows, sizes, created = _record_one_by_one(s, items, owner, lane, source, settings)
+            rows, sizes, created = _record_many(s, items, owner, lane, source, settings)
             if fetch_ids:  # fetched first (farm.lifecycle.fetch): not claimable, not announced yet
                 s.execute(update(Batch).where(Batch.job_id.in_(fetch_ids), Batch.status == ledger_batches.QUEUED)
                           .values(status=ledger_batches.FETCHING, publishes=0, published_at=None))
@@ -283,7 +272,7 @@ def _record_many(s: Session, items: list[tuple[GenerateInput, str]], owner: str,
         jobs[rid] = {"id": rid, "owner": owner, "model_name": spec.name, "model_key": spec.key, "lane": lane.value,
                      "source": source, "input": fields, "seed": seed, "num_images": inp.num_images}
         chunks = plan_batches(pools[spec.key], inp.num_images, _configured(spec, settings))
-        plans[rid] = (spec, _compat_fields(fields, inp, owner), chunks)
+        plans[rid] = (spec, compat_key(fields, owner), chunks)
     created, existing = ledger.create_jobs(s, list(jobs.values()))
     new = {(rid, k): _Queued(0, rid, k, list(chunk), spec.key, lane.value, compat)
            for rid, (spec, compat, chunks) in plans.items() if rid in created for k, chunk in enumerate(chunks)}
@@ -298,41 +287,6 @@ def _record_many(s: Session, items: list[tuple[GenerateInput, str]], owner: str,
     rows.sort(key=lambda b: (order[b.job_id], b.k))  # announced in the order they were listed
     sizes = {spec.key: pool_max_batch(pools[spec.key], _configured(spec, settings)) for spec in specs.values()}
     return rows, sizes, len(created)
-
-
-def _record_one_by_one(s: Session, items: list[tuple[GenerateInput, str]], owner: str, lane: Lane, source: str,
-                       settings: Settings) -> tuple[list[_Queued], dict[str, int], int]:
-    """submit_many's rows a job at a time (databases without ``ON CONFLICT … RETURNING``)."""
-    pools: dict[str, list[Worker]] = {}
-    specs: dict[str, ModelSpec] = {}
-    rows: list[Batch] = []
-    created = 0
-    for inp, rid in items:
-        spec = get_model(inp.model_name, settings)
-        if spec.key not in pools:
-            pools[spec.key], specs[spec.key] = live_workers(s, spec.key, settings.lease_seconds), spec
-        seed = inp.seed if inp.seed is not None else secrets.randbelow(2**31)
-        job, new = ledger.create_job(
-            s, request_id=rid, owner=owner, model_name=spec.name, model_key=spec.key, lane=lane.value,
-            source=source, input=inp.model_dump(mode="json"), seed=seed, num_images=inp.num_images,
-        )
-        if new:
-            created += 1
-            rows += ledger_batches.create_batches(s, job.id, spec.key, lane.value, _compat(inp, owner),
-                                                  split_job(s, spec.name, inp.num_images, settings, pools[spec.key]))
-        elif not JobStatus(job.status).is_terminal:
-            rows += [b for b in ledger_batches.get_batches(s, job.id) if b.status == ledger_batches.QUEUED]
-    s.flush()
-    sizes = {key: pool_max_batch(pools[key], _configured(specs[key], settings)) for key in pools}
-    return [_Queued.of(b) for b in rows], sizes, created
-
-
-def _compat_fields(fields: dict[str, Any], inp: GenerateInput, owner: str) -> str:
-    """:func:`_compat` from an input already dumped (``fields``, as ``model_dump(mode="json")``)."""
-    picked = {**fields, "has_negative_prompt": bool(inp.negative_prompt)}
-    if inp.loras or inp.embeddings:
-        picked["owner"] = owner
-    return compat_key(picked)
 
 
 def _group_message(chunk: list[_Queued]) -> dispatch.Message:

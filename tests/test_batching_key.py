@@ -1,0 +1,71 @@
+"""The cross-request batching key (db.batches.compat_key): one key for ledger batches and realtime frames.
+
+SDXL renders a frame with no negative prompt differently from one with a negative prompt, so the two
+never share a GPU batch, on the batch path or the realtime lane (the realtime copy of the key once
+dropped ``has_negative_prompt``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from db.batches import compat_key
+from farm.realtime.lane import Frame
+from farm.schemas import GenerateInput
+from tasks.realtime import RealtimeServer
+
+SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+def _key(owner: str = "alice", **fields: Any) -> str:
+    return compat_key(GenerateInput.model_validate({"prompt": "a cat", "model_name": SDXL, **fields})
+                      .model_dump(mode="json"), owner)
+
+
+def test_negative_prompt_splits_the_key(farm_env: Path) -> None:
+    assert _key(negative_prompt="blurry") != _key()
+    assert _key(negative_prompt="blurry") == _key(negative_prompt="low quality", prompt="a dog", seed=4)
+    assert _key(owner="bob") == _key()  # no LoRA: owners share
+
+
+class _Renderer:
+    """Records each GPU batch it is asked for, then fails it (the replies are errors: no image to encode)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+
+    def render_items(self, items: list[Any]) -> Any:
+        self.batches.append(sorted({item.tag for item in items}))
+        raise RuntimeError("not rendered")
+
+
+class _Redis:
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes]] = []
+
+    def pipeline(self, transaction: bool = False) -> _Redis:
+        return self
+
+    def publish(self, channel: str, data: bytes) -> None:
+        self.published.append((channel, data))
+
+    def execute(self) -> None:
+        pass
+
+
+def _serve(frames: dict[str, dict[str, Any]]) -> list[list[str]]:
+    server = RealtimeServer.__new__(RealtimeServer)  # no Redis connection: serve() is given the frames
+    server.renderer, server.redis, server.key = _Renderer(), _Redis(), "test"
+    raw = [Frame(fid, "reply", "alice", {"prompt": "a cat", "model_name": SDXL, **fields}, time.time() + 60).encode()
+           for fid, fields in frames.items()]
+    server.serve(raw)
+    assert len(server.redis.published) == len(frames)  # every frame answered
+    return sorted(server.renderer.batches)
+
+
+def test_realtime_frames_with_and_without_negative_prompt_do_not_share_a_batch(farm_env: Path) -> None:
+    assert _serve({"a": {}, "b": {"negative_prompt": "blurry"}}) == [["a"], ["b"]]
+    assert _serve({"a": {}, "b": {"seed": 3}, "c": {"negative_prompt": "x"}, "d": {"negative_prompt": "y"}}) == [
+        ["a", "b"], ["c", "d"]]
