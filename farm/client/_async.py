@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Any
 
 import httpx
+from httpx_sse import EventSource
 
 from farm.client._common import (
     DEFAULT_APP,
@@ -22,7 +23,6 @@ from farm.client._common import (
     Completed,
     Endpoint,
     Log,
-    SSEParser,
     Status,
     Verify,
     failed_result,
@@ -31,6 +31,7 @@ from farm.client._common import (
     parse_status,
     retry_delay,
     should_retry,
+    status_event,
     stream_idle,
     to_payload,
     upload_fields,
@@ -204,9 +205,8 @@ class AsyncClient:
                 if not response.is_success:
                     await response.aread()
                     raise error_from_response(response)
-                parser = SSEParser()
-                async for line in response.aiter_lines():
-                    event = parser.feed(line)
+                async for sse in EventSource(response).aiter_sse():
+                    event = status_event(sse)
                     if event is None or "status" not in event:
                         continue
                     yield event

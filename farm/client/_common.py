@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+from httpx_sse import EventSource, ServerSentEvent
 
 from farm.client._errors import FarmClientError, RequestFailedError
 from farm.schemas import GenerateInput
@@ -228,26 +229,18 @@ def logs_so_far(event: dict[str, Any], logs: list[Log]) -> dict[str, Any]:
     return {**event, "logs": list(logs)}
 
 
-class SSEParser:
-    """Turns lines of a ``text/event-stream`` into the JSON objects of its ``data`` fields."""
-
-    def __init__(self) -> None:
-        self._data: list[str] = []
-
-    def feed(self, line: str) -> dict[str, Any] | None:
-        line = line.rstrip("\r\n")
-        if not line:
-            if not self._data:
-                return None
-            text, self._data = "\n".join(self._data), []
-            value = json.loads(text)
-            return value if isinstance(value, dict) else None
-        if line.startswith(":"):
-            return None  # comment / keep-alive
-        name, _, value = line.partition(":")
-        if name == "data":
-            self._data.append(value.removeprefix(" "))
+def status_event(sse: ServerSentEvent) -> dict[str, Any] | None:
+    """The JSON object in a status stream event's ``data`` (httpx-sse joins its lines); None without one."""
+    if not sse.data:
         return None
+    value = json.loads(sse.data)
+    return value if isinstance(value, dict) else None
+
+
+class SSEParser:
+    """Reads the lines of a recorded ``text/event-stream`` the way the clients read a live one (httpx-sse)."""
 
     def feed_all(self, lines: Iterable[str]) -> list[dict[str, Any]]:
-        return [event for line in lines if (event := self.feed(line)) is not None]
+        body = "".join(f"{line}\n" for line in lines).encode()
+        response = httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+        return [event for sse in EventSource(response).iter_sse() if (event := status_event(sse)) is not None]

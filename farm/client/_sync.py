@@ -12,6 +12,7 @@ from types import TracebackType
 from typing import Any
 
 import httpx
+from httpx_sse import EventSource
 
 from farm.client._common import (
     DEFAULT_APP,
@@ -20,7 +21,6 @@ from farm.client._common import (
     Completed,
     Endpoint,
     Log,
-    SSEParser,
     Status,
     Verify,
     failed_result,
@@ -29,6 +29,7 @@ from farm.client._common import (
     parse_status,
     retry_delay,
     should_retry,
+    status_event,
     stream_idle,
     to_payload,
     upload_fields,
@@ -218,9 +219,8 @@ class SyncClient:
                 if not response.is_success:
                     response.read()
                     raise error_from_response(response)
-                parser = SSEParser()
-                for line in response.iter_lines():
-                    event = parser.feed(line)
+                for sse in EventSource(response).iter_sse():
+                    event = status_event(sse)
                     if event is None or "status" not in event:
                         continue
                     yield event
