@@ -37,12 +37,14 @@ def flat_colour(seed: int, index: int) -> tuple[int, int, int]:
 
 
 class HoldRenderer:
-    """Same interface as ``models.renderer.Renderer``; holds each image instead of rendering it."""
+    """A ``models.protocol.Renderer`` that holds each image instead of rendering it."""
 
     spec: ModelSpec
     device: str
     loads: int
     stand_in_note = STAND_IN_NOTE
+    recompiles = 0  # nothing is compiled
+    cold_renders = 0
 
     def __init__(self, spec: ModelSpec, device: str, settings: Settings) -> None:
         if spec.family != "hold":
@@ -66,6 +68,10 @@ class HoldRenderer:
 
     def find_max_batch(self) -> int:
         return self.settings.batch_size or self.spec.max_batch
+
+    def warm_compiled(self) -> float:
+        """Nothing to compile."""
+        return 0.0
 
     def render(self, params: GenerateInput, seed: int, indices: Sequence[int]) -> RenderResult:
         """Hold ``len(indices)`` × hold_ms, then return flat images; image ``i`` is coloured by ``seed + i``."""

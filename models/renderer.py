@@ -50,6 +50,7 @@ class Renderer:
     spec: ModelSpec
     device: str
     loads: int  # how many times a pipeline was loaded (stays 1 in steady state)
+    stand_in_note: str | None = None  # a real model renders (see models.protocol)
 
     def __init__(self, spec: ModelSpec, device: str, settings: Settings, pipe: Any,
                  safety: SafetyCheckers) -> None:

@@ -33,8 +33,8 @@ class _ThreadWorker(WorkController):
 @contextmanager
 def embedded_worker(app: Celery, model_name: str, device: str, settings: Settings) -> Iterator[None]:
     """Load the model, run a worker for its queues in a thread, stop it on exit."""
-    from tasks.lease import start_services, stop_services
     from tasks.loaded_model import load_renderer
+    from tasks.services import start_services, stop_services
 
     spec = get_model(model_name, settings)
     require_device(device, spec.family)  # this machine has it: a clear error, not a traceback from the load

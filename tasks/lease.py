@@ -1,26 +1,20 @@
-"""The services of one worker process, beside its model: leases, reaper, registry, uploader.
+"""The lease keeper of one worker process (its other services: tasks.services, tasks.uploader).
 
-* :class:`LeaseKeeper` (a thread) beats for the claims this process holds, each only while its
+:class:`LeaseKeeper` (a thread) beats for the claims this process holds, each only while its
   batch makes progress (a hung render stops beating and loses its lease; a batch pulled ahead,
   waiting for its turn, is kept while the render before it makes progress); it keeps the worker's
   registry row fresh (so coordinators count it in the pool) and runs the sweeper
   (farm.lifecycle.sweep) every ``sweep_seconds``.
-* :class:`Uploader` (a thread) encodes and stores rendered batches, so the next batch renders
-  while the previous one goes over the network (pipelining). At most ``pipeline_depth``
-  batches wait for it; a render that would exceed that waits instead.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import queue
-import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from celery import Celery
 
@@ -170,118 +164,3 @@ class LeaseKeeper:
         if stuck:
             log.error("no render progress for %.0f s: not renewing the leases of batches %s",
                       self.settings.lease_seconds, stuck)
-
-
-class Uploader:
-    """Runs store steps in ``depth`` threads, at most ``depth`` more waiting; ``depth`` 0 runs them inline.
-
-    Several threads let the ledger transaction of one batch overlap the uploads of the next
-    (batches are independent: each store is its own fenced transaction).
-    """
-
-    def __init__(self, depth: int) -> None:
-        self.depth = depth
-        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=max(1, depth))
-        self._threads = [threading.Thread(target=self._run, name=f"farm-uploader-{i}", daemon=True)
-                         for i in range(max(0, depth))]
-        for thread in self._threads:
-            thread.start()
-
-    def submit(self, work: Callable[[], None]) -> None:
-        if not self._threads:
-            work()
-        else:
-            self._queue.put(work)  # blocks while `depth` batches already wait
-
-    def drain(self) -> None:
-        """Wait until every submitted batch is stored."""
-        if self._threads:
-            self._queue.join()
-
-    def stop(self) -> None:
-        threads, self._threads = self._threads, []
-        for _ in threads:
-            self._queue.put(None)
-        for thread in threads:
-            thread.join(60)
-
-    def _run(self) -> None:
-        while True:
-            work = self._queue.get()
-            try:
-                if work is None:
-                    return
-                work()
-            except Exception:  # store steps handle their own errors; this is a bug
-                log.exception("uploader: unhandled error")
-            finally:
-                self._queue.task_done()
-
-
-@dataclass
-class WorkerServices:
-    name: str
-    keeper: LeaseKeeper
-    uploader: Uploader
-    max_batch: int
-    realtime: Any = None  # tasks.realtime.RealtimeServer, with a Redis broker
-
-
-_services: WorkerServices | None = None
-
-
-def start_services(app: Celery, name: str, renderer: Any, settings: Settings,
-                   metrics_url: str | None = None) -> WorkerServices:
-    """Register this worker in the pool (with where its metrics are scraped) and start its keeper and
-    uploader (once per process)."""
-    global _services
-    if _services is not None:
-        return _services
-    # The render thread drives the GPU in short Python steps between kernels; with the uploader
-    # thread busy encoding, the default 5 ms GIL switch interval would delay each step's wake-up.
-    sys.setswitchinterval(0.001)
-    max_batch = int(renderer.find_max_batch())
-    renderer.micro_batch = min(renderer.micro_batch, max_batch)  # a listed group may hold more images
-    warm_compiled = getattr(renderer, "warm_compiled", None)  # FARM_COMPILE: compile each shape before joining
-    if warm_compiled is not None:
-        warm_compiled()
-    with session_scope() as s:
-        ledger_batches.register_worker(
-            s, name=name, model_name=renderer.spec.name, model_key=renderer.spec.key, device=renderer.device,
-            max_batch=max_batch, loads=renderer.loads, pid=os.getpid(), metrics_url=metrics_url,
-        )
-    keeper = LeaseKeeper(app=app, name=name, settings=settings, loads=lambda: int(renderer.loads),
-                         compiles=lambda: (int(getattr(renderer, "recompiles", 0)),
-                                           int(getattr(renderer, "cold_renders", 0))))
-    keeper.start()
-    realtime = None
-    if (settings.broker_url or "").startswith(("redis://", "rediss://", "unix://")):
-        from tasks.realtime import RealtimeServer
-
-        realtime = RealtimeServer(renderer, settings, max_batch).start()  # frames ahead of batches
-    _services = WorkerServices(name=name, keeper=keeper, uploader=Uploader(settings.pipeline_depth),
-                               max_batch=max_batch, realtime=realtime)
-    return _services
-
-
-def get_services() -> WorkerServices:
-    if _services is None:
-        raise RuntimeError("worker services not started: run `farm worker --model NAME`")
-    return _services
-
-
-def stop_services() -> None:
-    """Finish storing what was rendered, leave the pool, stop the threads."""
-    global _services
-    if _services is None:
-        return
-    services, _services = _services, None
-    if services.realtime is not None:
-        services.realtime.stop()  # answers the frames it holds first
-    services.uploader.stop()
-    services.keeper.stop()
-    try:
-        with session_scope() as s:
-            ledger_batches.stop_worker(s, services.name)
-    except Exception as exc:
-        log.warning("could not mark %s stopped in the ledger: %s", services.name, exc)

@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from farm.config import Settings, get_settings
-
-if TYPE_CHECKING:
-    from models.hold import HoldRenderer
-    from models.renderer import Renderer
+from models.protocol import Renderer
 
 log = logging.getLogger(__name__)
-_renderer: Renderer | HoldRenderer | None = None
+_renderer: Renderer | None = None
 
 
 def load_renderer(
     model_name: str, device: str, settings: Settings | None = None
-) -> Renderer | HoldRenderer:
+) -> Renderer:
     """Load and warm the model of this process (once; a second call returns the same one).
 
     The ``hold`` family (``farm/hold``, a scheduling stand-in) gets a ``HoldRenderer``, which
-    imports no torch; every other model gets the diffusers ``Renderer``.
+    imports no torch; every other model gets the diffusers ``models.renderer.Renderer``
+    (both are a ``models.protocol.Renderer``).
     """
     global _renderer
     if _renderer is not None and _renderer.spec.name == model_name:
@@ -36,9 +33,9 @@ def load_renderer(
 
         _renderer = HoldRenderer.load(model_name, device, settings)
     else:
-        from models.renderer import Renderer
+        from models.renderer import Renderer as DiffusersRenderer
 
-        _renderer = Renderer.load(model_name, device, settings)
+        _renderer = DiffusersRenderer.load(model_name, device, settings)
     took = time.perf_counter() - started
     log.info("model %s loaded on %s in %.1f s", model_name, device, took)
     from farm.metrics import count
@@ -48,7 +45,7 @@ def load_renderer(
     return _renderer
 
 
-def get_renderer() -> Renderer | HoldRenderer:
+def get_renderer() -> Renderer:
     if _renderer is None:
         raise RuntimeError("no model is loaded in this process: start it with `farm worker --model NAME`")
     return _renderer

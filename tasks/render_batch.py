@@ -43,10 +43,12 @@ from farm.lifecycle.store import store
 from farm.metrics import count
 from farm.status import BatchStatus, JobStatus
 from farm.storage import get_storage
-from models.rendered import PendingRender, Ready, RenderItem, RenderResult
-from tasks.lease import BatchAborted, WorkerServices, get_services
+from models.protocol import Renderer
+from models.rendered import PendingRender, ProgressHook, Ready, RenderItem, RenderResult
+from tasks.lease import BatchAborted
 from tasks.loaded_model import get_renderer
 from tasks.realtime import gate as realtime_gate
+from tasks.services import WorkerServices, get_services
 
 log = logging.getLogger(__name__)
 CLAIM_RETRIES = 8
@@ -88,7 +90,7 @@ def render_batch(self: Task, request_id: str, indices: list[int] | None = None, 
             claimed, t0 = following, time.perf_counter()
 
 
-def _pull(renderer: Any, services: WorkerServices, settings: Settings) -> list[Claimed]:
+def _pull(renderer: Renderer, services: WorkerServices, settings: Settings) -> list[Claimed]:
     """The next batch of this model from the ledger, held by the keeper at once (it beats for it)."""
     group = claim_next_group(worker=services.name, model_name=renderer.spec.name, model_key=renderer.spec.key,
                              max_batch=services.max_batch, settings=settings)
@@ -97,7 +99,7 @@ def _pull(renderer: Any, services: WorkerServices, settings: Settings) -> list[C
     return group
 
 
-def _next(ahead: Future[list[Claimed]], renderer: Any, services: WorkerServices,
+def _next(ahead: Future[list[Claimed]], renderer: Renderer, services: WorkerServices,
           settings: Settings) -> list[Claimed]:
     """The batch pulled while the last one rendered; given back if a higher lane has work waiting now."""
     try:
@@ -112,7 +114,7 @@ def _next(ahead: Future[list[Claimed]], renderer: Any, services: WorkerServices,
     return group
 
 
-def _run_group(app: Celery, claimed: list[Claimed], renderer: Any, services: WorkerServices, settings: Settings,
+def _run_group(app: Celery, claimed: list[Claimed], renderer: Renderer, services: WorkerServices, settings: Settings,
                t0: float) -> bool:
     """Render one claimed group and hand it to the uploader; False if the render failed."""
     ids = [c.batch_id for c in claimed]
@@ -125,7 +127,7 @@ def _run_group(app: Celery, claimed: list[Claimed], renderer: Any, services: Wor
         t2 = time.perf_counter()
         count.rendered(renderer.spec.key, len(pending), pending.inference_seconds)
         count.gpu_memory(renderer.spec.key, renderer.device)
-        note = getattr(renderer, "stand_in_note", None)  # farm/hold says it held, not rendered
+        note = renderer.stand_in_note  # farm/hold says it held, not rendered
         suffix = f", {renderer.spec.name} {note}" if note else ""
         services.uploader.submit(lambda: _store(app, claimed, pending, suffix, settings, services))
         handed_off = True
@@ -159,7 +161,7 @@ def _fault_hook(claimed: list[Claimed], settings: Settings) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _render(renderer: Any, claimed: list[Claimed], on_progress: Any) -> PendingRender:
+def _render(renderer: Renderer, claimed: list[Claimed], on_progress: ProgressHook) -> PendingRender:
     """Denoise the group's images; on a GPU the batch comes back unfinished (decode queued: models.render)."""
     items = [RenderItem(c.params, c.seed, i, tag=c.job_id) for c in claimed for i in c.todo]
     if not items:
