@@ -17,7 +17,6 @@ from sqlalchemy import CursorResult, and_, bindparam, column, func, literal, or_
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.models import Batch, Image, Job, JobLog, utcnow
@@ -96,56 +95,26 @@ def create_job(
     uncommitted insert of the same id or key is waited for, then found.
     """
     input = _canonical(input)
-    dialect = s.get_bind().dialect.name
-    if dialect in ("postgresql", "sqlite"):
-        insert = pg_insert if dialect == "postgresql" else sqlite_insert
-        now = utcnow()
-        stmt = (
-            insert(Job)
-            .values(id=request_id, owner=owner, model_name=model_name, model_key=model_key, lane=str(lane),
-                    source=str(source), status=JobStatus.IN_QUEUE, input=input, seed=seed, num_images=num_images,
-                    idempotency_key=idempotency_key, webhook_url=webhook_url, created_at=now, updated_at=now)
-            .on_conflict_do_nothing()
-            .returning(Job)
-            .execution_options(populate_existing=True)
-        )  # fmt: skip
-        for _ in range(3):
-            job = s.scalars(stmt).one_or_none()
-            if job is not None:
-                return job, True
-            existing = _find_existing(s, request_id, owner, input, idempotency_key)
-            if existing is not None:
-                return existing, False
-            # the row it conflicted with is gone already (deleted meanwhile): insert again
-        raise ConflictError(f"request id {request_id!r} could not be recorded; submit it again")
-    existing = _find_existing(s, request_id, owner, input, idempotency_key)
-    if existing is not None:
-        return existing, False
-    job = Job(
-        id=request_id,
-        owner=owner,
-        model_name=model_name,
-        model_key=model_key,
-        lane=str(lane),
-        source=str(source),
-        status=JobStatus.IN_QUEUE,
-        input=input,
-        seed=seed,
-        num_images=num_images,
-        idempotency_key=idempotency_key,
-        webhook_url=webhook_url,
-    )
-    try:
-        with s.begin_nested():
-            s.add(job)
-            s.flush()
-    except IntegrityError:
-        # Someone inserted the same id or idempotency key between our read and our insert.
+    insert = pg_insert if s.get_bind().dialect.name == "postgresql" else sqlite_insert  # the two dialects
+    now = utcnow()
+    stmt = (
+        insert(Job)
+        .values(id=request_id, owner=owner, model_name=model_name, model_key=model_key, lane=str(lane),
+                source=str(source), status=JobStatus.IN_QUEUE, input=input, seed=seed, num_images=num_images,
+                idempotency_key=idempotency_key, webhook_url=webhook_url, created_at=now, updated_at=now)
+        .on_conflict_do_nothing()
+        .returning(Job)
+        .execution_options(populate_existing=True)
+    )  # fmt: skip
+    for _ in range(3):
+        job = s.scalars(stmt).one_or_none()
+        if job is not None:
+            return job, True
         existing = _find_existing(s, request_id, owner, input, idempotency_key)
-        if existing is None:
-            raise
-        return existing, False
-    return job, True
+        if existing is not None:
+            return existing, False
+        # the row it conflicted with is gone already (deleted meanwhile): insert again
+    raise ConflictError(f"request id {request_id!r} could not be recorded; submit it again")
 
 
 def start_job(s: Session, request_id: str) -> bool:

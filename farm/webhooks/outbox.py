@@ -66,16 +66,9 @@ def enqueue(s: Session, job: Job | str, settings: Settings | None = None) -> boo
         "next_attempt_at": utcnow(),
         "created_at": utcnow(),
     }
-    dialect = s.get_bind().dialect.name
-    if dialect in ("postgresql", "sqlite"):
-        insert = pg_insert if dialect == "postgresql" else sqlite_insert
-        stmt = insert(WebhookDelivery).values(**values).on_conflict_do_nothing(index_elements=["job_id"])
-        return bool(s.execute(stmt.returning(WebhookDelivery.id)).first())
-    if s.scalars(select(WebhookDelivery.id).where(WebhookDelivery.job_id == fresh.id)).first() is not None:
-        return False
-    s.add(WebhookDelivery(**values))
-    s.flush()
-    return True
+    insert = pg_insert if s.get_bind().dialect.name == "postgresql" else sqlite_insert  # the two dialects
+    stmt = insert(WebhookDelivery).values(**values).on_conflict_do_nothing(index_elements=["job_id"])
+    return bool(s.execute(stmt.returning(WebhookDelivery.id)).first())
 
 
 def get_delivery(s: Session, job_id: str) -> WebhookDelivery | None:
