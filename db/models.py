@@ -1,91 +1,38 @@
-"""The ledger's tables: jobs, one row per image, and job log lines.
+"""The ledger's tables: jobs, one row per image, job log lines, keys, webhooks, batches, workers, usage.
 
-Timestamps are timezone-aware UTC on every backend (SQLite stores naive UTC and
-gets the zone back on load). ``Job.status`` loads as a :class:`JobStatus`.
+The declarative base and column types are in ``db.base``, the bulk tables in ``db.bulk_tables``; both are
+re-exported here, so ``db.models`` names every table. ``Job.status`` loads as a :class:`JobStatus`.
 """
 
 from __future__ import annotations
 
 import os
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
-    JSON,
     BigInteger,
     CheckConstraint,
     Date,
-    DateTime,
-    Dialect,
     Float,
     ForeignKey,
     Index,
     Integer,
-    MetaData,
     String,
     Text,
-    TypeDecorator,
     UniqueConstraint,
 )
-from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+from db.base import NAMING_CONVENTION, Base, JSONType, StatusType, UTCDateTime, utcnow
+from db.bulk_tables import BulkJob, BulkSample, BulkShard
 from farm.errors import WorkerNameTakenError
-from farm.status import BulkStatus, JobStatus
+from farm.status import JobStatus
 
-NAMING_CONVENTION = {
-    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
-
-JSONType = JSON().with_variant(JSONB(), "postgresql")
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """A ``DateTime(timezone=True)`` that always stores UTC and always loads aware values."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError(f"naive datetime {value!r}: the ledger stores timezone-aware UTC times")
-        value = value.astimezone(UTC)
-        # SQLite has no time zones: store naive UTC so that text comparisons order correctly.
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-class StatusType(TypeDecorator[JobStatus]):
-    """A short string column that loads as :class:`JobStatus`."""
-
-    impl = String(16)
-    cache_ok = True
-
-    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
-        return None if value is None else JobStatus(value).value
-
-    def process_result_value(self, value: str | None, dialect: Dialect) -> JobStatus | None:
-        return None if value is None else JobStatus(value)
-
-
-class Base(DeclarativeBase):
-    metadata = MetaData(naming_convention=NAMING_CONVENTION)
-
+__all__ = ["NAMING_CONVENTION", "ApiKey", "Base", "Batch", "BulkJob", "BulkSample", "BulkShard", "Image", "Job",
+           "JobLog", "JSONType", "StatusType", "UTCDateTime", "Usage", "WebhookAttempt", "WebhookDelivery", "Worker",
+           "utcnow"]
 
 _STATUS_VALUES = ", ".join(f"'{s.value}'" for s in JobStatus)
 
@@ -318,73 +265,6 @@ class Worker(Base):
             f"serving {self.model_name} on {self.device} since {self.started_at:%Y-%m-%d %H:%M:%S} UTC, last beat "
             f"{(now - self.heartbeat_at).total_seconds():.0f} s ago. Stop that worker first, or give this one "
             "another --name")
-
-
-class BulkJob(Base):
-    """A bulk dataset job: a manifest rendered into a sharded dataset at ``dest``.
-
-    ``status``: a :class:`farm.status.BulkStatus` (its value is stored). ``spec`` holds every
-    option (defaults for the input fields, images per prompt, base seed, template expansion,
-    shard size, format, budget), so a resumed job renders exactly what the first run would.
-    """
-
-    __tablename__ = "bulk_jobs"
-
-    id: Mapped[str] = mapped_column(String(128), primary_key=True)
-    owner: Mapped[str] = mapped_column(String(128), index=True)
-    status: Mapped[str] = mapped_column(String(16), default=BulkStatus.RUNNING.value)
-    manifest: Mapped[str] = mapped_column(Text)
-    dest: Mapped[str] = mapped_column(Text)
-    format: Mapped[str] = mapped_column(String(16))
-    shard_size: Mapped[int] = mapped_column(Integer)
-    spec: Mapped[dict[str, Any]] = mapped_column(JSONType)
-    ingested: Mapped[int] = mapped_column(Integer, default=0)  # samples recorded so far
-    manifest_done: Mapped[bool] = mapped_column(default=False)  # every sample of the manifest recorded
-    rows_rejected: Mapped[int] = mapped_column(Integer, default=0)
-    last_row: Mapped[int] = mapped_column(Integer, default=0)  # manifest row of the last sample recorded
-    runner: Mapped[str | None] = mapped_column(String(128))  # the driver running it now (one at a time)
-    runner_until: Mapped[datetime | None] = mapped_column(UTCDateTime())  # its lease; renewed while it runs
-    error: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-
-
-class BulkSample(Base):
-    """One image of a bulk job: what to render, where it stands, which farm job rendered it."""
-
-    __tablename__ = "bulk_samples"
-    __table_args__ = (Index(None, "bulk_id", "status"), Index(None, "bulk_id", "shard"))
-
-    bulk_id: Mapped[str] = mapped_column(String(128), ForeignKey("bulk_jobs.id", ondelete="CASCADE"),
-                                         primary_key=True)
-    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
-    shard: Mapped[int] = mapped_column(Integer)
-    key: Mapped[str] = mapped_column(String(16))
-    row: Mapped[int] = mapped_column(Integer)
-    prompt: Mapped[str] = mapped_column(Text)
-    negative_prompt: Mapped[str | None] = mapped_column(Text)
-    seed: Mapped[int] = mapped_column(BigInteger)
-    params: Mapped[dict[str, Any]] = mapped_column(JSONType)
-    extra: Mapped[dict[str, Any]] = mapped_column(JSONType)
-    status: Mapped[str] = mapped_column(String(16), default="pending")  # farm.status.SampleStatus
-    job_id: Mapped[str | None] = mapped_column(String(128))
-    tries: Mapped[int] = mapped_column(Integer, default=0)
-    error: Mapped[str | None] = mapped_column(Text)
-
-
-class BulkShard(Base):
-    """A shard written to the destination (once, when all its samples are done or failed)."""
-
-    __tablename__ = "bulk_shards"
-
-    bulk_id: Mapped[str] = mapped_column(String(128), ForeignKey("bulk_jobs.id", ondelete="CASCADE"),
-                                         primary_key=True)
-    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
-    count: Mapped[int] = mapped_column(Integer)
-    failed: Mapped[int] = mapped_column(Integer)
-    stats: Mapped[dict[str, Any]] = mapped_column(JSONType)
-    written_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class Usage(Base):
