@@ -44,6 +44,8 @@ The same listener hears ``farm_keys`` (:data:`KEYS_CHANNEL`): a revoked API key
 (:func:`notify_key`) makes every process forget the keys it remembers (``farm.keys``), and so
 does every (re)connect or loss of the listening connection (:func:`on_key_change`).
 
+The listener and the hub it fires are in ``farm.event_listener`` (re-exported here: :func:`start`,
+:func:`listening`, :func:`shutdown`, :func:`on_key_change`); this module holds the writers and the waiters.
 Import-light: SQLAlchemy and, only when a PostgreSQL listener starts, psycopg.
 """
 
@@ -51,26 +53,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 from sqlalchemy import event, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, SessionTransaction
 
-log = logging.getLogger("farm.events")
+from farm import event_listener as listener
+from farm.event_listener import CHANNEL, KEYS_CHANNEL, listening, on_key_change, shutdown, start
 
-CHANNEL = "farm_jobs"
-KEYS_CHANNEL = "farm_keys"  # payload: an API key id that was revoked (farm.keys forgets the keys it remembers)
-RECONNECT_MIN_SECONDS = 0.05
-RECONNECT_MAX_SECONDS = 2.0
-LISTEN_POLL_SECONDS = 0.5  # how often the listener looks at its stop flag
-HEALTH_CHECK_SECONDS = 5.0  # an idle listening connection is pinged this often (a dead one is noticed)
+__all__ = ["CHANNEL", "KEYS_CHANNEL", "Subscription", "listening", "notify", "notify_key", "on_key_change", "shutdown",
+           "start", "subscribe", "wait_for_change", "wait_for_change_async"]
+
+log = logging.getLogger("farm.events")
 
 _PENDING = "farm.events.pending"
 _HOOKED = "farm.events.hooked"
@@ -112,7 +110,7 @@ def _after_commit(session: Session) -> None:
         return  # a savepoint was released: the transaction is not committed yet
     ids = session.info.pop(_PENDING, None)
     if ids:
-        _hub.fire(ids)
+        listener.hub.fire(ids)
 
 
 def notify_key(s: Session, key_id: str) -> None:
@@ -122,23 +120,6 @@ def notify_key(s: Session, key_id: str) -> None:
     """
     if s.get_bind().dialect.name == "postgresql":
         s.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": KEYS_CHANNEL, "payload": key_id})
-
-
-_key_callbacks: list[Callable[[str | None], None]] = []
-
-
-def on_key_change(callback: Callable[[str | None], None]) -> None:
-    """Call ``callback(key_id)`` from the listener when a key changed, and ``callback(None)`` when the
-    listener (re)connects or loses its connection (whatever it may have missed)."""
-    _key_callbacks.append(callback)
-
-
-def _keys_changed(key_id: str | None) -> None:
-    for callback in list(_key_callbacks):
-        try:
-            callback(key_id)
-        except Exception:  # a callback's failure must not stop the listener
-            log.exception("key-change callback %r failed", callback)
 
 
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
@@ -213,7 +194,7 @@ class Subscription:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            _hub.remove(self)
+            listener.hub.remove(self)
 
     def __enter__(self) -> Subscription:
         return self
@@ -232,9 +213,9 @@ def subscribe(job_id: str, url: str | None = None) -> Subscription:
 
     ``url`` is the ledger's SQLAlchemy URL (default: the configured one).
     """
-    start(url)
+    listener.start(url)
     sub = Subscription(job_id)
-    _hub.add(sub)
+    listener.hub.add(sub)
     return sub
 
 
@@ -252,176 +233,3 @@ async def wait_for_change_async(job_id: str, timeout: float | None = None, *, ur
     """The asyncio twin of :func:`wait_for_change` (same one-shot caveat)."""
     with subscribe(job_id, url) as sub:
         return await sub.wait_async(timeout)
-
-
-class _Hub:
-    """The subscriptions of this process, by job id."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.subs: dict[str, set[Subscription]] = {}
-
-    def add(self, sub: Subscription) -> None:
-        with self.lock:
-            self.subs.setdefault(sub.job_id, set()).add(sub)
-
-    def remove(self, sub: Subscription) -> None:
-        with self.lock:
-            subs = self.subs.get(sub.job_id)
-            if subs is not None:
-                subs.discard(sub)
-                if not subs:
-                    del self.subs[sub.job_id]
-
-    def fire(self, job_ids: Iterable[str]) -> None:
-        with self.lock:
-            targets = [sub for job_id in set(job_ids) for sub in self.subs.get(job_id, ())]
-        for sub in targets:
-            sub._wake()
-
-    def fire_all(self) -> None:
-        with self.lock:
-            targets = [sub for subs in self.subs.values() for sub in subs]
-        for sub in targets:
-            sub._wake()
-
-
-_hub = _Hub()
-
-
-# -- the per-process listener (PostgreSQL) ------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=32)
-def _conninfo(url: str) -> str | None:
-    """The libpq URI of a PostgreSQL SQLAlchemy URL (``postgresql+psycopg://…`` → ``postgresql://…``)."""
-    u = make_url(url)
-    if u.get_backend_name() != "postgresql":
-        return None
-    return u.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-class _Listener:
-    """A daemon thread with its own connection, ``LISTEN farm_jobs``, reconnecting with bounded backoff."""
-
-    def __init__(self, conninfo: str) -> None:
-        self.conninfo = conninfo
-        self.connected = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="farm-events-listener", daemon=True)
-        self._failures = 0
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stop.is_set()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        delay = RECONNECT_MIN_SECONDS
-        while not self._stop.is_set():
-            try:
-                self._listen()
-            except Exception as exc:  # psycopg.Error, OSError: the server went away or is not up yet
-                self._failures += 1
-                level = logging.WARNING if self._failures == 1 else logging.DEBUG
-                log.log(level, "job-change listener disconnected (%s); waiters fall back to re-reading", exc)
-            finally:
-                if self.connected.is_set():  # it was up: the backoff starts over
-                    delay = RECONNECT_MIN_SECONDS
-                self.connected.clear()
-                _keys_changed(None)
-            if self._stop.wait(delay):
-                return
-            delay = min(delay * 2, RECONNECT_MAX_SECONDS)
-
-    def _listen(self) -> None:
-        import psycopg
-
-        with psycopg.connect(
-            self.conninfo, autocommit=True, connect_timeout=5, application_name="farm-events",
-            keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
-        ) as conn:  # fmt: skip
-            conn.execute(f"LISTEN {CHANNEL}")
-            conn.execute(f"LISTEN {KEYS_CHANNEL}")
-            # whatever changed while nobody listened: every waiter re-reads once, remembered keys are forgotten
-            _hub.fire_all()
-            _keys_changed(None)
-            self.connected.set()
-            if self._failures:
-                log.info("job-change listener connected again")
-            self._failures = 0
-            idle = 0.0
-            while not self._stop.is_set():
-                got = False
-                for note in conn.notifies(timeout=LISTEN_POLL_SECONDS):
-                    got = True
-                    if note.channel == KEYS_CHANNEL:
-                        _keys_changed(note.payload)
-                    else:
-                        _hub.fire((note.payload,))
-                idle = 0.0 if got else idle + LISTEN_POLL_SECONDS
-                if idle >= HEALTH_CHECK_SECONDS:
-                    conn.execute("SELECT 1")
-                    idle = 0.0
-
-
-_listeners_lock = threading.Lock()
-_listeners: dict[str, _Listener] = {}
-
-
-def _resolve(url: str | None) -> str:
-    from db.session import resolve_url
-
-    return resolve_url(url)
-
-
-def start(url: str | None = None) -> None:
-    """Start this process's listener for the ledger ``url`` (default: the configured one) if needed.
-
-    Returns at once; nothing to do on SQLite. :func:`subscribe` calls it.
-    """
-    conninfo = _conninfo(_resolve(url))
-    if conninfo is None:
-        return
-    listener = _listeners.get(conninfo)
-    if listener is not None and listener.alive():
-        return
-    with _listeners_lock:
-        listener = _listeners.get(conninfo)
-        if listener is None or not listener.alive():
-            listener = _listeners[conninfo] = _Listener(conninfo)
-            listener.start()
-
-
-def listening(url: str | None = None) -> bool:
-    """Whether this process's listener for ``url`` is connected (always False on SQLite)."""
-    conninfo = _conninfo(_resolve(url))
-    listener = _listeners.get(conninfo) if conninfo else None
-    return listener is not None and listener.connected.is_set()
-
-
-def shutdown() -> None:
-    """Stop every listener of this process (tests; a later :func:`subscribe` starts one again)."""
-    with _listeners_lock:
-        listeners = list(_listeners.values())
-        _listeners.clear()
-    for listener in listeners:
-        listener.stop()
-
-
-def _after_fork_in_child() -> None:
-    # threads do not survive fork; locks may have been held by one of them
-    global _hub, _listeners_lock
-    _hub = _Hub()
-    _listeners_lock = threading.Lock()
-    _listeners.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
