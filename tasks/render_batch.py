@@ -12,7 +12,8 @@ meanwhile (a stall past the lease, a partition) refuses every later write of thi
 drops the batch, logs that once, and never touches the new holder's rows or fails the job.
 
 A failed render gives the batch back after a backoff (the sweeper republishes it) up to
-``batch_retries`` times; then its job fails with an error naming the image indices. Every
+``batch_retries`` times; then its job fails with an error naming the image indices (the rule:
+farm.lifecycle.retry, shared with the sweeper). Every
 path drops the claims from the keeper (``finally``).
 """
 
@@ -26,22 +27,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from celery import Celery, Task
-from celery.exceptions import SoftTimeLimitExceeded
 from celery.worker import state as worker_state
 from sqlalchemy.exc import OperationalError
 
 from db import batches as ledger_batches
-from db import ledger
 from db.session import session_scope
 from farm.celery_config import soft_time_limit
 from farm.config import Settings, get_settings
-from farm.errors import BrokerUnavailableError, FarmError, StorageError
 from farm.inputs import owner_scope
 from farm.lifecycle.claim import Claimed, claim_group, claim_next_group, describe, higher_lane_waiting, release
-from farm.lifecycle.finish import finish
+from farm.lifecycle.retry import abort, give_back
 from farm.lifecycle.store import store
 from farm.metrics import count
-from farm.status import BatchStatus, JobStatus
 from farm.storage import get_storage
 from models.protocol import Renderer
 from models.rendered import PendingRender, ProgressHook, Ready, RenderItem, RenderResult
@@ -136,12 +133,10 @@ def _run_group(app: Celery, claimed: list[Claimed], renderer: Renderer, services
                  len(pending), len(claimed))
         return True
     except BatchAborted:
-        with session_scope() as s:
-            ledger_batches.finish_held(s, [c.held for c in claimed], BatchStatus.CANCELLED)
-        log.info("batch %s: every job ended or every claim was lost: render stopped", describe(claimed))
+        abort(claimed)
         return True
     except Exception as exc:
-        _give_back(claimed, exc, settings, services)
+        give_back(claimed, exc, settings)
         return False
     finally:
         if not handed_off:
@@ -183,74 +178,9 @@ def _store(app: Celery, group: list[Claimed], pending: PendingRender, suffix: st
                         on_progress=lambda: services.keeper.progress_quietly(ids))
         count.stored(get_renderer().spec.key, outcome.usage, len(outcome.refused))
     except Exception as exc:
-        _give_back(group, exc, settings, services)
+        give_back(group, exc, settings)
     finally:
         services.keeper.drop(ids)
-
-
-def _give_back(group: list[Claimed], exc: BaseException, settings: Settings, services: WorkerServices) -> None:
-    """A failed attempt: back to the pool after a backoff, or, out of retries (or bad input), fail its job.
-
-    Fenced: a claim that no longer holds changes nothing (its new holder carries on).
-    """
-    reason = _reason(exc)
-    # what the jobs' logs and errors say: a batch may hold several owners' requests, and an error that
-    # is not one of the farm's client-safe ones (a storage error names object keys and the bucket; an
-    # OSError or library error may name anything) goes to this worker's log only (below)
-    public = _public_reason(exc, reason)
-    final = isinstance(exc, FarmError) and 400 <= exc.http_status < 500  # bad input: retrying cannot help
-    lost = []
-    with session_scope() as s:
-        for c in group:
-            failed = c.todo or c.indices
-            if final or c.attempts > settings.batch_retries:
-                if not ledger_batches.fail(s, c.batch_id, c.token, reason):
-                    lost.append(c)
-                    continue
-                message = f"images {failed} failed: {public}"
-                finish(s, c.job_id, JobStatus.FAILED, message=message, error=message,
-                       error_type=_error_type(exc), settings=settings)
-                continue
-            backoff = 2.0 ** (c.attempts - 1)
-            if not ledger_batches.give_back(s, c.batch_id, c.token, reason, backoff):
-                lost.append(c)
-                continue
-            ledger.add_log(s, c.job_id, f"images {failed} failed: {public}; retry {c.attempts} of "
-                           f"{settings.batch_retries} in {backoff:.0f} s", level="WARNING")
-    if lost:
-        log.warning("batch %s failed (%s) but was taken over meanwhile: dropped", describe(lost), reason)
-    if len(lost) < len(group):
-        log.warning("batch %s failed: %s", describe([c for c in group if c not in lost]), reason)
-
-
-STORAGE_FAILED = "the images could not be stored (a storage error; the worker's log has the details)"
-RENDER_FAILED = "the batch failed (an internal error; the worker's log has the details)"
-
-
-def _public_reason(exc: BaseException, reason: str) -> str:
-    """What every owner of the batch may be told: the text of the farm's own errors, which are written
-    for users (bad input, an unreadable adapter, a render error), and of the time limit; a fixed
-    sentence for a storage or broker error (they name object keys, buckets, hosts) and for anything
-    else (an OSError or a library's error may name any path, another owner's objects included)."""
-    if isinstance(exc, StorageError):
-        return STORAGE_FAILED
-    if isinstance(exc, BrokerUnavailableError):
-        return RENDER_FAILED
-    if isinstance(exc, SoftTimeLimitExceeded | FarmError):
-        return reason
-    return RENDER_FAILED
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, SoftTimeLimitExceeded):
-        return "render took longer than the task time limit"
-    return str(exc) or type(exc).__name__
-
-
-def _error_type(exc: BaseException) -> str:
-    if isinstance(exc, SoftTimeLimitExceeded):
-        return "timeout"
-    return exc.error_type if isinstance(exc, FarmError) else "render_error"
 
 
 def register(app: Celery) -> None:

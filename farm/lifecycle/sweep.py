@@ -6,28 +6,27 @@ with ``SKIP LOCKED`` and a duplicate message is harmless (the claim decides). On
 
 1. **Reap**: claimed batches whose lease ran out (the holder died, hung, froze or was cut off,
    or gave a failed attempt back) go back to queued with no known message. The old holder's
-   fenced writes are refused from then on. A batch already tried ``batch_retries + 1`` times
-   fails its job instead, naming its indices.
-2. **Broker epoch**: if the broker lost its data (restarted without AOF, flushed), its epoch key
+   fenced writes are refused from then on. A batch out of retries (farm.lifecycle.retry: tried
+   ``batch_retries + 1`` times) fails its job instead, naming its indices.
+2. **Fetches**: jobs whose file inputs are still to be fetched and that no process holds
+   (farm.lifecycle.fetch) are fetched in this process's fetch pool.
+3. **Unserved models** (not embedded): a queued or in-progress job whose model has lost its last live
+   worker since the job was submitted (or, in progress, since it started) gets the WARNING line "no
+   live worker serves M (none since T) …" once (``farm.lifecycle.pool.log_unserved``), as a submit
+   for an unserved model gets it at once.
+
+   The steps below publish; while the broker is known to be down they wait for the next sweep.
+4. **Broker epoch**: if the broker lost its data (restarted without AOF, flushed), its epoch key
    is gone with the messages; the first sweeper to see that sets it again and every queued batch
    published before the broker (re)started is published again (on a new broker: none).
-3. **Publish what may be gone**: queued batches never published (a crash or a broker outage
+5. **Publish what may be gone**: queued batches never published (a crash or a broker outage
    between commit and publish, or just reaped), and batches not claimed within
    ``FARM_DISPATCH_TIMEOUT`` of their last message while their queue is empty (the message was
    taken by a worker that died before claiming, or lost some other way).
-
-4. **Bulk jobs**: a RUNNING bulk job with no live driver (its ``farm.bulk`` message was never
-   sent because the broker was down, or its bulk worker died) gets a new message once the
+6. **Bulk jobs** (not embedded): a RUNNING bulk job with no live driver (its ``farm.bulk`` message
+   was never sent because the broker was down, or its bulk worker died) gets a new message once the
    dispatch timeout has passed and the bulk queue is empty; the driver's runner lease keeps it
    to one driver at a time.
-
-0. **Fetches**: jobs whose file inputs are still to be fetched and that no process holds (farm.lifecycle.fetch)
-   are fetched in this process's fetch pool.
-
-5. **Unserved models**: a queued or in-progress job whose model has lost its last live worker since
-   the job was submitted (or, in progress, since it started) gets the WARNING line "no live worker
-   serves M (none since T) …" once (``farm.lifecycle.pool.log_unserved``), as a submit for an
-   unserved model gets it at once.
 
 So no job stays non-terminal without either a live lease or a recent message.
 """
@@ -49,6 +48,7 @@ from farm import dispatch
 from farm.config import Settings
 from farm.lifecycle.finish import finish
 from farm.lifecycle.pool import log_unserved
+from farm.lifecycle.retry import out_of_retries
 from farm.metrics import count
 from farm.queues import render_queue
 from farm.status import JobStatus
@@ -75,7 +75,7 @@ def reap(settings: Settings) -> tuple[int, int]:
         for row in ledger_batches.reap(s):
             taken.append(row.model_key)
             what = f"images {row.indices[0]}..{row.indices[-1]}"
-            if row.attempts > settings.batch_retries:
+            if out_of_retries(row.attempts, settings):
                 reason = f"images {list(row.indices)} failed: {row.error or 'worker lost'} (tried {row.attempts} times)"
                 failed += finish(s, row.job_id, JobStatus.FAILED, message=reason, error=reason,
                                  error_type="render_error", source="sweeper", settings=settings)
@@ -131,7 +131,7 @@ def sweep(settings: Settings) -> Swept:
 
 
 def bulk_dispatch(settings: Settings, older: datetime) -> int:
-    """Step 4: a ``farm.bulk`` message for each RUNNING bulk job without a live driver (see above)."""
+    """Step 6: a ``farm.bulk`` message for each RUNNING bulk job without a live driver (see above)."""
     from farm.status import BulkStatus
 
     now = utcnow()
