@@ -90,15 +90,42 @@ def split(num_images: int, size: int, workers: int = 1) -> list[list[int]]:
 
 
 def create_batches(s: Session, job_id: str, model_key: str, lane: str, compat: str,
-                   chunks: Sequence[list[int]]) -> list[Batch]:
+                   chunks: Sequence[list[int]], *, fetching: bool = False) -> list[Batch]:
     """Queued batches of a new job, marked published now: the caller publishes right after its commit
-    (if that fails it clears the mark; if it dies first, the sweeper's dispatch timeout covers it)."""
+    (if that fails it clears the mark; if it dies first, the sweeper's dispatch timeout covers it).
+    ``fetching``: its file inputs are fetched first (farm.lifecycle.fetch): not claimable, not published."""
     now = utcnow()
+    status, publishes, published_at = (FETCHING, 0, None) if fetching else (QUEUED, 1, now)
     rows = [Batch(job_id=job_id, k=k, indices=list(chunk), model_key=model_key, lane=lane, compat=compat,
-                  status=QUEUED, attempts=0, token=0, publishes=1, published_at=now)
+                  status=status, attempts=0, token=0, publishes=publishes, published_at=published_at)
             for k, chunk in enumerate(chunks)]
     s.add_all(rows)
     return rows
+
+
+def to_fetch(s: Session, job_ids: Iterable[str]) -> None:
+    """The queued batches of these jobs → fetching: their file inputs are fetched first (farm.lifecycle.fetch)."""
+    ids = list(job_ids)
+    if ids:
+        s.execute(update(Batch).where(Batch.job_id.in_(ids), Batch.status == QUEUED)
+                  .values(status=FETCHING, publishes=0, published_at=None))
+
+
+def take_fetch(s: Session, job_id: str, holder: str, until: datetime) -> bool:
+    """Lease the job's fetching batches to ``holder`` until ``until``, unless another holder's lease runs;
+    whether any was taken."""
+    stmt = (update(Batch).where(Batch.job_id == job_id, Batch.status == FETCHING,
+                                or_(Batch.lease_expires_at.is_(None), Batch.lease_expires_at < utcnow()))
+            .values(worker=holder, lease_expires_at=until))
+    return bool(_ids(s, stmt))
+
+
+def fetched(s: Session, job_id: str, holder: str) -> list[Batch]:
+    """The job's fetching batches that ``holder`` still leases → queued, marked published now (the caller
+    announces them after its commit); [] if none is still held (cancelled, or the lease was lost)."""
+    stmt = (update(Batch).where(Batch.job_id == job_id, Batch.status == FETCHING, Batch.worker == holder)
+            .values(status=QUEUED, worker=None, lease_expires_at=None, published_at=utcnow(), publishes=1))
+    return sorted(_returning(s, stmt), key=lambda b: b.k)
 
 
 def get_batches(s: Session, job_id: str) -> list[Batch]:
@@ -285,26 +312,11 @@ def give_back(s: Session, batch_id: int, token: int, error: str, retry_in: float
     return bool(_ids(s, stmt))
 
 
-def finish(s: Session, batch_id: int, status: str, error: str | None = None) -> bool:
-    """A claimed batch → done | failed | cancelled, whoever holds it (tests and tools; workers use the
-    fenced :func:`complete` / :func:`finish_held`)."""
-    stmt = (update(Batch).where(Batch.id == batch_id, Batch.status == CLAIMED)
-            .values(status=status, finished_at=utcnow(), lease_expires_at=None, error=error))
-    return cast(CursorResult[Any], s.execute(stmt)).rowcount == 1
-
-
 def close_open(s: Session, job_id: str, status: BatchStatus = CANCELLED, error: str | None = None) -> int:
     """Every fetching, queued or claimed batch of a job → ``status``: queued ones never start, and the holders
     of claimed ones find their fenced writes refused (their keepers stop the render)."""
     stmt = (update(Batch).where(Batch.job_id == job_id, Batch.status.in_([FETCHING, QUEUED, CLAIMED]))
             .values(status=status, finished_at=utcnow(), lease_expires_at=None, error=error))
-    return cast(CursorResult[Any], s.execute(stmt)).rowcount
-
-
-def cancel_open(s: Session, job_id: str) -> int:
-    """Fetching and queued batches of a job → cancelled (claimed ones are left to their holder)."""
-    stmt = update(Batch).where(Batch.job_id == job_id, Batch.status.in_([FETCHING, QUEUED])).values(
-        status=CANCELLED, finished_at=utcnow())
     return cast(CursorResult[Any], s.execute(stmt)).rowcount
 
 

@@ -33,10 +33,11 @@ from db import batches as ledger_batches
 from db import ledger
 from db.models import Batch, Job, utcnow
 from db.session import session_scope
-from farm import dispatch, netguard
+from farm import netguard
 from farm.config import Settings
 from farm.errors import FileDownloadError
 from farm.fetching import fetch_one, pending
+from farm.lifecycle.announce import announce, messages
 from farm.lifecycle.finish import finish
 from farm.schemas import stored_input
 from farm.status import JobStatus
@@ -112,11 +113,7 @@ def _take(job_id: str, settings: Settings) -> tuple[str, dict[str, object]] | No
         inputs = len(pending(stored_input(job.input), settings))
         if _owner_busy(s, job.owner, settings):
             return None
-        now = utcnow()
-        stmt = (update(Batch).where(Batch.job_id == job_id, Batch.status == FETCHING,
-                                    or_(Batch.lease_expires_at.is_(None), Batch.lease_expires_at < now))
-                .values(worker=holder(), lease_expires_at=now + _lease(settings, inputs)).returning(Batch.id))
-        if not s.execute(stmt).all():
+        if not ledger_batches.take_fetch(s, job_id, holder(), utcnow() + _lease(settings, inputs)):
             return None
         return job.owner, dict(job.input)
 
@@ -146,21 +143,12 @@ def fetch_job(job_id: str, settings: Settings) -> bool:
 
     fetched = _with_paths(inp, paths).model_dump(mode="json")
     with session_scope() as s:  # the lock order everywhere: batches, then jobs
-        now = utcnow()
-        rows = s.execute(update(Batch).where(Batch.job_id == job_id, Batch.status == FETCHING,
-                                             Batch.worker == holder())
-                         .values(status=ledger_batches.QUEUED, worker=None, lease_expires_at=None, published_at=now,
-                                 publishes=1)
-                         .returning(Batch.id, Batch.k, Batch.indices, Batch.model_key, Batch.lane)).all()
+        rows = ledger_batches.fetched(s, job_id, holder())
         if rows:  # still ours (not cancelled, no lease lost): the job renders what was fetched
             s.execute(update(Job).where(Job.id == job_id).values(input=fetched))
             ledger.add_log(s, job_id, f"fetched {', '.join(f for f, _ in todo)}; queued", source="fetcher")
-    messages = [dispatch.Message(model_key=m, lane=lane, request_id=job_id, k=k, indices=list(ix), batch_ids=[i])
-                for i, k, ix, m, lane in rows]
-    if messages:
-        from farm.lifecycle.submit import announce
-
-        announce(messages, settings)
+    if rows:
+        announce(messages(rows), settings)
     return bool(rows)
 
 

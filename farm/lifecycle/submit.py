@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db import batches as ledger_batches
@@ -25,10 +25,11 @@ from db import ledger
 from db.batches import compat_key, live_workers, plan_batches, pool_max_batch
 from db.models import Batch, Job, Worker
 from db.session import session_scope
-from farm import dispatch, fetching
+from farm import fetching
 from farm.config import Settings, get_settings
 from farm.errors import NoLiveWorkerError
 from farm.lifecycle import fetch as fetch_stage
+from farm.lifecycle.announce import announce, message, messages
 from farm.lifecycle.finish import finish_now
 from farm.lifecycle.pool import unserved
 from farm.queues import render_queue
@@ -51,27 +52,6 @@ def split_job(s: Session, model_name: str, num_images: int, settings: Settings,
 def _configured(spec: ModelSpec, settings: Settings) -> int:
     """The batch size when no worker has reported one: FARM_BATCH_SIZE, capped by the model's."""
     return min(settings.batch_size or spec.max_batch, spec.max_batch)
-
-
-def _messages(rows: Sequence[Batch]) -> list[dispatch.Message]:
-    return [dispatch.Message(model_key=b.model_key, lane=b.lane, request_id=b.job_id, k=b.k,
-                             indices=list(b.indices), batch_ids=[b.id]) for b in rows]
-
-
-def unpublished(batch_ids: list[int]) -> None:
-    """Their messages were not sent: leave them to the sweeper (published when the broker is back)."""
-    with session_scope() as s:
-        ledger_batches.unpublished(s, batch_ids)
-
-
-def announce(messages: list[dispatch.Message], settings: Settings, *, background: bool = False) -> None:
-    """Publish after the commit; what cannot be sent now is marked unpublished for the sweeper."""
-    if background:
-        dispatch.publish_soon(messages, settings, unpublished)
-        return
-    failed = dispatch.publish(messages, settings)
-    if failed:
-        unpublished(failed)
 
 
 def submit(
@@ -114,7 +94,7 @@ def submit(
     if fetch and announce_now:
         fetch_stage.schedule(rid, owner, settings)
     elif announce_now:
-        announce(_messages(rows), settings, background=background)
+        announce(messages(rows), settings, background=background)
     return rid
 
 
@@ -138,10 +118,7 @@ def _record(inp: GenerateInput, spec: ModelSpec, seed: int, rid: str, owner: str
             # one image is one batch whatever the pool (plan_batches gives [[0]]): no look at the pool
             chunks = [[0]] if inp.num_images == 1 else split_job(s, spec.name, inp.num_images, settings)
             compat = compat_key(inp.model_dump(mode="json"), owner)
-            rows = ledger_batches.create_batches(s, rid, spec.key, lane.value, compat, chunks)
-            if fetch:
-                for b in rows:
-                    b.status, b.publishes, b.published_at = ledger_batches.FETCHING, 0, None
+            rows = ledger_batches.create_batches(s, rid, spec.key, lane.value, compat, chunks, fetching=fetch)
             ledger.add_log(s, rid, f"queued {inp.num_images} image(s) in {len(chunks)} batch(es) on "
                            f"{render_queue(spec.key, lane)}" + ("; file inputs are fetched first" if fetch else ""),
                            source="coordinator")
@@ -182,8 +159,7 @@ def submit_many(
         with session_scope() as s:
             rows, sizes, created = _record_many(s, items, owner, lane, source, settings)
             if fetch_ids:  # fetched first (farm.lifecycle.fetch): not claimable, not announced yet
-                s.execute(update(Batch).where(Batch.job_id.in_(fetch_ids), Batch.status == ledger_batches.QUEUED)
-                          .values(status=ledger_batches.FETCHING, publishes=0, published_at=None))
+                ledger_batches.to_fetch(s, fetch_ids)
                 rows = [b for b in rows if b.job_id not in fetch_ids]
     except BaseException:
         fetching.discard(staged, settings)
@@ -193,21 +169,21 @@ def submit_many(
     groups: dict[tuple[str, str, str], list[_Queued]] = {}
     for b in rows:
         groups.setdefault((b.model_key, b.lane, b.compat), []).append(b)
-    messages = []
+    grouped = []
     for (model_key, _, _), members in groups.items():
         size, images = sizes[model_key], 0
         chunk: list[_Queued] = []
         for b in members:
             if chunk and images + len(b.indices) > size:
-                messages.append(_group_message(chunk))
+                grouped.append(message(chunk))
                 chunk, images = [], 0
             chunk.append(b)
             images += len(b.indices)
         if chunk:
-            messages.append(_group_message(chunk))
-    announce(messages, settings)
+            grouped.append(message(chunk))
+    announce(grouped, settings)
     log.debug("submitted %d %s job(s) (%d new) on the %s lane: %d batch(es) announced in %d message(s)",
-             len(items), source, created, lane.value, len(rows), len(messages))
+             len(items), source, created, lane.value, len(rows), len(grouped))
     return [rid for _, rid in items]
 
 
@@ -287,13 +263,6 @@ def _record_many(s: Session, items: list[tuple[GenerateInput, str]], owner: str,
     rows.sort(key=lambda b: (order[b.job_id], b.k))  # announced in the order they were listed
     sizes = {spec.key: pool_max_batch(pools[spec.key], _configured(spec, settings)) for spec in specs.values()}
     return rows, sizes, len(created)
-
-
-def _group_message(chunk: list[_Queued]) -> dispatch.Message:
-    first, rest = chunk[0], chunk[1:]
-    return dispatch.Message(model_key=first.model_key, lane=first.lane, request_id=first.job_id, k=first.k,
-                            indices=list(first.indices), batch_ids=[c.id for c in chunk],
-                            group=[(c.job_id, c.k) for c in rest])
 
 
 def cancel(rid: str, owner: str | None = None, source: str = "api", reason: str | None = None) -> str:

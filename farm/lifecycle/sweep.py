@@ -46,6 +46,7 @@ from db.models import BulkJob, utcnow
 from db.session import session_scope
 from farm import dispatch
 from farm.config import Settings
+from farm.lifecycle.announce import announce, messages
 from farm.lifecycle.finish import finish
 from farm.lifecycle.pool import log_unserved
 from farm.lifecycle.retry import out_of_retries
@@ -113,13 +114,8 @@ def sweep(settings: Settings) -> Swept:
     with session_scope() as s:
         rows = ledger_batches.due(s, older_than=older, empty_queues=empty,
                                   published_before=out.broker_reset)
-    messages = [dispatch.Message(model_key=b.model_key, lane=b.lane, request_id=b.job_id, k=b.k,
-                                 indices=list(b.indices), batch_ids=[b.id]) for b in rows]
-    failed = dispatch.publish(messages, settings)
-    if failed:
-        with session_scope() as s:
-            ledger_batches.unpublished(s, failed)
-    out.published = len(messages) - len(failed)
+    failed = announce(messages(rows), settings)
+    out.published = len(rows) - len(failed)
     if not settings.embedded:
         out.bulk = bulk_dispatch(settings, older)
     if out.broker_reset is not None and out.published:
