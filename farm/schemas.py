@@ -1,6 +1,9 @@
 """Input and output schemas of ``fal-ai/fast-lcm-diffusion``, field by field.
 
-Bounds come from settings (``FARM_MAX_NUM_IMAGES`` …); a violation names the field
+A leaf: pure pydantic. The bounds (``FARM_MAX_NUM_IMAGES`` …) come from the settings object the
+validation is given (``context={"settings": settings}``, see :func:`farm.admission.admit`); without
+one, only the fixed rules are checked (types, ranges of the API itself). File-path policy (LoRA and
+embedding paths) is admission's (``farm.admission``), not a validator's. A violation names the field
 and the reason.
 """
 
@@ -23,8 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from farm.config import get_settings
-from farm.files import resolve_weights_path
+from farm.config import Settings
 from models.registry import SDXL_BASE, all_models
 
 STORED = {"stored": True}
@@ -33,6 +35,14 @@ STORED = {"stored": True}
 def _stored(info: ValidationInfo) -> bool:
     """Whether this is an input read back from the ledger (see :func:`stored_input`)."""
     return bool(info.context and info.context.get("stored"))
+
+
+def _bounds(info: ValidationInfo) -> Settings | None:
+    """The settings whose bounds apply (None: an input read back, or no settings given)."""
+    if _stored(info) or not info.context:
+        return None
+    s = info.context.get("settings")
+    return s if isinstance(s, Settings) else None
 
 
 class ImageSizeName(StrEnum):
@@ -65,10 +75,10 @@ class ImageSize(BaseModel):
     def _side(cls, v: int, info: ValidationInfo) -> int:
         if _stored(info):
             return v
-        s = get_settings()
         if v % 8:
             raise ValueError(f"must be a multiple of 8 (got {v})")
-        if not s.min_image_side <= v <= s.max_image_side:
+        s = _bounds(info)
+        if s is not None and not s.min_image_side <= v <= s.max_image_side:
             raise ValueError(f"must be between {s.min_image_side} and {s.max_image_side} (got {v})")
         return v
 
@@ -103,14 +113,6 @@ class LoraWeight(BaseModel):
     scale: float = Field(1.0, ge=-4.0, le=4.0, description="The scale of the LoRA weight.")
     force: bool = Field(False, description="If set to true, the embedding will be forced to be used.")
 
-    @field_validator("path")
-    @classmethod
-    def _path(cls, v: str, info: ValidationInfo) -> str:
-        if _stored(info):
-            return v
-        resolve_weights_path(v, get_settings())
-        return v
-
 
 class Embedding(BaseModel):
     path: str = Field(..., description="URL or the path to the embedding weights.")
@@ -118,14 +120,6 @@ class Embedding(BaseModel):
         default_factory=lambda: ["<s0>", "<s1>"], min_length=1, max_length=16,
         description="The list of tokens to use for the embedding.",
     )
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, v: str, info: ValidationInfo) -> str:
-        if _stored(info):
-            return v
-        resolve_weights_path(v, get_settings())
-        return v
 
     @field_validator("tokens")
     @classmethod
@@ -181,9 +175,12 @@ class GenerateInput(BaseModel):
     def _text(cls, v: str, info: ValidationInfo) -> str:
         if _stored(info):
             return v
-        limit = get_settings().max_prompt_chars
         if info.field_name == "prompt" and not v.strip():
             raise ValueError("must not be empty")
+        s = _bounds(info)
+        if s is None:
+            return v
+        limit = s.max_prompt_chars
         if len(v) > limit:
             raise ValueError(f"must be at most {limit} characters (got {len(v)})")
         return v
@@ -191,9 +188,10 @@ class GenerateInput(BaseModel):
     @field_validator("num_inference_steps")
     @classmethod
     def _steps(cls, v: int, info: ValidationInfo) -> int:
-        if _stored(info):
+        s = _bounds(info)
+        if s is None:
             return v
-        limit = get_settings().max_inference_steps
+        limit = s.max_inference_steps
         if not 1 <= v <= limit:
             raise ValueError(f"must be between 1 and {limit} (got {v})")
         return v
@@ -201,9 +199,10 @@ class GenerateInput(BaseModel):
     @field_validator("num_images")
     @classmethod
     def _num_images(cls, v: int, info: ValidationInfo) -> int:
-        if _stored(info):
+        s = _bounds(info)
+        if s is None:
             return v
-        limit = get_settings().max_num_images
+        limit = s.max_num_images
         if not 1 <= v <= limit:
             raise ValueError(f"must be between 1 and {limit} (got {v}); use a bulk job for more")
         return v
@@ -211,9 +210,10 @@ class GenerateInput(BaseModel):
     @field_validator("guidance_scale")
     @classmethod
     def _guidance(cls, v: float, info: ValidationInfo) -> float:
-        if _stored(info):
+        s = _bounds(info)
+        if s is None:
             return v
-        limit = get_settings().max_guidance_scale
+        limit = s.max_guidance_scale
         if not 0.0 <= v <= limit:
             raise ValueError(f"must be between 0 and {limit} (got {v})")
         return v
@@ -239,9 +239,10 @@ class GenerateInput(BaseModel):
     @field_validator("loras")
     @classmethod
     def _loras(cls, v: list[LoraWeight], info: ValidationInfo) -> list[LoraWeight]:
-        if _stored(info):
+        s = _bounds(info)
+        if s is None:
             return v
-        limit = get_settings().max_loras
+        limit = s.max_loras
         if len(v) > limit:
             raise ValueError(f"at most {limit} LoRAs (got {len(v)})")
         return v
@@ -249,9 +250,10 @@ class GenerateInput(BaseModel):
     @field_validator("embeddings")
     @classmethod
     def _embeddings(cls, v: list[Embedding], info: ValidationInfo) -> list[Embedding]:
-        if _stored(info):
+        s = _bounds(info)
+        if s is None:
             return v
-        limit = get_settings().max_embeddings
+        limit = s.max_embeddings
         if len(v) > limit:
             raise ValueError(f"at most {limit} embeddings (got {len(v)})")
         return v
@@ -346,17 +348,3 @@ def stored_input(data: dict[str, Any]) -> GenerateInput:
     and no file-system checks of LoRA paths (checked where the request was admitted).
     """
     return GenerateInput.model_validate(data, context=STORED)
-
-
-def parse_input(data: dict[str, Any]) -> GenerateInput:
-    """Validate ``data``; raise InvalidInputError naming the first bad field."""
-    from farm.errors import InvalidInputError
-
-    try:
-        return GenerateInput.model_validate(data)
-    except ValidationError as exc:
-        errors = field_errors(exc)
-        field, reason = errors[0]
-        err = InvalidInputError(field, reason)
-        err.errors = errors  # type: ignore[attr-defined]
-        raise err from None

@@ -15,14 +15,14 @@ from celery import Celery, Task
 from celery.exceptions import Ignore
 
 from farm import lifecycle
+from farm.admission import admit
 from farm.config import get_settings
-from farm.schemas import parse_input
 from farm.status import Lane
 
 
 def generate(self: Task, **kwargs: Any) -> None:
     settings = get_settings()
-    inp = parse_input(kwargs)  # InvalidInputError names the field; no job is created
+    inp = admit(kwargs, None, settings)  # InvalidInputError names the field; no job is created
     lifecycle.submit(
         inp,
         owner=settings.default_owner,

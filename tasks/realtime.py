@@ -22,7 +22,7 @@ from typing import Any, cast
 
 from db.batches import compat_key
 from farm.config import Settings
-from farm.inputs import owner_scope
+from farm.inputs.fetch import owner_scope
 from farm.realtime.lane import Frame, Reply, lane_key
 from farm.realtime.protocol import pack
 from farm.schemas import GenerateInput, stored_input

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from farm import fetching, inputs
+from farm import inputs
+from farm.admission import parse_input
 from farm.config import Settings, reset_settings
 from farm.errors import InvalidInputError
-from farm.schemas import GenerateInput, parse_input, stored_input
+from farm.schemas import GenerateInput, stored_input
 from models.registry import TINY_MODEL
 from models.renderer import Renderer
 from tests.receivers import Receiver
@@ -145,9 +146,9 @@ def test_a_name_that_resolves_inside_is_refused_by_the_fetch_stage(renderer, set
     with Receiver() as rx:
         url = rx.url("/lora.safetensors", host="localhost", scheme="https")
         p = params(loras=[{"path": url}])  # a name: validation does no DNS
-        assert fetching.pending(p, settings) == [("loras.0.path", url)]
+        assert inputs.pending(p, settings) == [("loras.0.path", url)]
         with pytest.raises(ValueError, match=r"localhost \(.*\) is a loopback address"):
-            fetching.fetch_one("loras.0.path", url, "ann", settings)
+            inputs.fetch_one("loras.0.path", url, "ann", settings)
         # and a worker never fetches: an unfetched URL fails the render, naming the field
         with pytest.raises(InvalidInputError, match=r"loras.0.path: was not fetched before rendering"):
             renderer.render(p, 1, [0])
@@ -178,9 +179,9 @@ def test_allow_listed_https_url_is_fetched_once_and_renders(renderer, settings, 
     allowed = settings.model_copy(update={"webhook_allowlist": [f"localhost:{rx.port}"]})
     try:
         url = rx.url("/weights/lora.safetensors", host="localhost")
-        stored = fetching.fetch_one("loras.0.path", url, "ann", allowed)  # the fetch stage's step
+        stored = inputs.fetch_one("loras.0.path", url, "ann", allowed)  # the fetch stage's step
         assert stored.startswith("farm-stored:ann/inputs/") and stored.endswith(".safetensors")
-        assert fetching.fetch_one("loras.0.path", url, "ann", allowed) == stored  # from the cache
+        assert inputs.fetch_one("loras.0.path", url, "ann", allowed) == stored  # from the cache
         with inputs.owner_scope("ann"):
             with_url = png(renderer, stored_params(loras=[{"path": stored}]))
         assert with_url == png(renderer, params(loras=[{"path": data_uri(lora)}]))
@@ -324,19 +325,19 @@ def test_hub_ids_resolve_from_the_local_cache_with_a_size_check(renderer, settin
     _hf_cache(tmp_path / "hub", "acme/tiny-lora", {"pytorch_lora_weights.safetensors": lora, "README.md": b"hi"})
     _hf_cache(tmp_path / "hub", "acme/two-files", {"a.safetensors": lora, "b.safetensors": lora})
     p = params(loras=[{"path": "acme/tiny-lora"}])
-    assert fetching.pending(p, settings) == [("loras.0.path", "acme/tiny-lora")]
-    stored = fetching.fetch_one("loras.0.path", "acme/tiny-lora", "ann", settings)
+    assert inputs.pending(p, settings) == [("loras.0.path", "acme/tiny-lora")]
+    stored = inputs.fetch_one("loras.0.path", "acme/tiny-lora", "ann", settings)
     assert stored.startswith("farm-stored:ann/inputs/")
     with inputs.owner_scope("ann"):  # rendered from the stored copy, handed to diffusers as an absolute path
         assert png(renderer, stored_params(loras=[{"path": stored}])) == png(renderer, params(
             loras=[{"path": data_uri(lora)}]))
     small = settings.model_copy(update={"file_input_max_bytes": len(lora) - 1})
     with pytest.raises(ValueError, match=r"hub file pytorch_lora_weights.safetensors of 'acme/tiny-lora' is .* more"):
-        fetching.fetch_one("loras.0.path", "acme/tiny-lora", "ann", small)
+        inputs.fetch_one("loras.0.path", "acme/tiny-lora", "ann", small)
     with pytest.raises(ValueError, match="not exactly one .safetensors file"):
-        fetching.fetch_one("loras.0.path", "acme/two-files", "ann", settings)
+        inputs.fetch_one("loras.0.path", "acme/two-files", "ann", settings)
     with pytest.raises(ValueError, match="'acme/absent' is not in the Hugging Face cache"):
-        fetching.fetch_one("loras.0.path", "acme/absent", "ann", settings)
+        inputs.fetch_one("loras.0.path", "acme/absent", "ann", settings)
 
 
 def test_hub_ids_online_are_downloaded_through_the_guard(settings, lora, tls_receiver, monkeypatch):
@@ -346,30 +347,30 @@ def test_hub_ids_online_are_downloaded_through_the_guard(settings, lora, tls_rec
     rx.on_request = lambda rec: (200, {}, b"learned " + rec.path.encode()) if "learned_embeds.bin" in rec.path \
         else (404, {}, b"no")
     allowed = settings.model_copy(update={"webhook_allowlist": [f"localhost:{rx.port}"]})
-    stored = fetching.fetch_one("embeddings.0.path", "acme/emb", "ann", allowed)
+    stored = inputs.fetch_one("embeddings.0.path", "acme/emb", "ann", allowed)
     assert [r.path for r in rx.requests] == ["/acme/emb/resolve/main/learned_embeds.safetensors",
                                              "/acme/emb/resolve/main/learned_embeds.bin"]
     got = inputs.materialise("stored", stored, settings).read_bytes()
     assert got == b"learned /acme/emb/resolve/main/learned_embeds.bin"
     with pytest.raises(ValueError, match="hub id 'acme/none' has none of"):
-        fetching.fetch_one("loras.0.path", "acme/none", "ann", allowed)
+        inputs.fetch_one("loras.0.path", "acme/none", "ann", allowed)
     monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # an internal hub endpoint, not allow-listed
     with pytest.raises(ValueError, match="loopback"):
-        fetching.fetch_one("loras.0.path", "acme/other", "ann", settings)
+        inputs.fetch_one("loras.0.path", "acme/other", "ann", settings)
 
 
 def test_stage_inline_moves_data_uris_to_storage_with_a_total_cap(settings, lora):
     from farm.storage import get_storage
 
     p = params(loras=[{"path": data_uri(lora)}], embeddings=[{"path": data_uri(b"e" * 100)}])
-    staged, written = fetching.stage_inline(p, "cat", settings)
+    staged, written = inputs.stage_inline(p, "cat", settings)
     paths = [staged.loras[0].path, staged.embeddings[0].path]
     assert all(x.startswith("farm-stored:cat/inputs/") for x in paths) and len(written) == 2
     assert get_storage(settings).get(paths[0].removeprefix("farm-stored:")) == lora
-    assert fetching.stage_inline(p, "cat", settings)[1] == []  # content-addressed: nothing new
+    assert inputs.stage_inline(p, "cat", settings)[1] == []  # content-addressed: nothing new
     capped = settings.model_copy(update={"inline_input_max_bytes": len(lora) + 99})
     with pytest.raises(InvalidInputError, match="embeddings.0.path: the request's data URIs hold"):
-        fetching.stage_inline(p, "dot", capped)
+        inputs.stage_inline(p, "dot", capped)
     assert get_storage(settings).list("dot/") == []
-    fetching.discard(written, settings)
+    inputs.discard(written, settings)
     assert get_storage(settings).list("cat/inputs/") == []

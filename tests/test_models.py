@@ -230,10 +230,10 @@ def test_bad_lora_and_embedding_inputs(
         renderer.render(bad, 1, [0])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(settings.data_dir / "empty-hf-cache"))
-    from farm import fetching
+    from farm import inputs
 
     with pytest.raises(ValueError, match="hub id 'nobody/missing-lora' is not in the Hugging Face cache"):
-        fetching.fetch_one("loras.0.path", "nobody/missing-lora", "local", settings)  # the fetch stage
+        inputs.fetch_one("loras.0.path", "nobody/missing-lora", "local", settings)  # the fetch stage
     with pytest.raises(InvalidInputError, match="loras.0.path: was not fetched before rendering"):
         renderer.render(params(num_images=1, loras=[{"path": "nobody/missing-lora"}]), 1, [0])  # never the worker
     # a LoRA for layers this model does not have: an error, or skipped with force=true

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from farm.admission import parse_input
 from farm.config import Settings
 from farm.errors import InvalidInputError
-from farm.schemas import NAMED_SIZES, GenerateInput, GenerateOutput, ImageSizeName, parse_input
+from farm.schemas import NAMED_SIZES, GenerateInput, GenerateOutput, ImageSizeName
 
 
 def test_defaults_match_the_seed(farm_env):
@@ -124,7 +125,7 @@ def test_bounds_come_from_settings(farm_env, monkeypatch):
 
 def test_local_weights_must_live_under_the_files_root(farm_env, tmp_path):
     from farm.config import get_settings
-    from farm.files import resolve_weights_path
+    from farm.inputs.refs import resolve_weights_path
 
     root = get_settings().effective_files_root
     (root / "loras").mkdir(parents=True)

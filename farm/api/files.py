@@ -4,7 +4,7 @@ embedding input by the same owner; ``GET /storage/files/…`` reads it back.
 The body is either ``multipart/form-data`` with one file field (``file``), or the raw bytes
 with their ``Content-Type`` (name them with ``?file_name=``). Objects are kept under
 ``<owner>/uploads/<uuid>/<safe name>``; more than ``max_upload_bytes`` answers 413, as does an
-upload beyond the owner's ``upload_quota_bytes`` (farm.upload_quota: checked and stored under the
+upload beyond the owner's ``upload_quota_bytes`` (farm.inputs.quota: checked and stored under the
 owner's lock). The returned URL is resolved from storage directly when used as an input
 (``farm.inputs``). A download is streamed, after its size and owner's quota are checked.
 """
@@ -30,8 +30,8 @@ from farm.api.deps import SettingsDep, TenantDep
 from farm.api.errors import ERROR_RESPONSES, NOT_FOUND, ErrorBody
 from farm.api.guard import MULTIPART_SLACK
 from farm.errors import ObjectNotFound
+from farm.inputs.quota import store_within_quota, stream
 from farm.storage import get_storage
-from farm.upload_quota import store_within_quota, stream
 
 router = APIRouter(tags=["files"])
 

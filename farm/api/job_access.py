@@ -18,7 +18,7 @@ from db import ledger
 from db.locks import lock_owner
 from db.models import Job
 from db.session import session_scope
-from farm import lifecycle
+from farm import admission, lifecycle
 from farm.api.deps import Tenant
 from farm.api.errors import JobFailedError, RequestFieldError, RequestInProgressError, TooManyJobsError
 from farm.api.fal import APP_ID
@@ -63,13 +63,6 @@ def check_webhook(url: str, settings: Settings) -> None:
         raise RequestFieldError("query", "fal_webhook", str(exc)) from None
 
 
-def _check_uploads(inp: GenerateInput, owner: str) -> None:
-    """Refuse upload URLs (LoRA/embedding inputs) of another owner (farm.inputs)."""
-    from farm.inputs import check_owner
-
-    check_owner(inp, owner)
-
-
 def _nul_field(value: Any, path: str = "") -> str | None:
     """The dotted path of the first string holding a NUL character (PostgreSQL cannot store one)."""
     if isinstance(value, str):
@@ -112,8 +105,7 @@ def _same_request(job: Job, fields: dict[str, Any], key: str, header: str | None
 
 
 def _check_new(inp: GenerateInput, tenant: Tenant) -> None:
-    """What a new request must pass before it is recorded: upload owners, the key's image limit."""
-    _check_uploads(inp, tenant.owner)
+    """What a new request must pass before it is recorded: the key's image limit."""
     if tenant.max_images is not None and inp.num_images > tenant.max_images:
         raise InvalidInputError(
             "num_images", f"must be at most {tenant.max_images} with this API key (got {inp.num_images})"
@@ -137,13 +129,16 @@ def submit_job(
     ``request_id`` is the id of a new job (default: a fresh one).
 
     One transaction on the common path: the job row is inserted (a repeated key finds the job
-    already there instead), then checked (uploads, the key's image limit, the owner's jobs in
-    flight, counted with the new row under the owner's lock, so that no number of concurrent
+    already there instead), then checked (the key's image limit, the owner's jobs in flight,
+    counted with the new row under the owner's lock, so that no number of concurrent
     submits passes the limit) before its batches are recorded; a refused submit rolls
-    back and records nothing. An owner whose daily GPU-second quota is spent gets 429 (farm.usage).
+    back and records nothing. Admission (farm.admission: bounds, file references, upload
+    owners) comes first, in the caller's thread (routes run this off the event loop).
+    An owner whose daily GPU-second quota is spent gets 429 (farm.usage).
     A webhook URL is vetted (DNS) before the transaction, and only for
     a new request, so that request looks its key up first.
     """
+    inp = admission.admit(inp, tenant.owner, settings)  # FastAPI parsed only the shape
     fields = inp.model_dump(mode="json")
     bad = _nul_field(fields)
     if bad:

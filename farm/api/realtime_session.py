@@ -26,13 +26,13 @@ from typing import Any
 
 from fastapi import WebSocket
 from fastapi.concurrency import run_in_threadpool
-from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from farm import admission
 from farm.api.deps import Tenant
 from farm.api.realtime_hub import Hub, LaneUnavailableError
 from farm.config import Settings
-from farm.errors import FarmError
+from farm.errors import FarmError, InvalidInputError
 from farm.realtime.lane import Frame
 from farm.realtime.protocol import (
     CLOSE_OVER_LIMIT,
@@ -42,7 +42,7 @@ from farm.realtime.protocol import (
     error_frame,
     unpack,
 )
-from farm.schemas import GenerateInput, field_errors
+from farm.schemas import GenerateInput
 from farm.usage import check_quota
 from models.registry import get_model
 
@@ -71,23 +71,14 @@ def admit(data: Any, tenant: Tenant, settings: Settings) -> GenerateInput:
     if not isinstance(data, dict):
         raise FrameError("invalid_input", f"a frame must be a map of input fields (got {type(data).__name__})",
                          "input")
-    try:
-        inp = GenerateInput.model_validate(data)
-    except ValidationError as exc:
-        errors = field_errors(exc)
-        field, reason = errors[0]
-        raise FrameError("invalid_input", f"{field}: {reason}", field) from None
+    try:  # the fields, their bounds, file references and upload owners (farm.admission)
+        inp = admission.admit(data, tenant.owner, settings)
+    except InvalidInputError as exc:
+        raise FrameError("invalid_input", str(exc), exc.field) from None
     cap = min(settings.realtime_max_images, tenant.max_images or settings.realtime_max_images)
     if inp.num_images > cap:
         raise FrameError("invalid_input", f"num_images: at most {cap} per realtime frame (got {inp.num_images})",
                          "num_images")
-    if inp.loras or inp.embeddings:
-        from farm.inputs import check_owner
-
-        try:
-            check_owner(inp, tenant.owner)
-        except FarmError as exc:
-            raise FrameError("invalid_input", str(exc), getattr(exc, "field", None)) from None
     if inp.seed is None:
         inp.seed = random.randrange(2**31)  # the reply says which
     return inp
@@ -165,7 +156,11 @@ class RealtimeSession:
                                                   "(text)", field="input"))
                 continue
             try:
-                inp = admit(data, self.tenant, self.settings)
+                if isinstance(data, dict) and (data.get("loras") or data.get("embeddings")):
+                    # file references are checked on the file system: off the event loop
+                    inp = await run_in_threadpool(admit, data, self.tenant, self.settings)
+                else:
+                    inp = admit(data, self.tenant, self.settings)
             except FrameError as exc:
                 extra: dict[str, Any] = {"field": exc.field} if exc.field else {}
                 if (rid := _request_id(data)) is not None:

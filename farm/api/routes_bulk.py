@@ -66,9 +66,9 @@ class BulkStarted(BaseModel):
 
 def _materialise(req: BulkRequest, owner: str, settings: Settings) -> tuple[Path, dict[str, Any], bool]:
     """The manifest's path, the job's options, and whether the manifest is a copy written just now."""
-    from farm import upload_quota
     from farm.bulk.options import inside
-    from farm.inputs import decode_data_uri, kind_of, upload_key, upload_owner
+    from farm.inputs import quota
+    from farm.inputs.refs import decode_data_uri, kind_of, upload_key, upload_owner
     from farm.storage import get_storage
 
     options = req.model_dump(exclude={"manifest", "manifest_format"})
@@ -99,8 +99,8 @@ def _materialise(req: BulkRequest, owner: str, settings: Settings) -> tuple[Path
         if key is None or upload_owner(key) != owner:
             raise InvalidInputError("manifest", "must be a data URI, one of your upload URLs or a bulk-root path")
         try:  # size and quota from metadata, the read capped: a presigned S3 PUT is not capped
-            data = upload_quota.read(get_storage(settings), key, settings)
-        except (upload_quota.UploadTooLargeError, upload_quota.UploadQuotaError) as exc:
+            data = quota.read(get_storage(settings), key, settings)
+        except (quota.UploadTooLargeError, quota.UploadQuotaError) as exc:
             raise InvalidInputError("manifest", str(exc)) from None
         except ObjectNotFound:
             raise InvalidInputError("manifest", "no such upload") from None

@@ -10,7 +10,7 @@ plain ``PUT upload_url`` carrying the bytes and no credentials (what ``fal.stora
 (``…/storage/files/<owner>/uploads/<id>/<name>``): usable as a LoRA or embedding ``path`` by its
 owner only (``farm.inputs``). Limits: one file at most ``max_upload_bytes``, an owner's uploads
 together with the owner's stored inputs at most ``upload_quota_bytes`` (checked when an upload is
-initiated and, on local storage, again when it is stored, under the owner's lock: farm.upload_quota).
+initiated and, on local storage, again when it is stored, under the owner's lock: farm.inputs.quota).
 A presigned S3 PUT cannot be capped by S3: before the farm reads a stored upload (an input, a bulk
 manifest, a download) it checks the object's size and its owner's quota from metadata, and refuses it.
 """
@@ -38,8 +38,8 @@ from farm.api.errors import ERROR_RESPONSES, ErrorBody
 from farm.api.files import SPOOL_BYTES, safe_name
 from farm.config import Settings
 from farm.errors import FarmError
+from farm.inputs.quota import check_room, store_within_quota, too_large
 from farm.storage import S3Storage, get_storage
-from farm.upload_quota import check_room, store_within_quota, too_large
 
 router = APIRouter(tags=["files"])
 

@@ -55,11 +55,12 @@ from typing import Any, Literal, get_args, get_origin
 from dynamicprompts.generators import CombinatorialPromptGenerator, RandomPromptGenerator
 from dynamicprompts.wildcards import WildcardManager
 from dynamicprompts.wildcards.values import WildcardValues
-from pydantic import ValidationError
 
+from farm.admission import admit
 from farm.bulk.records import PARQUET_BATCH_ROWS, SOURCES, SUFFIXES, ManifestError, Records, RowProblem
+from farm.config import get_settings
 from farm.errors import InvalidInputError
-from farm.schemas import GenerateInput, field_errors, parse_input
+from farm.schemas import GenerateInput
 
 __all__ = ["PARQUET_BATCH_ROWS", "SUFFIXES", "ManifestError", "RowError", "Sample", "read_manifest"]
 
@@ -218,6 +219,7 @@ class _Reader:
         self.images_per_prompt = images_per_prompt
         self.base_seed = base_seed
         self.expander = expander
+        self.settings = get_settings()  # the bounds a sample is admitted with (farm.admission)
 
     def samples(self, row: int, record: dict[str, Any], text: bool, index: int) -> list[Sample]:
         template = record.get("prompt")
@@ -258,9 +260,9 @@ class _Reader:
                 if negative is not None:
                     data["negative_prompt"] = negative
                 try:
-                    model = GenerateInput.model_validate(data)
-                except ValidationError as exc:
-                    raise RowProblem("; ".join(f"{f}: {r}" for f, r in field_errors(exc))) from None
+                    model = admit(data, None, self.settings)
+                except InvalidInputError as exc:
+                    raise RowProblem("; ".join(f"{f}: {r}" for f, r in exc.errors)) from None  # type: ignore[attr-defined]
                 if params is None:
                     params = model.model_dump(mode="json", exclude=_NOT_PARAMS)
                 out.append(Sample(
@@ -275,7 +277,7 @@ def _check_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
         if name in defaults:
             why = "comes from the manifest" if name == "prompt" else "is set per sample by the bulk job"
             raise InvalidInputError(name, f"{why}; not allowed in the job defaults")
-    parse_input({**defaults, "prompt": "defaults"})  # raises InvalidInputError naming the field
+    admit({**defaults, "prompt": "defaults"}, None, get_settings())  # raises InvalidInputError naming the field
     return dict(defaults)
 
 

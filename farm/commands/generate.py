@@ -23,11 +23,12 @@ from db import ledger
 from db.migrate import ensure_schema
 from db.session import session_scope
 from farm import events, lifecycle
+from farm.admission import admit
 from farm.config import Settings, get_settings
 from farm.devices import check_device
 from farm.errors import FarmError, InvalidInputError, JobNotFoundError, RequestIdTakenError
 from farm.results import build_output, status_view
-from farm.schemas import ImageSizeName, parse_input
+from farm.schemas import ImageSizeName
 from farm.status import JobStatus, Lane
 from farm.storage import get_storage
 
@@ -118,8 +119,8 @@ def generate(prompt: str, model_name: str | None, negative_prompt: str | None, i
         "expand_prompt": expand_prompt, "format": format_, "request_id": request_id,
         "loras": [_lora(v) for v in loras] or None, "embeddings": [_embedding(v) for v in embeddings] or None,
     }
-    inp = parse_input({k: v for k, v in fields.items() if v is not None})
     settings = get_settings()
+    inp = admit({k: v for k, v in fields.items() if v is not None}, None, settings)
     ensure_schema()
     from tasks.app import get_app
 

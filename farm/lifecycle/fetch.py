@@ -36,7 +36,8 @@ from db.session import session_scope
 from farm import netguard
 from farm.config import Settings
 from farm.errors import FileDownloadError
-from farm.fetching import fetch_one, pending
+from farm.inputs.fetch import fetch_one
+from farm.inputs.staging import pending
 from farm.lifecycle.announce import announce, messages
 from farm.lifecycle.finish import finish
 from farm.schemas import stored_input
@@ -139,7 +140,7 @@ def fetch_job(job_id: str, settings: Settings) -> bool:
                        error_type=FileDownloadError.error_type, source="fetcher", settings=settings)
             log.warning("job %s of %s: input not fetched: %s", job_id, owner, reason)
             return False
-    from farm.fetching import _with_paths
+    from farm.inputs.staging import _with_paths
 
     fetched = _with_paths(inp, paths).model_dump(mode="json")
     with session_scope() as s:  # the lock order everywhere: batches, then jobs

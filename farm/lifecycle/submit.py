@@ -25,9 +25,9 @@ from db import ledger
 from db.batches import compat_key, live_workers, plan_batches, pool_max_batch
 from db.models import Batch, Job, Worker
 from db.session import session_scope
-from farm import fetching
 from farm.config import Settings, get_settings
 from farm.errors import NoLiveWorkerError
+from farm.inputs import staging
 from farm.lifecycle import fetch as fetch_stage
 from farm.lifecycle.announce import announce, message, messages
 from farm.lifecycle.finish import finish_now
@@ -83,13 +83,13 @@ def submit(
     spec = get_model(inp.model_name, settings)
     seed = inp.seed if inp.seed is not None else secrets.randbelow(2**31)
     rid = request_id or inp.request_id or uuid.uuid4().hex
-    inp, staged = fetching.stage_inline(inp, owner, settings)  # data URIs to storage: the row holds keys
-    fetch = bool(fetching.pending(inp, settings))  # URLs / hub ids: fetched before any worker may claim
+    inp, staged = staging.stage_inline(inp, owner, settings)  # data URIs to storage: the row holds keys
+    fetch = bool(staging.pending(inp, settings))  # URLs / hub ids: fetched before any worker may claim
     try:
         rows, rid, announce_now = _record(inp, spec, seed, rid, owner, lane, source, idempotency_key, webhook_url,
                                           settings, admit, fetch)
     except BaseException:
-        fetching.discard(staged, settings)  # refused: no blob of it is left behind
+        staging.discard(staged, settings)  # refused: no blob of it is left behind
         raise
     if fetch and announce_now:
         fetch_stage.schedule(rid, owner, settings)
@@ -162,7 +162,7 @@ def submit_many(
                 ledger_batches.to_fetch(s, fetch_ids)
                 rows = [b for b in rows if b.job_id not in fetch_ids]
     except BaseException:
-        fetching.discard(staged, settings)
+        staging.discard(staged, settings)
         raise
     for rid in fetch_ids:
         fetch_stage.schedule(rid, owner, settings)
@@ -201,9 +201,9 @@ def _stage_many(items: list[tuple[GenerateInput, str]], owner: str,
             continue
         marker = repr([(x.path, x.scale, x.force) for x in inp.loras] + [(x.path, x.tokens) for x in inp.embeddings])
         if marker not in done:
-            new, written = fetching.stage_inline(inp, owner, settings)
+            new, written = staging.stage_inline(inp, owner, settings)
             staged += written
-            done[marker] = (new, bool(fetching.pending(new, settings)))
+            done[marker] = (new, bool(staging.pending(new, settings)))
         new, fetch = done[marker]
         out.append((inp.model_copy(update={"loras": new.loras, "embeddings": new.embeddings}), rid))
         if fetch:

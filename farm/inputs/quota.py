@@ -10,7 +10,7 @@
   deleted), and the owner's total against the quota; the read itself stops past the cap, so an
   object replaced meanwhile is no hole.
 
-Import-light: no FastAPI.
+The second stage of ``farm.inputs``: imports none of it. Import-light: no FastAPI.
 """
 
 from __future__ import annotations

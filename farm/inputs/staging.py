@@ -1,35 +1,27 @@
-"""Moving a request's LoRA / embedding inputs into storage before any GPU worker sees them.
+"""Staging a request's file inputs at submit: data URIs move to storage, URLs and hub ids are listed.
 
-* At submit, :func:`stage_inline` moves every base64 ``data:`` URI to storage (content-addressed
+* :func:`stage_inline` moves every base64 ``data:`` URI to storage (content-addressed
   ``<owner>/inputs/<sha256>.<ext>``) and puts ``farm-stored:<key>`` in its place, so the ledger
   row holds a key, not megabytes; the decoded bytes of one request's data URIs together are
   capped by ``inline_input_max_bytes``. Stored inputs count against the owner's
-  ``upload_quota_bytes`` with its uploads (farm.upload_quota), so no tenant fills the disks.
+  ``upload_quota_bytes`` with its uploads (``farm.inputs.quota``), so no tenant fills the disks.
 * :func:`pending` lists what the fetch stage (``farm.lifecycle.fetch``) must still get: ``https://``
-  URLs and Hugging Face hub ids. :func:`fetch_one` gets one of them within its wall-clock deadline
-  (``input_fetch_deadline_seconds``) and the size cap (``file_input_max_bytes``) into storage.
-* A hub id is resolved to ONE weights file, size-checked: from the local Hugging Face cache when
-  the hub is offline (``HF_HUB_OFFLINE``), else downloaded from ``HF_ENDPOINT`` through the SSRF
-  guard like any URL. The worker loads it from storage as a local file: diffusers is only ever
-  handed an absolute path.
+  URLs and Hugging Face hub ids (``farm.inputs.fetch``).
 
-Import-light: no torch, no huggingface_hub.
+The third stage of ``farm.inputs``: imports refs and quota.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import os
-from pathlib import Path
 
 from farm.config import Settings
 from farm.errors import InvalidInputError, StorageError
-from farm.files import HUB_ID, resolve_weights_path
-from farm.inputs import STORED, RemoteNotFoundError, _mib, decode_data_uri, kind_of, materialise
+from farm.inputs.quota import UploadQuotaError, store_within_quota
+from farm.inputs.refs import HUB_ID, STORED, _mib, decode_data_uri, kind_of, resolve_weights_path
 from farm.schemas import GenerateInput
 from farm.storage import Storage, get_storage
-from farm.upload_quota import UploadQuotaError, store_within_quota
 
 # The file names diffusers looks for first (LORA_WEIGHT_NAME(_SAFE), TEXT_INVERSION_NAME(_SAFE)).
 HUB_FILES = {
@@ -133,67 +125,3 @@ def _is_hub(path: str, settings: Settings) -> bool:
         return False
 
 
-def _hub_cache() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
-    return Path(home).expanduser() / "hub"
-
-
-def hub_offline() -> bool:
-    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return flag.strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _cached_hub_file(repo: str, names: tuple[str, ...], settings: Settings) -> Path:
-    """The weights file of ``repo`` in the local Hugging Face cache (layout ``models--a--b/snapshots/<rev>``)."""
-    folder = _hub_cache() / ("models--" + repo.replace("/", "--"))
-    ref = folder / "refs" / "main"
-    if not ref.is_file():
-        raise ValueError(f"hub id {repo!r} is not in the Hugging Face cache (HF_HUB_OFFLINE is set); give "
-                         "an https:// URL, a data URI or an upload instead")
-    snapshot = (folder / "snapshots" / ref.read_text().strip()).resolve()
-    if folder.resolve() not in snapshot.parents:
-        raise ValueError(f"hub id {repo!r} has a broken cache entry")
-    found = [snapshot / n for n in names if (snapshot / n).is_file()]
-    if not found:
-        weights = sorted(p for p in snapshot.glob("*.safetensors") if p.is_file())
-        if len(weights) != 1:
-            raise ValueError(f"hub id {repo!r} has no {names[0]} and not exactly one .safetensors file; "
-                             "give the file's URL instead")
-        found = weights
-    path = found[0].resolve()  # the cache links snapshot files to blobs
-    size = path.stat().st_size
-    if size > settings.file_input_max_bytes:
-        raise ValueError(f"hub file {found[0].name} of {repo!r} is {_mib(size)}, more than the "
-                         f"{_mib(settings.file_input_max_bytes)} allowed")
-    return path
-
-
-def _hub_download(repo: str, names: tuple[str, ...], settings: Settings) -> Path:
-    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
-    misses = []
-    for name in names:
-        try:
-            return materialise("url", f"{endpoint}/{repo}/resolve/main/{name}", settings)
-        except RemoteNotFoundError:
-            misses.append(name)
-        except ValueError as exc:
-            raise ValueError(f"hub file {name} of {repo!r}: {exc}") from None
-    raise ValueError(f"hub id {repo!r} has none of {', '.join(misses)}; give the file's URL instead")
-
-
-def fetch_one(field: str, path: str, owner: str, settings: Settings, storage: Storage | None = None) -> str:
-    """Get one URL or hub input into storage within its deadline; its ``farm-stored:`` path.
-
-    ValueError: refused for good (too big, HTTP 4xx, an internal address, not in the cache);
-    TimeoutError / ConnectionError / StorageError: could not be got now."""
-    storage = storage or get_storage(settings)
-    if kind_of(path) == "url":
-        local = materialise("url", path, settings)  # the local cache, by URL: one download per process
-    else:
-        names = HUB_FILES["loras" if field.startswith("loras") else "embeddings"]
-        local = (_cached_hub_file(path, names, settings) if hub_offline()
-                 else _hub_download(path, names, settings))
-    key, _ = store_blob(owner, local.read_bytes(), storage, settings)
-    return STORED + key
