@@ -1,4 +1,4 @@
-"""Leased, fenced batches and the worker registry, in the ledger.
+"""Leased, fenced batches, in the ledger.
 
 A job's images are split into batches when it is submitted (one row each). A Celery message
 only says "batch k of job J is ready"; the ledger decides who renders it:
@@ -12,9 +12,8 @@ only says "batch k of job J is ready"; the ledger decides who renders it:
   claimed`` (:func:`extend` the heartbeat, :func:`holding`, :func:`complete`, :func:`give_back`,
   :func:`fail`). A worker whose batch was taken over (it stalled past its lease, or was cut
   off) finds its writes refused and never touches the new holder's rows.
-* :func:`reap` puts batches whose lease ran out back to queued with no known message
-  (``published_at`` NULL); :func:`due` lists queued batches whose message may be gone, for the
-  sweeper (farm.lifecycle.sweep) to publish again.
+* :mod:`db.batch_sweep` reaps batches whose lease ran out and lists those whose message may be gone,
+  for the sweeper; :mod:`db.workers` holds the worker registry and how a job is cut for the pool.
 
 SQLite has no row locks; there ``BEGIN IMMEDIATE`` (see :mod:`db.session`) serialises writers,
 which gives the same answers. Callers own the transaction.
@@ -24,18 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, and_, case, func, literal, or_, select, tuple_, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import CursorResult, and_, case, func, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from db.models import Batch, Worker, utcnow
-from farm.errors import WorkerNameTakenError
+from db.models import Batch, utcnow
 from farm.status import LANES_BY_PRIORITY, BatchStatus, Lane
 
 FETCHING = BatchStatus.FETCHING
@@ -318,150 +313,6 @@ def close_open(s: Session, job_id: str, status: BatchStatus = CANCELLED, error: 
     stmt = (update(Batch).where(Batch.job_id == job_id, Batch.status.in_([FETCHING, QUEUED, CLAIMED]))
             .values(status=status, finished_at=utcnow(), lease_expires_at=None, error=error))
     return cast(CursorResult[Any], s.execute(stmt)).rowcount
-
-
-# Sweeping: leases that ran out, messages that may be gone.
-
-
-def reap(s: Session, limit: int = 100) -> list[Batch]:
-    """Claimed batches whose lease ran out → queued, with no known message (``published_at`` NULL).
-
-    ``error`` says whose lease expired (a batch given back after a failure keeps its reason). The
-    old holder's fenced writes are refused from now on; the sweeper publishes the batch again.
-    """
-    expired = (select(Batch.id).where(Batch.status == CLAIMED, Batch.lease_expires_at < utcnow())
-               .order_by(Batch.id).limit(limit).with_for_update(skip_locked=True))
-    ids = list(s.scalars(expired))
-    if not ids:
-        return []
-    why = case((Batch.worker.is_(None), Batch.error), else_=literal("lease of ") + Batch.worker + literal(" expired"))
-    stmt = (update(Batch).where(Batch.id.in_(ids), Batch.status == CLAIMED)
-            .values(status=QUEUED, worker=None, lease_expires_at=None, published_at=None, error=why))
-    return sorted(_returning(s, stmt), key=lambda b: b.id)
-
-
-def stale_queues(s: Session, older_than: datetime) -> set[tuple[str, str]]:
-    """``(model_key, lane)`` of queued batches whose last message is older than ``older_than``."""
-    stmt = select(Batch.model_key, Batch.lane).where(Batch.status == QUEUED, Batch.published_at < older_than)
-    return {(m, lane) for m, lane in s.execute(stmt.distinct())}
-
-
-def due(s: Session, *, older_than: datetime, empty_queues: Iterable[tuple[str, str]],
-        published_before: datetime | None = None, limit: int = 500) -> list[Batch]:
-    """Queued batches whose message may be gone, locked (SKIP LOCKED) and marked published now.
-
-    * never published, or the publish failed, or reaped: ``published_at`` NULL;
-    * published before the broker lost its data: ``published_at < published_before``;
-    * not claimed within the dispatch timeout (``published_at < older_than``) while its queue
-      is empty, so its message cannot be waiting there.
-    """
-    now = utcnow()
-    due_if: list[Any] = [Batch.published_at.is_(None)]
-    if published_before is not None:
-        due_if.append(Batch.published_at < published_before)
-    empty = [tuple(q) for q in empty_queues]
-    if empty:
-        due_if.append(and_(Batch.published_at < older_than, tuple_(Batch.model_key, Batch.lane).in_(empty)))
-    ids = list(s.scalars(select(Batch.id).where(Batch.status == QUEUED, or_(*due_if)).order_by(Batch.id)
-                         .limit(limit).with_for_update(skip_locked=True)))
-    if not ids:
-        return []
-    stmt = (update(Batch).where(Batch.id.in_(ids), Batch.status == QUEUED)
-            .values(published_at=now, publishes=Batch.publishes + 1))
-    return sorted(_returning(s, stmt), key=lambda b: b.id)
-
-
-def unpublished(s: Session, batch_ids: Sequence[int]) -> None:
-    """The publish of these batches failed: no message is known, the next sweep sends one."""
-    if batch_ids:
-        s.execute(update(Batch).where(Batch.id.in_(list(batch_ids)), Batch.status == QUEUED)
-                  .values(published_at=None))
-
-
-# Workers.
-
-
-def register_worker(s: Session, *, name: str, model_name: str, model_key: str, device: str,
-                    max_batch: int, loads: int, pid: int, host: str | None = None,
-                    live_within: float | None = None, metrics_url: str | None = None) -> None:
-    """Insert or refresh the row of a worker that has just become ready.
-
-    A name belongs to one live worker: the row of another live process (see
-    :meth:`Worker.live_other_than`; ``live_within`` defaults to ``FARM_LEASE_SECONDS``) is not
-    taken over, the registration raises :class:`WorkerNameTakenError` naming it.
-    """
-    now = utcnow()
-    host = host or socket.gethostname()
-    if live_within is None:
-        from farm.config import get_settings
-
-        live_within = get_settings().lease_seconds
-    row = s.get(Worker, name, populate_existing=True, with_for_update=True)
-    if row is not None and row.live_other_than(host, pid, live_within, now):
-        raise row.name_taken(now)
-    if row is None:
-        row = Worker(name=name)
-        s.add(row)
-    row.model_name, row.model_key, row.device = model_name, model_key, device
-    row.max_batch, row.loads, row.pid, row.host = max_batch, loads, pid, host
-    row.metrics_url = metrics_url
-    row.recompiles = row.cold_renders = 0
-    row.started_at = row.heartbeat_at = now
-    row.stopped_at = None
-    try:
-        s.flush()
-    except IntegrityError as exc:  # another process inserted the same name at the same moment
-        raise WorkerNameTakenError(f"worker name {name!r} was registered by another worker at the same moment: "
-                                   "give this one another --name") from exc
-
-
-def beat_worker(s: Session, name: str, loads: int, pid: int | None = None, host: str | None = None,
-                recompiles: int = 0, cold_renders: int = 0) -> None:
-    """Refresh this process's row (``pid``/``host`` default to this process's): never a namesake's."""
-    s.execute(update(Worker).where(Worker.name == name, Worker.pid == (pid or os.getpid()),
-                                   Worker.host == (host or socket.gethostname()))
-              .values(heartbeat_at=utcnow(), loads=loads, recompiles=recompiles, cold_renders=cold_renders))
-
-
-def stop_worker(s: Session, name: str, pid: int | None = None, host: str | None = None) -> None:
-    """Mark this process's row stopped (``pid``/``host`` default to this process's): never a namesake's."""
-    s.execute(update(Worker).where(Worker.name == name, Worker.pid == (pid or os.getpid()),
-                                   Worker.host == (host or socket.gethostname()))
-              .values(stopped_at=utcnow()))
-
-
-def live_workers(s: Session, model_key: str, within_seconds: float) -> list[Worker]:
-    """Workers of ``model_key`` that beat within ``within_seconds`` and did not stop."""
-    since = utcnow() - timedelta(seconds=within_seconds)
-    stmt = select(Worker).where(Worker.model_key == model_key, Worker.heartbeat_at >= since,
-                                Worker.stopped_at.is_(None)).order_by(Worker.name)
-    return list(s.scalars(stmt.execution_options(populate_existing=True)))
-
-
-def plan_batches(pool: Sequence[Worker], num_images: int, configured: int) -> list[list[int]]:
-    """Cut ``num_images`` into batches for ``pool``: see :func:`batch_size_for`, :func:`split`."""
-    return split(num_images, batch_size_for(pool, num_images, configured), workers=len(pool))
-
-
-def pool_max_batch(pool: Sequence[Worker], configured: int) -> int:
-    """The most images every worker of the pool renders at once: the smallest reported maximum."""
-    return min((w.max_batch for w in pool), default=configured) or configured
-
-
-def batch_size_for(pool: Sequence[Worker], num_images: int, configured: int) -> int:
-    """How big each batch of a ``num_images`` job should be so that it spreads over the pool.
-
-    Each live worker reports its maximum batch (configured, or found from free GPU memory);
-    the smallest one bounds the batch. With W live workers, a job is cut into at least W
-    batches, so every worker of the pool gets a share. With no live worker, ``configured``.
-    """
-    share = -(-num_images // max(1, len(pool)))  # ceil
-    return max(1, min(pool_max_batch(pool, configured), share))
-
-
-def pool_batch_size(s: Session, model_key: str, num_images: int, configured: int, within_seconds: float) -> int:
-    """:func:`batch_size_for` the live pool of ``model_key``."""
-    return batch_size_for(live_workers(s, model_key, within_seconds), num_images, configured)
 
 
 def counts_by_status(s: Session, job_id: str) -> dict[str, int]:

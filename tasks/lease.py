@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from celery import Celery
 
 from db import batches as ledger_batches
+from db import workers as ledger_workers
 from db.session import session_scope
 from farm.config import Settings
 from farm.lifecycle.sweep import sweep
@@ -145,7 +146,7 @@ class LeaseKeeper:
             log.warning("torch.compile built %d graph(s) after warm-up (%d uncompiled render(s))", recompiles, cold)
             self._recompiles_seen = recompiles
         with session_scope() as s:
-            ledger_batches.beat_worker(s, self.name, self.loads(), recompiles=recompiles, cold_renders=cold)
+            ledger_workers.beat_worker(s, self.name, self.loads(), recompiles=recompiles, cold_renders=cold)
             kept = ledger_batches.extend(s, [(i, h.token) for i, h in alive.items()], self.name,
                                          self.settings.lease_seconds) if alive else set()
             missing = [(i, h.token) for i, h in alive.items() if i not in kept]

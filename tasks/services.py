@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from celery import Celery
 
-from db import batches as ledger_batches
+from db import workers as ledger_workers
 from db.session import session_scope
 from farm.config import Settings
 from models.protocol import Renderer
@@ -55,7 +55,7 @@ def start_services(app: Celery, name: str, renderer: Renderer, settings: Setting
     renderer.micro_batch = min(renderer.micro_batch, max_batch)  # a listed group may hold more images
     renderer.warm_compiled()  # FARM_COMPILE: compile each shape before joining
     with session_scope() as s:
-        ledger_batches.register_worker(
+        ledger_workers.register_worker(
             s, name=name, model_name=renderer.spec.name, model_key=renderer.spec.key, device=renderer.device,
             max_batch=max_batch, loads=renderer.loads, pid=os.getpid(), metrics_url=metrics_url,
         )
@@ -90,6 +90,6 @@ def stop_services() -> None:
     services.keeper.stop()
     try:
         with session_scope() as s:
-            ledger_batches.stop_worker(s, services.name)
+            ledger_workers.stop_worker(s, services.name)
     except Exception as exc:
         log.warning("could not mark %s stopped in the ledger: %s", services.name, exc)

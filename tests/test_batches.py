@@ -7,7 +7,7 @@ from datetime import timedelta
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import batches
+from db import batch_sweep, batches, workers
 from db.models import Batch, utcnow
 from models.renderer import batch_from_memory
 from tests.test_ledger import ledger_url, new_job, sessions  # noqa: F401  (fixtures)
@@ -45,15 +45,15 @@ def test_claim_once_until_the_lease_runs_out(sessions):  # noqa: F811
     with sessions.begin() as s:
         assert batches.claim(s, "j1", 0, "w2", 30) is None  # leased to a live worker
         assert batches.extend(s, [(first.id, 1)], "w1", 30) == {first.id}
-        assert batches.reap(s) == []
+        assert batch_sweep.reap(s) == []
         s.execute(update(Batch).where(Batch.job_id == "j1", Batch.k == 0)
                   .values(lease_expires_at=utcnow() - timedelta(seconds=1)))  # w1 stopped beating
     with sessions.begin() as s:
-        reaped = batches.reap(s)  # back to queued, with no known message: the sweeper publishes it
+        reaped = batch_sweep.reap(s)  # back to queued, with no known message: the sweeper publishes it
         assert [(b.k, b.status, b.worker, b.error, b.published_at) for b in reaped] == [
             (0, "queued", None, "lease of w1 expired", None)]
     with sessions.begin() as s:
-        assert batches.reap(s) == []  # not reaped twice
+        assert batch_sweep.reap(s) == []  # not reaped twice
     with sessions.begin() as s:
         row = batches.claim(s, "j1", 0, "w2", 30)
         assert row is not None and row.worker == "w2" and row.attempts == 2 and row.token == 2
@@ -94,21 +94,21 @@ def test_due_lists_what_may_have_lost_its_message(sessions):  # noqa: F811
     _job(sessions, "d2", 1, 1, lane="bulk")
     now = utcnow()
     with sessions.begin() as s:
-        assert batches.due(s, older_than=now - timedelta(seconds=30), empty_queues=[]) == []  # fresh messages
+        assert batch_sweep.due(s, older_than=now - timedelta(seconds=30), empty_queues=[]) == []  # fresh messages
         ids = [b.id for b in batches.get_batches(s, "d1")]
-        batches.unpublished(s, ids[:1])  # its publish failed
+        batch_sweep.unpublished(s, ids[:1])  # its publish failed
     with sessions.begin() as s:
-        due = batches.due(s, older_than=now - timedelta(seconds=30), empty_queues=[])
+        due = batch_sweep.due(s, older_than=now - timedelta(seconds=30), empty_queues=[])
         assert [(b.job_id, b.k, b.publishes) for b in due] == [("d1", 0, 2)]
         assert due[0].published_at is not None
     with sessions.begin() as s:  # the broker lost its data: everything published before now
         later = utcnow()
-        due = batches.due(s, older_than=later - timedelta(seconds=30), empty_queues=[], published_before=later)
+        due = batch_sweep.due(s, older_than=later - timedelta(seconds=30), empty_queues=[], published_before=later)
         assert sorted((b.job_id, b.k) for b in due) == [("d1", 0), ("d1", 1), ("d2", 0)]
     with sessions.begin() as s:  # unclaimed past the dispatch timeout: only where the queue is empty
         future = utcnow() + timedelta(seconds=1)
-        assert batches.stale_queues(s, future) == {("tiny", "queue"), ("tiny", "bulk")}
-        due = batches.due(s, older_than=future, empty_queues=[("tiny", "bulk")])
+        assert batch_sweep.stale_queues(s, future) == {("tiny", "queue"), ("tiny", "bulk")}
+        due = batch_sweep.due(s, older_than=future, empty_queues=[("tiny", "bulk")])
         assert [(b.job_id, b.k) for b in due] == [("d2", 0)]
 
 
@@ -129,15 +129,15 @@ def test_companions_share_model_compat_and_lane(sessions):  # noqa: F811
 
 def test_pool_batch_size_spreads_a_job_over_live_workers(sessions):  # noqa: F811
     with sessions.begin() as s:
-        assert batches.pool_batch_size(s, "tiny", 64, configured=8, within_seconds=30) == 8  # no worker yet
+        assert workers.pool_batch_size(s, "tiny", 64, configured=8, within_seconds=30) == 8  # no worker yet
         for i, mb in enumerate([16, 16, 12, 16]):
-            batches.register_worker(s, name=f"w{i}", model_name="farm/tiny-lcm", model_key="tiny", device="cpu",
+            workers.register_worker(s, name=f"w{i}", model_name="farm/tiny-lcm", model_key="tiny", device="cpu",
                                     max_batch=mb, loads=1, pid=1)
-        assert len(batches.live_workers(s, "tiny", 30)) == 4
-        assert batches.pool_batch_size(s, "tiny", 64, configured=8, within_seconds=30) == 12  # smallest max
-        assert batches.pool_batch_size(s, "tiny", 20, configured=8, within_seconds=30) == 5  # 4 workers, 4 batches
-        batches.stop_worker(s, "w2", pid=1)  # its own row: registered with pid 1 on this host
-        assert batches.pool_batch_size(s, "tiny", 64, configured=8, within_seconds=30) == 16
+        assert len(workers.live_workers(s, "tiny", 30)) == 4
+        assert workers.pool_batch_size(s, "tiny", 64, configured=8, within_seconds=30) == 12  # smallest max
+        assert workers.pool_batch_size(s, "tiny", 20, configured=8, within_seconds=30) == 5  # 4 workers, 4 batches
+        workers.stop_worker(s, "w2", pid=1)  # its own row: registered with pid 1 on this host
+        assert workers.pool_batch_size(s, "tiny", 64, configured=8, within_seconds=30) == 16
 
 
 def test_split_balances_batches_over_the_pool():

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from db import batches as ledger_batches
+from db import batch_sweep
 from db.session import session_scope
 from farm import dispatch
 from farm.config import Settings
@@ -50,7 +50,7 @@ def messages(rows: Sequence[Queued]) -> list[dispatch.Message]:
 def unpublished(batch_ids: list[int]) -> None:
     """Their messages were not sent: leave them to the sweeper (published when the broker is back)."""
     with session_scope() as s:
-        ledger_batches.unpublished(s, batch_ids)
+        batch_sweep.unpublished(s, batch_ids)
 
 
 def announce(messages: list[dispatch.Message], settings: Settings, *, background: bool = False) -> list[int]:

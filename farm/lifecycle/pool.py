@@ -19,9 +19,9 @@ from sqlalchemy import exists, func, or_, select, text
 from sqlalchemy.orm import Session
 
 from db import ledger
-from db.batches import live_workers
 from db.models import Job, JobLog, Worker
 from db.session import session_scope
+from db.workers import live_workers
 from farm.config import Settings
 from farm.status import JobStatus
 

@@ -40,8 +40,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select, update
 
-from db import batches as ledger_batches
-from db import ledger
+from db import batch_sweep, ledger
 from db.models import BulkJob, utcnow
 from db.session import session_scope
 from farm import dispatch
@@ -73,7 +72,7 @@ def reap(settings: Settings) -> tuple[int, int]:
     reaped = failed = 0
     taken: list[str] = []
     with session_scope() as s:
-        for row in ledger_batches.reap(s):
+        for row in batch_sweep.reap(s):
             taken.append(row.model_key)
             what = f"images {row.indices[0]}..{row.indices[-1]}"
             if out_of_retries(row.attempts, settings):
@@ -105,14 +104,14 @@ def sweep(settings: Settings) -> Swept:
     try:
         out.broker_reset = None if settings.embedded else dispatch.broker_epoch_reset(settings)
         with session_scope() as s:
-            stale = ledger_batches.stale_queues(s, older)
+            stale = batch_sweep.stale_queues(s, older)
         depths = dispatch.queue_depths([render_queue(m, lane) for m, lane in stale], settings)
     except Exception as exc:  # the broker is unreachable: nothing can be published now
         log.debug("sweep: broker unreachable (%s)", exc)
         return out
     empty = [(m, lane) for m, lane in stale if depths.get(render_queue(m, lane), 0) == 0]
     with session_scope() as s:
-        rows = ledger_batches.due(s, older_than=older, empty_queues=empty,
+        rows = batch_sweep.due(s, older_than=older, empty_queues=empty,
                                   published_before=out.broker_reset)
     failed = announce(messages(rows), settings)
     out.published = len(rows) - len(failed)
