@@ -33,7 +33,8 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ from farm.bulk.control import (
     set_status,
 )
 from farm.bulk.manifest import RowError, Sample, read_manifest
-from farm.bulk.shards import ReadAhead, sample_fields, write_ready_shards
+from farm.bulk.shards import ReadAhead, ShardWriter, sample_fields, write_ready_shards
 from farm.bulk.writers import open_destination, sample_key, write_stats
 from farm.config import Settings, get_settings
 from farm.errors import InvalidInputError, JobNotFoundError
@@ -69,7 +70,7 @@ __all__ = ["BulkSpec", "BulkStatus", "Progress", "create", "get", "progress", "r
 
 INGEST_CHUNK = 1000
 SUBMIT_CHUNK = 64  # samples per submit at least (when the window has room for that many)
-POLL_MIN_SECONDS = 0.02  # rounds are at least this far apart, at most poll_seconds (see _rounds)
+POLL_MIN_SECONDS = 0.02  # rounds are at least this far apart, at most poll_seconds (see BulkRun)
 TAIL_POLL_SECONDS = 0.05  # … and at most this far while few samples are left in flight
 LOST_CHECK_SECONDS = 5.0  # how often an idle round looks for submitted samples without a farm job
 
@@ -129,112 +130,104 @@ def _run(bulk_id: str, runner: str, on_progress: Callable[[Progress], None] | No
         ahead.read()  # the images of the next shard done so far
         return written
 
+    run = BulkRun(bulk_id=bulk_id, runner=runner, owner=owner, spec=spec, settings=settings, dest=dest,
+                  shard_size=shard_size, max_in_flight=max_in_flight, poll_seconds=poll_seconds, window=window,
+                  manifest_done=manifest_done, samples=samples, rejected=rejected, on_progress=on_progress,
+                  on_row_error=on_row_error)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulk-shards") as writer:
-        shards = _ShardWriter(writer, write_and_read_ahead, write)
-        _rounds(bulk_id, runner, on_progress, on_row_error, max_in_flight, poll_seconds, settings, spec, owner,
-                manifest_done, samples, rejected, window, shard_size, shards, dest)
+        run.rounds(ShardWriter(writer, write_and_read_ahead, write))
     with session_scope() as s:
         return progress(s, bulk_id)
 
 
-class _ShardWriter:
-    """At most one ``write_ready_shards`` (and read-ahead) at a time, in the background; a failure is raised
-    by the next call."""
+@dataclass
+class BulkRun:
+    """One driver's run of a bulk job: the job's options, where it writes, the manifest's samples still to
+    record, and the run's limits and callbacks. :meth:`rounds` drives it."""
 
-    def __init__(self, pool: ThreadPoolExecutor, background: Callable[[], int], write: Callable[[], int]) -> None:
-        self.pool = pool
-        self.background = background  # writes the complete shards, then reads ahead for the next one
-        self.write = write
-        self.running: Future[int] | None = None
-        self.due = True  # look for complete shards in the first round (a resumed job may have some)
+    bulk_id: str
+    runner: str  # the driver holding the job's lease
+    owner: str
+    spec: BulkSpec
+    settings: Settings
+    dest: Any  # a farm.bulk.writers destination
+    shard_size: int
+    max_in_flight: int
+    poll_seconds: float
+    window: int  # at most this many samples recorded ahead of what is finished
+    manifest_done: bool  # every sample of the manifest recorded
+    samples: Iterator[Sample]  # the manifest's samples not recorded yet
+    rejected: list[RowError]  # filled while the manifest is read, applied by _ingest
+    on_progress: Callable[[Progress], None] | None = None
+    on_row_error: Callable[[RowError], None] | None = None
 
-    def poke(self) -> None:
-        """Look for complete shards now, or as soon as the write under way is over."""
-        if self.running is not None:
-            if not self.running.done():
-                self.due = True  # shards may complete meanwhile: look again when it is over
+    def rounds(self, shards: ShardWriter) -> None:
+        """The driver's rounds, until the job completes, stops (pause, budget) or is cancelled."""
+        chunk = max(1, min(self.max_in_flight // 4, SUBMIT_CHUNK))  # fewer, larger submits (see below)
+        budgeted = self.spec.budget_images is not None or self.spec.budget_gpu_seconds is not None
+        renew_at = time.monotonic() + runners.RENEW_SECONDS  # run() has just taken the lease
+        lost_check_at = time.monotonic() + LOST_CHECK_SECONDS
+        wait = POLL_MIN_SECONDS
+        while True:
+            if runners.leaving():
+                log.info("bulk job %s: this worker is stopping; the job stays RUNNING for the next driver",
+                         self.bulk_id)
                 return
-            self.running.result()  # a write that failed fails the run here
-        self.due = False
-        self.running = self.pool.submit(self.background)
-
-    def flush(self) -> None:
-        """Wait for the write under way, then write every complete shard left (in this thread)."""
-        if self.running is not None:
-            self.running.result()
-            self.running = None
-        self.due = False
-        self.write()
-
-
-def _rounds(bulk_id: str, runner: str, on_progress: Callable[[Progress], None] | None,
-            on_row_error: Callable[[RowError], None] | None, max_in_flight: int, poll_seconds: float,
-            settings: Settings, spec: BulkSpec, owner: str, manifest_done: bool, samples: Iterator[Sample],
-            rejected: list[RowError], window: int, shard_size: int, shards: _ShardWriter, dest: Any) -> None:
-    """The driver's rounds, until the job completes, stops (pause, budget) or is cancelled."""
-    chunk = max(1, min(max_in_flight // 4, SUBMIT_CHUNK))  # fewer, larger submits (see below)
-    budgeted = spec.budget_images is not None or spec.budget_gpu_seconds is not None
-    renew_at = time.monotonic() + runners.RENEW_SECONDS  # run() has just taken the lease
-    lost_check_at = time.monotonic() + LOST_CHECK_SECONDS
-    wait = POLL_MIN_SECONDS
-    while True:
-        if runners.leaving():
-            log.info("bulk job %s: this worker is stopping; the job stays RUNNING for the next driver", bulk_id)
-            return
-        if time.monotonic() >= renew_at:
-            runners.take(bulk_id, runner)  # renews the lease; lost to another driver: ConflictError
-            renew_at = time.monotonic() + runners.RENEW_SECONDS
-        # one transaction per round: the job's status, the finished farm jobs collected, the counts
-        with session_scope() as s:
-            if _status(s, bulk_id) == BulkStatus.CANCELLED:
+            if time.monotonic() >= renew_at:
+                runners.take(self.bulk_id, self.runner)  # renews the lease; lost to another driver: ConflictError
+                renew_at = time.monotonic() + runners.RENEW_SECONDS
+            # one transaction per round: the job's status, the finished farm jobs collected, the counts
+            with session_scope() as s:
+                if _status(s, self.bulk_id) == BulkStatus.CANCELLED:
+                    return
+                collected = _collect(s, self.bulk_id)
+                snap = _snapshot(s, self.bulk_id, gpu_seconds(s, self.bulk_id) if budgeted else 0.0)
+            pending = snap.ingested - snap.done - snap.failed - snap.in_flight
+            stopping = snap.status == BulkStatus.PAUSED or (budgeted and _over_budget(snap, self.spec))
+            busy = False  # driver-side work that may go on at once: more rows to ingest or to submit
+            if not stopping and not self.manifest_done:
+                ingested, self.manifest_done = _ingest(self.bulk_id, self.samples, self.window, self.shard_size,
+                                                       self.rejected, self.on_row_error,
+                                                       unfinished=pending + snap.in_flight)
+                snap.ingested += ingested
+                pending += ingested
+                if snap.total is None and self.manifest_done:
+                    snap.total = snap.ingested
+                shards.due |= self.manifest_done  # the last shard may be complete now
+                busy |= ingested > 0
+            room = self.max_in_flight - snap.in_flight
+            # a submit waits until there is room for a chunk (or nothing is in flight): the pool still
+            # has at least max_in_flight - chunk jobs to render meanwhile
+            if not stopping and pending and room > 0 and (room >= min(chunk, pending) or snap.in_flight == 0):
+                submitted = _submit(self.bulk_id, self.owner, self.spec, room, snap, self.settings)
+                snap.in_flight += submitted
+                busy |= submitted > 0
+            finishing = snap.in_flight == 0 and (
+                stopping or (self.manifest_done and snap.done + snap.failed == snap.ingested))
+            if finishing:
+                shards.flush()
+            elif collected or shards.due:
+                shards.poke()
+            if self.on_progress is not None:
+                self.on_progress(snap)
+            if finishing:
+                paused = BulkStatus.PAUSED if snap.status == BulkStatus.PAUSED else BulkStatus.BUDGET_REACHED
+                _finish(self.bulk_id, paused if stopping else BulkStatus.COMPLETED, self.dest)
                 return
-            collected = _collect(s, bulk_id)
-            snap = _snapshot(s, bulk_id, gpu_seconds(s, bulk_id) if budgeted else 0.0)
-        pending = snap.ingested - snap.done - snap.failed - snap.in_flight
-        stopping = snap.status == BulkStatus.PAUSED or (budgeted and _over_budget(snap, spec))
-        busy = False  # driver-side work that may go on at once: more rows to ingest or to submit
-        if not stopping and not manifest_done:
-            ingested, manifest_done = _ingest(bulk_id, samples, window, shard_size, rejected, on_row_error,
-                                              unfinished=pending + snap.in_flight)
-            snap.ingested += ingested
-            pending += ingested
-            if snap.total is None and manifest_done:
-                snap.total = snap.ingested
-            shards.due |= manifest_done  # the last shard may be complete now
-            busy |= ingested > 0
-        room = max_in_flight - snap.in_flight
-        # a submit waits until there is room for a chunk (or nothing is in flight): the pool still
-        # has at least max_in_flight - chunk jobs to render meanwhile
-        if not stopping and pending and room > 0 and (room >= min(chunk, pending) or snap.in_flight == 0):
-            submitted = _submit(bulk_id, owner, spec, room, snap, settings)
-            snap.in_flight += submitted
-            busy |= submitted > 0
-        finishing = snap.in_flight == 0 and (
-            stopping or (manifest_done and snap.done + snap.failed == snap.ingested))
-        if finishing:
-            shards.flush()
-        elif collected or shards.due:
-            shards.poke()
-        if on_progress is not None:
-            on_progress(snap)
-        if finishing:
-            _finish(bulk_id, (BulkStatus.PAUSED if snap.status == BulkStatus.PAUSED else BulkStatus.BUDGET_REACHED)
-                    if stopping else BulkStatus.COMPLETED, dest)
-            return
-        if busy:
-            continue
-        if not collected and snap.in_flight and time.monotonic() >= lost_check_at:
-            lost_check_at = time.monotonic() + LOST_CHECK_SECONDS
-            if _requeue_lost(bulk_id):
+            if busy:
                 continue
-        # how often to look: twice as often when a round collects a whole chunk, half as often when it
-        # collects nothing, so that a round has some finished samples to collect at any pool speed;
-        # often near the end (the job completes soon after its last image)
-        if collected >= chunk:
-            wait = max(POLL_MIN_SECONDS, wait / 2)
-        elif not collected:
-            wait = min(max(poll_seconds, POLL_MIN_SECONDS), wait * 2)
-        time.sleep(min(wait, TAIL_POLL_SECONDS) if snap.in_flight <= chunk else wait)
+            if not collected and snap.in_flight and time.monotonic() >= lost_check_at:
+                lost_check_at = time.monotonic() + LOST_CHECK_SECONDS
+                if _requeue_lost(self.bulk_id):
+                    continue
+            # how often to look: twice as often when a round collects a whole chunk, half as often when it
+            # collects nothing, so that a round has some finished samples to collect at any pool speed;
+            # often near the end (the job completes soon after its last image)
+            if collected >= chunk:
+                wait = max(POLL_MIN_SECONDS, wait / 2)
+            elif not collected:
+                wait = min(max(self.poll_seconds, POLL_MIN_SECONDS), wait * 2)
+            time.sleep(min(wait, TAIL_POLL_SECONDS) if snap.in_flight <= chunk else wait)
 
 
 def _status(s: Session, bulk_id: str) -> BulkStatus:

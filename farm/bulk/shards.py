@@ -7,7 +7,8 @@ metadata holds every input parameter: rendered alone with them, the image is the
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from sqlalchemy import func, select
@@ -147,3 +148,33 @@ def _meta(row: BulkSample, spec: BulkSpec, image: Image | None) -> dict[str, Any
         "index": row.idx,
         "extra": row.extra,
     }
+
+
+class ShardWriter:
+    """At most one ``write_ready_shards`` (and read-ahead) at a time, in the background; a failure is raised
+    by the next call."""
+
+    def __init__(self, pool: ThreadPoolExecutor, background: Callable[[], int], write: Callable[[], int]) -> None:
+        self.pool = pool
+        self.background = background  # writes the complete shards, then reads ahead for the next one
+        self.write = write
+        self.running: Future[int] | None = None
+        self.due = True  # look for complete shards in the first round (a resumed job may have some)
+
+    def poke(self) -> None:
+        """Look for complete shards now, or as soon as the write under way is over."""
+        if self.running is not None:
+            if not self.running.done():
+                self.due = True  # shards may complete meanwhile: look again when it is over
+                return
+            self.running.result()  # a write that failed fails the run here
+        self.due = False
+        self.running = self.pool.submit(self.background)
+
+    def flush(self) -> None:
+        """Wait for the write under way, then write every complete shard left (in this thread)."""
+        if self.running is not None:
+            self.running.result()
+            self.running = None
+        self.due = False
+        self.write()
