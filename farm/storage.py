@@ -196,7 +196,7 @@ class LocalStorage:
         return self._path(key).is_file()
 
 
-_S3_MISSING = ("NoSuchKey", "NoSuchObject", "NotFound", "ResourceNotFound")
+_S3_MISSING = ("NoSuchKey", "NoSuchObject", "NoSuchBucket", "NotFound", "ResourceNotFound")
 
 
 class S3Storage:

@@ -144,15 +144,7 @@ class S3Destination:
         self._store.put(_check_name(name), data, _content_type(name))
 
     def exists(self, name: str) -> bool:
-        from minio.error import S3Error
-
-        try:
-            self._store.client.stat_object(self.bucket, self._store._key(_check_name(name)))
-        except S3Error as exc:
-            if exc.code in ("NoSuchKey", "NoSuchBucket", "NotFound", "NoSuchObject"):
-                return False
-            raise StorageError(f"cannot check {name!r} in bucket {self.bucket!r}: {exc}") from exc
-        return True
+        return self._store.exists(_check_name(name))
 
     def get(self, name: str) -> bytes:
         return self._store.get(_check_name(name))
