@@ -55,9 +55,9 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import event, text
 from sqlalchemy.orm import Session, SessionTransaction
@@ -66,8 +66,9 @@ from farm import event_listener as listener
 from farm.event_listener import CHANNEL, KEYS_CHANNEL, listening, on_key_change, shutdown, start
 
 __all__ = ["CHANNEL", "KEYS_CHANNEL", "Subscription", "listening", "notify", "notify_key", "on_key_change", "shutdown",
-           "start", "subscribe", "wait_for_change", "wait_for_change_async"]
+           "start", "subscribe", "wait_for_change", "wait_for_change_async", "watch", "watch_async"]
 
+T = TypeVar("T")
 log = logging.getLogger("farm.events")
 
 _PENDING = "farm.events.pending"
@@ -227,6 +228,29 @@ def wait_for_change(job_id: str, timeout: float | None = None, *, url: str | Non
     """
     with subscribe(job_id, url) as sub:
         return sub.wait(timeout)
+
+
+def watch(job_id: str, read: Callable[[], T], wait: Callable[[Subscription, T], bool]) -> Generator[T, None, None]:
+    """The one "subscribe, read, wait" loop: subscribed before the first read (a change committed between a
+    read and the wait still wakes it), yield each ``read()``, then ``wait(subscription, what was read)``, until
+    the caller stops iterating or ``wait`` returns False. Close it (``contextlib.closing``) when leaving early."""
+    with subscribe(job_id) as changes:
+        while True:
+            state = read()
+            yield state
+            if not wait(changes, state):
+                return
+
+
+async def watch_async(job_id: str, read: Callable[[], Awaitable[T]],
+                      wait: Callable[[Subscription, T], Awaitable[bool]]) -> AsyncGenerator[T, None]:
+    """The asyncio twin of :func:`watch` (close it with ``contextlib.aclosing`` when leaving early)."""
+    with subscribe(job_id) as changes:
+        while True:
+            state = await read()
+            yield state
+            if not await wait(changes, state):
+                return
 
 
 async def wait_for_change_async(job_id: str, timeout: float | None = None, *, url: str | None = None) -> bool:

@@ -7,6 +7,7 @@ on every route, exactly like an unknown one.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
@@ -69,12 +70,22 @@ async def _status_events(
     stream, or every ``event_fallback_seconds`` without one (queue positions move that way)."""
     last_log: int | None = None
     last_sent: dict[str, Any] | None = None
-    # subscribed before the first read: a change committed between a read and the wait still wakes it
-    with events.subscribe(request_id) as changes:
-        while True:
-            try:
-                payload, last_log = await run_in_threadpool(_status, request_id, owner, base, with_logs, last_log)
-            except JobNotFoundError:
+
+    async def read() -> dict[str, Any] | None:
+        nonlocal last_log
+        try:
+            payload, last_log = await run_in_threadpool(_status, request_id, owner, base, with_logs, last_log)
+        except JobNotFoundError:
+            return None
+        return payload
+
+    async def wait(changes: events.Subscription, payload: dict[str, Any] | None) -> bool:
+        await changes.wait_async(fallback)
+        return True
+
+    async with contextlib.aclosing(events.watch_async(request_id, read, wait)) as reads:
+        async for payload in reads:
+            if payload is None:
                 return
             bare = {k: v for k, v in payload.items() if k != "logs"}
             if bare != last_sent or payload["logs"]:
@@ -82,7 +93,6 @@ async def _status_events(
                 last_sent = bare
             if payload["status"] == "COMPLETED":
                 return
-            await changes.wait_async(fallback)
 
 
 def queue_router(prefix: str) -> APIRouter:

@@ -9,6 +9,7 @@ whole wait. A caller that hangs up cancels its job.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -94,12 +95,38 @@ async def wait_for_job(
     started = time.monotonic()
     last: JobStatus | None = None
     next_disconnect_check = started + DISCONNECT_CHECK_SECONDS
-    # subscribed before the first read: a change committed between a read and the wait still wakes it
-    with events.subscribe(request_id) as changes:
+
+    async def read() -> JobStatus:
+        status, value = await run_in_threadpool(_job_state, request_id, outcome)
+        if outcome is not None:
+            outcome.value = value
+        return status
+
+    async def wait(changes: events.Subscription, status: JobStatus) -> bool:
+        """Sleep until the job changes, the fallback re-read or a time limit; look for a hang-up meanwhile
+        (False: the caller hung up, the job is cancelled)."""
+        nonlocal next_disconnect_check
+        now = time.monotonic()
+        read_again = min(now + settings.event_fallback_seconds,
+                         started + settings.task_time_limit + DEADLINE_SLACK_SECONDS)  # fmt: skip
+        if start_timeout is not None and status == JobStatus.IN_QUEUE:
+            read_again = min(read_again, started + start_timeout + DEADLINE_SLACK_SECONDS)
         while True:
-            status, value = await run_in_threadpool(_job_state, request_id, outcome)
-            if outcome is not None:
-                outcome.value = value
+            now = time.monotonic()
+            if request is not None and now >= next_disconnect_check:
+                next_disconnect_check = now + DISCONNECT_CHECK_SECONDS
+                if await request.is_disconnected():
+                    reason = "the caller hung up before the request finished; cancelled"
+                    await run_in_threadpool(lifecycle.cancel, request_id, reason=reason)
+                    return False
+            if now >= read_again:
+                return True
+            until = read_again if request is None else min(read_again, next_disconnect_check)
+            if await changes.wait_async(until - now):
+                return True
+
+    async with contextlib.aclosing(events.watch_async(request_id, read, wait)) as statuses:
+        async for status in statuses:
             if status != last:
                 yield status
                 last = status
@@ -116,24 +143,6 @@ async def wait_for_job(
                 reason = f"did not finish within {settings.task_time_limit} s; cancelled"
                 await run_in_threadpool(lifecycle.cancel, request_id, reason=reason)
                 raise RequestTimeoutError(f"request {request_id} {reason}")
-            # sleep until the job changes, the fallback re-read or a time limit; look for a hang-up meanwhile
-            read_again = min(now + settings.event_fallback_seconds,
-                             started + settings.task_time_limit + DEADLINE_SLACK_SECONDS)  # fmt: skip
-            if start_timeout is not None and status == JobStatus.IN_QUEUE:
-                read_again = min(read_again, started + start_timeout + DEADLINE_SLACK_SECONDS)
-            while True:
-                now = time.monotonic()
-                if request is not None and now >= next_disconnect_check:
-                    next_disconnect_check = now + DISCONNECT_CHECK_SECONDS
-                    if await request.is_disconnected():
-                        reason = "the caller hung up before the request finished; cancelled"
-                        await run_in_threadpool(lifecycle.cancel, request_id, reason=reason)
-                        return
-                if now >= read_again:
-                    break
-                until = read_again if request is None else min(read_again, next_disconnect_check)
-                if await changes.wait_async(until - now):
-                    break
 
 
 async def _submit(

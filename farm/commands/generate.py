@@ -191,17 +191,24 @@ def _follow(rid: str, total: int, timeout: float) -> JobStatus:
     told, next_check = -1, 0.0  # the job's "no live worker serves" lines printed up to this log id (-1: none read)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
+
+    def read() -> tuple[JobStatus, int, int | None]:
+        with session_scope() as s:
+            job = ledger.get_job(s, rid)
+            assert job is not None
+            status = JobStatus(job.status)
+            done = ledger.count_images(s, rid)
+            return status, done, ledger.queue_position(s, job) if status == JobStatus.IN_QUEUE else None
+
+    def wait(changes: events.Subscription, _: object) -> bool:
+        changes.wait(min(fallback, deadline - time.monotonic() + 0.001))
+        return True
+
     try:
-        # subscribed before the first read: a change committed between a read and the wait still wakes it
-        with Progress(*columns, console=err, transient=False) as progress, events.subscribe(rid) as changes:
+        with Progress(*columns, console=err, transient=False) as progress, \
+                contextlib.closing(events.watch(rid, read, wait)) as reads:
             bar = progress.add_task("queued", total=total)
-            while True:
-                with session_scope() as s:
-                    job = ledger.get_job(s, rid)
-                    assert job is not None
-                    status = JobStatus(job.status)
-                    done = ledger.count_images(s, rid)
-                    where = ledger.queue_position(s, job) if status == JobStatus.IN_QUEUE else None
+            for status, done, where in reads:
                 label = f"queued (position {where})" if where is not None else status.value.lower()
                 progress.update(bar, completed=done, description=label)
                 if status.is_terminal:
@@ -213,7 +220,7 @@ def _follow(rid: str, total: int, timeout: float) -> JobStatus:
                 if left < 0:
                     _cancel(rid, f"client gave up after {timeout:.0f} s")
                     return JobStatus.CANCELLED
-                changes.wait(min(fallback, left + 0.001))
+            raise AssertionError("the job watch ended")  # watch() ends only when left
     except KeyboardInterrupt:
         _cancel(rid, "cancelled by the user (Ctrl-C)")
         raise
