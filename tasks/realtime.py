@@ -28,6 +28,7 @@ from farm.realtime.protocol import pack
 from farm.schemas import GenerateInput, stored_input
 from models.encode import encode_image
 from models.prompt import expand_prompt
+from models.protocol import Renderer
 from models.rendered import RenderItem
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ gate = Gate()
 class RealtimeServer:
     """Serves the model's realtime lane from a thread, with the process's renderer."""
 
-    def __init__(self, renderer: Any, settings: Settings, max_batch: int) -> None:
+    def __init__(self, renderer: Renderer, settings: Settings, max_batch: int) -> None:
         import redis
 
         self.renderer = renderer
