@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 from httpx_sse import EventSource
+from tenacity import AsyncRetrying
 
 from farm.client._common import (
     DEFAULT_APP,
@@ -30,7 +31,7 @@ from farm.client._common import (
     logs_so_far,
     parse_status,
     retry_delay,
-    should_retry,
+    retry_policy,
     status_event,
     stream_idle,
     to_payload,
@@ -124,22 +125,14 @@ class AsyncClient:
     async def _request(
         self, method: str, url: str, *, retry: bool = True, ok: tuple[int, ...] = (), **kw: Any
     ) -> Any:
-        attempts = self.max_retries + 1 if retry else 1
-        for attempt in range(attempts):
-            try:
-                response = await self._http.request(method, url, **kw)
-            except httpx.TransportError as exc:
-                if attempt + 1 < attempts and should_retry(exc):
-                    await asyncio.sleep(retry_delay(attempt))
-                    continue
-                raise transport_error(exc, f"{method} {url}") from exc
-            if response.is_success or response.status_code in ok:
-                return response.json() if response.content else None
-            if attempt + 1 < attempts and should_retry(response):
-                await asyncio.sleep(retry_delay(attempt, response))
-                continue
-            raise error_from_response(response)
-        raise AssertionError("unreachable")
+        policy = retry_policy(self.max_retries + 1 if retry else 1, lambda n, r: retry_delay(n, r), ok)
+        try:
+            response: httpx.Response = await AsyncRetrying(**policy)(self._http.request, method, url, **kw)
+        except httpx.TransportError as exc:
+            raise transport_error(exc, f"{method} {url}") from exc
+        if response.is_success or response.status_code in ok:
+            return response.json() if response.content else None
+        raise error_from_response(response)
 
     # -- the queue -----------------------------------------------------------------------------
 
@@ -324,18 +317,11 @@ class AsyncClient:
         request = self._http.build_request("PUT", target["upload_url"], content=data,
                                            headers={"Content-Type": fields["content_type"]})  # fmt: skip
         request.headers.pop("Authorization", None)  # the URL carries its own signature
-        for attempt in range(self.max_retries + 1):
-            try:
-                response = await self._http.send(request)
-            except httpx.TransportError as exc:
-                if attempt < self.max_retries and should_retry(exc):
-                    await asyncio.sleep(retry_delay(attempt))
-                    continue
-                raise transport_error(exc, "PUT upload_url") from exc
-            if response.is_success:
-                return str(target["file_url"])
-            if attempt < self.max_retries and should_retry(response):
-                await asyncio.sleep(retry_delay(attempt, response))
-                continue
-            raise error_from_response(response)
-        raise AssertionError("unreachable")
+        policy = retry_policy(self.max_retries + 1, lambda n, r: retry_delay(n, r))  # the same PUT: idempotent
+        try:
+            response: httpx.Response = await AsyncRetrying(**policy)(self._http.send, request)
+        except httpx.TransportError as exc:
+            raise transport_error(exc, "PUT upload_url") from exc
+        if response.is_success:
+            return str(target["file_url"])
+        raise error_from_response(response)

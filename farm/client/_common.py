@@ -8,13 +8,14 @@ import os
 import random
 import ssl
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 from httpx_sse import EventSource, ServerSentEvent
+from tenacity import RetryCallState, stop_after_attempt
 
 from farm.client._errors import FarmClientError, RequestFailedError
 from farm.schemas import GenerateInput
@@ -194,6 +195,33 @@ def should_retry(result: httpx.Response | Exception) -> bool:
             return True
         return not (isinstance(body, dict) and "error_type" in body)
     return True
+
+
+def retry_policy(attempts: int, delay: Callable[[int, httpx.Response | None], float],
+                 ok: tuple[int, ...] = ()) -> dict[str, Any]:
+    """tenacity's options for one call: at most ``attempts``, again on what :func:`should_retry` names (not
+    on an answer the caller takes, ``ok``), ``delay(attempt, answer)`` apart; the last answer or error
+    comes back as it came (httpx's transport retries only reconnect; these also cover 429 and proxy 5xx)."""
+
+    def retry(state: RetryCallState) -> bool:
+        outcome = state.outcome
+        if outcome is None:
+            return False
+        if outcome.failed:
+            exc = outcome.exception()
+            return isinstance(exc, Exception) and should_retry(exc)
+        response: httpx.Response = outcome.result()
+        return not (response.is_success or response.status_code in ok) and should_retry(response)
+
+    def wait(state: RetryCallState) -> float:
+        outcome = state.outcome
+        return delay(state.attempt_number - 1, None if outcome is None or outcome.failed else outcome.result())
+
+    def last(state: RetryCallState) -> Any:
+        assert state.outcome is not None
+        return state.outcome.result()  # the last answer, or its error raised
+
+    return {"stop": stop_after_attempt(attempts), "retry": retry, "wait": wait, "retry_error_callback": last}
 
 
 def failed_result(exc: FarmClientError) -> bool:

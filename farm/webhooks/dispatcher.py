@@ -60,7 +60,9 @@ class Claimed:
 
 
 def backoff_delay(attempt: int, settings: Settings, rng: random.Random | None = None) -> float:
-    """Seconds to wait after failed attempt number ``attempt`` (1-based): full jitter."""
+    """Seconds to wait after failed attempt number ``attempt`` (1-based): full jitter.
+
+    Not tenacity: a delivery's retries outlive the process (the ledger holds when the next one is due)."""
     ceiling = min(settings.webhook_backoff_max_seconds, settings.webhook_backoff_seconds * 2 ** (attempt - 1))
     return (rng or random).uniform(0.0, ceiling)
 
