@@ -29,8 +29,8 @@ from db.workers import live_workers, plan_batches, pool_max_batch
 from farm.config import Settings, get_settings
 from farm.errors import NoLiveWorkerError
 from farm.inputs import staging
-from farm.lifecycle import fetch as fetch_stage
 from farm.lifecycle.announce import announce, message, messages
+from farm.lifecycle.fetch import schedule as schedule_fetch
 from farm.lifecycle.finish import finish_now
 from farm.lifecycle.pool import unserved
 from farm.queues import render_queue
@@ -93,7 +93,7 @@ def submit(
         staging.discard(staged, settings)  # refused: no blob of it is left behind
         raise
     if fetch and announce_now:
-        fetch_stage.schedule(rid, owner, settings)
+        schedule_fetch(rid, owner, settings)
     elif announce_now:
         announce(messages(rows), settings, background=background)
     return rid
@@ -166,7 +166,7 @@ def submit_many(
         staging.discard(staged, settings)
         raise
     for rid in fetch_ids:
-        fetch_stage.schedule(rid, owner, settings)
+        schedule_fetch(rid, owner, settings)
     groups: dict[tuple[str, str, str], list[_Queued]] = {}
     for b in rows:
         groups.setdefault((b.model_key, b.lane, b.compat), []).append(b)
