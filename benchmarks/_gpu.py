@@ -158,13 +158,13 @@ def run_job(inp: Any, timeout: float = 600.0) -> tuple[float, Any]:
     """Submit ``inp`` through the farm's submit path, wait for it in the ledger: (seconds, final job row)."""
     from db import ledger
     from db.session import session_scope
-    from farm import lifecycle
     from farm.config import get_settings
+    from farm.lifecycle import submit as submission
     from farm.status import JobStatus, Lane
 
     settings = get_settings()
     t0 = time.perf_counter()
-    rid = lifecycle.submit(inp, owner=settings.default_owner, lane=Lane.QUEUE, source="bench", settings=settings)
+    rid = submission.submit(inp, owner=settings.default_owner, lane=Lane.QUEUE, source="bench", settings=settings)
     while time.perf_counter() - t0 < timeout:
         with session_scope() as s:
             job = ledger.get_job(s, rid)

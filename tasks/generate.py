@@ -14,16 +14,16 @@ from typing import Any
 from celery import Celery, Task
 from celery.exceptions import Ignore
 
-from farm import lifecycle
 from farm.admission import admit
 from farm.config import get_settings
+from farm.lifecycle import submit as submission
 from farm.status import Lane
 
 
 def generate(self: Task, **kwargs: Any) -> None:
     settings = get_settings()
     inp = admit(kwargs, None, settings)  # InvalidInputError names the field; no job is created
-    lifecycle.submit(
+    submission.submit(
         inp,
         owner=settings.default_owner,
         lane=Lane.QUEUE,

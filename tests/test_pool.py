@@ -16,8 +16,8 @@ from minio import Minio
 
 from db import ledger
 from db.session import dispose_engines, session_scope
-from farm import lifecycle
 from farm.config import reset_settings
+from farm.lifecycle import submit as submission
 from farm.schemas import parse_input
 from farm.status import JobStatus, Lane
 from tests.test_stack import _bucket_keys, _ledger, builtin_dir, stack  # noqa: F401  (fixtures)
@@ -29,7 +29,7 @@ HOLD = "farm/hold"
 
 @pytest.fixture
 def farm(stack, monkeypatch):  # noqa: F811  (the fixture imported above)
-    """The stack, with this process's settings pointing at it (for lifecycle.submit)."""
+    """The stack, with this process's settings pointing at it (for submission.submit)."""
 
     def configure(**extra: str) -> None:
         stack["env"].update(extra)
@@ -52,7 +52,7 @@ def farm(stack, monkeypatch):  # noqa: F811  (the fixture imported above)
 
 def _submit(model: str, prompt: str, n: int, lane: Lane = Lane.QUEUE, **fields) -> str:
     inp = parse_input({"model_name": model, "prompt": prompt, "num_images": n, "sync_mode": False, **fields})
-    return lifecycle.submit(inp, owner="local", lane=lane, source="test")
+    return submission.submit(inp, owner="local", lane=lane, source="test")
 
 
 def _wait(predicate, timeout: float = 120, what: str = "condition", detail=None):
@@ -167,7 +167,7 @@ def test_cancel_stops_a_running_job_within_one_batch(farm):
     farm["start"](HOLD, "hold@c0.test")
     rid = _submit(HOLD, "cancel me", 64, image_size={"width": 64, "height": 64})
     _wait(lambda: _count(farm, rid) >= 8, 60, "the job to be running")
-    assert lifecycle.cancel(rid) == "CANCELLATION_REQUESTED"
+    assert submission.cancel(rid) == "CANCELLATION_REQUESTED"
     cancelled_at = _ledger(farm, "SELECT now()")[0][0]
     at_cancel = _count(farm, rid)
     _wait(lambda: not _ledger(farm, "SELECT 1 FROM batches WHERE job_id = :id AND status IN ('queued', 'claimed')",
@@ -180,7 +180,7 @@ def test_cancel_stops_a_running_job_within_one_batch(farm):
     assert _count(farm, rid) <= at_cancel + 2 * 4
     statuses = dict(_ledger(farm, "SELECT status, count(*) FROM batches WHERE job_id = :id GROUP BY 1", id=rid))
     assert statuses.get("cancelled", 0) >= 16 - (at_cancel + 8) // 4 - 1
-    assert lifecycle.cancel(rid) == "ALREADY_COMPLETED"
+    assert submission.cancel(rid) == "ALREADY_COMPLETED"
 
 
 def test_split_does_not_change_images_one_worker_against_three(farm):
@@ -249,7 +249,7 @@ def test_sync_request_waits_at_most_one_bulk_batch(farm):
     # at most the bulk batch that was already being taken when the sync request came
     assert len(bulk_started) <= 1, bulk_started
     assert _status(bulk) == JobStatus.IN_PROGRESS and finished is not None
-    lifecycle.cancel(bulk)
+    submission.cancel(bulk)
 
 
 TAKER = """

@@ -243,13 +243,13 @@ def test_a_plain_celery_caller_gets_an_answer_when_its_job_is_cancelled(stack, m
         if name.startswith("FARM_"):
             monkeypatch.setenv(name, value)
     from db.session import dispose_engines
-    from farm import lifecycle
     from farm.config import reset_settings
+    from farm.lifecycle import submit as submission
 
     reset_settings()
     dispose_engines()
     try:
-        assert lifecycle.cancel(result.id) == "CANCELLATION_REQUESTED"
+        assert submission.cancel(result.id) == "CANCELLATION_REQUESTED"
         with pytest.raises(Exception, match="cancelled by request"):
             result.get(timeout=30)  # an answer, not a timeout
         assert result.state == "FAILURE"

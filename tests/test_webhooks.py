@@ -222,14 +222,14 @@ def test_outbox_rows_only_with_a_url_and_once(env, receiver):
 
 
 def test_cancel_enqueues_an_error_webhook(env, receiver):
-    from farm import lifecycle
+    from farm.lifecycle import submit as submission
 
     rid = uuid.uuid4().hex
     with session_scope() as s:
         job, _ = ledger.create_job(s, request_id=rid, owner="bob", model_name=TINY, model_key="tiny-lcm",
                                    lane="queue", source="api", input={"prompt": "x"}, seed=1, num_images=1)
         job.webhook_url = receiver.url("/cancelled")
-    assert lifecycle.cancel(rid, owner="bob") == "CANCELLATION_REQUESTED"
+    assert submission.cancel(rid, owner="bob") == "CANCELLATION_REQUESTED"
     assert dispatcher.deliver_due_once() == 1
     body = json.loads(receiver.requests[0].body)
     assert (body["status"], body["payload"], body["error"]) == ("ERROR", None, "cancelled by request")
@@ -311,7 +311,7 @@ def test_key_is_created_once_even_when_processes_race(tmp_path):
 def test_worker_enqueues_webhooks_for_completed_and_failed_jobs(
     redis_server, postgres_server, s3_server, tmp_path, monkeypatch
 ):
-    from farm import lifecycle
+    from farm.lifecycle import submit as submission
     from farm.status import Lane
     from tests.workers import WorkerProcess, clean_env, run_farm
 
@@ -340,9 +340,9 @@ def test_worker_enqueues_webhooks_for_completed_and_failed_jobs(
         with Receiver() as rx:
             base = {"model_name": TINY, "prompt": "a fox", "image_size": {"width": 64, "height": 64},
                     "num_inference_steps": 2, "sync_mode": False}
-            ok = lifecycle.submit(GenerateInput(**base), owner="carol", webhook_url=rx.url("/ok"))
+            ok = submission.submit(GenerateInput(**base), owner="carol", webhook_url=rx.url("/ok"))
             bad_lora = "data:application/octet-stream;base64," + base64.b64encode(b"not a lora").decode()
-            bad = lifecycle.submit(GenerateInput(**base, loras=[{"path": bad_lora}]), owner="carol",
+            bad = submission.submit(GenerateInput(**base, loras=[{"path": bad_lora}]), owner="carol",
                                      lane=Lane.QUEUE, webhook_url=rx.url("/bad"))
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:

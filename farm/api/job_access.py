@@ -18,12 +18,13 @@ from db import ledger
 from db.locks import lock_owner
 from db.models import Job
 from db.session import session_scope
-from farm import admission, lifecycle
+from farm import admission
 from farm.api.deps import Tenant
 from farm.api.errors import JobFailedError, RequestFieldError, RequestInProgressError, TooManyJobsError
 from farm.api.fal import APP_ID
 from farm.config import Settings
 from farm.errors import InvalidInputError, JobNotFoundError
+from farm.lifecycle import submit as submission
 from farm.results import build_output
 from farm.schemas import GenerateInput, GenerateOutput
 from farm.status import ACTIVE, JobStatus, Lane
@@ -170,7 +171,7 @@ def submit_job(
             )
         return True
 
-    lifecycle.submit(
+    submission.submit(
         inp, owner=tenant.owner, lane=lane, source="api", request_id=request_id or uuid.uuid4().hex,
         idempotency_key=key, webhook_url=webhook_url, background=True, settings=settings, admit=admit,
     )  # fmt: skip

@@ -18,7 +18,7 @@ from sse_starlette import EventSourceResponse
 
 from db import ledger
 from db.session import session_scope
-from farm import events, lifecycle
+from farm import events
 from farm.api import streams
 from farm.api.deps import SettingsDep, TenantDep
 from farm.api.errors import ERROR_RESPONSES, FAILED, NOT_FOUND, ErrorBody
@@ -26,6 +26,7 @@ from farm.api.fal import APP_ID, CancelResult, QueueStatus, QueueSubmitted, fal_
 from farm.api.job_access import IDEMPOTENCY_HEADER, app_base, get_job, read_output, submit_job
 from farm.config import Settings
 from farm.errors import JobNotFoundError
+from farm.lifecycle import submit as submission
 from farm.schemas import REQUEST_ID, GenerateInput, GenerateOutput
 from farm.status import Lane
 
@@ -187,7 +188,7 @@ def queue_router(prefix: str) -> APIRouter:
     )
     def cancel(request_id: RequestId, tenant: TenantDep) -> JSONResponse:
         """A queued request never starts; a running one stops before its next batch of images."""
-        outcome = lifecycle.cancel(request_id, tenant.owner) if REQUEST_ID.match(request_id) else "NOT_FOUND"
+        outcome = submission.cancel(request_id, tenant.owner) if REQUEST_ID.match(request_id) else "NOT_FOUND"
         if outcome == "CANCELLATION_REQUESTED":
             return JSONResponse({"status": outcome}, status_code=202)
         if outcome == "ALREADY_COMPLETED":

@@ -23,7 +23,7 @@ from sse_starlette import EventSourceResponse
 
 from db import ledger
 from db.session import session_scope
-from farm import events, lifecycle
+from farm import events
 from farm.api.deps import SettingsDep, Tenant, TenantDep
 from farm.api.errors import ERROR_RESPONSES, FAILED, ErrorBody, RequestTimeoutError
 from farm.api.fal import APP_ID, fal_status
@@ -32,6 +32,7 @@ from farm.api.job_access import read_output, submit_job
 from farm.api.routes_queue import IdempotencyKey
 from farm.config import Settings
 from farm.errors import FarmError, JobNotFoundError
+from farm.lifecycle import submit as submission
 from farm.schemas import GenerateInput, GenerateOutput
 from farm.status import JobStatus, Lane
 
@@ -117,7 +118,7 @@ async def wait_for_job(
                 next_disconnect_check = now + DISCONNECT_CHECK_SECONDS
                 if await request.is_disconnected():
                     reason = "the caller hung up before the request finished; cancelled"
-                    await run_in_threadpool(lifecycle.cancel, request_id, reason=reason)
+                    await run_in_threadpool(submission.cancel, request_id, reason=reason)
                     return False
             if now >= read_again:
                 return True
@@ -137,11 +138,11 @@ async def wait_for_job(
             if start_timeout is not None and status == JobStatus.IN_QUEUE and waited > start_timeout:
                 # the ledger records the real reason, as the caller is told it
                 reason = f"did not start within {start_timeout:g} s (X-Fal-Request-Timeout); cancelled"
-                await run_in_threadpool(lifecycle.cancel, request_id, reason=reason)
+                await run_in_threadpool(submission.cancel, request_id, reason=reason)
                 raise RequestTimeoutError(f"request {request_id} {reason}")
             if waited > settings.task_time_limit:
                 reason = f"did not finish within {settings.task_time_limit} s; cancelled"
-                await run_in_threadpool(lifecycle.cancel, request_id, reason=reason)
+                await run_in_threadpool(submission.cancel, request_id, reason=reason)
                 raise RequestTimeoutError(f"request {request_id} {reason}")
 
 
@@ -206,7 +207,7 @@ async def _run_events(
     finally:
         if not finished:
             with anyio.CancelScope(shield=True):
-                await run_in_threadpool(lifecycle.cancel, request_id,
+                await run_in_threadpool(submission.cancel, request_id,
                                         reason="the caller hung up before the request finished; cancelled")
     yield {"event": "output", "data": output.model_dump_json()}
 

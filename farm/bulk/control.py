@@ -17,11 +17,11 @@ from sqlalchemy.orm import Session
 
 from db.models import BulkJob, BulkSample, BulkShard, Image, utcnow
 from db.session import session_scope
-from farm import lifecycle
 from farm.bulk.manifest import read_manifest
 from farm.bulk.writers import FORMATS, open_destination
 from farm.config import Settings, get_settings
 from farm.errors import ConflictError, InvalidInputError, JobNotFoundError, NoLiveWorkerError
+from farm.lifecycle import submit as submission
 from farm.status import BulkStatus, SampleStatus
 
 
@@ -161,7 +161,7 @@ def set_status(bulk_id: str, status: BulkStatus, owner: str | None = None,
             in_flight = []
     for job_id in in_flight:
         if job_id:
-            lifecycle.cancel(job_id)
+            submission.cancel(job_id)
     return before
 
 

@@ -43,7 +43,6 @@ from sqlalchemy.orm import Session
 
 from db.models import BulkJob, BulkSample, BulkShard, Job, utcnow
 from db.session import session_scope
-from farm import lifecycle
 from farm.bulk import runners
 from farm.bulk.control import (
     BulkSpec,
@@ -60,6 +59,7 @@ from farm.bulk.shards import ReadAhead, ShardWriter, sample_fields, write_ready_
 from farm.bulk.writers import open_destination, sample_key, write_stats
 from farm.config import Settings, get_settings
 from farm.errors import InvalidInputError, JobNotFoundError
+from farm.lifecycle import submit as submission
 from farm.schemas import GenerateInput, stored_input
 from farm.status import BulkStatus, JobStatus, Lane, SampleStatus
 from farm.storage import get_storage
@@ -320,7 +320,7 @@ def _submit(bulk_id: str, owner: str, spec: BulkSpec, room: int, snap: Progress,
         except ValueError as exc:  # admitted when the manifest was read; only a malformed row gets here
             invalid[idx] = str(exc).splitlines()[0]
     # never fails on the broker: the jobs wait in the ledger and the sweeper announces them
-    rids = lifecycle.submit_many(batch, owner=owner, lane=Lane.BULK, source="bulk", settings=settings)
+    rids = submission.submit_many(batch, owner=owner, lane=Lane.BULK, source="bulk", settings=settings)
     idxs = [int(rid.rsplit("-", 2)[1]) for rid in rids]
     with session_scope() as s:
         if idxs:  # the job id is the deterministic <bulk id>-<idx>-<tries>, as submitted

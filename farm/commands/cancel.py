@@ -7,8 +7,8 @@ import click
 from db import ledger
 from db.migrate import ensure_schema
 from db.session import session_scope
-from farm import lifecycle
 from farm.errors import FarmError, JobNotFoundError
+from farm.lifecycle import submit as submission
 
 REASON = "cancelled with `farm cancel`"
 
@@ -24,7 +24,7 @@ def cancel(request_id: str) -> None:
     with session_scope() as s:
         job = ledger.get_job(s, request_id)
         was = job.status if job is not None else None
-    outcome = lifecycle.cancel(request_id, source="cli", reason=REASON)
+    outcome = submission.cancel(request_id, source="cli", reason=REASON)
     if outcome == "NOT_FOUND":
         raise JobNotFoundError(f"no request {request_id!r} in the ledger")
     if outcome == "ALREADY_COMPLETED":

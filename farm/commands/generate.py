@@ -22,11 +22,13 @@ from rich.progress import (
 from db import ledger
 from db.migrate import ensure_schema
 from db.session import session_scope
-from farm import events, lifecycle
+from farm import events
 from farm.admission import admit
 from farm.config import Settings, get_settings
 from farm.devices import check_device
 from farm.errors import FarmError, InvalidInputError, JobNotFoundError, RequestIdTakenError
+from farm.lifecycle import finish as ending
+from farm.lifecycle import submit as submission
 from farm.results import build_output, status_view
 from farm.schemas import ImageSizeName
 from farm.status import JobStatus, Lane
@@ -132,7 +134,7 @@ def generate(prompt: str, model_name: str | None, negative_prompt: str | None, i
             with err.status(f"loading {inp.model_name} in-process (embedded mode, no servers configured)"):
                 stack.enter_context(embedded_worker(app, inp.model_name, device, settings))
         try:
-            rid = lifecycle.submit(inp, owner=settings.default_owner, lane=Lane(lane), source="cli",
+            rid = submission.submit(inp, owner=settings.default_owner, lane=Lane(lane), source="cli",
                                      settings=settings)
         except RequestIdTakenError as exc:  # the user's --request-id: bad input (exit 2), nothing recorded
             raise InvalidInputError("request_id", f"{exc}; give a new id, or the same input again") from None
@@ -240,7 +242,7 @@ def _say_unserved(rid: str, told: int, settings: Settings, console: Console) -> 
 
 
 def _cancel(rid: str, reason: str) -> None:
-    lifecycle.finish_now(rid, JobStatus.CANCELLED, message=reason, source="cli", error=reason, error_type="cancelled")
+    ending.finish_now(rid, JobStatus.CANCELLED, message=reason, source="cli", error=reason, error_type="cancelled")
 
 
 @click.command()

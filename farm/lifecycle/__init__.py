@@ -11,9 +11,10 @@
 * :mod:`.finish`: the one way a job ends (completed, failed, cancelled), with its batches
   closed, its log line, its webhook, its Celery result and its waiters woken.
 * :mod:`.sweep`: reaps expired leases and republishes queued batches whose message may be gone.
+* :mod:`.announce`, :mod:`.retry`, :mod:`.pool`: the messages of queued batches; a failed attempt
+  given back or its job failed; whether a model's pool has a live worker.
+
+The package imports nothing itself: callers import the submodule they use
+(``from farm.lifecycle import submit as submission``). It may import db/, models/ and the rest of
+farm/ (never farm/api/ or tasks/).
 """
-
-from farm.lifecycle.finish import finish, finish_now
-from farm.lifecycle.submit import cancel, split_job, submit, submit_many
-
-__all__ = ["cancel", "finish", "finish_now", "split_job", "submit", "submit_many"]
