@@ -16,9 +16,9 @@ from minio import Minio
 
 from db import ledger
 from db.session import dispose_engines, session_scope
+from farm.admission import parse_input
 from farm.config import reset_settings
 from farm.lifecycle import submit as submission
-from farm.schemas import parse_input
 from farm.status import JobStatus, Lane
 from tests.test_stack import _bucket_keys, _ledger, builtin_dir, stack  # noqa: F401  (fixtures)
 from tests.workers import WorkerProcess
