@@ -141,7 +141,7 @@ def embedded_farm(model_name: str, device: str) -> Iterator[Any]:
     from db.migrate import ensure_schema
     from farm.config import get_settings
     from tasks import loaded_model
-    from tasks.app import get_app
+    from tasks.celery_app import get_app
     from tasks.embedded import embedded_worker
     from tasks.loaded_model import get_renderer
 

@@ -55,9 +55,9 @@ def direct(n: int, width: int, height: int, steps: int, base_seed: int) -> float
     """Images per second of a plain render + encode loop in this process."""
     from farm.schemas import GenerateInput
     from models.encode import encode_image
-    from models.renderer import Renderer
+    from models.renderer import DiffusersRenderer
 
-    renderer = Renderer.load(TINY)
+    renderer = DiffusersRenderer.load(TINY)
     warm = GenerateInput(model_name=TINY, prompt="warm", image_size={"width": width, "height": height},
                          num_inference_steps=steps, enable_safety_checker=False)
     renderer.render(warm, 0, [0])

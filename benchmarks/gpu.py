@@ -1,4 +1,4 @@
-"""GPU throughput in one run: plain diffusers against the farm's Renderer, and a worker end to end.
+"""GPU throughput in one run: plain diffusers against the farm's DiffusersRenderer, and a worker end to end.
 
     python benchmarks/gpu.py --device cuda:0 --model-dir DIR [--budget-s 330] [--out gpu.json] [--only STAGES]
     python benchmarks/gpu.py --device cpu --tiny        # smoke mode (CI): small random models, 64x64
@@ -11,7 +11,7 @@ and 1.5 (the LCM-LoRA models run classifier-free guidance above 1: two UNet pass
 * plain: what a user writes without lcm-farm: ``from_pretrained(dtype=float16,
   variant="fp16")``, the LCM-LoRA loaded and fused, ``LCMScheduler``, one ``pipe()`` call per
   batch, PIL images out (SD1.5's pipeline runs its own safety checker, SDXL's has none).
-* farm: the ``Renderer`` (safety checker v1 on, the API's default), each batch finished in a
+* farm: the ``DiffusersRenderer`` (safety checker v1 on, the API's default), each batch finished in a
   second thread as a worker's uploader does; one variant per speed setting: ``eager`` (the
   defaults), ``fuse_qkv``, ``tiny_decoder`` (changes images: never the headline),
   ``compiled`` (unet+vae, mode default), ``cudagraphs`` (compiled, reduce-overhead).
@@ -115,11 +115,11 @@ def farm_batches(renderer: Any, inp: Any, batches: int, batch: int) -> None:
 
 def farm(family: str, variant: str, case: dict[str, Any], guidances: list[float], device: str) -> list[dict]:
     from farm.config import Settings
-    from models.renderer import Renderer
+    from models.renderer import DiffusersRenderer
 
     settings = Settings(**VARIANTS[variant], warm_sizes=["x".join(map(str, case["size"]))], warm_batches=[0])
     t0 = time.perf_counter()
-    renderer = Renderer.load(case["model"], device, settings)
+    renderer = DiffusersRenderer.load(case["model"], device, settings)
     load = time.perf_counter() - t0
     renderer.micro_batch = case["batch"]
     compile_s = renderer.warm_compiled()

@@ -198,7 +198,7 @@ def main() -> None:
     _gpu.setup(opts)
     from models.fullsize import extra_models
     from models.registry import SD15_BASE, SDXL_BASE
-    from models.renderer import Renderer
+    from models.renderer import DiffusersRenderer
 
     device = opts.device
     fp16 = device.startswith("cuda")
@@ -206,18 +206,18 @@ def main() -> None:
     distilled = next(name for name, spec in extra_models().items() if spec["family"] == "sd15")
     checks = Checks({"benchmark": "gpu_checks", "device": device, "smoke": opts.tiny, **_gpu.versions(device)},
                     opts.out)
-    sd15 = Renderer.load(SD15_BASE, device)
+    sd15 = DiffusersRenderer.load(SD15_BASE, device)
     checks.run("fp16_lcm_lora_sd15", check_fp16, sd15, sd15_size, fp16)
     checks.run("safety_checkers", check_safety, sd15, sd15_size, device)
     checks.run("seed_split", check_seed_split, sd15, sd15_size)
     checks.run("batch_from_memory", check_batch_from_memory, sd15, device)
     del sd15
     _gpu.free_memory(device)
-    lcm = Renderer.load(distilled, device)
+    lcm = DiffusersRenderer.load(distilled, device)
     checks.run("fp16_distilled_sd15", check_fp16, lcm, sd15_size, fp16)
     del lcm
     _gpu.free_memory(device)
-    sdxl = Renderer.load(SDXL_BASE, device)
+    sdxl = DiffusersRenderer.load(SDXL_BASE, device)
     checks.run("sdxl_vae_fp16", check_sdxl_vae, sdxl, sdxl_size, device)
     del sdxl
     _gpu.free_memory(device)

@@ -1,4 +1,4 @@
-"""Render throughput of one worker's Renderer, in process (no broker, no ledger).
+"""Render throughput of one worker's DiffusersRenderer, in process (no broker, no ledger).
 
     python benchmarks/render_speed.py [--model farm/tiny-lcm] [--device cpu] [--size 512x512]
                                 [--steps 4] [--images 32] [--guidance-scale 1.0]
@@ -38,7 +38,7 @@ def main() -> None:
     from farm.config import get_settings
     from farm.schemas import GenerateInput
     from models.encode import encode_image
-    from models.renderer import Renderer
+    from models.renderer import DiffusersRenderer
 
     width, height = (int(v) for v in args.size.lower().split("x"))
     params = GenerateInput(
@@ -47,7 +47,7 @@ def main() -> None:
         num_images=args.per_request, enable_safety_checker=False,
     )
     started = time.perf_counter()
-    renderer = Renderer.load(args.model, args.device, get_settings())
+    renderer = DiffusersRenderer.load(args.model, args.device, get_settings())
     load_s = time.perf_counter() - started
     renderer.render(params, 0, list(range(min(2, args.per_request))))  # warm-up
 

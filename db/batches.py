@@ -13,7 +13,7 @@ only says "batch k of job J is ready"; the ledger decides who renders it:
   :func:`fail`). A worker whose batch was taken over (it stalled past its lease, or was cut
   off) finds its writes refused and never touches the new holder's rows.
 * :mod:`db.batch_sweep` reaps batches whose lease ran out and lists those whose message may be gone,
-  for the sweeper; :mod:`db.workers` holds the worker registry and how a job is cut for the pool.
+  for the sweeper; :mod:`db.worker_registry` holds the worker registry and how a job is cut for the pool.
 
 SQLite has no row locks; there ``BEGIN IMMEDIATE`` (see :mod:`db.session`) serialises writers,
 which gives the same answers. Callers own the transaction.

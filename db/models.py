@@ -272,7 +272,7 @@ class Usage(Base):
     counters that only grow.
 
     ``source`` is ``batch`` (rendered batches: images and GPU-seconds, ``frames`` 0) or
-    ``realtime`` (websocket frames). Rows are added to with an upsert (:func:`db.usage.record_usage`)
+    ``realtime`` (websocket frames). Rows are added to with an upsert (:func:`db.usage_counters.record_usage`)
     in the transaction that stores the work, so usage is counted exactly when the work is.
     """
 

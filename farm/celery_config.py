@@ -1,6 +1,6 @@
 """The Celery configuration: Redis broker, JSON only, late acks, prefetch 1, bounded publishing.
 
-Import-light (no task bodies, no torch): producers (farm.dispatch) and workers (tasks.app) share it.
+Import-light (no task bodies, no torch): producers (farm.dispatch) and workers (tasks.celery_app) share it.
 """
 
 from __future__ import annotations

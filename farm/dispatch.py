@@ -63,7 +63,7 @@ class Message:
 def broker_app(settings: Settings | None = None) -> Celery:
     """This process's Celery app for the configured broker and backend, with no task bodies.
 
-    Workers register their bodies on this same instance (tasks.app.get_app), so the embedded
+    Workers register their bodies on this same instance (tasks.celery_app.get_app), so the embedded
     in-process worker and the producers share one app.
     """
     settings = settings or get_settings()

@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 log = logging.getLogger("farm.events")
 
 CHANNEL = "farm_jobs"
-KEYS_CHANNEL = "farm_keys"  # payload: an API key id that was revoked (farm.keys forgets the keys it remembers)
+KEYS_CHANNEL = "farm_keys"  # payload: an API key id that was revoked (farm.api_keys forgets the keys it remembers)
 RECONNECT_MIN_SECONDS = 0.05
 RECONNECT_MAX_SECONDS = 2.0
 LISTEN_POLL_SECONDS = 0.5  # how often the listener looks at its stop flag

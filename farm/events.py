@@ -41,7 +41,7 @@ a notification that arrives between the read and the wait::
             sub.wait(timeout)  # True: woken by a change since subscribe() or the previous wait
 
 The same listener hears ``farm_keys`` (:data:`KEYS_CHANNEL`): a revoked API key
-(:func:`notify_key`) makes every process forget the keys it remembers (``farm.keys``), and so
+(:func:`notify_key`) makes every process forget the keys it remembers (``farm.api_keys``), and so
 does every (re)connect or loss of the listening connection (:func:`on_key_change`).
 
 The listener and the hub it fires are in ``farm.event_listener`` (re-exported here: :func:`start`,

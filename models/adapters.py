@@ -9,7 +9,7 @@ model's own LCM-LoRA is fused into the base weights at load time and is not affe
 Paths go through ``farm.inputs.refs.resolve_weights_path``: a file or folder under the allowed
 files root, or an input the farm moved to storage (``farm-stored:<key>``: data URIs at submit,
 URLs and hub ids by the fetch stage before the batch could be claimed), an upload or a data
-URI, which ``farm.inputs.fetch.materialise`` turns into a cached local file. diffusers is handed
+URI, which ``farm.inputs.retrieve.materialise`` turns into a cached local file. diffusers is handed
 absolute local paths only; a worker never downloads.
 
 LoRA ``force``: a LoRA that does not fit this model (no matching layer, wrong shapes, an
@@ -37,8 +37,8 @@ import torch
 
 from farm.config import Settings
 from farm.errors import InvalidInputError, ModelNotFoundError
-from farm.inputs.fetch import materialise
 from farm.inputs.refs import WeightsRef, kind_of, resolve_weights_path
+from farm.inputs.retrieve import materialise
 from farm.schemas import Embedding, GenerateInput, LoraWeight
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The worker's model: load once, render many (cog's ``setup()`` / ``predict()``).
 
-    renderer = Renderer.load("farm/tiny-lcm", device="cpu")
+    renderer = DiffusersRenderer.load("farm/tiny-lcm", device="cpu")
     result = renderer.render(params, seed=42, indices=[0, 1, 2, 3])
 
 ``load`` builds the pipeline (fp16 on CUDA, fp32 on CPU, ``LCMScheduler``), applies the speed
@@ -31,7 +31,7 @@ from models.render import RenderedImage, RenderResult, begin, uses_cfg
 from models.rendered import PendingRender, ProgressHook, Ready, RenderItem
 from models.safety import SafetyCheckers
 
-__all__ = ["RenderItem", "RenderResult", "RenderedImage", "Renderer", "batch_from_memory"]
+__all__ = ["RenderItem", "RenderResult", "RenderedImage", "DiffusersRenderer", "batch_from_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def batch_from_memory(free_bytes: int, per_image_bytes: int, cap: int, headroom:
     return max(1, min(cap, int(free_bytes * headroom) // max(1, per_image_bytes)))
 
 
-class Renderer:
+class DiffusersRenderer:
     """One model's pipeline and safety checkers, loaded once and pinned to one device."""
 
     spec: ModelSpec
@@ -80,7 +80,7 @@ class Renderer:
         return self.compiled.cold_renders
 
     @classmethod
-    def load(cls, model_name: str, device: str = "cpu", settings: Settings | None = None) -> Renderer:
+    def load(cls, model_name: str, device: str = "cpu", settings: Settings | None = None) -> DiffusersRenderer:
         """Load the pipeline once (fp16 on CUDA, fp32 on CPU), LCMScheduler, safety checkers; warm up."""
         settings = settings or get_settings()
         spec = get_model(model_name, settings)

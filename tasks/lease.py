@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from celery import Celery
 
 from db import batches as ledger_batches
-from db import workers as ledger_workers
+from db import worker_registry as ledger_workers
 from db.session import session_scope
 from farm.config import Settings
 from farm.lifecycle.sweep import sweep

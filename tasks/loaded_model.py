@@ -18,7 +18,7 @@ def load_renderer(
     """Load and warm the model of this process (once; a second call returns the same one).
 
     The ``hold`` family (``farm/hold``, a scheduling stand-in) gets a ``HoldRenderer``, which
-    imports no torch; every other model gets the diffusers ``models.renderer.Renderer``
+    imports no torch; every other model gets the diffusers ``models.renderer.DiffusersRenderer``
     (both are a ``models.protocol.Renderer``).
     """
     global _renderer
@@ -33,7 +33,7 @@ def load_renderer(
 
         _renderer = HoldRenderer.load(model_name, device, settings)
     else:
-        from models.renderer import Renderer as DiffusersRenderer
+        from models.renderer import DiffusersRenderer
 
         _renderer = DiffusersRenderer.load(model_name, device, settings)
     took = time.perf_counter() - started

@@ -22,9 +22,9 @@ from typing import Any, cast
 
 from db.batches import compat_key
 from farm.config import Settings
-from farm.inputs.fetch import owner_scope
+from farm.inputs.retrieve import owner_scope
 from farm.realtime.lane import Frame, Reply, lane_key
-from farm.realtime.protocol import pack
+from farm.realtime.wire import pack
 from farm.schemas import GenerateInput, stored_input
 from models.encode import encode_image
 from models.prompt import expand_prompt

@@ -34,7 +34,7 @@ from db import batches as ledger_batches
 from db.session import session_scope
 from farm.celery_config import soft_time_limit
 from farm.config import Settings, get_settings
-from farm.inputs.fetch import owner_scope
+from farm.inputs.retrieve import owner_scope
 from farm.lifecycle.claim import Claimed, claim_group, claim_next_group, describe, higher_lane_waiting, release
 from farm.lifecycle.retry import abort, give_back
 from farm.lifecycle.store import store

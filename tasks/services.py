@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from celery import Celery
 
-from db import workers as ledger_workers
+from db import worker_registry as ledger_workers
 from db.session import session_scope
 from farm.config import Settings
 from models.protocol import Renderer

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from db.usage import today_utc
+from db.usage_counters import today_utc
 from tests.api_stack import APP, ApiStack, _write_certs, idle_input, tiny_input
 from tests.services import free_port
 from tests.workers import WorkerProcess, clean_env, run_farm

@@ -7,7 +7,8 @@ from datetime import timedelta
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import batch_sweep, batches, workers
+from db import batch_sweep, batches
+from db import worker_registry as workers
 from db.models import Batch, utcnow
 from models.renderer import batch_from_memory
 from tests.test_ledger import ledger_url, new_job, sessions  # noqa: F401  (fixtures)

@@ -110,10 +110,10 @@ def test_killed_bulk_job_resumes_into_exactly_the_expected_shards(stack, tmp_pat
     from farm.config import reset_settings
     from farm.schemas import GenerateInput
     from models.encode import encode_image
-    from models.renderer import Renderer
+    from models.renderer import DiffusersRenderer
 
     reset_settings()
-    renderer = Renderer.load(TINY)
+    renderer = DiffusersRenderer.load(TINY)
     for key in (keys[0], keys[151], keys[-1]):
         meta = json.loads(members[f"{key}.json"])
         assert meta["seed"] == 1000 + int(key[:5]) * 100 + int(key[5:])  # base seed + sample index

@@ -17,7 +17,7 @@ from farm.config import Settings, reset_settings
 from farm.schemas import GenerateInput
 from models.fullsize import _safety_v1, _safety_v2, extra_models, text_config, unet_config, vae_config
 from models.registry import SD15_BASE, SDXL_BASE
-from models.renderer import Renderer
+from models.renderer import DiffusersRenderer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,7 @@ def test_written_like_the_real_repos(model_dir: Path) -> None:
 @pytest.mark.parametrize("name", [SD15_BASE, SDXL_BASE, "farm-random/lcm-sd15"])
 def test_small_versions_load_and_render_through_the_farm(model_dir: Path, name: str) -> None:
     """FARM_MODEL_DIR lookup, LCM-LoRA fused (or LCM UNet), LCMScheduler, safety checkers from the folder."""
-    renderer = Renderer.load(name, "cpu", Settings())
+    renderer = DiffusersRenderer.load(name, "cpu", Settings())
     assert type(renderer.pipe.scheduler).__name__ == "LCMScheduler" and not renderer.safety.missing
     if name == SDXL_BASE:
         assert renderer.pipe.unet.config.addition_embed_type == "text_time"

@@ -68,7 +68,7 @@ def test_a_hold_worker_never_imports_torch(tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "import tasks.render_batch, farm.storage, models.encode\n"
-        "from tasks.app import get_app\nfrom tasks.loaded_model import load_renderer\n"
+        "from tasks.celery_app import get_app\nfrom tasks.loaded_model import load_renderer\n"
         "from farm.schemas import GenerateInput\n"
         "get_app()\n"
         "r = load_renderer('farm/hold', 'cpu')\n"

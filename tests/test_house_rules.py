@@ -6,7 +6,9 @@ The rules ("The house in order"):
 2. nothing under ``farm/`` imports ``tasks/`` (only the CLI may: ``farm/cli.py``, ``farm/commands/``);
 3. nothing outside ``farm/api/`` imports ``farm/api/`` (the CLI aside);
 4. ``models/`` imports neither ``db/``, ``tasks/`` nor ``farm/api/``;
-5. no module of the code (migrations and tests aside) past 400 lines.
+5. no module of the code (migrations and tests aside) past 400 lines;
+6. no two modules of those packages share a file name (``__init__.py`` aside): a reader who sees
+   ``usage.py`` or ``protocol.py`` in a traceback knows which one it is.
 """
 
 from __future__ import annotations
@@ -151,3 +153,12 @@ def test_no_module_past_400_lines():
     code = [p for d in (*PACKAGES, "benchmarks") for p in (ROOT / d).rglob("*.py")]
     long = {str(p.relative_to(ROOT)): n for p in code if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def test_no_two_modules_share_a_name():
+    seen: dict[str, list[str]] = {}
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            if path.name != "__init__.py":
+                seen.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    assert {name: paths for name, paths in seen.items() if len(paths) > 1} == {}

@@ -19,7 +19,7 @@ from farm.config import Settings, reset_settings
 from farm.errors import InvalidInputError
 from farm.schemas import GenerateInput, stored_input
 from models.registry import TINY_MODEL
-from models.renderer import Renderer
+from models.renderer import DiffusersRenderer
 from tests.receivers import Receiver
 
 
@@ -45,12 +45,12 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
 
 
 @pytest.fixture(scope="module")
-def renderer(settings: Settings) -> Renderer:
-    return Renderer.load(TINY_MODEL, device="cpu", settings=settings)
+def renderer(settings: Settings) -> DiffusersRenderer:
+    return DiffusersRenderer.load(TINY_MODEL, device="cpu", settings=settings)
 
 
 @pytest.fixture(scope="module")
-def lora(renderer: Renderer, settings: Settings) -> bytes:
+def lora(renderer: DiffusersRenderer, settings: Settings) -> bytes:
     """The bytes of a real LoRA for the tiny model (safetensors)."""
     from tests.test_models import _make_lora
 
@@ -72,7 +72,7 @@ def stored_params(**kw: object) -> GenerateInput:
     return stored_input(params(**{k: [] for k in kw}).model_dump(mode="json") | kw)
 
 
-def png(renderer: Renderer, p: GenerateInput) -> bytes:
+def png(renderer: DiffusersRenderer, p: GenerateInput) -> bytes:
     from models.encode import encode_image
 
     return encode_image(renderer.render(p, 7, [0]).images[0].image, "png")[0]
@@ -228,7 +228,7 @@ def test_url_downloads_are_capped_and_checked(settings, tls_receiver):
 @pytest.fixture
 def api(settings: Settings) -> tuple[TestClient, dict[str, str]]:
     from farm.api.app import create_app
-    from farm.keys import create_key
+    from farm.api_keys import create_key
 
     keys = {owner: create_key(owner)[1] for owner in ("ann", "ben")}
     app_settings = settings.model_copy(update={"max_upload_bytes": 2 * 2**20})

@@ -1,4 +1,4 @@
-"""The ledger gauges (farm.metrics.ledger) and the lease-takeover counter, on SQLite and PostgreSQL."""
+"""The ledger gauges (farm.metrics.ledger_gauges) and the lease-takeover counter, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from db.models import Batch, Job, WebhookDelivery, Worker, utcnow
 from db.session import dispose_engines, session_scope
 from farm.config import get_settings, reset_settings
 from farm.lifecycle.sweep import reap
-from farm.metrics.ledger import LedgerCollector, read
+from farm.metrics.ledger_gauges import LedgerCollector, read
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -23,7 +23,7 @@ from farm.schemas import GenerateInput
 from models.encode import encode_image
 from models.prompt import QUALITY_PHRASES, expand_prompt
 from models.registry import SD15_BASE, SDXL_BASE, TINY_MODEL
-from models.renderer import Renderer, RenderResult
+from models.renderer import DiffusersRenderer, RenderResult
 from models.tiny import RECIPE, RECIPE_FILE, _write_once, save_tiny_safety_v2
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,8 +48,8 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
 
 
 @pytest.fixture(scope="module")
-def renderer(settings: Settings) -> Renderer:
-    return Renderer.load(TINY_MODEL, device="cpu", settings=settings)
+def renderer(settings: Settings) -> DiffusersRenderer:
+    return DiffusersRenderer.load(TINY_MODEL, device="cpu", settings=settings)
 
 
 def params(**kw: Any) -> GenerateInput:
@@ -69,34 +69,36 @@ def pngs(result: RenderResult) -> list[bytes]:
     return [encode_image(img.image, "png")[0] for img in result.images]
 
 
-def render_pngs(r: Renderer, p: GenerateInput, seed: int = 7, indices: tuple[int, ...] = (0, 1, 2, 3)) -> list[bytes]:
+def render_pngs(
+    r: DiffusersRenderer, p: GenerateInput, seed: int = 7, indices: tuple[int, ...] = (0, 1, 2, 3)
+) -> list[bytes]:
     return pngs(r.render(p, seed, list(indices)))
 
 
 # -- determinism and seeds ----------------------------------------------------------------------
 
 
-def test_same_seed_same_bytes_and_fresh_renderer(renderer: Renderer, settings: Settings) -> None:
+def test_same_seed_same_bytes_and_fresh_renderer(renderer: DiffusersRenderer, settings: Settings) -> None:
     p = params()
     first = render_pngs(renderer, p)
     assert render_pngs(renderer, p) == first
-    fresh = Renderer.load(TINY_MODEL, settings=settings)
+    fresh = DiffusersRenderer.load(TINY_MODEL, settings=settings)
     assert fresh.loads == 1 and renderer.loads == 1
     assert render_pngs(fresh, p) == first
     assert len(set(first)) == 4  # four different images
 
 
-def test_same_bytes_in_another_process(renderer: Renderer, settings: Settings, tmp_path: Path) -> None:
+def test_same_bytes_in_another_process(renderer: DiffusersRenderer, settings: Settings, tmp_path: Path) -> None:
     """Another process, which also writes its own copy of the built-in weights."""
     p = params(guidance_scale=2.0, negative_prompt="blurry")
     expected = [hashlib.sha256(b).hexdigest() for b in render_pngs(renderer, p, seed=123)]
     script = (
         "import hashlib, json, sys\n"
         "from farm.config import Settings\nfrom farm.schemas import GenerateInput\n"
-        "from models.renderer import Renderer\nfrom models.encode import encode_image\n"
+        "from models.renderer import DiffusersRenderer\nfrom models.encode import encode_image\n"
         "s = Settings(data_dir=sys.argv[1], files_root=sys.argv[2])\n"
         "p = GenerateInput.model_validate_json(sys.argv[3])\n"
-        "res = Renderer.load('farm/tiny-lcm', settings=s).render(p, 123, [0, 1, 2, 3])\n"
+        "res = DiffusersRenderer.load('farm/tiny-lcm', settings=s).render(p, 123, [0, 1, 2, 3])\n"
         "print(json.dumps([hashlib.sha256(encode_image(i.image, 'png')[0]).hexdigest() for i in res.images]))\n"
     )
     out = subprocess.run(
@@ -109,14 +111,14 @@ def test_same_bytes_in_another_process(renderer: Renderer, settings: Settings, t
 
 
 @pytest.mark.parametrize("cfg", [False, True], ids=["no-cfg", "cfg"])
-def test_batch_equals_each_alone(renderer: Renderer, cfg: bool) -> None:
+def test_batch_equals_each_alone(renderer: DiffusersRenderer, cfg: bool) -> None:
     p = params(guidance_scale=2.5, negative_prompt="dark", guidance_rescale=0.5) if cfg else params()
     batch = render_pngs(renderer, p, seed=99)
     alone = [render_pngs(renderer, p, seed=99, indices=(i,))[0] for i in range(4)]
     assert batch == alone
 
 
-def test_image_i_uses_seed_plus_i(renderer: Renderer) -> None:
+def test_image_i_uses_seed_plus_i(renderer: DiffusersRenderer) -> None:
     p = params()
     a = renderer.render(p, 10, [2]).images[0]
     b = renderer.render(p, 12, [0]).images[0]
@@ -124,12 +126,12 @@ def test_image_i_uses_seed_plus_i(renderer: Renderer) -> None:
     assert encode_image(a.image, "png") == encode_image(b.image, "png")
 
 
-def test_different_seeds_differ(renderer: Renderer) -> None:
+def test_different_seeds_differ(renderer: DiffusersRenderer) -> None:
     p = params(num_images=1)
     assert render_pngs(renderer, p, seed=1, indices=(0,)) != render_pngs(renderer, p, seed=2, indices=(0,))
 
 
-def test_negative_prompt_and_rescale_need_guidance(renderer: Renderer) -> None:
+def test_negative_prompt_and_rescale_need_guidance(renderer: DiffusersRenderer) -> None:
     cfg = params(num_images=1, guidance_scale=3.0)
     base = render_pngs(renderer, cfg, indices=(0,))
     assert render_pngs(renderer, params(num_images=1, guidance_scale=3.0, negative_prompt="snow"), indices=(0,)) != base
@@ -141,7 +143,7 @@ def test_negative_prompt_and_rescale_need_guidance(renderer: Renderer) -> None:
     )
 
 
-def test_result_shape_and_timings(renderer: Renderer) -> None:
+def test_result_shape_and_timings(renderer: DiffusersRenderer) -> None:
     p = params(image_size={"width": 128, "height": 64}, num_images=3)
     res = renderer.render(p, 5, [1, 2])
     assert [(i.index, i.seed) for i in res.images] == [(1, 6), (2, 7)]
@@ -151,7 +153,7 @@ def test_result_shape_and_timings(renderer: Renderer) -> None:
     assert res.prompt == p.prompt
 
 
-def test_bad_requests_fail_clearly(renderer: Renderer) -> None:
+def test_bad_requests_fail_clearly(renderer: DiffusersRenderer) -> None:
     with pytest.raises(RenderError, match="indices"):
         renderer.render(params(num_images=2), 1, [2])
     with pytest.raises(RenderError, match="distinct"):
@@ -184,7 +186,7 @@ def _make_lora(settings: Settings) -> str:
     return "loras/tiny/pytorch_lora_weights.safetensors"
 
 
-def test_lora_changes_output_and_does_not_leak(renderer: Renderer, settings: Settings) -> None:
+def test_lora_changes_output_and_does_not_leak(renderer: DiffusersRenderer, settings: Settings) -> None:
     path = _make_lora(settings)
     base = params(num_images=2)
     baseline = render_pngs(renderer, base, indices=(0, 1))
@@ -194,7 +196,7 @@ def test_lora_changes_output_and_does_not_leak(renderer: Renderer, settings: Set
     assert render_pngs(renderer, base, indices=(0, 1)) == baseline
 
 
-def test_embedding_changes_output_and_does_not_leak(renderer: Renderer, settings: Settings) -> None:
+def test_embedding_changes_output_and_does_not_leak(renderer: DiffusersRenderer, settings: Settings) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -217,7 +219,7 @@ def test_embedding_changes_output_and_does_not_leak(renderer: Renderer, settings
 
 
 def test_bad_lora_and_embedding_inputs(
-    renderer: Renderer, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    renderer: DiffusersRenderer, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import torch
     from safetensors.torch import save_file
@@ -273,37 +275,37 @@ def test_bad_lora_and_embedding_inputs(
 
 
 @pytest.fixture(scope="module")
-def flagging(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Renderer:
+def flagging(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> DiffusersRenderer:
     """The tiny model with a real (tiny) v2 ViT whose bias always says nsfw, and v1 missing."""
     folder = tmp_path_factory.mktemp("always-nsfw")
     save_tiny_safety_v2(folder, flag=True)
     s = Settings(data_dir=settings.data_dir, files_root=settings.files_root,
                  safety_checker_v2=str(folder), safety_checker_v1=str(folder / "no-such-checker"))
-    return Renderer.load(TINY_MODEL, settings=s)
+    return DiffusersRenderer.load(TINY_MODEL, settings=s)
 
 
-def test_flagged_images_are_blacked_out(flagging: Renderer) -> None:
+def test_flagged_images_are_blacked_out(flagging: DiffusersRenderer) -> None:
     res = flagging.render(params(safety_checker_version="v2"), 3, [0, 1])
     assert [i.nsfw for i in res.images] == [True, True]
     for img in res.images:
         assert img.image.size == (64, 64) and img.image.getextrema() == ((0, 0), (0, 0), (0, 0))
 
 
-def test_builtin_checkers_pass_noise(renderer: Renderer) -> None:
+def test_builtin_checkers_pass_noise(renderer: DiffusersRenderer) -> None:
     for version in ("v1", "v2"):
         res = renderer.render(params(safety_checker_version=version), 3, [0, 1])
         assert [i.nsfw for i in res.images] == [False, False]
         assert all(i.image.getextrema() != ((0, 0), (0, 0), (0, 0)) for i in res.images)
 
 
-def test_safety_disabled_means_no_check(flagging: Renderer, renderer: Renderer) -> None:
+def test_safety_disabled_means_no_check(flagging: DiffusersRenderer, renderer: DiffusersRenderer) -> None:
     p = params(safety_checker_version="v2", enable_safety_checker=False)
     res = flagging.render(p, 3, [0, 1])
     assert [i.nsfw for i in res.images] == [False, False]
     assert pngs(res) == render_pngs(renderer, p, seed=3, indices=(0, 1))
 
 
-def test_missing_checker_fails_only_requests_that_ask_for_it(flagging: Renderer) -> None:
+def test_missing_checker_fails_only_requests_that_ask_for_it(flagging: DiffusersRenderer) -> None:
     with pytest.raises(ModelNotFoundError, match="no-such-checker"):
         flagging.render(params(safety_checker_version="v1"), 3, [0])
     assert flagging.render(params(safety_checker_version="v1", enable_safety_checker=False), 3, [0]).images
@@ -320,7 +322,7 @@ def test_expand_prompt_rule() -> None:
     assert expand_prompt(once) == once  # idempotent
 
 
-def test_expand_prompt_is_what_renders(renderer: Renderer) -> None:
+def test_expand_prompt_is_what_renders(renderer: DiffusersRenderer) -> None:
     p = params(num_images=1, expand_prompt=True)
     res = renderer.render(p, 4, [0])
     assert res.prompt == expand_prompt(p.prompt)
@@ -358,7 +360,7 @@ def test_missing_real_model_names_where_it_looked(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     s = Settings(data_dir=tmp_path / "data", model_dir=tmp_path / "models")
     with pytest.raises(ModelNotFoundError) as err:
-        Renderer.load(model, settings=s)
+        DiffusersRenderer.load(model, settings=s)
     msg = str(err.value)
     assert str(tmp_path / "models" / model) in msg
     assert "Hugging Face cache" in msg and "offline" in msg
@@ -386,9 +388,9 @@ def model_dir(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     return root
 
 
-def test_lcm_lora_model_loads_from_model_dir(settings: Settings, model_dir: Path, renderer: Renderer) -> None:
+def test_lcm_lora_model_loads_from_model_dir(settings: Settings, model_dir: Path, renderer: DiffusersRenderer) -> None:
     s = settings.model_copy(update={"model_dir": model_dir})
-    sd15 = Renderer.load(SD15_BASE, settings=s)
+    sd15 = DiffusersRenderer.load(SD15_BASE, settings=s)
     assert sd15.pipe.get_list_adapters() == {}  # LCM-LoRA fused, adapter layers gone
     p = params(model_name=SD15_BASE, num_images=1)
     base = render_pngs(sd15, p, indices=(0,))
@@ -406,7 +408,7 @@ def test_lcm_lora_model_loads_from_model_dir(settings: Settings, model_dir: Path
 def test_distilled_model_ignores_negative_prompt(
     settings: Settings, model_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    r = Renderer.load(DISTILLED, settings=settings.model_copy(update={"model_dir": model_dir}))
+    r = DiffusersRenderer.load(DISTILLED, settings=settings.model_copy(update={"model_dir": model_dir}))
     assert type(r.pipe).__name__ == "LatentConsistencyModelPipeline"
     assert r.pipe.unet.config.time_cond_proj_dim == 32
     p = params(model_name=DISTILLED, guidance_scale=4.0)

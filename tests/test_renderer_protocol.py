@@ -21,7 +21,7 @@ def test_the_hold_stand_in_is_a_renderer() -> None:
 
 
 def test_the_tiny_diffusers_model_is_a_renderer(tmp_path: Path) -> None:
-    from models.renderer import Renderer as DiffusersRenderer
+    from models.renderer import DiffusersRenderer
 
     renderer: Renderer = DiffusersRenderer.load(TINY_MODEL, device="cpu", settings=Settings(data_dir=tmp_path))
     assert isinstance(renderer, Renderer)

@@ -24,7 +24,7 @@ from models.encode import encode_image
 from models.registry import TINY_MODEL
 from models.render import Pending
 from models.rendered import RenderItem
-from models.renderer import Renderer
+from models.renderer import DiffusersRenderer
 from tests.test_ledger import ledger_url, sessions  # noqa: F401  (fixtures)
 from tests.test_models import _make_lora
 
@@ -45,8 +45,8 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
 
 
 @pytest.fixture(scope="module")
-def renderer(settings: Settings) -> Renderer:
-    return Renderer.load(TINY_MODEL, device="cpu", settings=settings)
+def renderer(settings: Settings) -> DiffusersRenderer:
+    return DiffusersRenderer.load(TINY_MODEL, device="cpu", settings=settings)
 
 
 def params(**kw: Any) -> GenerateInput:
@@ -60,7 +60,7 @@ def pngs(result: Any) -> list[bytes]:
     return [encode_image(img.image, "png")[0] for img in result.images]
 
 
-def test_decoder_gives_the_pipelines_own_bytes(renderer: Renderer) -> None:
+def test_decoder_gives_the_pipelines_own_bytes(renderer: DiffusersRenderer) -> None:
     """The split decode (output_type="latent", then models.decode) is the pipeline's own decode, byte for byte."""
     pipe = renderer.pipe
     call = {"prompt": ["a fox", "a cat"], "height": 64, "width": 64, "num_inference_steps": 2, "guidance_scale": 1.0}
@@ -70,7 +70,7 @@ def test_decoder_gives_the_pipelines_own_bytes(renderer: Renderer) -> None:
     assert [encode_image(i, "png")[0] for i in split] == [encode_image(i, "png")[0] for i in own]
 
 
-def test_decoder_upcasts_only_after_an_fp16_overflow(renderer: Renderer) -> None:
+def test_decoder_upcasts_only_after_an_fp16_overflow(renderer: DiffusersRenderer) -> None:
     from models.loading import load_pipeline
     from models.registry import get_model
 
@@ -84,7 +84,7 @@ def test_decoder_upcasts_only_after_an_fp16_overflow(renderer: Renderer) -> None
     assert pipe.vae.dtype == torch.float16  # the pipeline's own VAE is left as it was
 
 
-def test_pending_finishes_later_with_the_same_images(renderer: Renderer) -> None:
+def test_pending_finishes_later_with_the_same_images(renderer: DiffusersRenderer) -> None:
     """What a GPU worker does (finish in the uploader thread) gives what the CPU path gives."""
     items = [RenderItem(params(), 7, i) for i in range(4)]
     inline = pngs(renderer.render_items(items))
@@ -97,10 +97,10 @@ def test_pending_finishes_later_with_the_same_images(renderer: Renderer) -> None
         renderer.overlap = False
 
 
-def test_fused_qkv_close_to_unfused_and_unfused_for_loras(renderer: Renderer, settings: Settings) -> None:
+def test_fused_qkv_close_to_unfused_and_unfused_for_loras(renderer: DiffusersRenderer, settings: Settings) -> None:
     import numpy as np
 
-    fused = Renderer.load(TINY_MODEL, "cpu", settings.model_copy(update={"fuse_qkv": True}))
+    fused = DiffusersRenderer.load(TINY_MODEL, "cpu", settings.model_copy(update={"fuse_qkv": True}))
     assert fused.pipe.unet.original_attn_processors is not None
     assert "Fused" in type(next(iter(fused.pipe.unet.attn_processors.values()))).__name__
     a, b = (r.render(params(num_images=2), 3, [0, 1]).images for r in (renderer, fused))
@@ -113,12 +113,12 @@ def test_fused_qkv_close_to_unfused_and_unfused_for_loras(renderer: Renderer, se
     assert "Fused" in type(next(iter(fused.pipe.unet.attn_processors.values()))).__name__  # fused again
 
 
-def _compiled(settings: Settings, backend: str) -> Renderer:
-    return Renderer.load(TINY_MODEL, "cpu", settings.model_copy(update={
+def _compiled(settings: Settings, backend: str) -> DiffusersRenderer:
+    return DiffusersRenderer.load(TINY_MODEL, "cpu", settings.model_copy(update={
         "compile": "unet+vae", "compile_backend": backend, "warm_sizes": ["64x64"], "warm_batches": [0]}))
 
 
-def _check_compiled(renderer: Renderer, compiled: Renderer, exact: bool) -> None:
+def _check_compiled(renderer: DiffusersRenderer, compiled: DiffusersRenderer, exact: bool) -> None:
     took = compiled.warm_compiled()
     assert took > 0 and compiled.compiled.warm == {(64, 64, 1, False), (64, 64, 1, True)}
     for guidance in (1.0, 2.0):  # warmed: without and with classifier-free guidance
@@ -133,7 +133,7 @@ def _check_compiled(renderer: Renderer, compiled: Renderer, exact: bool) -> None
 
 
 @pytest.mark.slow
-def test_compiled_path_warms_each_shape_and_never_recompiles(renderer: Renderer, settings: Settings) -> None:
+def test_compiled_path_warms_each_shape_and_never_recompiles(renderer: DiffusersRenderer, settings: Settings) -> None:
     """FARM_COMPILE on the tiny model (eager backend, see the module doc): warmed shapes give the uncompiled
     bytes; a shape not warmed runs uncompiled and is counted, and nothing recompiles after warm-up."""
     _check_compiled(renderer, _compiled(settings, "eager"), exact=True)
@@ -143,7 +143,7 @@ def test_compiled_path_warms_each_shape_and_never_recompiles(renderer: Renderer,
 @pytest.mark.skipif(os.environ.get("FARM_TEST_INDUCTOR") != "1",
                     reason="inductor compiles the tiny UNet in ~100 s on a 2-core CPU (measured): set "
                            "FARM_TEST_INDUCTOR=1 to run it; the eager-backend test covers the farm's code path")
-def test_compiled_path_with_inductor(renderer: Renderer, settings: Settings) -> None:
+def test_compiled_path_with_inductor(renderer: DiffusersRenderer, settings: Settings) -> None:
     _check_compiled(renderer, _compiled(settings, "inductor"), exact=False)
 
 
@@ -162,9 +162,11 @@ def test_tiny_decoder_is_opt_in_and_named_when_missing(settings: Settings, tmp_p
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub here: a miss is decided at once
     with pytest.raises(ModelNotFoundError, match="FARM_TINY_DECODER=auto"):
-        Renderer.load(TINY_MODEL, "cpu", settings.model_copy(update={"tiny_decoder": "auto", "model_dir": tmp_path}))
+        DiffusersRenderer.load(
+            TINY_MODEL, "cpu", settings.model_copy(update={"tiny_decoder": "auto", "model_dir": tmp_path})
+        )
     write_tiny_decoder(tmp_path / "madebyollin" / "taesd", dtype=torch.float32)
-    tiny = Renderer.load(TINY_MODEL, "cpu", settings.model_copy(update={"tiny_decoder": "auto",
+    tiny = DiffusersRenderer.load(TINY_MODEL, "cpu", settings.model_copy(update={"tiny_decoder": "auto",
                                                                         "model_dir": tmp_path}))
     assert type(tiny.pipe.vae).__name__ == "AutoencoderTiny"
     assert [i.image.size for i in tiny.render(params(num_images=2), 1, [0, 1]).images] == [(64, 64)] * 2

@@ -43,7 +43,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
 @pytest.fixture(scope="module")
 def api(settings: Settings) -> Iterator[tuple[TestClient, dict[str, str]]]:
     from farm.api.app import create_app
-    from farm.keys import create_key
+    from farm.api_keys import create_key
 
     keys = {owner: create_key(owner)[1] for owner in ("ann", "ben", "cat")}
     with TestClient(create_app(settings), base_url=BASE) as client:

@@ -1,4 +1,4 @@
-"""The usage table and its upsert (db.usage.record_usage) on SQLite and PostgreSQL."""
+"""The usage table and its upsert (db.usage_counters.record_usage) on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from sqlalchemy import select
 from db.migrate import upgrade
 from db.models import Usage
 from db.session import session_scope
-from db.usage import UsageEntry, record_usage, today_utc
+from db.usage_counters import UsageEntry, record_usage, today_utc
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -210,7 +210,7 @@ def test_a_crashed_workers_name_is_free_again_at_once(farm: dict) -> None:
 
 
 def test_register_worker_refuses_a_live_namesake_and_stop_marks_only_its_own_row(pg_url: str) -> None:
-    from db import workers as batches
+    from db import worker_registry as batches
     from db.migrate import upgrade
     from db.session import session_scope
     from farm.errors import WorkerNameTakenError

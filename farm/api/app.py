@@ -19,7 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from farm import events
-from farm.api import errors
+from farm.api import error_bodies
 from farm.api.guard import BodyGuard
 from farm.api.routes_queue import queue_router
 from farm.api.routes_run import router as run_router
@@ -108,7 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings or get_settings()
     log_redact.install()  # realtime tokens and signatures in query strings stay out of uvicorn's log lines
-    errors.install(app)
+    error_bodies.install(app)
     app.add_middleware(BodyGuard, settings=app.state.settings)  # key and body size before any body is read
     from farm.metrics.http import MetricsMiddleware, metrics_router
 

@@ -9,10 +9,10 @@ import anyio.to_thread
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 
-from farm.api.errors import AuthError
+from farm.api.error_bodies import AuthError
 from farm.api.guard import STATE_KEY
+from farm.api_keys import cached_key, verify_key
 from farm.config import Settings
-from farm.keys import cached_key, verify_key
 
 api_key_header = APIKeyHeader(
     name="Authorization",
@@ -46,7 +46,7 @@ async def get_tenant(
 ) -> Tenant:
     """The key's owner; without auth (``FARM_AUTH_ENABLED=false``) the default owner.
 
-    A key verified a moment ago is answered from memory on the event loop (``farm.keys``:
+    A key verified a moment ago is answered from memory on the event loop (``farm.api_keys``:
     revocation still applies); any other goes to the ledger from a worker thread.
     """
     # verified by farm.api.guard before the body was read

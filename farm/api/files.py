@@ -27,7 +27,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from farm.api.deps import SettingsDep, TenantDep
-from farm.api.errors import ERROR_RESPONSES, NOT_FOUND, ErrorBody
+from farm.api.error_bodies import ERROR_RESPONSES, NOT_FOUND, ErrorBody
 from farm.api.guard import MULTIPART_SLACK
 from farm.errors import ObjectNotFound
 from farm.inputs.quota import store_within_quota, stream

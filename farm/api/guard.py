@@ -24,8 +24,8 @@ from typing import Any
 from fastapi.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from farm.api_keys import KeyInfo, cached_key, verify_key
 from farm.config import Settings
-from farm.keys import KeyInfo, cached_key, verify_key
 
 UPLOAD_PATH = "/storage/upload"
 SIGNED_UPLOAD_PREFIX = "/storage/upload/signed/"  # fal's upload protocol: the signed URL is the credential

@@ -19,8 +19,9 @@ from db.locks import lock_owner
 from db.models import Job
 from db.session import session_scope
 from farm import admission
+from farm.accounting import check_quota
 from farm.api.deps import Tenant
-from farm.api.errors import JobFailedError, RequestFieldError, RequestInProgressError, TooManyJobsError
+from farm.api.error_bodies import JobFailedError, RequestFieldError, RequestInProgressError, TooManyJobsError
 from farm.api.fal import APP_ID
 from farm.config import Settings
 from farm.errors import InvalidInputError, JobNotFoundError
@@ -29,7 +30,6 @@ from farm.results import build_output
 from farm.schemas import GenerateInput, GenerateOutput
 from farm.status import ACTIVE, JobStatus, Lane
 from farm.storage import get_storage
-from farm.usage import check_quota
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
@@ -135,7 +135,7 @@ def submit_job(
     submits passes the limit) before its batches are recorded; a refused submit rolls
     back and records nothing. Admission (farm.admission: bounds, file references, upload
     owners) comes first, in the caller's thread (routes run this off the event loop).
-    An owner whose daily GPU-second quota is spent gets 429 (farm.usage).
+    An owner whose daily GPU-second quota is spent gets 429 (farm.accounting).
     A webhook URL is vetted (DNS) before the transaction, and only for
     a new request, so that request looks its key up first.
     """

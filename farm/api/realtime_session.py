@@ -29,12 +29,13 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from farm import admission
+from farm.accounting import check_quota
 from farm.api.deps import Tenant
 from farm.api.realtime_hub import Hub, LaneUnavailableError
 from farm.config import Settings
 from farm.errors import FarmError, InvalidInputError
 from farm.realtime.lane import Frame
-from farm.realtime.protocol import (
+from farm.realtime.wire import (
     CLOSE_OVER_LIMIT,
     CLOSE_UNAUTHORIZED,
     CLOSE_UNAVAILABLE,
@@ -43,7 +44,6 @@ from farm.realtime.protocol import (
     unpack,
 )
 from farm.schemas import GenerateInput
-from farm.usage import check_quota
 from models.registry import get_model
 
 log = logging.getLogger("farm.api.realtime")
@@ -271,7 +271,7 @@ class RealtimeSession:
 
 async def _key_still_active(key_id: str) -> bool | None:
     """Whether the key is still active; None when the ledger cannot say."""
-    from farm.keys import active_key
+    from farm.api_keys import active_key
 
     try:
         return await run_in_threadpool(active_key, key_id) is not None
@@ -281,7 +281,7 @@ async def _key_still_active(key_id: str) -> bool | None:
 
 
 def quota_spent(owner: str, settings: Settings) -> str | None:
-    """Why ``owner`` may not render now (its daily GPU-second quota is spent, ``farm.usage``), or None."""
+    """Why ``owner`` may not render now (its daily GPU-second quota is spent, ``farm.accounting``), or None."""
     from db.session import session_scope
 
     with session_scope() as s:
@@ -294,7 +294,7 @@ def quota_spent(owner: str, settings: Settings) -> str | None:
 
 def _record_usage(owner: str, usage: dict[str, list[float]]) -> None:
     from db.session import session_scope
-    from db.usage import UsageEntry, record_usage
+    from db.usage_counters import UsageEntry, record_usage
 
     with session_scope() as s:
         record_usage(s, [UsageEntry(owner=owner, model=model, source="realtime", frames=int(frames),

@@ -26,13 +26,13 @@ from db.locks import lock_owner
 from db.models import BulkJob
 from db.session import session_scope
 from farm import dispatch
+from farm.accounting import check_quota
 from farm.api.deps import SettingsDep, TenantDep
-from farm.api.errors import ERROR_RESPONSES, NOT_FOUND, ErrorBody, TooManyJobsError
+from farm.api.error_bodies import ERROR_RESPONSES, NOT_FOUND, ErrorBody, TooManyJobsError
+from farm.api_keys import check_owner
 from farm.config import Settings
 from farm.errors import InvalidInputError, ObjectNotFound
-from farm.keys import check_owner
 from farm.status import BulkStatus
-from farm.usage import check_quota
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/bulk", tags=["bulk"])
@@ -73,7 +73,7 @@ def _materialise(req: BulkRequest, owner: str, settings: Settings) -> tuple[Path
 
     options = req.model_dump(exclude={"manifest", "manifest_format"})
     # each owner has a folder of its own: another owner's manifests and datasets are out of reach
-    # the owner's name as it is (farm.keys.OWNER admits only path-safe names: no '/', no leading '.'),
+    # the owner's name as it is (farm.api_keys.OWNER admits only path-safe names: no '/', no leading '.'),
     # so that two owners never share a folder
     own = settings.effective_bulk_root / "tenants" / check_owner(owner)
     own.mkdir(parents=True, exist_ok=True)

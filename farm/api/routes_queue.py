@@ -21,7 +21,7 @@ from db.session import session_scope
 from farm import events
 from farm.api import streams
 from farm.api.deps import SettingsDep, TenantDep
-from farm.api.errors import ERROR_RESPONSES, FAILED, NOT_FOUND, ErrorBody
+from farm.api.error_bodies import ERROR_RESPONSES, FAILED, NOT_FOUND, ErrorBody
 from farm.api.fal import APP_ID, CancelResult, QueueStatus, QueueSubmitted, fal_status, request_urls, status_payload
 from farm.api.job_access import IDEMPOTENCY_HEADER, app_base, get_job, read_output, submit_job
 from farm.config import Settings

@@ -23,14 +23,14 @@ from pydantic import BaseModel, Field, field_validator
 
 from farm import events
 from farm.api.deps import SettingsDep, Tenant, TenantDep, tenant_for
-from farm.api.errors import ERROR_RESPONSES
+from farm.api.error_bodies import ERROR_RESPONSES
 from farm.api.fal import APP_ALIAS, APP_ID
 from farm.api.realtime_hub import Hub, LaneUnavailableError, get_hub
 from farm.api.realtime_session import RealtimeSession, quota_spent
 from farm.config import Settings
 from farm.errors import FarmError
 from farm.realtime import tokens
-from farm.realtime.protocol import (
+from farm.realtime.wire import (
     CLOSE_BAD_REQUEST,
     CLOSE_FORBIDDEN,
     CLOSE_OVER_LIMIT,
@@ -141,7 +141,7 @@ async def _authenticate(ws: WebSocket, settings: Settings) -> Tenant:
         raise Refused(code, str(exc)) from None
     if from_key is not None and from_key.owner != claims.owner:
         raise Refused(CLOSE_FORBIDDEN, "the realtime token belongs to another owner than the API key")
-    from farm.keys import active_key
+    from farm.api_keys import active_key
 
     key = await _in_thread(active_key, claims.key_id) if claims.key_id else None
     if claims.key_id and key is None:

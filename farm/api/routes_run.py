@@ -25,7 +25,7 @@ from db import ledger
 from db.session import session_scope
 from farm import events
 from farm.api.deps import SettingsDep, Tenant, TenantDep
-from farm.api.errors import ERROR_RESPONSES, FAILED, ErrorBody, RequestTimeoutError
+from farm.api.error_bodies import ERROR_RESPONSES, FAILED, ErrorBody, RequestTimeoutError
 from farm.api.fal import APP_ID, fal_status
 from farm.api.job_access import outcome as job_outcome
 from farm.api.job_access import read_output, submit_job

@@ -13,11 +13,11 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from db.session import session_scope
-from db.usage import today_utc
+from db.usage_counters import today_utc
+from farm.accounting import quota_for, usage_rows, used_today
 from farm.api.deps import SettingsDep, TenantDep
-from farm.api.errors import ERROR_RESPONSES, RequestFieldError
+from farm.api.error_bodies import ERROR_RESPONSES, RequestFieldError
 from farm.config import Settings
-from farm.usage import quota_for, usage_rows, used_today
 
 router = APIRouter(tags=["usage"])
 DEFAULT_DAYS = 30

@@ -11,7 +11,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
-from farm.api.errors import TooManyStreamsError
+from farm.api.error_bodies import TooManyStreamsError
 
 T = TypeVar("T")
 

@@ -34,7 +34,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from farm.api.deps import SettingsDep, TenantDep
-from farm.api.errors import ERROR_RESPONSES, ErrorBody
+from farm.api.error_bodies import ERROR_RESPONSES, ErrorBody
 from farm.api.files import SPOOL_BYTES, safe_name
 from farm.config import Settings
 from farm.errors import FarmError

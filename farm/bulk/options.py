@@ -1,6 +1,6 @@
 """Bulk job options as JSON (the ``farm.bulk`` task's kwargs, the API's body) into a recorded bulk job.
 
-Producer-side: the API and the Celery task (tasks.bulk) both call it; imports farm/ and db/ only.
+Producer-side: the API and the Celery task (tasks.bulk_task) both call it; imports farm/ and db/ only.
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ def _drive(bulk_id: str, model_name: str, device: str, max_in_flight: int) -> dr
         warn_if_unserved(model_name, settings)  # the job waits for a worker: said before the bar starts
     with contextlib.ExitStack() as stack:
         if settings.embedded:
-            from tasks.app import get_app
+            from tasks.celery_app import get_app
             from tasks.embedded import embedded_worker
 
             with err.status(f"loading {model_name} in-process (embedded mode, no servers configured)"):
@@ -253,7 +253,7 @@ def bulk_worker(concurrency: int, log_level: str | None, old_log_level: str | No
     from celery.signals import worker_shutting_down
 
     from farm.bulk.runners import leave_jobs
-    from tasks.app import get_app
+    from tasks.celery_app import get_app
 
     # a warm shutdown waits for the running tasks, and a farm.bulk task runs as long as its job: its
     # driver hands the job back instead (it stays RUNNING; a sweeper sends farm.bulk again)

@@ -2,7 +2,7 @@
 
 Flower 2.x registers itself as a ``celery flower`` sub-command (entry point group
 ``celery.commands``), so it runs through the farm's own Celery app
-(:func:`tasks.app.get_app`): same broker, same transport options, same task names.
+(:func:`tasks.celery_app.get_app`): same broker, same transport options, same task names.
 The credentials are handed to Flower's option object directly, never on a command
 line, so they do not show in the process list. ``/metrics`` (Prometheus text) and
 ``/healthcheck`` are Flower's own routes and answer without authentication.
@@ -83,7 +83,7 @@ def flower(port: int, address: str, no_auth: bool) -> None:
     from flower.command import flower as _flower_command  # noqa: F401  (defines Flower's options)
     from tornado.options import options
 
-    from tasks.app import get_app
+    from tasks.celery_app import get_app
 
     # Read by Flower's handlers at request time; argv and FLOWER_* variables may still add to it.
     options.basic_auth = credentials

@@ -124,7 +124,7 @@ def generate(prompt: str, model_name: str | None, negative_prompt: str | None, i
     settings = get_settings()
     inp = admit({k: v for k, v in fields.items() if v is not None}, None, settings)
     ensure_schema()
-    from tasks.app import get_app
+    from tasks.celery_app import get_app
 
     app = get_app(settings)
     with contextlib.ExitStack() as stack:

@@ -26,7 +26,7 @@ def keys() -> None:
 @click.option("--max-images", type=int, default=None, help="Largest num_images per request with this key.")
 def create(owner: str, name: str, max_in_flight: int | None, max_images: int | None) -> None:
     """Create a key and print it (once: only its hash is stored)."""
-    from farm.keys import create_key
+    from farm.api_keys import create_key
 
     _ready()
     info, secret = create_key(owner, name=name, max_in_flight=max_in_flight, max_images=max_images)
@@ -38,7 +38,7 @@ def create(owner: str, name: str, max_in_flight: int | None, max_images: int | N
 @click.option("--owner", default=None, help="Only this owner's keys.")
 def list_(owner: str | None) -> None:
     """List keys (never their secrets)."""
-    from farm.keys import list_keys
+    from farm.api_keys import list_keys
 
     _ready()
     rows = list_keys(owner)
@@ -55,7 +55,7 @@ def list_(owner: str | None) -> None:
 @click.argument("key_id")
 def revoke(key_id: str) -> None:
     """Revoke the key KEY_ID (the part before the colon); it stops working at once."""
-    from farm.keys import revoke_key
+    from farm.api_keys import revoke_key
 
     _ready()
     if not revoke_key(key_id):

@@ -29,8 +29,8 @@ def usage(owner: str | None, since: str | None, until: str | None, daily: bool, 
     """Show what each owner used: images, realtime frames and GPU-seconds per model (UTC days)."""
     from db.migrate import ensure_schema
     from db.session import session_scope
-    from farm.keys import check_owner
-    from farm.usage import usage_rows
+    from farm.accounting import usage_rows
+    from farm.api_keys import check_owner
 
     first, last = _day(since, "--since"), _day(until, "--until")
     if first and last and first > last:

@@ -46,7 +46,7 @@ def worker(model_name: str, device: str, name: str | None, log_level: str | None
     require_device(device, spec.family)  # in this process, before the pool process forks and loads
 
     from db.migrate import ensure_schema
-    from tasks.app import get_app
+    from tasks.celery_app import get_app
     from tasks.worker_names import node_name
     from tasks.worker_process import WorkerProcess, serve_metrics
 

@@ -7,7 +7,6 @@ and ``db.locks``; nothing of it imports the HTTP API or ``farm.lifecycle``. The 
 public face; code of the farm imports them from their stage.
 """
 
-from farm.inputs.fetch import RemoteNotFoundError, fetch_one, hub_offline, materialise, owner_scope
 from farm.inputs.quota import UploadQuotaError, UploadTooLargeError, check_room, check_stored, store_within_quota
 from farm.inputs.refs import (
     HUB_ID,
@@ -21,6 +20,7 @@ from farm.inputs.refs import (
     upload_key,
     upload_owner,
 )
+from farm.inputs.retrieve import RemoteNotFoundError, fetch_one, hub_offline, materialise, owner_scope
 from farm.inputs.staging import discard, pending, stage_inline, store_blob
 
 __all__ = [

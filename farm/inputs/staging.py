@@ -6,7 +6,7 @@
   capped by ``inline_input_max_bytes``. Stored inputs count against the owner's
   ``upload_quota_bytes`` with its uploads (``farm.inputs.quota``), so no tenant fills the disks.
 * :func:`pending` lists what the fetch stage (``farm.lifecycle.fetch``) must still get: ``https://``
-  URLs and Hugging Face hub ids (``farm.inputs.fetch``).
+  URLs and Hugging Face hub ids (``farm.inputs.retrieve``).
 
 The third stage of ``farm.inputs``: imports refs and quota.
 """

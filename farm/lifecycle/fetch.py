@@ -36,7 +36,7 @@ from db.session import session_scope
 from farm import netguard
 from farm.config import Settings
 from farm.errors import FileDownloadError
-from farm.inputs.fetch import fetch_one
+from farm.inputs.retrieve import fetch_one
 from farm.inputs.staging import pending
 from farm.lifecycle.announce import announce, messages
 from farm.lifecycle.finish import finish

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from db import ledger
 from db.models import Job, JobLog, Worker
 from db.session import session_scope
-from db.workers import live_workers
+from db.worker_registry import live_workers
 from farm.config import Settings
 from farm.status import JobStatus
 

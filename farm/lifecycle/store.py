@@ -5,7 +5,7 @@
 2. Encode and upload the images of the batches still held (deterministic keys).
 3. One transaction: mark the held batches done (fenced: ``(id, token)`` and claimed), upsert the
    image rows of the batches that were accepted (one statement), add their usage per owner and
-   model (farm.usage: the GPU batch's render time split by image), add each job's progress line,
+   model (farm.accounting: the GPU batch's render time split by image), add each job's progress line,
    and finish every job whose last image this was (its row locked first, so two workers storing a
    job's last two batches at once cannot both miss the completion).
 4. A batch refused at step 3 because its job ended meanwhile: its uploaded objects are deleted
@@ -29,15 +29,15 @@ from db import batches as ledger_batches
 from db import ledger
 from db.models import Batch, Image, Job, JobLog, utcnow
 from db.session import session_scope
-from db.usage import UsageEntry, record_usage
+from db.usage_counters import UsageEntry, record_usage
 from farm import events
+from farm.accounting import batch_usage
 from farm.config import Settings
 from farm.lifecycle.claim import Claimed
 from farm.lifecycle.finish import Ending, finish_all
 from farm.results import used_prompt
 from farm.status import BatchStatus, JobStatus
 from farm.storage import Storage, object_key
-from farm.usage import batch_usage
 
 log = logging.getLogger(__name__)
 STORE_TRIES = 3
@@ -88,7 +88,7 @@ def store(group: Sequence[Claimed], images: Sequence[Any], *, worker: str, stora
         ok = {(c.job_id, i) for c in kept if c.batch_id in accepted for i in c.indices}
         recorded = [r for r in rows if (r["job_id"], r["index"]) in ok]
         ledger.record_images(s, recorded)
-        # usage in the same transaction: the GPU batch's render time split by image (farm.usage)
+        # usage in the same transaction: the GPU batch's render time split by image (farm.accounting)
         outcome.usage = batch_usage(recorded, {c.job_id: (c.owner, c.params.model_name) for c in kept},
                                     len(images), inference_seconds)
         record_usage(s, outcome.usage)

@@ -25,7 +25,7 @@ from db import ledger
 from db.batches import compat_key
 from db.models import Batch, Job, Worker
 from db.session import session_scope
-from db.workers import live_workers, plan_batches, pool_max_batch
+from db.worker_registry import live_workers, plan_batches, pool_max_batch
 from farm.config import Settings, get_settings
 from farm.errors import NoLiveWorkerError
 from farm.inputs import staging

@@ -3,7 +3,7 @@
 * :mod:`farm.metrics.defs`: every metric of the farm, by name (the dashboard queries these).
 * :mod:`farm.metrics.exposition`: the multiprocess registry, the text a scrape gets, and the
   worker's exporter (``FARM_METRICS_PORT``).
-* :mod:`farm.metrics.ledger`: gauges read from the ledger when the API is scraped (queue depth
+* :mod:`farm.metrics.ledger_gauges`: gauges read from the ledger when the API is scraped (queue depth
   and age per model and lane, jobs by status, live workers, unserved models, webhook outbox).
 * :mod:`farm.metrics.http`: the API's request counter and latency, its ``GET /metrics``, and
   ``GET /metrics/targets`` (each live worker's exporter, for Prometheus service discovery).

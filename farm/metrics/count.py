@@ -68,7 +68,7 @@ def rendered(model: str, images: int, seconds: float) -> None:
 
 
 def stored(model: str, usage: Iterable[Any], lost: int) -> None:
-    """A store's images and GPU-seconds per owner (``db.usage.UsageEntry``s), and its lost claims."""
+    """A store's images and GPU-seconds per owner (``db.usage_counters.UsageEntry``s), and its lost claims."""
     def act() -> None:
         from farm.metrics.defs import CLAIMS_LOST, GPU_SECONDS, IMAGES
 

@@ -45,7 +45,7 @@ WEBHOOK_ATTEMPTS = Counter("farm_webhook_attempts_total",
                            "Webhook delivery attempts by outcome: delivered, retry (failed, tried again later), "
                            "failed (gave up), gone (410)", ["outcome"])
 
-# read from the ledger at scrape time (farm.metrics.ledger); listed here so that the names are in one place
+# read from the ledger at scrape time (farm.metrics.ledger_gauges); listed here so that the names are in one place
 LEDGER_GAUGES = {
     "farm_queue_depth": "Queued batches, by model and lane",
     "farm_queue_oldest_age_seconds": "Age of the oldest queued batch, by model and lane",

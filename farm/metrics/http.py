@@ -31,7 +31,7 @@ def api_registry(settings: Settings) -> Any:
     reg = exposition.registry()
     with _lock:
         if not _ledger_added:
-            from farm.metrics.ledger import LedgerCollector
+            from farm.metrics.ledger_gauges import LedgerCollector
 
             reg.register(LedgerCollector(settings))
             _ledger_added = True

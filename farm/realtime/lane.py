@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from farm.realtime.protocol import pack, unpack
+from farm.realtime.wire import pack, unpack
 
 LANE_MAX = 10_000  # frames waiting per model, whatever happens
 LANE_TTL_SECONDS = 60  # a lane no one pushes to for this long goes away (with any stale frames)

@@ -2,7 +2,7 @@
 
 A GPU batch may carry the images of several requests (cross-request batching), of several
 owners: its render time is split by image, so each request is charged its images' share
-(:func:`batch_usage`). The counters go to the ledger's ``usage`` table (db.usage) in the
+(:func:`batch_usage`). The counters go to the ledger's ``usage`` table (db.usage_counters) in the
 transaction that stores the images, so usage is counted exactly when images are: a store
 refused by fencing counts nothing, and a batch rendered twice (its lease ran out) is charged
 only for the render that was stored. The model is named as requested (``farm/tiny-lcm``).
@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.models import Usage
-from db.usage import UsageEntry, today_utc
+from db.usage_counters import UsageEntry, today_utc
 from farm.config import Settings
 from farm.errors import QuotaExceededError
 

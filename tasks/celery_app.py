@@ -1,7 +1,7 @@
 """The workers' Celery app: the producers' app (farm.dispatch) with the task bodies registered.
 
-Import-light: no torch here. Task bodies live in ``tasks/generate.py``, ``tasks/render_batch.py``
-and ``tasks/bulk.py``; they are registered on the first :func:`get_app` call of a process. Producers
+Import-light: no torch here. Task bodies live in ``tasks/generate_task.py``, ``tasks/render_batch.py``
+and ``tasks/bulk_task.py``; they are registered on the first :func:`get_app` call of a process. Producers
 never need them: they send by name through :func:`farm.dispatch.broker_app`.
 """
 
@@ -28,11 +28,11 @@ def make_app(settings: Settings) -> Celery:
 
 
 def _register(app: Celery) -> None:
-    from tasks import bulk, generate, render_batch
+    from tasks import bulk_task, generate_task, render_batch
 
-    generate.register(app)
+    generate_task.register(app)
     render_batch.register(app)
-    bulk.register(app)
+    bulk_task.register(app)
 
 
 def get_app(settings: Settings | None = None) -> Celery:
