@@ -162,3 +162,10 @@ def test_no_two_modules_share_a_name():
             if path.name != "__init__.py":
                 seen.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
     assert {name: paths for name, paths in seen.items() if len(paths) > 1} == {}
+
+
+def test_each_package_says_what_it_holds_and_may_import():
+    packages = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("__init__.py")]
+    silent = [str(p.relative_to(ROOT)) for p in packages
+              if not (doc := ast.get_docstring(ast.parse(p.read_text())) or "") or "import" not in doc]
+    assert silent == []

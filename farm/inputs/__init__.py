@@ -1,6 +1,6 @@
 """A user's file inputs (LoRA and embedding weights), in stages whose imports run one way:
 ``refs`` (parse and vet a reference) → ``quota`` (what an owner may keep in storage) →
-``staging`` (data URIs to storage at submit) → ``fetch`` (URLs and hub ids into storage; the local cache).
+``staging`` (data URIs to storage at submit) → ``retrieve`` (URLs and hub ids into storage; the local cache).
 
 This package may import ``farm.config``, ``farm.errors``, ``farm.netguard``, ``farm.schemas``, ``farm.storage``
 and ``db.locks``; nothing of it imports the HTTP API or ``farm.lifecycle``. The names below are its
