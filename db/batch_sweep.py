@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import and_, case, literal, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from db.batches import CLAIMED, QUEUED, _returning
+from db.batches import CLAIMED, QUEUED, returning_batches
 from db.models import Batch, utcnow
 
 
@@ -32,7 +32,7 @@ def reap(s: Session, limit: int = 100) -> list[Batch]:
     why = case((Batch.worker.is_(None), Batch.error), else_=literal("lease of ") + Batch.worker + literal(" expired"))
     stmt = (update(Batch).where(Batch.id.in_(ids), Batch.status == CLAIMED)
             .values(status=QUEUED, worker=None, lease_expires_at=None, published_at=None, error=why))
-    return sorted(_returning(s, stmt), key=lambda b: b.id)
+    return sorted(returning_batches(s, stmt), key=lambda b: b.id)
 
 
 def stale_queues(s: Session, older_than: datetime) -> set[tuple[str, str]]:
@@ -63,7 +63,7 @@ def due(s: Session, *, older_than: datetime, empty_queues: Iterable[tuple[str, s
         return []
     stmt = (update(Batch).where(Batch.id.in_(ids), Batch.status == QUEUED)
             .values(published_at=now, publishes=Batch.publishes + 1))
-    return sorted(_returning(s, stmt), key=lambda b: b.id)
+    return sorted(returning_batches(s, stmt), key=lambda b: b.id)
 
 
 def unpublished(s: Session, batch_ids: Sequence[int]) -> None:

@@ -120,7 +120,7 @@ def fetched(s: Session, job_id: str, holder: str) -> list[Batch]:
     announces them after its commit); [] if none is still held (cancelled, or the lease was lost)."""
     stmt = (update(Batch).where(Batch.job_id == job_id, Batch.status == FETCHING, Batch.worker == holder)
             .values(status=QUEUED, worker=None, lease_expires_at=None, published_at=utcnow(), publishes=1))
-    return sorted(_returning(s, stmt), key=lambda b: b.k)
+    return sorted(returning_batches(s, stmt), key=lambda b: b.k)
 
 
 def get_batches(s: Session, job_id: str) -> list[Batch]:
@@ -138,7 +138,8 @@ def _claimed_values(worker: str, lease_seconds: float) -> dict[str, Any]:
             "claimed_at": now, "lease_expires_at": _lease(lease_seconds, now)}
 
 
-def _returning(s: Session, stmt: Any) -> list[Batch]:
+def returning_batches(s: Session, stmt: Any) -> list[Batch]:
+    """Run an ``UPDATE … RETURNING`` of batches (this module's and ``db.batch_sweep``'s) and get fresh rows."""
     return list(s.scalars(stmt.returning(Batch).execution_options(synchronize_session=False,
                                                                   populate_existing=True)))
 
@@ -161,7 +162,7 @@ def claim_many(s: Session, batches: Sequence[tuple[str, int]], worker: str, leas
     stmt = (update(Batch).where(tuple_(Batch.job_id, Batch.k).in_([tuple(b) for b in batches]), claimable)
             .values(**_claimed_values(worker, lease_seconds)))
     order = {tuple(b): i for i, b in enumerate(batches)}
-    return sorted(_returning(s, stmt), key=lambda b: order.get((b.job_id, b.k), 0))
+    return sorted(returning_batches(s, stmt), key=lambda b: order.get((b.job_id, b.k), 0))
 
 
 _LANE_RANK = case({lane.value: rank for rank, lane in enumerate(LANES_BY_PRIORITY)}, value=Batch.lane, else_=99)
@@ -176,7 +177,7 @@ def claim_next(s: Session, model_key: str, worker: str, lease_seconds: float) ->
     """
     pick = (select(Batch.id).where(Batch.model_key == model_key, Batch.status == QUEUED)
             .order_by(_LANE_RANK, Batch.id).limit(1).with_for_update(skip_locked=True).scalar_subquery())
-    rows = _returning(s, update(Batch).where(Batch.id == pick, Batch.status == QUEUED)
+    rows = returning_batches(s, update(Batch).where(Batch.id == pick, Batch.status == QUEUED)
                       .values(**_claimed_values(worker, lease_seconds)))
     return rows[0] if rows else None
 
@@ -225,7 +226,7 @@ def claim_companions(s: Session, first: Batch, worker: str, lease_seconds: float
             room -= len(indices)
     if not picked:
         return []
-    claimed = _returning(s, update(Batch).where(Batch.id.in_(picked), Batch.status == QUEUED)
+    claimed = returning_batches(s, update(Batch).where(Batch.id.in_(picked), Batch.status == QUEUED)
                          .values(**_claimed_values(worker, lease_seconds)))
     return sorted(claimed, key=lambda b: b.id)
 

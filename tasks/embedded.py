@@ -1,7 +1,11 @@
 """A real Celery worker in this process, for the embedded mode (no servers configured).
 
 Same tasks, same ledger and storage code as a ``farm worker`` process; only the broker
-is in-memory and the pool is ``solo`` in a thread.
+is in-memory and the pool is ``solo`` in a thread. It is deliberately not a
+:class:`tasks.worker_process.WorkerProcess`: that object's states are driven by the Celery
+signals of a worker process of its own (registry row, lease keeper, drain on SIGTERM), none of
+which an in-process worker of ``farm generate`` has. Both start the same services
+(:mod:`tasks.services`: renderer, uploader, realtime server), so the render path is one.
 """
 
 from __future__ import annotations
