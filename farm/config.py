@@ -235,6 +235,20 @@ class Settings(BaseSettings):
     max_bulk_images: int = Field(
         1_000_000, ge=1, description="Largest image budget of a bulk job started over HTTP (budget_images)"
     )
+    bulk_max_manifest_rows: int = Field(1_000_000, ge=1, description="Most rows a bulk manifest may have")
+    bulk_max_line_bytes: int = Field(64 * 2**10, ge=1024, description="Longest line of a .txt/.jsonl manifest")
+    bulk_max_template_chars: int = Field(
+        4096, ge=1, description="Longest prompt template of a manifest row (checked before it is expanded)"
+    )
+    bulk_max_samples_per_row: int = Field(
+        10_000, ge=1, description="Most samples one manifest row may expand to (prompts × images_per_prompt)"
+    )
+    bulk_max_parquet_row_group_bytes: int = Field(
+        64 * 2**20, ge=1, description="Largest row group (uncompressed, from its metadata) of a Parquet manifest"
+    )
+    bulk_max_attempts: int = Field(
+        3, ge=1, description="Runs of a bulk job that may end in an unexpected error before it is FAILED"
+    )
 
     # Webhooks.
     webhook_allowlist: list[str] = Field(
