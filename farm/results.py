@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from db import ledger
 from db.models import Job
 from farm.config import Settings
-from farm.schemas import GenerateInput, GenerateOutput, Image, stored_input
+from farm.schemas import GenerateInput, GenerateOutput, Image, admitted_input
 from farm.status import JobStatus
 from farm.storage import Storage, data_uri
 from models.prompt import expand_prompt
@@ -53,7 +53,7 @@ def _fetch_all(storage: Storage, keys: list[str]) -> list[bytes]:
 
 
 def build_output(s: Session, job: Job, storage: Storage, settings: Settings) -> GenerateOutput:
-    inp = stored_input(job.input)
+    inp = admitted_input(job.input)
     rows = ledger.list_images(s, job.id)
     if inp.sync_mode and sum(row.size_bytes for row in rows) <= settings.sync_inline_max_bytes:
         blobs = _fetch_all(storage, [row.object_key for row in rows])

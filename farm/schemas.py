@@ -29,17 +29,17 @@ from pydantic import (
 from farm.config import Settings
 from models.registry import SDXL_BASE, all_models
 
-STORED = {"stored": True}
+ADMITTED = {"admitted": True}
 
 
-def _stored(info: ValidationInfo) -> bool:
-    """Whether this is an input read back from the ledger (see :func:`stored_input`)."""
-    return bool(info.context and info.context.get("stored"))
+def _admitted(info: ValidationInfo) -> bool:
+    """Whether this is an input read back from the ledger (see :func:`admitted_input`)."""
+    return bool(info.context and info.context.get("admitted"))
 
 
 def _bounds(info: ValidationInfo) -> Settings | None:
     """The settings whose bounds apply (None: an input read back, or no settings given)."""
-    if _stored(info) or not info.context:
+    if _admitted(info) or not info.context:
         return None
     s = info.context.get("settings")
     return s if isinstance(s, Settings) else None
@@ -73,7 +73,7 @@ class ImageSize(BaseModel):
     @field_validator("width", "height")
     @classmethod
     def _side(cls, v: int, info: ValidationInfo) -> int:
-        if _stored(info):
+        if _admitted(info):
             return v
         if v % 8:
             raise ValueError(f"must be a multiple of 8 (got {v})")
@@ -124,7 +124,7 @@ class Embedding(BaseModel):
     @field_validator("tokens")
     @classmethod
     def _tokens(cls, v: list[str], info: ValidationInfo) -> list[str]:
-        if _stored(info):
+        if _admitted(info):
             return v
         for tok in v:
             if not tok or len(tok) > 64 or any(c.isspace() for c in tok):
@@ -163,7 +163,7 @@ class GenerateInput(BaseModel):
     @field_validator("model_name")
     @classmethod
     def _model(cls, v: str, info: ValidationInfo) -> str:
-        if _stored(info):
+        if _admitted(info):
             return v
         models = all_models()
         if v not in models:
@@ -173,7 +173,7 @@ class GenerateInput(BaseModel):
     @field_validator("prompt", "negative_prompt")
     @classmethod
     def _text(cls, v: str, info: ValidationInfo) -> str:
-        if _stored(info):
+        if _admitted(info):
             return v
         if info.field_name == "prompt" and not v.strip():
             raise ValueError("must not be empty")
@@ -221,7 +221,7 @@ class GenerateInput(BaseModel):
     @field_validator("seed")
     @classmethod
     def _seed(cls, v: int | None, info: ValidationInfo) -> int | None:
-        if _stored(info):
+        if _admitted(info):
             return v
         if v is not None and not 0 <= v < 2**62:
             raise ValueError(f"must be between 0 and 2**62 - 1 (got {v})")
@@ -230,7 +230,7 @@ class GenerateInput(BaseModel):
     @field_validator("request_id")
     @classmethod
     def _request_id(cls, v: str, info: ValidationInfo) -> str:
-        if _stored(info):
+        if _admitted(info):
             return v
         if v and not REQUEST_ID.match(v):
             raise ValueError("must be 1-128 characters of letters, digits, '.', '_', ':' or '-'")
@@ -269,7 +269,7 @@ class GenerateInput(BaseModel):
 
     @model_validator(mode="after")
     def _tokens_unique(self, info: ValidationInfo) -> GenerateInput:
-        if _stored(info):
+        if _admitted(info):
             return self
         tokens = [t for e in self.embeddings for t in e.tokens]
         if len(set(tokens)) != len(tokens):
@@ -341,10 +341,10 @@ def field_errors(exc: ValidationError) -> list[FieldError]:
     return out
 
 
-def stored_input(data: dict[str, Any]) -> GenerateInput:
+def admitted_input(data: dict[str, Any]) -> GenerateInput:
     """An input read back from the ledger: admitted once at submit, so not checked again.
 
     No bounds of this process's settings (a worker may run with lower ones than the submitter)
     and no file-system checks of LoRA paths (checked where the request was admitted).
     """
-    return GenerateInput.model_validate(data, context=STORED)
+    return GenerateInput.model_validate(data, context=ADMITTED)

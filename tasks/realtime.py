@@ -25,7 +25,7 @@ from farm.config import Settings
 from farm.inputs.retrieve import owner_scope
 from farm.realtime.lane import Frame, Reply, lane_key
 from farm.realtime.wire import pack
-from farm.schemas import GenerateInput, stored_input
+from farm.schemas import GenerateInput, admitted_input
 from models.encode import encode_image
 from models.prompt import expand_prompt
 from models.protocol import Renderer
@@ -123,7 +123,7 @@ class RealtimeServer:
             if frame.expires < now:
                 continue  # its API answered a timeout already
             try:
-                frames.append((frame, stored_input(frame.input)))
+                frames.append((frame, admitted_input(frame.input)))
             except Exception as exc:
                 replies.append((frame.reply, Reply(frame.id, error="invalid_input", reason=str(exc))))
         groups: dict[str, list[tuple[Frame, GenerateInput]]] = {}

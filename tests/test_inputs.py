@@ -17,7 +17,7 @@ from farm import inputs
 from farm.admission import parse_input
 from farm.config import Settings, reset_settings
 from farm.errors import InvalidInputError
-from farm.schemas import GenerateInput, stored_input
+from farm.schemas import GenerateInput, admitted_input
 from models.registry import TINY_MODEL
 from models.renderer import DiffusersRenderer
 from tests.receivers import Receiver
@@ -69,7 +69,7 @@ def params(**kw: object) -> GenerateInput:
 
 def stored_params(**kw: object) -> GenerateInput:
     """An input as read back from the ledger (the farm's own ``farm-stored:`` paths pass)."""
-    return stored_input(params(**{k: [] for k in kw}).model_dump(mode="json") | kw)
+    return admitted_input(params(**{k: [] for k in kw}).model_dump(mode="json") | kw)
 
 
 def png(renderer: DiffusersRenderer, p: GenerateInput) -> bytes:

@@ -60,7 +60,7 @@ from farm.bulk.writers import open_destination, sample_key, write_stats
 from farm.config import Settings, get_settings
 from farm.errors import InvalidInputError, JobNotFoundError
 from farm.lifecycle import submit as submission
-from farm.schemas import GenerateInput, stored_input
+from farm.schemas import GenerateInput, admitted_input
 from farm.status import BulkStatus, JobStatus, Lane, SampleStatus
 from farm.storage import get_storage
 
@@ -315,7 +315,7 @@ def _submit(bulk_id: str, owner: str, spec: BulkSpec, room: int, snap: Progress,
     invalid: dict[int, str] = {}
     for idx, tries, params, prompt, negative_prompt, seed in rows:
         try:
-            batch.append((stored_input(sample_fields(params, prompt, negative_prompt, seed)),
+            batch.append((admitted_input(sample_fields(params, prompt, negative_prompt, seed)),
                           f"{bulk_id}-{idx}-{tries}"))
         except ValueError as exc:  # admitted when the manifest was read; only a malformed row gets here
             invalid[idx] = str(exc).splitlines()[0]

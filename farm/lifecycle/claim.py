@@ -4,7 +4,7 @@ The batch named by the message (and those listed with it by ``submit_many``) is 
 statement, which bumps each batch's fencing token; the jobs are started and read in one more.
 If the GPU batch has room, compatible queued batches of other jobs join it (cross-request
 batching), after a bounded wait only while compatible work is arriving. A stored input is not
-validated again (schemas.stored_input): admission happened once, at submit.
+validated again (schemas.admitted_input): admission happened once, at submit.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from db.models import Batch, Job, utcnow
 from db.session import session_scope
 from farm.config import Settings
 from farm.lifecycle.finish import finish
-from farm.schemas import GenerateInput, stored_input
+from farm.schemas import GenerateInput, admitted_input
 from farm.status import ACTIVE, BatchStatus, JobStatus
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ def _prepare(s: Session, rows: list[Batch], model_name: str, settings: Settings)
             ledger.add_log(s, row.job_id, f"images {sorted(set(row.indices) - set(todo))} already stored: "
                            "skipped (redelivery)")
         group.append(Claimed(batch_id=row.id, token=row.token, job_id=row.job_id, k=row.k,
-                             indices=list(row.indices), todo=todo, params=stored_input(job.input), seed=job.seed,
+                             indices=list(row.indices), todo=todo, params=admitted_input(job.input), seed=job.seed,
                              owner=job.owner, total=job.num_images, attempts=row.attempts, source=job.source,
                              lane=row.lane, webhook=bool(job.webhook_url)))
     return group

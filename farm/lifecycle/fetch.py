@@ -40,7 +40,7 @@ from farm.inputs.retrieve import fetch_one
 from farm.inputs.staging import pending
 from farm.lifecycle.announce import announce, messages
 from farm.lifecycle.finish import finish
-from farm.schemas import stored_input
+from farm.schemas import admitted_input
 from farm.status import JobStatus
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def _take(job_id: str, settings: Settings) -> tuple[str, dict[str, object]] | No
         job = s.get(Job, job_id)
         if job is None or JobStatus(job.status) != JobStatus.IN_QUEUE:
             return None
-        inputs = len(pending(stored_input(job.input), settings))
+        inputs = len(pending(admitted_input(job.input), settings))
         if _owner_busy(s, job.owner, settings):
             return None
         if not ledger_batches.take_fetch(s, job_id, holder(), utcnow() + _lease(settings, inputs)):
@@ -125,7 +125,7 @@ def fetch_job(job_id: str, settings: Settings) -> bool:
     if taken is None:
         return False
     owner, data = taken
-    inp = stored_input(data)
+    inp = admitted_input(data)
     todo = pending(inp, settings)
     paths: dict[str, str] = {}
     for field, path in todo:

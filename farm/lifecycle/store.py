@@ -44,7 +44,7 @@ STORE_TRIES = 3
 
 
 @dataclass
-class Stored:
+class StoreOutcome:
     """What became of a stored GPU batch."""
 
     done: list[int] = field(default_factory=list)  # batch ids recorded
@@ -59,12 +59,13 @@ def still_held(group: Sequence[Claimed]) -> set[int]:
 
 
 def store(group: Sequence[Claimed], images: Sequence[Any], *, worker: str, storage: Storage, settings: Settings,
-          note: str = "", inference_seconds: float = 0.0, on_progress: Callable[[], None] | None = None) -> Stored:
+          note: str = "", inference_seconds: float = 0.0,
+          on_progress: Callable[[], None] | None = None) -> StoreOutcome:
     """Upload and record ``images`` (``RenderedImage``s tagged with their job id) of ``group``."""
     from models.encode import encode_image
 
     held = still_held(group)
-    outcome = Stored(refused=[c.batch_id for c in group if c.batch_id not in held])
+    outcome = StoreOutcome(refused=[c.batch_id for c in group if c.batch_id not in held])
     _log_refused(group, outcome.refused, "before storing")
     by_job = {c.job_id: c for c in group if c.batch_id in held}
     work = [(by_job[img.tag], img) for img in images if img.tag in by_job]
