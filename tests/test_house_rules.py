@@ -169,3 +169,18 @@ def test_each_package_says_what_it_holds_and_may_import():
     silent = [str(p.relative_to(ROOT)) for p in packages
               if not (doc := ast.get_docstring(ast.parse(p.read_text())) or "") or "import" not in doc]
     assert silent == []
+
+
+def test_the_readme_folder_table_names_every_module_and_nothing_else():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Where the code lives", 1)[1].split("\n#", 1)[0]
+    named = set(re.findall(r"`([a-z_/]+(?:\.py|/))`", section))
+    assert [p for p in named if not (ROOT / p).exists()] == []
+    folders = {p for p in named if p.endswith("/")}
+    unnamed = [str(p.relative_to(ROOT)) for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")
+               if p.name != "__init__.py" and str(p.relative_to(ROOT)) not in named
+               and not any(str(p.relative_to(ROOT)).startswith(f) for f in folders if f.count("/") > 1
+                           or f not in {f"{pkg}/" for pkg in PACKAGES})]
+    assert unnamed == []
