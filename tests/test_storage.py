@@ -1,7 +1,8 @@
-"""Storage: local folder and a real S3 server over HTTP (moto), deterministic keys."""
+"""Storage: local folder and a real S3 server over HTTP (SeaweedFS), deterministic keys."""
 
 from __future__ import annotations
 
+import urllib.error
 import urllib.request
 import uuid
 from urllib.parse import parse_qs, urlparse
@@ -11,6 +12,7 @@ import pytest
 from farm.config import Settings
 from farm.errors import ObjectNotFound, StorageError
 from farm.storage import LocalStorage, S3Storage, data_uri, make_storage, object_key
+from tests.services import S3Server
 
 
 def test_keys_and_data_uris():
@@ -77,3 +79,39 @@ def test_a_missing_object_is_object_not_found(kind, request, tmp_path):
         with pytest.raises(ObjectNotFound, match="not found"):
             read("o/r/1.png")
     assert issubclass(ObjectNotFound, StorageError)
+
+
+def test_the_s3_server_refuses_a_wrong_key(s3_server: S3Server, tmp_path) -> None:
+    """The S3 server of the tests checks signatures as MinIO or AWS do: a wrong secret, an unknown access key
+    and an unsigned request are all refused, and nothing they tried is stored."""
+    from minio import Minio
+    from minio.error import S3Error
+
+    def storage(access_key: str, secret_key: str) -> S3Storage:
+        store = make_storage(Settings(storage_url=f"s3://{bucket}/p", s3_endpoint=s3_server.url, data_dir=tmp_path,
+                                      s3_access_key=access_key, s3_secret_key=secret_key))
+        assert isinstance(store, S3Storage)
+        return store
+
+    bucket = f"t-{uuid.uuid4().hex[:8]}"
+    good = storage(s3_server.access_key, s3_server.secret_key)
+    good.put("o/r/0.png", b"\x89PNG", "image/png")
+    for access_key, secret_key, code in ((s3_server.access_key, "not-the-secret", "SignatureDoesNotMatch"),
+                                         ("nobody", s3_server.secret_key, "InvalidAccessKeyId")):
+        client = Minio(s3_server.endpoint, access_key=access_key, secret_key=secret_key, secure=False)
+        with pytest.raises(S3Error) as refused:
+            client.get_object(bucket, "p/o/r/0.png")
+        assert refused.value.code == code
+        bad = storage(access_key, secret_key)
+        with pytest.raises(StorageError, match="cannot (store|create bucket)"):
+            bad.put("o/r/1.png", b"\x89PNG", "image/png")
+        with pytest.raises(StorageError, match="cannot read") as read:
+            bad.get("o/r/0.png")
+        assert not isinstance(read.value, ObjectNotFound)  # refused, not missing
+        with pytest.raises(urllib.error.HTTPError) as presigned:
+            urllib.request.urlopen(bad.url("o/r/0.png", 60), timeout=10)
+        assert presigned.value.code == 403
+    with pytest.raises(urllib.error.HTTPError) as anonymous:
+        urllib.request.urlopen(f"{s3_server.url}/{bucket}/p/o/r/0.png", timeout=10)
+    assert anonymous.value.code == 403
+    assert good.list("o/r/") == ["o/r/0.png"]
