@@ -218,7 +218,12 @@ class Settings(BaseSettings):
     )
     metrics_host: str = Field("0.0.0.0", description="Interface of a worker's Prometheus exporter")
     metrics_token: str | None = Field(
-        None, description="If set, every /metrics endpoint (API and workers) needs `Authorization: Bearer <token>`"
+        None, description="Every /metrics endpoint (API and workers) needs `Authorization: Bearer <token>`; unset: "
+        "they answer 401 unless FARM_METRICS_OPEN"
+    )
+    metrics_open: bool = Field(
+        False, description="true and no FARM_METRICS_TOKEN: /metrics (API and workers) answer anyone (they name "
+        "owners: a private network only)"
     )
     daily_gpu_seconds: float = Field(
         0.0, ge=0, description="Per owner: GPU-seconds a day (UTC) after which new HTTP requests get 429; 0: no quota"

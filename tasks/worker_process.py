@@ -84,7 +84,7 @@ def serve_metrics(settings: Settings, port: int) -> str | None:
     from farm.metrics import exposition
 
     exposition.setup("worker")  # the pool process writes its values there; the main process exports them
-    server = exposition.serve(settings.metrics_host, port, settings.metrics_token)
+    server = exposition.serve(settings.metrics_host, port, settings.metrics_token, settings.metrics_open)
     if server is None:
         return None
     url = exposition.scrape_url(settings.metrics_host, server.server_port)

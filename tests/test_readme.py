@@ -340,6 +340,7 @@ def test_two_workers_on_one_host_from_the_readme_pool_example(stack, tmp_path): 
     block = readme_block("pools-one-host-cpu")
     assert block.startswith("for i in 1 2; do farm worker --model farm/tiny-lcm & done\n"), block
     env = {k: v for k, v in stack["env"].items() if k != "FARM_METRICS_PORT"}  # both on the default, 9808
+    env["FARM_METRICS_TOKEN"] = "readme-scrape"  # metrics are closed without one
     env["PATH"] = f"{VENV_BIN}:/usr/bin:/bin"
     log = tmp_path / "block.log"
     with open(log, "wb") as out:  # `wait`: the workers run until this test has looked at them
@@ -363,7 +364,7 @@ def test_two_workers_on_one_host_from_the_readme_pool_example(stack, tmp_path): 
         ready = [line for line in out_text.splitlines() if "farm worker ready: " in line]
         for name, url in rows:
             assert [line for line in ready if f"ready: {name} " in line and line.endswith(f" metrics={url}")], ready
-            scraped = httpx.get(url, timeout=30)
+            scraped = httpx.get(url, headers={"Authorization": "Bearer readme-scrape"}, timeout=30)
             assert scraped.status_code == 200, (url, scraped.text[:500])
             assert f'farm_worker_info{{device="cpu",model="tiny-lcm",name="{name}"}} 1.0' in scraped.text, url
         (status, done), = _ledger(stack, "SELECT status, images_done FROM jobs")

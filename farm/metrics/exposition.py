@@ -7,8 +7,9 @@ by the one exporter (:func:`registry`). Gauges of a worker's pool child are "liv
 exits is marked dead (:func:`child_exiting`), and one that was killed is swept out when the next
 one starts (:func:`child_started`).
 
-``FARM_METRICS_TOKEN``, when set, is required as ``Authorization: Bearer <token>`` by every
-metrics endpoint (the metrics name owners: keep them from tenants).
+Metrics are closed by default: they name owners and each API scrape queries the ledger, so every
+metrics endpoint needs ``Authorization: Bearer <FARM_METRICS_TOKEN>``, and with no token set it answers
+401 to everyone, unless an operator opens it on purpose (``FARM_METRICS_OPEN=true``, no token).
 """
 
 from __future__ import annotations
@@ -88,10 +89,15 @@ def render(reg: Any) -> tuple[bytes, str]:
     return generate_latest(reg), CONTENT_TYPE_LATEST
 
 
-def authorized(header: str | None, token: str | None) -> bool:
-    """Whether an ``Authorization`` header passes ``FARM_METRICS_TOKEN`` (always, when none is set)."""
+REFUSED = (b"metrics are closed: send Authorization: Bearer <FARM_METRICS_TOKEN> (set the token, or "
+           b"FARM_METRICS_OPEN=true on a private network)\n")
+
+
+def authorized(header: str | None, token: str | None, open_: bool = False) -> bool:
+    """Whether an ``Authorization`` header passes ``FARM_METRICS_TOKEN``. Fails closed: no token set, nobody
+    passes unless the operator opened the metrics (``FARM_METRICS_OPEN``); a set token is always required."""
     if not token:
-        return True
+        return open_
     scheme, _, given = (header or "").strip().partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
@@ -109,7 +115,7 @@ class _Server(WSGIServer):
 PORTS_TRIED = 32  # the configured port and the next ones, before any free port
 
 
-def serve(host: str, port: int, token: str | None) -> WSGIServer | None:
+def serve(host: str, port: int, token: str | None, open_: bool = False) -> WSGIServer | None:
     """The worker's exporter: ``GET /metrics`` (and ``/``) in a daemon thread, on ``host:port`` or, when
     that port is taken (another worker of this host has it), the first free one of the next
     ``PORTS_TRIED - 1``, else any free port. None (logged) only if the interface cannot be served at
@@ -125,9 +131,9 @@ def serve(host: str, port: int, token: str | None) -> WSGIServer | None:
         if environ.get("PATH_INFO", "/") not in ("/", "/metrics"):
             start("404 Not Found", [("Content-Type", "text/plain")])
             return [b"not found: metrics are at /metrics\n"]
-        if not authorized(environ.get("HTTP_AUTHORIZATION"), token):
+        if not authorized(environ.get("HTTP_AUTHORIZATION"), token, open_):
             start("401 Unauthorized", [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")])
-            return [b"metrics need Authorization: Bearer <FARM_METRICS_TOKEN>\n"]
+            return [REFUSED]
         body, content_type = render(reg)
         start("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
         return [body]

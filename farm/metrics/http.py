@@ -70,31 +70,38 @@ def _route(scope: Scope) -> str:
     return str(path) if path else "unmatched"
 
 
+def _refused() -> Response:
+    return Response(exposition.REFUSED, status_code=401, media_type="text/plain",
+                    headers={"WWW-Authenticate": "Bearer"})
+
+
 def metrics_router() -> APIRouter:
     router = APIRouter(tags=["meta"])
 
     @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
                 responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"},
-                           401: {"description": "FARM_METRICS_TOKEN is set and the request lacks it"}})
+                           401: {"description": "The request lacks FARM_METRICS_TOKEN (or none is set and "
+                                                  "FARM_METRICS_OPEN is not true)"}})
     async def metrics(request: Request) -> Response:
-        """The farm's metrics, for Prometheus (`Authorization: Bearer <FARM_METRICS_TOKEN>` when one is set)."""
+        """The farm's metrics, for Prometheus: `Authorization: Bearer <FARM_METRICS_TOKEN>` (closed by default)."""
         settings: Settings = request.app.state.settings
-        if not exposition.authorized(request.headers.get("authorization"), settings.metrics_token):
-            return Response("metrics need Authorization: Bearer <FARM_METRICS_TOKEN>\n", status_code=401,
-                            media_type="text/plain", headers={"WWW-Authenticate": "Bearer"})
+        if not exposition.authorized(request.headers.get("authorization"), settings.metrics_token,
+                                     settings.metrics_open):
+            return _refused()
         body, content_type = await run_in_threadpool(exposition.render, api_registry(settings))
         return Response(body, media_type=content_type)
 
     @router.get("/metrics/targets", summary="Where to scrape each live worker (Prometheus HTTP service discovery)",
                 responses={200: {"description": "Prometheus http_sd target groups, one per live worker"},
-                           401: {"description": "FARM_METRICS_TOKEN is set and the request lacks it"}})
+                           401: {"description": "The request lacks FARM_METRICS_TOKEN (or none is set and "
+                                                  "FARM_METRICS_OPEN is not true)"}})
     async def targets(request: Request) -> Response:
         """The live workers' exporters as Prometheus `http_sd_configs` target groups (`worker` label: its name);
         several workers of one host each have their own port (`workers.metrics_url`)."""
         settings: Settings = request.app.state.settings
-        if not exposition.authorized(request.headers.get("authorization"), settings.metrics_token):
-            return Response("metrics need Authorization: Bearer <FARM_METRICS_TOKEN>\n", status_code=401,
-                            media_type="text/plain", headers={"WWW-Authenticate": "Bearer"})
+        if not exposition.authorized(request.headers.get("authorization"), settings.metrics_token,
+                                     settings.metrics_open):
+            return _refused()
         return JSONResponse(await run_in_threadpool(worker_targets, settings))
 
     return router
