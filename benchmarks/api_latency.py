@@ -4,7 +4,7 @@
                                      [--modes subscribe,poll-10ms,stream,run,run-stream]
                                      [--model farm/tiny-lcm | --model farm/hold --hold-ms 10]
 
-Starts its own private Redis, PostgreSQL and S3 (moto) servers, ``farm db upgrade``,
+Starts its own private Redis, PostgreSQL and S3 (SeaweedFS) servers, ``farm db upgrade``,
 one ``farm worker --model farm/tiny-lcm`` on the CPU (or ``farm/hold``, the scheduling
 STAND-IN that sleeps ``--hold-ms`` per image instead of rendering) and ``farm api`` over
 plain HTTP on 127.0.0.1 (no TLS: the handshake is not what is measured), makes an API key,
@@ -295,7 +295,7 @@ def main() -> None:
     stack = Stack(workdir, args.model, args.hold_ms)
     ok = False
     try:
-        print("starting Redis, PostgreSQL, S3 (moto), farm worker and farm api …", file=sys.stderr)
+        print("starting Redis, PostgreSQL, S3 (SeaweedFS), farm worker and farm api …", file=sys.stderr)
         stack.start()
         for _ in range(args.warmup):
             one_request(stack.url, stack.key, "poll-10ms", payload)

@@ -3,7 +3,7 @@
     python benchmarks/bulk.py --images 2000 [--workers 1] [--size 64x64] [--steps 2]
     python benchmarks/bulk.py --model farm/hold --hold-ms 0 --images 5000
 
-Farm: private Redis, PostgreSQL ledger, moto S3, K ``farm worker --model farm/tiny-lcm``
+Farm: private Redis, PostgreSQL ledger, SeaweedFS S3, K ``farm worker --model farm/tiny-lcm``
 processes, and ``farm bulk run`` on a .txt manifest of N distinct prompts (one image each)
 into a local WebDataset (shards of 1000). Measured from the bulk job's creation to its
 completion in the ledger (ingest, submit, render, store, collect, shard writing). Direct: the
@@ -18,7 +18,7 @@ then (it would render nothing) and ``ratio`` and ``direct_images_per_s`` are nul
 
 farm_images_per_s = images done / seconds, seconds = bulk job created -> finished in the ledger.
 ``profile.cpu_ms_per_image``: CPU time of each process over the ``farm bulk run`` (the driver CLI,
-start-up included; the workers; PostgreSQL and its backends; moto; Redis) per image done (with psutil).
+start-up included; the workers; PostgreSQL and its backends; SeaweedFS; Redis) per image done (with psutil).
 A human summary, then one JSON object as the last line.
 """
 
@@ -79,7 +79,7 @@ def _processes(stack: ServerStack, workers: list[WorkerProcess]) -> dict[str, li
     postmaster = int((stack.pg.data / "postmaster.pid").read_text().split()[0])
     return {"worker(s)": [psutil.Process(w.proc.pid) for w in workers if w.proc is not None],
             "postgresql": [psutil.Process(postmaster)],
-            "moto (S3)": [psutil.Process(stack.s3.proc.pid)] if stack.s3.proc else [],
+            "SeaweedFS (S3)": [psutil.Process(stack.s3.proc.pid)] if stack.s3.proc else [],
             "redis": [psutil.Process(stack.redis.proc.pid)] if stack.redis.proc else []}
 
 
@@ -125,7 +125,7 @@ def main() -> None:
     stack = ServerStack(workdir)
     try:
         kind = f"farm/hold (stand-in, {args.hold_ms} ms)" if hold else "tiny"
-        print(f"starting Redis, PostgreSQL, S3 (moto) and {args.workers} {kind} worker(s) …", file=sys.stderr)
+        print(f"starting Redis, PostgreSQL, S3 (SeaweedFS) and {args.workers} {kind} worker(s) …", file=sys.stderr)
         stack.start_servers(**({"FARM_HOLD_MS": str(args.hold_ms)} if hold else {}))
         tag = "hold" if hold else "tiny"
         workers = [WorkerProcess(stack.env, model=args.model, name=f"{tag}{k}@bench.%h") for k in range(args.workers)]

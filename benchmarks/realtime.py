@@ -2,7 +2,7 @@
 
     python benchmarks/realtime.py [--frames 500] [--warmup 20] [--steps 2] [--tls] [--safety-checker]
 
-Starts its own private Redis, PostgreSQL and S3 (moto) servers, ``farm db upgrade``, one
+Starts its own private Redis, PostgreSQL and S3 (SeaweedFS) servers, ``farm db upgrade``, one
 ``farm worker --model farm/tiny-lcm`` on the CPU and ``farm api`` on 127.0.0.1 (plain ``ws://``
 unless ``--tls``), makes an API key and opens one realtime connection with ``farm.client``
 (``SyncClient.realtime``). It sends ``--frames`` frames (64x64, ``--steps`` steps, one image, jpeg,

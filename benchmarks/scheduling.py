@@ -4,7 +4,7 @@
 
 ``farm/hold`` is a STAND-IN, not a model: it sleeps T ms per image and returns flat images,
 so the "GPU" time of a job is exactly N x T and everything else is the farm's overhead.
-Starts its own private Redis, PostgreSQL ledger and S3 (moto) servers, ``farm db upgrade``,
+Starts its own private Redis, PostgreSQL ledger and S3 (SeaweedFS) servers, ``farm db upgrade``,
 and K ``farm worker --model farm/hold`` processes (``FARM_HOLD_MS=T``), submits one
 warm-up job of K x batch-size images, then one N-image job (``FARM_MAX_NUM_IMAGES`` raised
 to N; ``FARM_BATCH_SIZE`` images per task, 8 by default) through the coordinator, and waits
@@ -28,7 +28,7 @@ Where the time goes, from the workers' Celery logs and the ledger:
 - first task: submit -> first task received; tail: spread of the workers' last task ends
   (N / batch tasks do not divide evenly over K workers);
 - CPU: busy share of the machine's cores during the job (``/proc/stat``) and the CPU
-  seconds of the workers, Redis, PostgreSQL and moto.
+  seconds of the workers, Redis, PostgreSQL and SeaweedFS (S3).
 
 The last line is one JSON object.
 """
@@ -119,9 +119,9 @@ class Stack(ServerStack):
             list(pool.map(lambda w: w.start(), self.workers))
 
     def pids(self) -> dict[str, set[int]]:
-        """Process groups to account CPU to: workers, redis, postgres, moto."""
+        """Process groups to account CPU to: workers, redis, postgres, s3 (SeaweedFS)."""
         procs = processes()
-        groups: dict[str, set[int]] = {"workers": set(), "redis": set(), "postgres": set(), "moto": set()}
+        groups: dict[str, set[int]] = {"workers": set(), "redis": set(), "postgres": set(), "s3": set()}
         sids = {w.proc.pid for w in self.workers if w.proc}
         postmaster = int((self.pg.data / "postmaster.pid").read_text().split()[0])
         for pid, (ppid, sid) in procs.items():
@@ -130,7 +130,7 @@ class Stack(ServerStack):
             elif pid == postmaster or ppid == postmaster:
                 groups["postgres"].add(pid)
         groups["redis"] = {self.redis.proc.pid} if self.redis.proc else set()
-        groups["moto"] = {self.s3.proc.pid} if self.s3.proc else set()
+        groups["s3"] = {self.s3.proc.pid} if self.s3.proc else set()
         return groups
 
 
@@ -246,7 +246,7 @@ def main() -> None:
     stack = Stack(workdir, args.workers, args.hold_ms, args.batch_size, args.images)
     ok = False
     try:
-        print(f"starting Redis, PostgreSQL, S3 (moto) and {args.workers} farm/hold worker(s) …", file=sys.stderr)
+        print(f"starting Redis, PostgreSQL, S3 (SeaweedFS) and {args.workers} farm/hold worker(s) …", file=sys.stderr)
         stack.start()
         os.environ.update({k: v for k, v in stack.env.items() if k.startswith("FARM_")})
         from farm.config import reset_settings

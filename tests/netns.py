@@ -1,6 +1,6 @@
 """One farm across hosts, on one machine: network namespaces made by the test.
 
-A "server host" namespace holds Redis, PostgreSQL and an S3 server (moto), listening only on its own
+A "server host" namespace holds Redis, PostgreSQL and an S3 server (SeaweedFS), listening only on its own
 address; each "worker host" namespace holds one ``farm worker`` and reaches the server host through a
 veth cable plugged into a bridge inside the server host. Cutting a cable (the server side of the veth
 set down) is a real partition: packets are dropped both ways, nothing is closed. Only the addresses of
@@ -27,7 +27,16 @@ from typing import Any
 
 import pytest
 
-from tests.services import PostgresServer, make_tmp_dir, missing
+from tests.services import (
+    WEED_PORTS,
+    PostgresServer,
+    free_port,
+    make_tmp_dir,
+    missing,
+    remove_weed_sockets,
+    weed_command,
+    write_s3_identities,
+)
 from tests.workers import FARM, WorkerProcess
 
 SUBNET = "10.231.0"  # private to these namespaces: the same numbers in two test runs never meet
@@ -139,11 +148,11 @@ class NetnsPostgres(PostgresServer):
 
 
 class NetnsProcess:
-    """A server (Redis, moto) started in a namespace; its output in ``<dir>/server.log``."""
+    """A server (Redis, SeaweedFS) started in a namespace; its output in ``<dir>/server.log``."""
 
-    def __init__(self, name: str, cmd: list[str]) -> None:
+    def __init__(self, name: str, cmd: list[str], directory: Path | None = None) -> None:
         self.name = name
-        self.dir = make_tmp_dir(f"farm-{name}-")
+        self.dir = directory or make_tmp_dir(f"farm-{name}-")
         with open(self.dir / "server.log", "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)
 
@@ -160,6 +169,25 @@ class NetnsProcess:
                 self.proc.kill()
                 self.proc.wait(10)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class NetnsWeed(NetnsProcess):
+    """SeaweedFS in the server host: S3 on ``SERVER_IP:S3_PORT``, its other listeners on that address too."""
+
+    def __init__(self, hosts: Hosts, binary: str) -> None:
+        directory = make_tmp_dir("farm-s3-")
+        write_s3_identities(directory / "s3.json")
+        # free on this host, so that the gRPC socket files weed makes in the shared /tmp meet no other weed's
+        self.ports = {name: free_port() for name in WEED_PORTS}
+        command = weed_command(binary, directory, SERVER_IP, S3_PORT, self.ports)
+        super().__init__("s3", hosts.exec(hosts.server, *command), directory)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()  # on SIGTERM weed drains for ~16 s
+            self.proc.wait(10)
+        remove_weed_sockets(self.ports)
+        super().close()
 
 
 class NetnsWorker(WorkerProcess):
@@ -193,7 +221,7 @@ S3_SCRIPT = textwrap.dedent("""
     from minio import Minio
     client = Minio(sys.argv[1], access_key="testing", secret_key="testing", secure=False)
     deadline = time.monotonic() + 30
-    while True:  # bounded: moto may still be starting
+    while True:  # bounded: SeaweedFS may still be starting
         try:
             found = client.bucket_exists(sys.argv[2])
             break

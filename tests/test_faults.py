@@ -152,7 +152,7 @@ def test_redis_frozen_mid_job(ff: FaultFarm) -> None:
 
 
 def test_s3_frozen_mid_job(ff: FaultFarm) -> None:
-    """The S3 server (moto) SIGSTOPped for 15 s mid-job, then SIGCONTed: the job completes."""
+    """The S3 server (SeaweedFS) SIGSTOPped for 15 s mid-job, then SIGCONTed: the job completes."""
     ff.start()
     rid = ff.submit("row 5: S3 frozen")
     assert ff.wait_running(rid) < N

