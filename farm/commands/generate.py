@@ -134,30 +134,30 @@ def generate(prompt: str, model_name: str | None, negative_prompt: str | None, i
             with err.status(f"loading {inp.model_name} in-process (embedded mode, no servers configured)"):
                 stack.enter_context(embedded_worker(app, inp.model_name, device, settings))
         try:
-            rid = submission.submit(inp, owner=settings.default_owner, lane=Lane(lane), source="cli",
-                                     settings=settings)
+            request_id = submission.submit(inp, owner=settings.default_owner, lane=Lane(lane), source="cli",
+                                           settings=settings)
         except RequestIdTakenError as exc:  # the user's --request-id: bad input (exit 2), nothing recorded
             raise InvalidInputError("request_id", f"{exc}; give a new id, or the same input again") from None
-        err.print(f"request {rid}", highlight=False)
+        err.print(f"request {request_id}", highlight=False)
         if not settings.embedded:
             warn_if_unserved(inp.model_name, settings)
-        final = _follow(rid, inp.num_images, timeout)
+        final = _follow(request_id, inp.num_images, timeout)
     if final != JobStatus.COMPLETED:
         with session_scope() as s:
-            job = ledger.get_job(s, rid)
+            job = ledger.get_job(s, request_id)
             reason = job.error if job and job.error else final.value
-        raise FarmError(f"request {rid} {final.value.lower()}: {reason}")
+        raise FarmError(f"request {request_id} {final.value.lower()}: {reason}")
     storage = get_storage(settings)
     with session_scope() as s:
-        job = ledger.get_job(s, rid)
+        job = ledger.get_job(s, request_id)
         assert job is not None
         output = build_output(s, job, storage, settings)
-        rows = ledger.list_images(s, rid)
+        rows = ledger.list_images(s, request_id)
         saved = []
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             for row in rows:
-                path = out_dir / f"{rid}_{row.index}.{row.object_key.rsplit('.', 1)[-1]}"
+                path = out_dir / f"{request_id}_{row.index}.{row.object_key.rsplit('.', 1)[-1]}"
                 path.write_bytes(storage.get(row.object_key))
                 saved.append(path)
     if as_json:  # the JSON alone on stdout (a program reads it); the paths go to stderr
@@ -181,7 +181,7 @@ def warn_if_unserved(model_name: str, settings: Settings) -> None:
         click.echo(f"warning: {state.describe()}", err=True)  # one line, never wrapped under the progress bar
 
 
-def _follow(rid: str, total: int, timeout: float) -> JobStatus:
+def _follow(request_id: str, total: int, timeout: float) -> JobStatus:
     """Show progress from the ledger until the job ends; cancel it on Ctrl-C or timeout.
 
     The ledger is read again whenever the job changes (``farm.events``: it starts, logs a
@@ -196,10 +196,10 @@ def _follow(rid: str, total: int, timeout: float) -> JobStatus:
 
     def read() -> tuple[JobStatus, int, int | None]:
         with session_scope() as s:
-            job = ledger.get_job(s, rid)
+            job = ledger.get_job(s, request_id)
             assert job is not None
             status = JobStatus(job.status)
-            done = ledger.count_images(s, rid)
+            done = ledger.count_images(s, request_id)
             return status, done, ledger.queue_position(s, job) if status == JobStatus.IN_QUEUE else None
 
     def wait(changes: events.Subscription, _: object) -> bool:
@@ -208,7 +208,7 @@ def _follow(rid: str, total: int, timeout: float) -> JobStatus:
 
     try:
         with Progress(*columns, console=err, transient=False) as progress, \
-                contextlib.closing(events.watch(rid, read, wait)) as reads:
+                contextlib.closing(events.watch(request_id, read, wait)) as reads:
             bar = progress.add_task("queued", total=total)
             for status, done, where in reads:
                 label = f"queued (position {where})" if where is not None else status.value.lower()
@@ -217,32 +217,33 @@ def _follow(rid: str, total: int, timeout: float) -> JobStatus:
                     return status
                 if not settings.embedded and time.monotonic() >= next_check:  # its pool may go away mid-job
                     next_check = time.monotonic() + settings.sweep_seconds
-                    told = _say_unserved(rid, told, settings, progress.console)
+                    told = _say_unserved(request_id, told, settings, progress.console)
                 left = deadline - time.monotonic()
                 if left < 0:
-                    _cancel(rid, f"client gave up after {timeout:.0f} s")
+                    _cancel(request_id, f"client gave up after {timeout:.0f} s")
                     return JobStatus.CANCELLED
             raise AssertionError("the job watch ended")  # watch() ends only when left
     except KeyboardInterrupt:
-        _cancel(rid, "cancelled by the user (Ctrl-C)")
+        _cancel(request_id, "cancelled by the user (Ctrl-C)")
         raise
 
 
-def _say_unserved(rid: str, told: int, settings: Settings, console: Console) -> int:
+def _say_unserved(request_id: str, told: int, settings: Settings, console: Console) -> int:
     """Print the job's new "no live worker serves …" lines (those written before the first call were
     said at submit); the last log id seen."""
     from farm.lifecycle.pool import unserved_notices
 
     if told < 0:
-        told = max((i for i, _ in unserved_notices(rid, 0, settings, write=False)), default=0)
-    lines = unserved_notices(rid, told, settings)
+        told = max((i for i, _ in unserved_notices(request_id, 0, settings, write=False)), default=0)
+    lines = unserved_notices(request_id, told, settings)
     for _, message in lines:
         console.print(f"warning: {message}", soft_wrap=True, highlight=False, markup=False)  # one line, unwrapped
     return lines[-1][0] if lines else told
 
 
-def _cancel(rid: str, reason: str) -> None:
-    ending.finish_now(rid, JobStatus.CANCELLED, message=reason, source="cli", error=reason, error_type="cancelled")
+def _cancel(request_id: str, reason: str) -> None:
+    ending.finish_now(request_id, JobStatus.CANCELLED, message=reason, source="cli", error=reason,
+                      error_type="cancelled")
 
 
 @click.command()

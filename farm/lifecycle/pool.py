@@ -97,8 +97,8 @@ def log_unserved(settings: Settings, limit: int = 500, job_id: str | None = None
                                   or_(Job.started_at.is_(None), JobLog.timestamp >= Job.started_at))
             rows = s.execute(select(Job.id, Job.status).where(Job.model_key == key, *waiting, ~told)
                              .limit(limit)).all()
-            for rid, status in rows:
-                ledger.add_log(s, rid, state.describe(started=status == JobStatus.IN_PROGRESS), level="WARNING",
+            for request_id, status in rows:
+                ledger.add_log(s, request_id, state.describe(started=status == JobStatus.IN_PROGRESS), level="WARNING",
                                source="sweeper")
             written += len(rows)
     return written
