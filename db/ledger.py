@@ -69,6 +69,16 @@ def _find_existing(
     return None
 
 
+def _insert(s: Session) -> Any:
+    """The dialect's ``insert`` (with ``ON CONFLICT``): the ledger runs on PostgreSQL, or SQLite on one host."""
+    dialect = s.get_bind().dialect.name
+    if dialect == "postgresql":
+        return pg_insert
+    if dialect == "sqlite":
+        return sqlite_insert
+    raise NotImplementedError(f"the ledger needs PostgreSQL or SQLite, not {dialect}")
+
+
 def create_job(
     s: Session,
     *,
@@ -95,10 +105,9 @@ def create_job(
     uncommitted insert of the same id or key is waited for, then found.
     """
     input = _canonical(input)
-    insert = pg_insert if s.get_bind().dialect.name == "postgresql" else sqlite_insert  # the two dialects
     now = utcnow()
     stmt = (
-        insert(Job)
+        _insert(s)(Job)
         .values(id=request_id, owner=owner, model_name=model_name, model_key=model_key, lane=str(lane),
                 source=str(source), status=JobStatus.IN_QUEUE, input=input, seed=seed, num_images=num_images,
                 idempotency_key=idempotency_key, webhook_url=webhook_url, created_at=now, updated_at=now)
@@ -202,24 +211,9 @@ def record_image(
         "nsfw": nsfw,
         "render_seconds": render_seconds,
     }
-    dialect = s.get_bind().dialect.name
-    if dialect in ("postgresql", "sqlite"):
-        insert = pg_insert if dialect == "postgresql" else sqlite_insert
-        stmt = insert(Image).values(job_id=job_id, index=index, created_at=utcnow(), **values)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[Image.job_id, Image.index],
-            set_={**values, "created_at": utcnow()},
-        )
-        s.execute(stmt)
-        return
-    # Other backends: read, then write (not race-safe; the unique constraint still holds).
-    image = s.scalars(select(Image).where(Image.job_id == job_id, Image.index == index)).one_or_none()
-    if image is None:
-        s.add(Image(job_id=job_id, index=index, **values))
-    else:
-        for key, value in values.items():
-            setattr(image, key, value)
-    s.flush()
+    stmt = _insert(s)(Image).values(job_id=job_id, index=index, created_at=utcnow(), **values)
+    s.execute(stmt.on_conflict_do_update(index_elements=[Image.job_id, Image.index],
+                                         set_={**values, "created_at": utcnow()}))
 
 
 def record_images(s: Session, rows: list[dict[str, Any]]) -> None:
@@ -229,13 +223,7 @@ def record_images(s: Session, rows: list[dict[str, Any]]) -> None:
         return
     now = utcnow()
     rows = [{**row, "created_at": now} for row in rows]
-    dialect = s.get_bind().dialect.name
-    if dialect not in ("postgresql", "sqlite"):
-        for row in rows:
-            record_image(s, **{k: v for k, v in row.items() if k not in ("created_at", "worker")})
-        return
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    stmt = insert(Image).values(rows)
+    stmt = _insert(s)(Image).values(rows)
     updated = [name for name in rows[0] if name not in ("job_id", "index")]
     s.execute(stmt.on_conflict_do_update(index_elements=[Image.job_id, Image.index],
                                          set_={name: stmt.excluded[name] for name in updated}))
@@ -290,21 +278,19 @@ def create_jobs(s: Session, jobs: list[dict[str, Any]]) -> tuple[set[str], dict[
     query, and checked as :func:`create_job` checks them: the same owner and input gives the
     existing job, another owner or input raises :class:`ConflictError`. Safe against a concurrent
     insert of the same ids (the insert waits for it, skips, and the read finds its rows).
-    PostgreSQL and SQLite only (callers fall back to :func:`create_job` elsewhere).
+    PostgreSQL and SQLite (the two dialects the ledger runs on).
     """
     if not jobs:
         return set(), {}
-    dialect = s.get_bind().dialect.name
-    if dialect not in ("postgresql", "sqlite"):
-        raise NotImplementedError(f"create_jobs needs PostgreSQL or SQLite, not {dialect}")
+    insert = _insert(s)
     now = utcnow()
     rows = [{**job, "lane": str(job["lane"]), "source": str(job["source"])} for job in jobs]
-    if dialect == "postgresql":
+    if insert is pg_insert:
         created = set(s.scalars(_insert_from_json(Job, rows, {"status": JobStatus.IN_QUEUE, "created_at": now,
                                                               "updated_at": now})
                                 .on_conflict_do_nothing(index_elements=[Job.id]).returning(Job.id)))
     else:
-        stmt = sqlite_insert(Job).on_conflict_do_nothing(index_elements=[Job.id]).returning(Job.id)
+        stmt = insert(Job).on_conflict_do_nothing(index_elements=[Job.id]).returning(Job.id)
         created = set(s.scalars(stmt, [{**row, "status": JobStatus.IN_QUEUE, "created_at": now, "updated_at": now}
                                        for row in rows]))
     missing = [row for row in rows if row["id"] not in created]
