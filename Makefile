@@ -51,8 +51,8 @@ node:
 # the fast tests in two processes (pytest-xdist, a test module per process at a time), then the
 # fault tests (marked slow: they restart servers and freeze processes) one after another
 test: install-test lint browser node
-	$(BIN)/python -m pytest -m 'not slow' -n 2 --dist loadscope
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest -m 'not slow' -n 2 --dist loadscope --durations=30
+	$(BIN)/python -m pytest -m slow --durations=10
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache
