@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     max_prompt_chars: int = 4000
     max_loras: int = 4
     max_embeddings: int = 4
+    max_input_pixels: int = Field(
+        4096 * 4096, ge=64 * 64, description="Most pixels (width x height) of an input image or mask, read from its "
+        "header before any pixel is decoded: a bigger one (a decompression bomb) is refused"
+    )
 
     # Results.
     presign_expiry_seconds: int = 3600
