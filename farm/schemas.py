@@ -64,6 +64,11 @@ NAMED_SIZES: dict[ImageSizeName, tuple[int, int]] = {
 }
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+# Fixed ceilings of the API itself, checked before any item is: a framework that parses a body without
+# the settings (FastAPI, on the event loop) stops at once on a list of 100,000 LoRAs or 100,000 unknown
+# fields. ``FARM_MAX_LORAS`` / ``FARM_MAX_EMBEDDINGS`` (admission, with the settings) bound below them.
+MAX_LIST_ITEMS = 64
+MAX_FIELD_ERRORS = 20  # an answer names at most this many bad fields (then how many more there were)
 
 
 class ImageSize(BaseModel):
@@ -157,8 +162,21 @@ class GenerateInput(BaseModel):
     expand_prompt: bool = Field(False, description="If true, the prompt is expanded with additional prompts.")
     format: Literal["jpeg", "png"] = Field("jpeg", description="The format of the generated image.")
     request_id: str = Field("", description="An id bound to a request.")
-    loras: list[LoraWeight] = Field(default_factory=list, description="LoRA weights to apply.")
-    embeddings: list[Embedding] = Field(default_factory=list, description="Textual-inversion embeddings.")
+    loras: list[LoraWeight] = Field(default_factory=list, max_length=MAX_LIST_ITEMS,
+                                    description="LoRA weights to apply.")
+    embeddings: list[Embedding] = Field(default_factory=list, max_length=MAX_LIST_ITEMS,
+                                        description="Textual-inversion embeddings.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _few_fields(cls, data: Any) -> Any:
+        """More keys than the model has fields: refused as one error before any field is looked at (with
+        ``extra="forbid"`` each unknown key would cost an error of its own)."""
+        if isinstance(data, Mapping) and len(data) > len(cls.model_fields):
+            unknown = [str(k)[:40] for k in data if k not in cls.model_fields]
+            shown = ", ".join(repr(k) for k in unknown[:5])
+            raise ValueError(f"{len(unknown)} unknown fields ({shown}{', …' if len(unknown) > 5 else ''})")
+        return data
 
     @field_validator("model_name")
     @classmethod
@@ -331,14 +349,21 @@ def error_reason(err: Mapping[str, Any]) -> str:
 
 
 def field_errors(exc: ValidationError) -> list[FieldError]:
-    """(field, reason) pairs of a ValidationError, with dotted field paths."""
+    """(field, reason) pairs of a ValidationError, with dotted field paths: at most ``MAX_FIELD_ERRORS``,
+    then one ``("input", "… more")`` pair saying how many were left out."""
     out: list[FieldError] = []
-    for err in exc.errors():
+    for err in exc.errors(include_url=False)[:MAX_FIELD_ERRORS]:
         # drop the union's branch tags ("named", "custom") from the location
         loc = [str(p) for p in err["loc"] if p not in ("named", "custom")]
         field = ".".join(loc) or "input"
         out.append((field, error_reason(err)))
+    if exc.error_count() > MAX_FIELD_ERRORS:
+        out.append(("input", more_errors(exc.error_count() - MAX_FIELD_ERRORS)))
     return out
+
+
+def more_errors(n: int) -> str:
+    return f"{n} more invalid field{'s' if n != 1 else ''} not listed (at most {MAX_FIELD_ERRORS} are)"
 
 
 def admitted_input(data: dict[str, Any]) -> GenerateInput:

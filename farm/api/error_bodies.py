@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from farm.errors import BrokerUnavailableError, FarmError, InvalidInputError, StorageError
-from farm.schemas import error_reason
+from farm.schemas import MAX_FIELD_ERRORS, error_reason, more_errors
 
 log = logging.getLogger("farm.api")
 
@@ -152,7 +152,7 @@ def _farm_error(request: Request, exc: Exception) -> JSONResponse:
              "type": "value_error"}
             for field, msg in pairs
         ]  # fmt: skip
-        return error_response(422, detail, exc.error_type)
+        return error_response(422, _bounded(detail, len(detail)), exc.error_type)
     headers: dict[str, str] | None = getattr(exc, "headers", None)
     if isinstance(exc, AuthError):
         headers = {"WWW-Authenticate": "Key"}
@@ -178,11 +178,21 @@ def _public(exc: FarmError) -> str:
 
 def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
     detail = [
         {"loc": _clean_loc(err.get("loc", ())), "msg": error_reason(err), "type": str(err.get("type", "value_error"))}
-        for err in exc.errors()
+        for err in errors[:MAX_FIELD_ERRORS + 1]
     ]  # fmt: skip
-    return error_response(422, detail, "validation_error")
+    return error_response(422, _bounded(detail, len(errors)), "validation_error")
+
+
+def _bounded(detail: list[dict[str, Any]], total: int) -> list[dict[str, Any]]:
+    """At most ``MAX_FIELD_ERRORS`` of ``total`` entries, then one saying how many more there were: an
+    answer stays a few KB whatever the body held (100,000 bad items are not answered one by one)."""
+    if total <= MAX_FIELD_ERRORS + 1:
+        return detail
+    more = {"loc": ["body"], "msg": more_errors(total - MAX_FIELD_ERRORS), "type": "too_many_errors"}
+    return [*detail[:MAX_FIELD_ERRORS], more]
 
 
 def _http_error(request: Request, exc: Exception) -> JSONResponse:
