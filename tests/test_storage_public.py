@@ -1,6 +1,6 @@
 """FARM_S3_PUBLIC_ENDPOINT: URLs handed to clients (presigned result GETs, upload PUTs) name the address clients
 reach the S3 server at, while the farm itself talks to FARM_S3_ENDPOINT (in Compose ``http://minio:9000``, which
-no browser can open). Here both are one moto server, under two loopback names: ``127.0.0.1`` for the farm,
+no browser can open). Here both are one SeaweedFS server, under two loopback names: ``127.0.0.1`` for the farm,
 ``localhost`` for the clients."""
 
 from __future__ import annotations

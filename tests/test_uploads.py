@@ -1,6 +1,6 @@
 """fal's upload protocol: ``POST /storage/upload/initiate`` then a credential-less PUT.
 
-Local storage (HMAC-signed farm URL) in process; S3 (presigned PUT to the moto server) on the
+Local storage (HMAC-signed farm URL) in process; S3 (presigned PUT to the S3 server) on the
 live stack. The file URL is an input for its owner only; caps and quotas apply.
 """
 
