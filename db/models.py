@@ -63,6 +63,7 @@ class Job(Base):
     result: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     inference_seconds: Mapped[float | None] = mapped_column(Float)
     idempotency_key: Mapped[str | None] = mapped_column(String(256))
+    input_digest: Mapped[str | None] = mapped_column(String(64))  # of the input as sent (a retry's key compares it)
     webhook_url: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

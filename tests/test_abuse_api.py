@@ -3,9 +3,13 @@ against a live ``farm api`` on loopback (``tests.test_abuse``'s ``guarded`` stac
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+from minio import Minio
 
 from tests import test_abuse
 from tests.api_stack import APP, ApiStack, idle_input
@@ -89,3 +93,70 @@ def test_error_bodies_name_a_few_dozen_fields_at_most(guarded: ApiStack) -> None
     (err,) = unknown.json()["detail"]
     assert err["loc"] == ["body"] and "50000 unknown fields" in err["msg"], err
     assert len(unknown.content) < 1000
+
+
+def _data_uri(data: bytes) -> str:
+    return "data:application/octet-stream;base64," + base64.b64encode(data).decode()
+
+
+def _stored_inputs(stack: ApiStack, owner: str) -> list[str]:
+    """The objects under the owner's stored inputs (``<owner>/inputs/`` of the stack's bucket), read from S3."""
+    s3 = Minio(stack.env["FARM_S3_ENDPOINT"], access_key="testing", secret_key="testing", secure=False)
+    prefix = f"outputs/{owner}/inputs/"
+    return sorted(str(o.object_name) for o in s3.list_objects(stack.bucket, prefix=prefix, recursive=True))
+
+
+def test_an_idempotent_retry_with_a_data_uri_lora_is_the_same_request(guarded: ApiStack) -> None:
+    """The stored input names the data URI's storage key, not the URI: a retry with the same key and the
+    same body is compared with the digest of what the client sent, and answers the same request_id."""
+    key = guarded.make_key("abuse-idem")
+    body = idle_input(loras=[{"path": _data_uri(b"idempotent lora " * 64), "scale": 0.5}])
+    with guarded.client(key, **{"Idempotency-Key": "retry-1"}) as c:
+        first = c.post(f"/{APP}", json=body)
+        again = c.post(f"/{APP}", json=body)
+        other = c.post(f"/{APP}", json={**body, "loras": [{"path": _data_uri(b"another lora " * 64)}]})
+    with guarded.client(key) as c:  # the input's request_id is the key when no header is given
+        by_id = [c.post(f"/{APP}", json={**body, "request_id": "rid-retry-1"}) for _ in range(2)]
+        c.put(f"/{APP}/requests/{first.json()['request_id']}/cancel")
+        c.put(f"/{APP}/requests/{by_id[0].json()['request_id']}/cancel")
+    assert first.status_code == 200 and again.status_code == 200, again.text
+    assert again.json()["request_id"] == first.json()["request_id"]
+    assert other.status_code == 422 and "already used for a different request" in other.text, other.text
+    assert [r.status_code for r in by_id] == [200, 200] and by_id[0].json() == by_id[1].json(), by_id[1].text
+    stored = guarded.sql("SELECT input FROM jobs WHERE id = :id", id=first.json()["request_id"])[0][0]
+    assert stored["loras"][0]["path"].startswith("farm-stored:")  # the row holds a key, the retry a URI
+    assert guarded.sql("SELECT count(*) FROM jobs WHERE owner = 'abuse-idem'") == [(2,)]
+
+
+def test_a_burst_of_identical_submits_with_a_data_uri_at_the_in_flight_limit(guarded: ApiStack) -> None:
+    """An owner one job under its in-flight limit sends 40 identical requests at once, each with the same
+    data-URI LoRA, then 40 with a LoRA each of its own: one of each burst is admitted (no extra job), and
+    the stored inputs left are exactly the admitted jobs' (none of a refused submit is orphaned, and
+    the one an admitted job names is there)."""
+    owner = "abuse-burst"
+    key = guarded.make_key(owner, "--max-in-flight", "2")
+    with guarded.client(key) as c:
+        first = c.post(f"/{APP}", json=idle_input(prompt="the one before"))
+        assert first.status_code == 200, first.text
+
+    def submit(body: dict[str, Any]) -> int:
+        with guarded.client(key) as c:
+            return c.post(f"/{APP}", json=body).status_code
+
+    same = idle_input(loras=[{"path": _data_uri(b"the same lora " * 100)}])
+    with ThreadPoolExecutor(40) as pool:
+        codes = list(pool.map(submit, [same] * 40))
+    assert sorted(codes) == [200] + [429] * 39, codes
+    with guarded.client(key) as c:  # a slot again: the next burst races for it
+        c.put(f"/{APP}/requests/{first.json()['request_id']}/cancel")
+    own = [idle_input(loras=[{"path": _data_uri(f"lora {i} ".encode() * 100)}]) for i in range(40)]
+    with ThreadPoolExecutor(40) as pool:
+        codes = list(pool.map(submit, own))
+    assert sorted(codes) == [200] + [429] * 39, codes
+    rows = guarded.sql("SELECT id, input FROM jobs WHERE owner = :o AND status = 'IN_QUEUE'", o=owner)
+    assert len(rows) == 2
+    named = sorted("outputs/" + inp["loras"][0]["path"].removeprefix("farm-stored:") for _, inp in rows)
+    assert _stored_inputs(guarded, owner) == named
+    with guarded.client(key) as c:
+        for rid, _ in rows:
+            c.put(f"/{APP}/requests/{rid}/cancel")

@@ -24,7 +24,7 @@ from db.session import build_engine, dispose_engines, get_engine
 from farm.errors import LedgerSchemaError
 
 TABLES = set(Base.metadata.tables)
-HEAD = "i17_worker_metrics_url"
+HEAD = "i20g_input_digest"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

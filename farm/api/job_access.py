@@ -5,6 +5,7 @@ Blocking (ledger, broker, storage): routes call these from a worker thread.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from typing import Any
@@ -80,6 +81,14 @@ def _canonical(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True))
 
 
+def input_digest(fields: dict[str, Any]) -> str:
+    """SHA-256 of the admitted input as the client sent it (canonical JSON): what a repeated idempotency
+    key is compared with, since the stored input is rewritten (data URIs and fetched URLs become
+    ``farm-stored:`` keys)."""
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def _existing(owner: str, key: str) -> Job | None:
     with session_scope() as s:
         stmt = select(Job).where(Job.owner == owner, Job.idempotency_key == key)
@@ -97,9 +106,12 @@ def in_flight(owner: str) -> int:
         return _count_in_flight(s, owner)
 
 
-def _same_request(job: Job, fields: dict[str, Any], key: str, header: str | None) -> Job:
-    """The job a repeated idempotency key made; 422 if it was made for a different input."""
-    if _canonical(job.input) != _canonical(fields):
+def _same_request(job: Job, fields: dict[str, Any], digest: str, key: str, header: str | None) -> Job:
+    """The job a repeated idempotency key made; 422 if it was made for a different input (compared by the
+    digest of what the client sent; a job recorded without one, by its stored input)."""
+    same = (job.input_digest == digest if job.input_digest is not None
+            else _canonical(job.input) == _canonical(fields))
+    if not same:
         where, field = ("header", IDEMPOTENCY_HEADER) if header else ("body", "request_id")
         raise RequestFieldError(where, field, f"{key!r} was already used for a different request")
     return job
@@ -145,11 +157,12 @@ def submit_job(
     if bad:
         raise InvalidInputError(bad, "must not contain NUL characters")
     key = idempotency_key or inp.request_id or None
+    digest = input_digest(fields)
     if webhook_url is not None:
         if key is not None:
             job = _existing(tenant.owner, key)
             if job is not None:
-                return _same_request(job, fields, key, idempotency_key)
+                return _same_request(job, fields, digest, key, idempotency_key)
         _check_new(inp, tenant)
         check_webhook(webhook_url, settings)
     recorded: list[Job] = []
@@ -157,8 +170,9 @@ def submit_job(
     def admit(s: Session, job: Job, created: bool) -> bool:
         recorded.append(job)
         if not created:  # the key was used before (by this owner: the key is per owner)
-            _same_request(job, fields, key or "", idempotency_key)
+            _same_request(job, fields, digest, key or "", idempotency_key)
             return False
+        job.input_digest = digest  # recorded with the row, in its transaction
         if webhook_url is None:
             _check_new(inp, tenant)
         lock_owner(s, tenant.owner)  # the count below sees every admitted job of this owner (committed)
