@@ -5,7 +5,9 @@ a GPU were busy) and comes back as a flat image of the requested size, its colou
 from ``seed + index``. So fan-out, batching, lanes and leases can be measured with real
 workers, broker, ledger and storage, and the hold time is the "GPU" time to compare with.
 Import-light: a worker of ``farm/hold`` never imports torch, diffusers or transformers.
-There is no safety checker (``nsfw`` is always False); LoRAs and embeddings are ignored.
+There is no safety checker (``nsfw`` is always False); LoRAs and embeddings are ignored, and so are
+source images (image-to-image, inpainting: held as long as a text-to-image image; the flat image has
+the source's output size, as a rendered one would).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from farm.config import Settings, get_settings
 from farm.errors import RenderError
 from farm.schemas import GenerateInput
 from models.registry import ModelSpec, get_model
-from models.rendered import PendingRender, ProgressHook, Ready, RenderedImage, RenderItem, RenderResult
+from models.rendered import PendingRender, ProgressHook, Ready, RenderedImage, RenderItem, RenderResult, SourceImages
 
 __all__ = ["HoldRenderer", "flat_colour"]
 
@@ -34,6 +36,13 @@ def flat_colour(seed: int, index: int) -> tuple[int, int, int]:
     """The RGB colour of image ``index`` of a request with ``seed`` (depends on ``seed + index`` only)."""
     digest = hashlib.sha256(str(seed + index).encode()).digest()
     return digest[0], digest[1], digest[2]
+
+
+def _output_size(item: RenderItem) -> tuple[int, int]:
+    """The size of ``item``'s image: its source's output size (``crop_output``), else the request's size."""
+    if item.source is not None and item.source.output_size is not None:
+        return item.source.output_size
+    return item.params.size
 
 
 class HoldRenderer:
@@ -73,9 +82,10 @@ class HoldRenderer:
         """Nothing to compile."""
         return 0.0
 
-    def render(self, params: GenerateInput, seed: int, indices: Sequence[int]) -> RenderResult:
+    def render(self, params: GenerateInput, seed: int, indices: Sequence[int],
+               source: SourceImages | None = None) -> RenderResult:
         """Hold ``len(indices)`` × hold_ms, then return flat images; image ``i`` is coloured by ``seed + i``."""
-        return self.render_items([RenderItem(params, seed, i) for i in indices])
+        return self.render_items([RenderItem(params, seed, i, source=source) for i in indices])
 
     def begin_items(self, items: Sequence[RenderItem], on_progress: ProgressHook | None = None) -> PendingRender:
         """As ``render_items``: nothing is left to finish."""
@@ -99,7 +109,7 @@ class HoldRenderer:
                     on_progress()
             held = time.perf_counter() - t0
         images = [
-            RenderedImage(index=i.index, seed=i.seed + i.index, image=Image.new("RGB", i.params.size,
+            RenderedImage(index=i.index, seed=i.seed + i.index, image=Image.new("RGB", _output_size(i),
                           flat_colour(i.seed, i.index)), nsfw=False, render_seconds=held / len(items), tag=i.tag)
             for i in items
         ]

@@ -41,7 +41,10 @@ class Renderer(Protocol):
         """With FARM_COMPILE: compile every shape this worker serves before it joins; seconds taken."""
 
     def begin_items(self, items: Sequence[RenderItem], on_progress: ProgressHook | None = None) -> PendingRender:
-        """Denoise ``items``; the result may still be finishing (decode, safety check) when this returns."""
+        """Denoise ``items``; the result may still be finishing (decode, safety check) when this returns.
+
+        An item with ``source`` images renders image-to-image or inpainting (``models.rendered.SourceImages``);
+        a renderer that cannot render them from the images (a stand-in) says so in ``stand_in_note``."""
 
     def render_items(self, items: Sequence[RenderItem], on_progress: ProgressHook | None = None) -> RenderResult:
         """Render ``items`` to the end."""

@@ -4,6 +4,15 @@
 4. one CPU ``torch.Generator`` per image, seeded ``seed + index``   5. denoise, and queue the decode
 6. unload LoRAs/embeddings (always)   7. pixels to images, safety check, black out what is flagged
 
+Items with source images (``RenderItem.source``) render image-to-image or inpainting through the
+pipeline derived from the loaded one (``models.image_pipes``); a batch holds one task and one step
+plan (``models.source_image.step_plan``). Each image's generator also draws its VAE-encoding sample.
+Inpainting: diffusers blends the source's latents back outside the mask at each step, but a VAE
+round trip is not the identity (the tiny model's random VAE is far from it), so stage 7 pastes the
+source's pixels back where the mask is black (grey blends): unmasked pixels are the source's
+exactly. Then ``crop_output`` crops (``SourceImages.output_size``), and the safety check sees the
+final image.
+
 :func:`begin` does 1-6 and returns a :class:`Pending`; its ``result()`` does 7. :func:`render` is
 both at once. A worker on a GPU calls ``result()`` in its uploader thread (``farm.render``), so the
 CPU side of batch k (waiting for its pixels, PIL images, safety check, then JPEG encode and upload)
@@ -32,16 +41,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from PIL import Image
 
 from farm.config import Settings
 from farm.errors import RenderError
 from farm.schemas import GenerateInput
 from models.adapters import request_adapters
 from models.decode import Decoded, Decoder
+from models.image_pipes import INPAINTING, ImagePipelines
 from models.prompt import expand_prompt
 from models.registry import ModelSpec
-from models.rendered import ProgressHook, RenderedImage, RenderItem, RenderResult
+from models.rendered import TEXT_TO_IMAGE, ProgressHook, RenderedImage, RenderItem, RenderResult, SourceImages, task_of
 from models.safety import SafetyCheckers, black_like
+from models.source_image import LCM_ORIGINAL_STEPS, StepPlan, step_plan
 from models.speed import unfused_for_loras
 
 log = logging.getLogger(__name__)
@@ -77,16 +89,49 @@ def check_inputs(spec: ModelSpec, params: GenerateInput, seed: int, indices: Seq
         safety.require(params.safety_checker_version)
 
 
+def check_sources(items: Sequence[RenderItem], max_steps: int) -> StepPlan | None:
+    """One task per batch and, with source images, one step plan; each source has its request's size."""
+    tasks = {task_of(i.source) for i in items}
+    if len(tasks) > 1:
+        raise RenderError(f"one batch mixes tasks {sorted(tasks)} (db.batches.compat_key keeps them apart)")
+    plans = set()
+    for item in items:
+        source = item.source
+        if source is None:
+            continue
+        size = item.params.size
+        if source.image.size != size or (source.mask is not None and source.mask.size != size):
+            raise RenderError(f"source images of {source.image.size} for a {size} render: size them with "
+                              "models.source_image.prepare_sources")
+        plans.add(step_plan(item.params.num_inference_steps, source.strength, max_steps))
+    if len(plans) > 1:
+        raise RenderError(f"one batch mixes step plans {sorted((p.pipeline_steps, p.steps_run) for p in plans)}")
+    return plans.pop() if plans else None
+
+
+def finish_source(image: Image.Image, source: SourceImages | None) -> Image.Image:
+    """Inpainting: the source's pixels back where the mask is black (grey blends); then ``crop_output``."""
+    if source is None:
+        return image
+    if source.mask is not None:
+        image = Image.composite(image, source.image, source.mask)
+    if source.output_size is not None and source.output_size != image.size:
+        (width, height), (out_w, out_h) = image.size, source.output_size
+        left, top = (width - out_w) // 2, (height - out_h) // 2
+        image = image.crop((left, top, left + out_w, top + out_h))
+    return image
+
+
 def _pipe_kwargs(pipe: Any, params: GenerateInput) -> dict[str, Any]:
     """The pipeline arguments shared by every micro-batch (prompts are added per batch)."""
     width, height = params.size
     kwargs: dict[str, Any] = {
-        "height": height,
-        "width": width,
         "num_inference_steps": params.num_inference_steps,
         "guidance_scale": params.guidance_scale,
         "output_type": "latent",  # decoded by models.decode
     }
+    if _accepts(pipe, "height"):  # image-to-image takes the size of its input image
+        kwargs.update(height=height, width=width)
     if params.negative_prompt:
         if uses_cfg(pipe, params.guidance_scale):
             kwargs["negative_prompt"] = params.negative_prompt
@@ -118,7 +163,8 @@ class Pending:
 
     def result(self) -> RenderResult:
         t0 = time.perf_counter()
-        pil_images = [image for part in self.decoded for image in part.images()]
+        pil_images = [finish_source(image, item.source) for item, image in
+                      zip(self.items, (image for part in self.decoded for image in part.images()), strict=True)]
         # 7. Safety check: flagged images become black images of the same size
         if self.params.enable_safety_checker:
             flags = self.safety.check(pil_images, self.params.safety_checker_version)
@@ -136,21 +182,22 @@ class Pending:
 
 def render(pipe: Any, safety: SafetyCheckers, spec: ModelSpec, settings: Settings,
            items: Sequence[RenderItem], micro_batch: int, on_progress: ProgressHook | None = None,
-           decoder: Decoder | None = None) -> RenderResult:
+           decoder: Decoder | None = None, pipes: ImagePipelines | None = None) -> RenderResult:
     """Render ``items`` (see :func:`begin`) and finish them."""
-    return begin(pipe, safety, spec, settings, items, micro_batch, on_progress, decoder).result()
+    return begin(pipe, safety, spec, settings, items, micro_batch, on_progress, decoder, pipes).result()
 
 
 def begin(pipe: Any, safety: SafetyCheckers, spec: ModelSpec, settings: Settings,
           items: Sequence[RenderItem], micro_batch: int, on_progress: ProgressHook | None = None,
-          decoder: Decoder | None = None) -> Pending:
+          decoder: Decoder | None = None, pipes: ImagePipelines | None = None) -> Pending:
     """Denoise ``items`` (images of one request, or of several compatible ones) and queue their decoding;
     image ``i`` of a request uses seed ``seed + i``.
 
     At most ``micro_batch`` images go through the pipeline at once (see the module doc). Items of
     different requests must agree on everything but prompt, negative prompt and seed
     (``db.batches.compat_key``); the first item's request supplies size, steps, guidance, LoRAs.
-    ``on_progress`` is called after every denoising step and may raise to abort.
+    ``on_progress`` is called after every denoising step and may raise to abort. Items with source
+    images run through ``pipes`` (the derived pipelines of ``pipe``, kept by the renderer).
     """
     decoder = decoder or Decoder(pipe)
     # 1. Check inputs
@@ -162,14 +209,19 @@ def begin(pipe: Any, safety: SafetyCheckers, spec: ModelSpec, settings: Settings
         requests.setdefault(id(item.params), (item.params, item.seed, []))[2].append(item.index)
     for params, seed, indices in requests.values():
         check_inputs(spec, params, seed, indices, safety)
-    first = items[0].params
+    plan = check_sources(items, getattr(pipe.scheduler.config, "original_inference_steps", LCM_ORIGINAL_STEPS))
+    first, source = items[0].params, items[0].source
+    task = task_of(source)
+    run = pipe if task == TEXT_TO_IMAGE else (pipes or ImagePipelines(pipe, spec.family)).get(task)
 
     # 2. Expand the prompts
     prompts = {key: expand_prompt(p.prompt) if p.expand_prompt else p.prompt for key, (p, _, _) in requests.items()}
 
-    kwargs = _pipe_kwargs(pipe, first)
-    use_negative = uses_cfg(pipe, first.guidance_scale) and any(i.params.negative_prompt for i in items)
-    if _accepts(pipe, "callback_on_step_end") and on_progress is not None:
+    kwargs = _pipe_kwargs(run, first)
+    if plan is not None and source is not None:  # one plan: the first strength gives every item's timesteps
+        kwargs.update(num_inference_steps=plan.pipeline_steps, strength=source.strength)
+    use_negative = uses_cfg(run, first.guidance_scale) and any(i.params.negative_prompt for i in items)
+    if _accepts(run, "callback_on_step_end") and on_progress is not None:
         hook = on_progress
 
         def _step(_pipe: Any, _step: int, _timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -191,7 +243,11 @@ def begin(pipe: Any, safety: SafetyCheckers, spec: ModelSpec, settings: Settings
             batch.pop("negative_prompt", None)
             if use_negative:
                 batch["negative_prompt"] = [i.params.negative_prompt or "" for i in chunk]
-            decoded.append(decoder(pipe(**batch).images))
+            if task != TEXT_TO_IMAGE:
+                batch["image"] = [i.source.image for i in chunk if i.source is not None]
+            if task == INPAINTING:
+                batch["mask_image"] = [i.source.mask for i in chunk if i.source is not None]
+            decoded.append(decoder(run(**batch).images))
             if on_progress is not None:
                 on_progress()
         inference_seconds = time.perf_counter() - t0

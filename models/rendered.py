@@ -14,6 +14,35 @@ from farm.schemas import GenerateInput
 ProgressHook = Callable[[], None]
 
 
+@dataclass(frozen=True, eq=False)
+class SourceImages:
+    """The input images of an image-to-image (``mask`` None) or inpainting request, ready to render.
+
+    Made by ``models.source_image.prepare_sources``: ``image`` (RGB) and ``mask`` (L, white = repaint)
+    already have the request's render size (its ``image_size``); ``output_size`` is where ``crop_output``
+    crops the result to (the render size without it). ``strength`` follows diffusers (see
+    ``models.source_image.step_plan``).
+    """
+
+    image: Image.Image
+    mask: Image.Image | None = None
+    strength: float = 0.95
+    output_size: tuple[int, int] | None = None
+
+    @property
+    def task(self) -> str:
+        """``image-to-image`` or ``inpainting`` (fal's endpoint subpaths)."""
+        return "image-to-image" if self.mask is None else "inpainting"
+
+
+TEXT_TO_IMAGE = "text-to-image"
+
+
+def task_of(source: SourceImages | None) -> str:
+    """The task an item renders: ``text-to-image`` without source images."""
+    return TEXT_TO_IMAGE if source is None else source.task
+
+
 @dataclass(frozen=True)
 class RenderItem:
     """One image to render: image ``index`` of the request ``params``, with seed ``seed + index``.
@@ -26,6 +55,8 @@ class RenderItem:
     seed: int  # the request's seed
     index: int
     tag: str = ""
+    # image-to-image / inpainting: the request's input images (items of one batch share task and steps)
+    source: SourceImages | None = None
 
 
 @dataclass

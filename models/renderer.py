@@ -5,7 +5,8 @@
 
 ``load`` builds the pipeline (fp16 on CUDA, fp32 on CPU, ``LCMScheduler``), applies the speed
 settings (``models.speed``), loads the safety checkers and warms everything up with one tiny
-render, so the first request pays no first-call costs; with ``FARM_COMPILE``,
+render, so the first request pays no first-call costs (image-to-image and inpainting pipelines are
+derived from the loaded one on first use, sharing its weights: ``models.image_pipes``); with ``FARM_COMPILE``,
 ``warm_compiled()`` (called by the worker once its batch size is known) compiles and warms each
 configured size. Denoising is serialised by a lock: one pipeline serves one request at a time
 (request LoRAs and embeddings are applied to the shared pipeline). On CUDA, ``begin_items``
@@ -25,10 +26,11 @@ from farm.config import Settings, get_settings
 from farm.schemas import GenerateInput, ImageSize
 from models import speed
 from models.decode import Decoder
+from models.image_pipes import ImagePipelines
 from models.loading import load_pipeline
 from models.registry import ModelSpec, get_model
 from models.render import RenderedImage, RenderResult, begin, uses_cfg
-from models.rendered import PendingRender, ProgressHook, Ready, RenderItem
+from models.rendered import PendingRender, ProgressHook, Ready, RenderItem, SourceImages
 from models.safety import SafetyCheckers
 
 __all__ = ["RenderItem", "RenderResult", "RenderedImage", "DiffusersRenderer", "batch_from_memory"]
@@ -65,6 +67,7 @@ class DiffusersRenderer:
         self.load_seconds = 0.0
         self.per_image_bytes = 0  # GPU memory of one image at the default size (find_max_batch's probe)
         self.decoder = Decoder(pipe)
+        self.pipes = ImagePipelines(pipe, spec.family)  # image-to-image, inpainting: same weights, built once
         self.compiled = speed.CompileState(settings.compile != "none")
         self.overlap = device.startswith("cuda")  # finish batches (stage 7) in the caller's uploader thread
         self._lock = threading.Lock()
@@ -129,9 +132,10 @@ class DiffusersRenderer:
 
         return speed.timed_warm_up(run, shapes, self.compiled)
 
-    def render(self, params: GenerateInput, seed: int, indices: Sequence[int]) -> RenderResult:
-        """Render images ``indices`` of ``params``; image ``i`` uses seed ``seed + i``."""
-        return self.render_items([RenderItem(params, seed, i) for i in indices])
+    def render(self, params: GenerateInput, seed: int, indices: Sequence[int],
+               source: SourceImages | None = None) -> RenderResult:
+        """Render images ``indices`` of ``params`` (from ``source``, if given); image ``i`` uses seed ``seed + i``."""
+        return self.render_items([RenderItem(params, seed, i, source=source) for i in indices])
 
     def render_items(self, items: Sequence[RenderItem], on_progress: ProgressHook | None = None) -> RenderResult:
         """Render images of one or several compatible requests as one batch (see ``models.render``)."""
@@ -142,7 +146,7 @@ class DiffusersRenderer:
         with self._lock:
             self._check_compiled(items)
             pending = begin(self.pipe, self.safety, self.spec, self.settings, items, self.micro_batch, on_progress,
-                            self.decoder)
+                            self.decoder, self.pipes)
             return pending if self.overlap else Ready(pending.result())
 
     def _check_compiled(self, items: Sequence[RenderItem]) -> None:
