@@ -273,6 +273,13 @@ class Settings(BaseSettings):
     webhook_concurrency: int = Field(8, ge=1, description="Webhook attempts in flight at once per API process")
     webhook_poll_seconds: float = Field(0.5, description="How often the outbox is polled")
     webhook_key_path: Path | None = Field(None, description="ED25519 signing key (PEM); default under data_dir")
+    dns_servers: list[str] = Field(
+        default_factory=list, description="JSON list of name servers (`ip` or `ip:port`) for the URLs the farm "
+        "reaches (webhooks, file inputs); empty: the system's (/etc/resolv.conf, /etc/hosts)"
+    )
+    dns_timeout_seconds: float = Field(
+        5.0, gt=0, description="Most time one host name lookup may take where its request gives no shorter deadline"
+    )
 
     @field_validator("warm_sizes")
     @classmethod

@@ -1,8 +1,9 @@
 """SSRF guard for every URL the farm reaches on a user's behalf (webhooks, file inputs).
 
-A URL is vetted by resolving its host ONCE with the OS resolver (``getaddrinfo``, which
-also reads numeric tricks such as ``2130706433``, ``0x7f000001`` or ``127.1`` the way a
-connection would) and refusing it when ANY address is loopback, private, link-local,
+A URL is vetted by resolving its host ONCE (a numeric host, numeric tricks such as ``2130706433``,
+``0x7f000001`` or ``127.1`` included, is read by the OS's ``getaddrinfo`` the way a connection would,
+without a query; a name is looked up by c-ares, see below) and refusing it when ANY address is
+loopback, private, link-local,
 multicast, reserved, unspecified, shared (CGNAT ``100.64/10``) or otherwise not global,
 including IPv6 forms that embed such an IPv4 address (mapped, compatible, 6to4, Teredo,
 NAT64). The request then connects to the vetted address itself, sending the original
@@ -12,17 +13,29 @@ hand, each target vetted again. Only the listed schemes pass; ``file://`` never 
 
 ``settings.webhook_allowlist`` names hosts or CIDRs (optionally with ``:port``) that may be
 reached although internal: for tests and private deployments.
+
+Name lookups never block a shared thread past their request's deadline: a name server that never
+answers would hold ``getaddrinfo`` (which cannot be cancelled) for as long as the system resolver
+retries. c-ares (pycares) runs the lookups of this process on its own event thread, reading
+``/etc/hosts`` and ``/etc/resolv.conf`` (search domains, ndots) or ``settings.dns_servers``; the
+caller waits at most until the deadline it gives (a webhook attempt's, a download's; else
+``dns_timeout_seconds``) and then fails with :class:`UnresolvableURLError`.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
+import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
+import pycares
 
 from farm.config import Settings
 
@@ -163,19 +176,12 @@ def parse_url(url: str | httpx.URL, schemes: Iterable[str]) -> httpx.URL:
     return parsed
 
 
-def _resolve(host: str, port: int, numeric_only: bool) -> list[IPAddress] | None:
-    flags = socket.AI_NUMERICHOST if numeric_only else 0
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=flags)
-    except (socket.gaierror, UnicodeError) as exc:
-        if numeric_only:
-            return None  # a name: resolved (and checked) when it is used
-        raise UnresolvableURLError(f"host {host!r} does not resolve: {exc}") from None
+def _addresses(host: str, found: Iterable[tuple[int, str]]) -> list[IPAddress]:
     addresses: list[IPAddress] = []
-    for family, *_, sockaddr in infos:
+    for family, text in found:
         if family not in (socket.AF_INET, socket.AF_INET6):
             raise UnsafeURLError(f"host {host!r} resolves to a non-IP address")
-        ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])  # a scope only comes with link-local
+        ip = ipaddress.ip_address(text.split("%", 1)[0])  # a scope only comes with link-local
         if ip not in addresses:
             addresses.append(ip)
     if not addresses:
@@ -183,20 +189,75 @@ def _resolve(host: str, port: int, numeric_only: bool) -> list[IPAddress] | None
     return addresses
 
 
+def _numeric(host: str, port: int) -> list[IPAddress] | None:
+    """The addresses of a numeric host, read by the OS as a connection would (no query); None for a name."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    except (socket.gaierror, UnicodeError):
+        return None
+    return _addresses(host, ((family, str(sockaddr[0])) for family, *_, sockaddr in infos))
+
+
+_channels: dict[tuple[int, tuple[str, ...]], pycares.Channel] = {}
+_channels_lock = threading.Lock()
+
+
+def _channel(servers: tuple[str, ...]) -> pycares.Channel:
+    """This process's c-ares channel for ``servers`` (empty: the system's); one per process, because a
+    forked child has none of its parent's event thread."""
+    key = (os.getpid(), servers)
+    with _channels_lock:
+        channel = _channels.get(key)
+        if channel is None:
+            channel = _channels[key] = pycares.Channel(servers=list(servers) or None)
+        return channel
+
+
+def _lookup(host: str, port: int, settings: Settings, deadline: float) -> list[IPAddress]:
+    """``host``'s addresses from c-ares, waited for at most until ``deadline`` (``time.monotonic()``)."""
+    allowed = max(0.0, deadline - time.monotonic())
+    done = threading.Event()
+    answer: list[Any] = []
+
+    def got(result: Any, error: int | None) -> None:  # on c-ares's event thread
+        answer.extend((result, error))
+        done.set()
+
+    try:
+        _channel(tuple(settings.dns_servers)).getaddrinfo(host, port, type=socket.SOCK_STREAM, callback=got)
+    except (pycares.AresError, UnicodeError, ValueError) as exc:
+        raise UnresolvableURLError(f"host {host!r} does not resolve: {exc}") from None
+    if not done.wait(allowed):  # the query is left to c-ares, which drops it at its own timeout
+        raise UnresolvableURLError(f"host {host!r} did not resolve before the deadline: its name servers did "
+                                   "not answer")
+    result, error = answer
+    if error:
+        reason = str(pycares.errno.strerror(error))  # typed bytes, a str at run time
+        raise UnresolvableURLError(f"host {host!r} does not resolve: {reason}")
+    found = _addresses(host, ((node.family, node.addr[0].decode("ascii")) for node in result.nodes))
+    return sorted(found, key=lambda ip: ip.version)  # IPv4 first, as the OS resolver orders ``localhost``: the
+    # connection uses the first address only, and a receiver on a dual-stack name may listen on IPv4 alone
+
+
 def vet(
-    url: str | httpx.URL, settings: Settings, *, schemes: Iterable[str] = ("https", "http"), resolve: bool = True
+    url: str | httpx.URL, settings: Settings, *, schemes: Iterable[str] = ("https", "http"), resolve: bool = True,
+    deadline: float | None = None,
 ) -> Target | None:
     """Check ``url`` and return where to connect; raise UnsafeURLError / UnresolvableURLError.
 
-    With ``resolve=False`` no DNS query is made: only a numeric host is checked, and None
+    A name is looked up until ``deadline`` (``time.monotonic()``; None: ``dns_timeout_seconds`` from
+    now). With ``resolve=False`` no DNS query is made: only a numeric host is checked, and None
     comes back for a name (the caller vets it again, resolving, when it connects).
     """
     parsed = parse_url(url, schemes)
     host = parsed.raw_host.decode("ascii")
     port = parsed.port or DEFAULT_PORTS.get(parsed.scheme, 0)
-    addresses = _resolve(host, port, numeric_only=not resolve)
+    addresses = _numeric(host, port)
     if addresses is None:
-        return None
+        if not resolve:
+            return None
+        limit = time.monotonic() + settings.dns_timeout_seconds
+        addresses = _lookup(host, port, settings, limit if deadline is None else min(deadline, limit))
     entries = allow_entries(settings)
     listed = [any(e.matches(host, ip, port) for e in entries) for ip in addresses]
     for ip, ok in zip(addresses, listed, strict=True):
@@ -208,10 +269,11 @@ def vet(
 
 
 def check_url(
-    url: str, settings: Settings, *, schemes: Iterable[str] = ("https", "http"), resolve: bool = True
+    url: str, settings: Settings, *, schemes: Iterable[str] = ("https", "http"), resolve: bool = True,
+    deadline: float | None = None,
 ) -> None:
     """Raise a ValueError (UnsafeURLError or UnresolvableURLError) naming why ``url`` may not be reached."""
-    vet(url, settings, schemes=schemes, resolve=resolve)
+    vet(url, settings, schemes=schemes, resolve=resolve, deadline=deadline)
 
 
 # -- pinned requests ----------------------------------------------------------------------------
@@ -261,8 +323,9 @@ def open_url(
     Redirects (up to ``max_redirects``) are followed here, each target vetted anew: 307/308
     keep the method and body, the others turn into a GET without a body. With
     ``tls_unless_allowlisted``, a plain ``http://`` hop must be on the allow-list. ``deadline``
-    (``time.monotonic()``) bounds the whole exchange, redirects and body included: past it the
-    next network operation fails with ``httpx.TimeoutException`` (``farm.deadline``).
+    (``time.monotonic()``) bounds the whole exchange, name lookups, redirects and body included: past it
+    the next network operation fails with ``httpx.TimeoutException`` (``farm.deadline``), a lookup
+    with ``UnresolvableURLError``.
     Transport failures raise ``httpx.HTTPError``.
     """
     allowed = tuple(schemes)
@@ -270,7 +333,7 @@ def open_url(
     body = content
     with _client(timeout, deadline) as client:
         for _ in range(max_redirects + 1):
-            target = vet(current, settings, schemes=allowed)
+            target = vet(current, settings, schemes=allowed, deadline=deadline)
             assert target is not None
             if tls_unless_allowlisted and target.url.scheme != "https" and not target.allowlisted:
                 raise UnsafeURLError(f"plain http to {target.host} is refused (use https, or allow-list the host)")

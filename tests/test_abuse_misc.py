@@ -16,15 +16,17 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.api_stack import ApiStack
+from tests.api_stack import APP, ApiStack, idle_input
 from tests.receivers import Receiver
 from tests.services import free_port
 from tests.workers import clean_env
@@ -99,6 +101,82 @@ def lonely(api_stack: ApiStack, postgres_server: Any, blackhole: Blackhole, hook
         yield stack
     finally:
         stack.stop()
+
+
+# -- 9: a name server that never answers ----------------------------------------------------------------
+
+SILENT = "tenant-a.example"  # any name: lonely asks the blackhole, which answers nothing
+
+
+def _until(what: str, check: Any, seconds: float = 90) -> Any:
+    """Poll ``check`` (bounded: at most ``seconds``, every 0.2 s) until it returns something true."""
+    end = time.monotonic() + seconds
+    while True:
+        got = check()
+        if got:
+            return got
+        assert time.monotonic() < end, f"{what}: not within {seconds:g} s"
+        time.sleep(0.2)
+
+
+def test_webhooks_to_a_silent_name_server_hold_no_one_else(lonely: ApiStack, blackhole: Blackhole,
+                                                           hook_receiver: Receiver) -> None:
+    """Tenant A's webhooks name hosts whose name server never answers. Its submits are answered at once
+    (no lookup on the request path), its deliveries fail with a clear error at their deadline, and
+    meanwhile tenant B's submit, status reads and webhook go through."""
+    a_key, b_key = lonely.make_key("dns-a"), lonely.make_key("dns-b")
+    hooks = [f"http://hook{i}.{SILENT}:{hook_receiver.port}/a{i}" for i in range(10)]
+    with lonely.client(a_key) as a, ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(lambda hook: a.post(f"/{APP}", json=idle_input(), params={"fal_webhook": hook}),
+                                hooks))
+        assert [r.status_code for r in answers] == [200] * 10, [r.text[:300] for r in answers]
+        assert blackhole.queries == 0  # nothing was looked up to answer them
+        a_ids = [r.json()["request_id"] for r in answers]
+        for rid in a_ids:  # each ends CANCELLED: its webhook is due now
+            assert a.put(f"/{APP}/requests/{rid}/cancel").status_code == 202
+    _until("A's first lookups", lambda: blackhole.queries > 0)
+    with lonely.client(b_key) as b:
+        r = b.post(f"/{APP}", json=idle_input(), params={"fal_webhook": hook_receiver.url("/b")})
+        assert r.status_code == 200, r.text
+        b_id = r.json()["request_id"]
+        assert b.get(f"/{APP}/requests/{b_id}/status").json()["status"] == "IN_QUEUE"
+        assert b.put(f"/{APP}/requests/{b_id}/cancel").status_code == 202
+        _until("B's webhook", lambda: any(req.path == "/b" for req in hook_receiver.requests))
+        assert b.get(f"/{APP}/requests/{b_id}/status").status_code == 200
+    # B was delivered while A's deliveries (two at a time, each up to its deadline) were still going on
+    pending = lonely.sql("SELECT count(*) FROM webhook_deliveries WHERE owner = 'dns-a' AND status = 'pending'")
+    assert pending[0][0] > 0, pending
+
+    def settled() -> list[Any]:
+        rows = lonely.sql("SELECT d.status, a.error FROM webhook_deliveries d JOIN webhook_attempts a "
+                          "ON a.delivery_id = d.id WHERE d.owner = 'dns-a'")
+        return rows if len(rows) == 10 and all(status == "failed" for status, _ in rows) else []
+
+    rows = _until("A's deliveries to fail", settled, 180)
+    for _, error in rows:
+        assert "did not resolve before the deadline" in error and SILENT in error, error
+    assert not [req.path for req in hook_receiver.requests if req.path.startswith("/a")]
+    assert lonely.sql("SELECT status FROM webhook_deliveries WHERE owner = 'dns-b'") == [("delivered",)]
+
+
+def test_a_url_input_on_a_silent_name_server_fails_its_job_by_its_deadline(lonely: ApiStack,
+                                                                         blackhole: Blackhole) -> None:
+    """The fetch stage looks a LoRA URL's host up within the download's deadline: the job fails naming the
+    field and the cause, and another tenant's reads go through meanwhile."""
+    lora = {"path": f"https://weights.{SILENT}/style.safetensors", "scale": 1.0}
+    with lonely.client(lonely.make_key("dns-fetch")) as a, lonely.client(lonely.make_key("dns-reader")) as b:
+        r = a.post(f"/{APP}", json=idle_input(loras=[lora]))
+        assert r.status_code == 200, r.text
+        rid = r.json()["request_id"]
+        other = b.post(f"/{APP}", json=idle_input())
+        assert other.status_code == 200, other.text
+        assert b.get(f"/{APP}/requests/{other.json()['request_id']}/status").json()["status"] == "IN_QUEUE"
+        _until("the job to fail", lambda: lonely.sql("SELECT 1 FROM jobs WHERE id = :i AND status = 'FAILED'",
+                                                     i=rid), 120)
+    ((error, error_type),) = lonely.sql("SELECT error, error_type FROM jobs WHERE id = :i", i=rid)
+    assert error_type == "file_download_error", (error, error_type)
+    assert error.startswith("loras.0.path") and "did not resolve before the deadline" in error, error
+    assert blackhole.queries > 0  # it was asked, and never answered
 
 
 # -- 11: metrics are closed by default ------------------------------------------------------------------

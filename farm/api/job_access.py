@@ -51,7 +51,9 @@ def get_job(request_id: str, owner: str) -> Job:
 
 
 def check_webhook(url: str, settings: Settings) -> None:
-    """Refuse a webhook URL that is malformed or reaches an internal address (farm.netguard)."""
+    """Refuse a webhook URL that is malformed or names an internal address (farm.netguard). No DNS here: a
+    name is looked up when the webhook is delivered (vetted again, under the attempt's deadline and the
+    owner's delivery limit), so a name server that never answers holds no request thread."""
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
         raise RequestFieldError("query", "fal_webhook", "must not contain spaces or control characters")
     parsed = urlparse(url)
@@ -60,7 +62,7 @@ def check_webhook(url: str, settings: Settings) -> None:
     from farm.netguard import check_url  # a guard fails closed: no fallback if it cannot be imported
 
     try:
-        check_url(url, settings)
+        check_url(url, settings, resolve=False)
     except ValueError as exc:
         raise RequestFieldError("query", "fal_webhook", str(exc)) from None
 
@@ -148,8 +150,8 @@ def submit_job(
     back and records nothing. Admission (farm.admission: bounds, file references, upload
     owners) comes first, in the caller's thread (routes run this off the event loop).
     An owner whose daily GPU-second quota is spent gets 429 (farm.accounting).
-    A webhook URL is vetted (DNS) before the transaction, and only for
-    a new request, so that request looks its key up first.
+    A webhook URL is vetted (no DNS: a name is checked when delivered) before the transaction, and only
+    for a new request, so that request looks its key up first.
     """
     inp = admission.admit(inp, tenant.owner, settings)  # FastAPI parsed only the shape
     fields = inp.model_dump(mode="json")

@@ -6,10 +6,11 @@ one lease ahead), so a dispatcher that dies mid-delivery only delays that row by
 The body is built from the ledger when the attempt is made (the outbox row holds none).
 
 Abuse bounds: each attempt has a wall-clock deadline for the whole exchange
-(``webhook_timeout_seconds``: connect, send, status line, redirects; a receiver that trickles
-is cut at it), at most ``webhook_deliveries_per_owner`` rows of one owner are in flight at once
-across the farm, and attempts run in their own threads (``webhook_concurrency`` per process),
-never waited for by the poll loop: one slow endpoint holds its owner's slots, nobody else's.
+(``webhook_timeout_seconds``: the name lookup, connect, send, status line, redirects; a receiver
+that trickles, or a name server that never answers, is cut at it), at most
+``webhook_deliveries_per_owner`` rows of one owner are in flight at once across the farm, and
+attempts run in their own threads (``webhook_concurrency`` per process), never waited for by the
+poll loop: one slow endpoint holds its owner's slots, nobody else's.
 
 Outcome of an attempt (one ``webhook_attempts`` row each): 2xx → ``delivered``; 410 →
 ``gone`` (never again); a URL the SSRF guard refuses → ``failed`` at once; anything else →
