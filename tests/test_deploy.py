@@ -10,8 +10,8 @@ checked against its schema instead, and against the farm itself.
 - the KEDA triggers name exactly the Redis lists of their model's work: its lanes (``farm.queues``) and its
   realtime frames (``farm.realtime.lane``);
 - what every API replica must share (each setting that is otherwise made per host under the data dir) is set;
-- only Prometheus reads ``/metrics`` (``FARM_METRICS_TOKEN`` on both sides); clients get S3 URLs they can open
-  (``FARM_S3_PUBLIC_ENDPOINT``); a ``farm bulk worker`` runs ``POST /bulk`` jobs.
+- only Prometheus reads ``/metrics`` (``FARM_METRICS_TOKEN`` on both sides, never ``FARM_METRICS_OPEN``); clients
+  get S3 URLs they can open (``FARM_S3_PUBLIC_ENDPOINT``); a ``farm bulk worker`` runs ``POST /bulk`` jobs.
 """
 
 from __future__ import annotations
@@ -118,6 +118,14 @@ def test_every_farm_variable_is_a_setting() -> None:
     assert {"FARM_BROKER_URL", "FARM_DATABASE_URL", "FARM_STORAGE_URL", "FARM_WEBHOOK_KEY_PATH"} <= set(found)
     unknown = {name: sorted(where) for name, where in found.items() if name not in SETTINGS}
     assert not unknown, f"FARM_* variables that farm/config.py does not know: {unknown}"
+
+
+def test_no_deployment_opens_the_metrics() -> None:
+    """Issue 20, finding 11: the metrics name owners and are closed without FARM_METRICS_TOKEN; no deployment opens
+    them (FARM_METRICS_OPEN), so a token left out fails closed (401), and every farm process has one."""
+    found = _farm_vars()
+    assert "FARM_METRICS_OPEN" not in found, found.get("FARM_METRICS_OPEN")
+    assert "FARM_METRICS_TOKEN" in found
 
 
 # --- what every API replica must share

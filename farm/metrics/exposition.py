@@ -126,6 +126,9 @@ def serve(host: str, port: int, token: str | None, open_: bool = False) -> WSGIS
         pass
 
     reg = registry()
+    if not token and not open_:
+        log.warning("metrics closed: no FARM_METRICS_TOKEN, so every scrape gets 401 (set the token, or "
+                    "FARM_METRICS_OPEN=true on a private network)")
 
     def app(environ: dict[str, Any], start: Callable[..., Any]) -> list[bytes]:
         if environ.get("PATH_INFO", "/") not in ("/", "/metrics"):
