@@ -168,6 +168,10 @@ class Settings(BaseSettings):
     auth_enabled: bool = Field(True, description="Require `Authorization: Key …`; off only when set false")
     max_jobs_in_flight: int = Field(100, description="Per owner: queued + running jobs (a key may set less)")
     file_input_max_bytes: int = Field(64 * 2**20, description="Largest LoRA/embedding URL or data URI input")
+    input_cache_max_bytes: int = Field(
+        2 * 2**30, ge=0, description="Per host and data_dir: bytes the local cache of file inputs (<data_dir>/inputs) "
+        "may hold; past it the least recently used files are deleted (the one in use stays)"
+    )
     max_upload_bytes: int = Field(64 * 2**20, ge=1, description="Largest file one upload may store")
     upload_quota_bytes: int = Field(
         1 * 2**30, ge=0, description="Per owner: bytes all their uploads may hold together (0: no uploads)"

@@ -5,14 +5,21 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 import threading
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+import pytest
 from minio import Minio
 
 from tests import test_abuse
 from tests.api_stack import APP, ApiStack, idle_input
+from tests.receivers import Receiver
+from tests.services import free_port
 
 guarded = test_abuse.guarded  # module fixture: a second farm api with small limits (one for this module)
 
@@ -159,4 +166,87 @@ def test_a_burst_of_identical_submits_with_a_data_uri_at_the_in_flight_limit(gua
     assert _stored_inputs(guarded, owner) == named
     with guarded.client(key) as c:
         for rid, _ in rows:
+            c.put(f"/{APP}/requests/{rid}/cancel")
+
+
+CACHE_CAP = 250_000
+LORA = 100_000
+
+
+@pytest.fixture(scope="module")
+def fetching(api_stack: ApiStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ApiStack, Receiver]]:
+    """A ``farm api`` that fetches https:// file inputs from a loopback server it trusts (allow-listed, its
+    CA in SSL_CERT_FILE), with a small input cache and upload quota and a data_dir of its own (the cache
+    measured is its alone); on the session stack's ledger and S3."""
+    trustme = pytest.importorskip("trustme")
+    root = tmp_path_factory.mktemp("abuse-fetch")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(root / "files-ca.pem"))
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(tls)
+    with Receiver(tls=tls) as files:
+        env = {**api_stack.env, "FARM_DATA_DIR": str(root / "data"), "SSL_CERT_FILE": str(root / "files-ca.pem"),
+               "FARM_WEBHOOK_ALLOWLIST": json.dumps([f"localhost:{files.port}"]),
+               "FARM_INPUT_CACHE_MAX_BYTES": str(CACHE_CAP), "FARM_UPLOAD_QUOTA_BYTES": str(4 * LORA)}
+        stack = ApiStack(env=env, db_url=api_stack.db_url, bucket=api_stack.bucket, port=free_port(),
+                         ca_path=api_stack.ca_path, log_path=root / "api.log", worker=api_stack.worker)
+        stack.start()
+        try:
+            yield stack, files
+        finally:
+            stack.stop()
+
+
+def _fetched(stack: ApiStack, rid: str) -> str:
+    """The job's status once the fetch stage is done with it (bounded wait)."""
+    for _ in range(600):  # 60 s at most
+        (status, waiting), = stack.sql("SELECT j.status, count(b.id) FILTER (WHERE b.status = 'fetching') FROM jobs j "
+                                       "JOIN batches b ON b.job_id = j.id WHERE j.id = :id GROUP BY j.status", id=rid)
+        if status != "IN_QUEUE" or waiting == 0:
+            return str(status)
+        time.sleep(0.1)
+    raise AssertionError(f"{rid} was never fetched")
+
+
+def _cache(stack: ApiStack) -> dict[str, bytes]:
+    folder = Path(stack.env["FARM_DATA_DIR"]) / "inputs"
+    return {p.name: p.read_bytes() for p in folder.glob("*") if p.is_file() and not p.name.startswith(".tmp-")}
+
+
+def test_the_input_cache_is_bounded_and_written_only_within_the_quota(fetching: tuple[ApiStack, Receiver]) -> None:
+    """Eight URLs of one file (``?n=1`` … ``?n=8``) each cost a download, but the API's cache keeps at most
+    FARM_INPUT_CACHE_MAX_BYTES (it kept a full copy per URL); a download that does not fit in its owner's
+    quota fails the job and leaves no copy in the cache (it was cached before the quota check)."""
+    stack, files = fetching
+    lora = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      " + b"c" * (LORA - 16)
+    files.default = (200, {"Content-Type": "application/octet-stream"}, lora)
+    key = stack.make_key("abuse-cache", "--max-in-flight", "20")
+    rids = []
+    with stack.client(key) as c:
+        for n in range(1, 9):
+            url = files.url(f"/lora.safetensors?n={n}", host="localhost")
+            r = c.post(f"/{APP}", json=idle_input(loras=[{"path": url}]))
+            assert r.status_code == 200, r.text
+            rids.append(r.json()["request_id"])
+            assert _fetched(stack, rids[-1]) == "IN_QUEUE"  # fetched, stored, queued (no worker serves it)
+    assert len(files.requests) == 8
+    cached = _cache(stack)
+    assert 0 < sum(map(len, cached.values())) <= CACHE_CAP, {k: len(v) for k, v in cached.items()}
+    assert all(v == lora for v in cached.values())
+
+    # an owner whose quota is nearly full: the download is refused by the quota, and never cached
+    full = stack.make_key("abuse-cache-full")
+    other = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      " + b"d" * (LORA - 16)
+    files.default = (200, {"Content-Type": "application/octet-stream"}, other)
+    with stack.client(full) as c:
+        assert c.post("/storage/upload", params={"file_name": "f.bin"}, content=b"f" * (4 * LORA - 1000)).is_success
+        r = c.post(f"/{APP}", json=idle_input(loras=[{"path": files.url("/other.safetensors", host="localhost")}]))
+        assert r.status_code == 200, r.text
+        assert _fetched(stack, r.json()["request_id"]) == "FAILED"
+        state = c.get(f"/{APP}/requests/{r.json()['request_id']}/status").json()
+    assert "FARM_UPLOAD_QUOTA_BYTES" in state["error"] and "loras.0.path" in state["error"], state
+    assert stack.bucket not in state["error"] and "abuse-cache-full/" not in state["error"], state
+    assert other not in _cache(stack).values()
+    with stack.client(key) as c:
+        for rid in rids:
             c.put(f"/{APP}/requests/{rid}/cancel")

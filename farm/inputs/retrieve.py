@@ -1,12 +1,15 @@
 """Getting a file input's bytes: into the local cache of this process, or from the network into storage.
 
 :func:`materialise` turns an input into a local file under ``<data_dir>/inputs``, written atomically
-and cached: by content hash for data URIs, by key or URL hash otherwise; an ``https://`` URL is
-streamed through the SSRF guard with the size cap (``file_input_max_bytes``) within a wall-clock
+and cached: by content hash for data URIs, by key or URL hash otherwise. The cache holds at most
+``input_cache_max_bytes``: each write evicts the least recently used files past it (a hit is a use),
+so neither ``?n=1``, ``?n=2`` … of one URL nor many owners' inputs fill the disk. An ``https://`` URL
+is streamed through the SSRF guard with the size cap (``file_input_max_bytes``) within a wall-clock
 deadline (``input_fetch_deadline_seconds``). :func:`fetch_one` gets one URL or hub input into
 storage for the fetch stage (``farm.lifecycle.fetch``): no GPU worker fetches anything over the
-network. A hub id is resolved to ONE weights file, size-checked: from the local Hugging Face cache
-when the hub is offline (``HF_HUB_OFFLINE``), else downloaded from ``HF_ENDPOINT`` like any URL.
+network, and a download reaches the cache only once it is stored, within the owner's quota. A hub id
+is resolved to ONE weights file, size-checked: from the local Hugging Face cache when the hub is
+offline (``HF_HUB_OFFLINE``), else downloaded from ``HF_ENDPOINT`` like any URL.
 
 The last stage of ``farm.inputs``: imports refs, quota and staging. Import-light: no torch, no huggingface_hub.
 """
@@ -16,11 +19,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
 from contextvars import ContextVar
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 
@@ -59,34 +64,59 @@ def _cache_dir(settings: Settings) -> Path:
 
 
 def _cached(folder: Path, digest: str) -> Path | None:
-    return next((p for p in sorted(folder.glob(f"{digest}.*")) if p.is_file()), None)
+    found = next((p for p in sorted(folder.glob(f"{digest}.*")) if p.is_file()), None)
+    if found is not None:
+        with contextlib.suppress(OSError):  # a use: the last to be evicted (gone meanwhile: a miss below)
+            os.utime(found)
+    return found if found is not None and found.exists() else None
 
 
-def _publish(folder: Path, digest: str, tmp: Path, head: bytes) -> Path:
+def _evict(folder: Path, keep: Path, settings: Settings) -> None:
+    """Delete the least recently used files until the cache holds at most ``input_cache_max_bytes``;
+    ``keep`` (the file just written, about to be read) stays, whatever its size."""
+    files = []
+    for path in folder.iterdir():
+        try:
+            st = path.stat()
+        except OSError:  # gone meanwhile (another process evicts too)
+            continue
+        if stat.S_ISREG(st.st_mode) and not path.name.startswith(".tmp-"):
+            files.append((st.st_mtime, st.st_size, path))
+    total = sum(size for _, size, _ in files)
+    for _, size, path in sorted(files):
+        if total <= settings.input_cache_max_bytes:
+            return
+        if path != keep:
+            path.unlink(missing_ok=True)
+            total -= size
+
+
+def _publish(folder: Path, digest: str, tmp: Path, head: bytes, settings: Settings) -> Path:
     final = folder / f"{digest}{_suffix(head)}"
     os.replace(tmp, final)  # atomic: a reader sees no file or the whole file
+    _evict(folder, final, settings)
     return final
 
 
-def _write(folder: Path, digest: str, data: bytes) -> Path:
+def _write(folder: Path, digest: str, data: bytes, settings: Settings) -> Path:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        return _publish(folder, digest, Path(tmp), data[:16])
+        return _publish(folder, digest, Path(tmp), data[:16], settings)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _download(url: str, folder: Path, digest: str, settings: Settings) -> Path:
+def _stream(url: str, fh: BinaryIO, settings: Settings) -> bytes:
+    """Write the URL's bytes to ``fh`` through the SSRF guard, capped and within the deadline; the first bytes."""
     limit = settings.file_input_max_bytes
     seconds = settings.input_fetch_deadline_seconds
     deadline = time.monotonic() + seconds
     late = f"the download did not finish within its {seconds:g} s deadline (FARM_INPUT_FETCH_DEADLINE_SECONDS)"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
-        with os.fdopen(fd, "wb") as fh, netguard.open_url(
+        with netguard.open_url(
             "GET", url, settings, timeout=FETCH_TIMEOUT_SECONDS, tls_unless_allowlisted=True, deadline=deadline
         ) as response:
             if response.status_code == 404:
@@ -105,9 +135,6 @@ def _download(url: str, folder: Path, digest: str, settings: Settings) -> Path:
                     raise TimeoutError(late)
                 head = head or chunk[:16]
                 fh.write(chunk)
-        if size == 0:
-            raise ValueError("it is empty")
-        return _publish(folder, digest, Path(tmp), head)
     except httpx.TimeoutException as exc:
         if time.monotonic() >= deadline:
             raise TimeoutError(late) from exc
@@ -116,8 +143,27 @@ def _download(url: str, folder: Path, digest: str, settings: Settings) -> Path:
         raise ConnectionError(f"fetching it failed: {netguard.describe(exc)}") from exc
     except netguard.UnresolvableURLError as exc:
         raise ConnectionError(str(exc)) from exc
+    if size == 0:
+        raise ValueError("it is empty")
+    return head
+
+
+@contextlib.contextmanager
+def _downloaded(url: str, folder: Path, settings: Settings) -> Iterator[tuple[Path, bytes]]:
+    """The URL's bytes in a temporary file of the cache folder, and their first bytes; the file is deleted
+    when the block ends unless the block moved it into the cache (:func:`_publish`)."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            head = _stream(url, fh, settings)
+        yield Path(tmp), head
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _download(url: str, folder: Path, digest: str, settings: Settings) -> Path:
+    with _downloaded(url, folder, settings) as (tmp, head):
+        return _publish(folder, digest, tmp, head, settings)
 
 
 def materialise(kind: Kind, value: str, settings: Settings) -> Path:
@@ -127,7 +173,7 @@ def materialise(kind: Kind, value: str, settings: Settings) -> Path:
     if kind == "data":
         data = decode_data_uri(value, settings.file_input_max_bytes)
         digest = hashlib.sha256(data).hexdigest()
-        return _cached(folder, digest) or _write(folder, digest, data)
+        return _cached(folder, digest) or _write(folder, digest, data, settings)
     if kind in ("upload", "stored"):
         key = value.removeprefix(STORED) if kind == "stored" else upload_key(value) or value
         owner = _owner.get()
@@ -149,7 +195,7 @@ def materialise(kind: Kind, value: str, settings: Settings) -> Path:
         cap = settings.file_input_max_bytes
         if len(data) > cap:
             raise ValueError(f"the file is more than the {_mib(cap)} allowed (FARM_FILE_INPUT_MAX_BYTES)")
-        return _write(folder, digest, data)
+        return _write(folder, digest, data, settings)
     digest = "url-" + hashlib.sha256(value.encode()).hexdigest()
     return _cached(folder, digest) or _download(value, folder, digest, settings)
 
@@ -191,12 +237,26 @@ def _cached_hub_file(repo: str, names: tuple[str, ...], settings: Settings) -> P
     return path
 
 
-def _hub_download(repo: str, names: tuple[str, ...], settings: Settings) -> Path:
+def _fetch_url(url: str, owner: str, storage: Storage, settings: Settings) -> str:
+    """Get a URL into the owner's storage (within its quota); its key. The download reaches this process's
+    cache only after it is stored: an owner whose quota is full leaves no copy on this host's disk."""
+    folder = _cache_dir(settings)
+    digest = "url-" + hashlib.sha256(url.encode()).hexdigest()
+    cached = _cached(folder, digest)  # one download per process and URL while the cache keeps it
+    if cached is not None:
+        return store_blob(owner, cached.read_bytes(), storage, settings)[0]
+    with _downloaded(url, folder, settings) as (tmp, head):
+        key, _ = store_blob(owner, tmp.read_bytes(), storage, settings)  # the quota first (UploadQuotaError)
+        _publish(folder, digest, tmp, head, settings)
+    return key
+
+
+def _hub_download(repo: str, names: tuple[str, ...], owner: str, storage: Storage, settings: Settings) -> str:
     endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
     misses = []
     for name in names:
         try:
-            return materialise("url", f"{endpoint}/{repo}/resolve/main/{name}", settings)
+            return _fetch_url(f"{endpoint}/{repo}/resolve/main/{name}", owner, storage, settings)
         except RemoteNotFoundError:
             misses.append(name)
         except ValueError as exc:
@@ -211,10 +271,9 @@ def fetch_one(field: str, path: str, owner: str, settings: Settings, storage: St
     TimeoutError / ConnectionError / StorageError: could not be got now."""
     storage = storage or get_storage(settings)
     if kind_of(path) == "url":
-        local = materialise("url", path, settings)  # the local cache, by URL: one download per process
-    else:
-        names = HUB_FILES["loras" if field.startswith("loras") else "embeddings"]
-        local = (_cached_hub_file(path, names, settings) if hub_offline()
-                 else _hub_download(path, names, settings))
-    key, _ = store_blob(owner, local.read_bytes(), storage, settings)
+        return STORED + _fetch_url(path, owner, storage, settings)
+    names = HUB_FILES["loras" if field.startswith("loras") else "embeddings"]
+    if not hub_offline():
+        return STORED + _hub_download(path, names, owner, storage, settings)
+    key, _ = store_blob(owner, _cached_hub_file(path, names, settings).read_bytes(), storage, settings)
     return STORED + key
