@@ -1,14 +1,16 @@
 """Short-lived realtime tokens (``POST /tokens/``), as fal's REST API hands them out.
 
 A token names its owner, the key that asked for it (revoking the key voids its tokens) and the
-apps it may open, and expires after ``token_expiration`` seconds. It is signed with HMAC-SHA256
-by itsdangerous over ``FARM_REALTIME_TOKEN_SECRET`` (default: a random secret made once under the
-data dir, mode 0600; API processes on several hosts must share it). It only opens a realtime
+apps it may open, and expires after ``token_expiration`` seconds. It is signed with HMAC-SHA256 by
+itsdangerous (whose default is SHA-1: :data:`SIGNER` names SHA-256, and a token signed with another
+digest is refused) over ``FARM_REALTIME_TOKEN_SECRET`` (default: a random secret made once under
+the data dir, mode 0600; API processes on several hosts must share it). It only opens a realtime
 connection (``?fal_jwt_token=…``); it is never accepted as an API key.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import threading
@@ -21,6 +23,7 @@ from itsdangerous import BadSignature, URLSafeSerializer
 from farm.config import Settings
 
 SALT = "lcm-farm realtime token v1"
+SIGNER = {"digest_method": hashlib.sha256}  # the key derivation and the HMAC
 _lock = threading.Lock()
 _serializers: dict[str, URLSafeSerializer] = {}
 
@@ -65,7 +68,7 @@ def _serializer(settings: Settings) -> URLSafeSerializer:
     with _lock:
         ser = _serializers.get(secret)
         if ser is None:
-            ser = _serializers[secret] = URLSafeSerializer(secret, salt=SALT)
+            ser = _serializers[secret] = URLSafeSerializer(secret, salt=SALT, signer_kwargs=SIGNER)
         return ser
 
 
