@@ -1,4 +1,5 @@
-"""The ledger's tables: jobs, one row per image, job log lines, keys, webhooks, batches, workers, usage.
+"""The ledger's tables: jobs, one row per image, job log lines, keys, webhooks, batches, workers, usage,
+storage usage.
 
 The declarative base and column types are in ``db.base``, the bulk tables in ``db.bulk_tables``; both are
 re-exported here, so ``db.models`` names every table. ``Job.status`` loads as a :class:`JobStatus`.
@@ -31,8 +32,8 @@ from farm.errors import WorkerNameTakenError
 from farm.status import JobStatus
 
 __all__ = ["NAMING_CONVENTION", "ApiKey", "Base", "Batch", "BulkJob", "BulkSample", "BulkShard", "Image", "Job",
-           "JobLog", "JSONType", "StatusType", "UTCDateTime", "Usage", "WebhookAttempt", "WebhookDelivery", "Worker",
-           "utcnow"]
+           "JobLog", "JSONType", "StatusType", "StorageUsage", "UTCDateTime", "Usage", "WebhookAttempt",
+           "WebhookDelivery", "Worker", "utcnow"]
 
 _STATUS_VALUES = ", ".join(f"'{s.value}'" for s in JobStatus)
 
@@ -286,3 +287,16 @@ class Usage(Base):
     images: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     frames: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+
+
+class StorageUsage(Base):
+    """Bytes an owner keeps in storage (uploads and stored inputs): a counter kept with the writes.
+
+    Changed (:mod:`db.storage_usage`) in the transaction that stores or deletes the object, under the
+    owner's storage lock, so the upload quota is one row read, never a LIST of the owner's objects.
+    """
+
+    __tablename__ = "storage_usage"
+
+    owner: Mapped[str] = mapped_column(String(128), primary_key=True)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")

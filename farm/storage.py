@@ -206,7 +206,7 @@ class S3Storage:
         if not settings.s3_endpoint:
             raise StorageError("FARM_STORAGE_URL is s3://… but FARM_S3_ENDPOINT is not set")
         self.client = _minio(settings.s3_endpoint, settings.s3_secure, settings)
-        # URLs handed to clients (results, upload URLs) are signed for the endpoint they reach, when it differs
+        # URLs handed to clients (results) are signed for the endpoint they reach, when it differs
         # (signing is offline: the region is given, so the API never has to reach that address itself)
         public = settings.s3_public_endpoint
         self.public_client = _minio(public, None, settings) if public else self.client
@@ -252,7 +252,8 @@ class S3Storage:
             raise StorageError(f"cannot store {key!r} in bucket {self.bucket!r}: {exc}") from exc
 
     def usage(self, prefix: str) -> int:
-        """Bytes stored under ``prefix`` (a folder: ``owner/uploads/``)."""
+        """Bytes stored under ``prefix`` (a folder: ``owner/uploads/``), by a LIST: only to start an owner's
+        storage counter (``db.storage_usage``), never per request."""
         self._ensure_bucket()
         objects = self.client.list_objects(self.bucket, prefix=self._key(prefix), recursive=True)
         return sum(int(o.size or 0) for o in objects)
@@ -308,12 +309,6 @@ class S3Storage:
         except ObjectNotFound:
             return False
         return True
-
-    def presigned_put(self, key: str, expiry_seconds: int) -> str:
-        """A URL that stores one object at ``key`` with a plain PUT, no other credentials."""
-        self._ensure_bucket()
-        return self.public_client.presigned_put_object(self.bucket, self._key(key),
-                                                       expires=timedelta(seconds=expiry_seconds))
 
 
 def _minio(endpoint: str, secure: bool | None, settings: Settings) -> Any:

@@ -1,18 +1,18 @@
 """fal's upload protocol: ``POST /storage/upload/initiate`` → ``{upload_url, file_url}``, then a
-plain ``PUT upload_url`` carrying the bytes and no credentials (what ``fal.storage.upload`` does).
+plain ``PUT upload_url`` carrying the bytes and no credentials (what ``fal.storage.upload`` and
+fal's JS client do).
 
-- On S3 storage ``upload_url`` is a presigned PUT straight to the bucket.
-- On local storage it is a farm URL, ``PUT /storage/upload/signed/<owner>/<id>/<name>?expires=…&signature=…``,
-  signed with HMAC-SHA256 (:func:`signing_key`); the farm checks the signature and the expiry,
-  then stores the body.
+``upload_url`` is a farm URL, ``PUT /storage/upload/signed/<owner>/<id>/<name>?expires=…&signature=…``,
+signed with HMAC-SHA256 (:func:`signing_key`), on S3 storage too: the farm checks the signature and
+the expiry, then streams the body to storage, cut off past the cap. A presigned S3 PUT signs no
+length, and fal's clients PUT (a presigned POST's ``content-length-range`` policy needs a form
+POST), so the farm, not the client, caps every upload when it is written.
 
 ``file_url`` is the same owner-only URL ``POST /storage/upload`` returns
 (``…/storage/files/<owner>/uploads/<id>/<name>``): usable as a LoRA or embedding ``path`` by its
 owner only (``farm.inputs``). Limits: one file at most ``max_upload_bytes``, an owner's uploads
 together with the owner's stored inputs at most ``upload_quota_bytes`` (checked when an upload is
-initiated and, on local storage, again when it is stored, under the owner's lock: farm.inputs.quota).
-A presigned S3 PUT cannot be capped by S3: before the farm reads a stored upload (an input, a bulk
-manifest, a download) it checks the object's size and its owner's quota from metadata, and refuses it.
+initiated, as the body streams in, and when it is stored, under the owner's lock: farm.inputs.quota).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from farm.api.error_bodies import ERROR_RESPONSES, ErrorBody
 from farm.api.files import SPOOL_BYTES, safe_name
 from farm.config import Settings
 from farm.errors import FarmError
-from farm.inputs.quota import check_room, store_within_quota, too_large
-from farm.storage import S3Storage, get_storage
+from farm.inputs.quota import UploadQuotaError, check_room, room, store_within_quota, too_large
+from farm.storage import get_storage
 
 router = APIRouter(tags=["files"])
 
@@ -132,27 +132,22 @@ async def initiate(
     storage_type: Annotated[str | None, Query(description="Accepted and ignored (fal's `fal-cdn-v3`).")] = None,
 ) -> InitiatedUpload:
     """A URL to PUT the file to, and the URL the file will have. The owner's quota must have room."""
-    await run_in_threadpool(check_room, get_storage(settings), tenant.owner, settings)
+    await run_in_threadpool(check_room, tenant.owner, settings)
     name, upload_id = safe_name(body.file_name), uuid.uuid4().hex
     key = _upload_key(tenant.owner, upload_id, name)
     base = _base(request, settings)
     owner_q = quote(tenant.owner, safe="")
     file_url = f"{base}/storage/files/{owner_q}/uploads/{upload_id}/{quote(name)}"
-    storage = get_storage(settings)
-    expiry = settings.upload_url_expiry_seconds
-    if isinstance(storage, S3Storage):
-        upload_url = await run_in_threadpool(storage.presigned_put, key, expiry)
-    else:
-        expires = int(time.time()) + expiry
-        query = urlencode({"expires": expires, "signature": sign(settings, key, expires)})
-        upload_url = f"{base}/storage/upload/signed/{owner_q}/{upload_id}/{quote(name)}?{query}"
+    expires = int(time.time()) + settings.upload_url_expiry_seconds
+    query = urlencode({"expires": expires, "signature": await run_in_threadpool(sign, settings, key, expires)})
+    upload_url = f"{base}/storage/upload/signed/{owner_q}/{upload_id}/{quote(name)}?{query}"
     return InitiatedUpload(upload_url=upload_url, file_url=file_url)
 
 
 @router.put(
     "/storage/upload/signed/{owner}/{upload_id}/{name}",
     response_model=StoredUpload,
-    summary="Store the bytes of an initiated upload (local storage)",
+    summary="Store the bytes of an initiated upload",
     responses={403: {"model": ErrorBody}, 413: {"model": ErrorBody}},
 )
 async def put_signed(
@@ -176,6 +171,10 @@ async def put_signed(
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large(int(declared), limit)
+    storage = get_storage(settings)
+    left = await run_in_threadpool(room, owner, settings, storage, key)  # this URL's earlier PUT given back
+    if declared.isdigit() and int(declared) > left:
+        raise _over_quota(int(declared), left)
     content_type = request.headers.get("content-type", "application/octet-stream")
     # spooled (on disk beyond SPOOL_BYTES) and streamed to storage: never held whole in memory
     with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
@@ -184,10 +183,17 @@ async def put_signed(
             size += len(chunk)
             if size > limit:
                 raise too_large(size, limit)
+            if size > left:  # cut off as it comes: the quota's exact check is at the store, under the lock
+                raise _over_quota(size, left)
             spool.write(chunk)
         spool.seek(0)
-        await run_in_threadpool(store_within_quota, get_storage(settings), owner, key, spool, size,  # type: ignore[arg-type]
-                                content_type, settings, key)
+        await run_in_threadpool(store_within_quota, storage, owner, key, spool, size,  # type: ignore[arg-type]
+                                content_type, settings)
     base = _base(request, settings)
     file_url = f"{base}/storage/files/{quote(owner, safe='')}/uploads/{upload_id}/{quote(name)}"
     return StoredUpload(file_url=file_url, file_size=size)
+
+
+def _over_quota(size: int, left: int) -> UploadQuotaError:
+    return UploadQuotaError(f"the file has at least {size} bytes, more than the {left} bytes left of this owner's "
+                            "upload quota (FARM_UPLOAD_QUOTA_BYTES): delete some uploads first")

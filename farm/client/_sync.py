@@ -333,7 +333,7 @@ class SyncClient:
         """Store a file on the farm; return a URL usable as input (LoRA or embedding path) by this key's owner.
 
         fal's protocol: ``POST /storage/upload/initiate``, then a PUT of the bytes to the
-        ``upload_url`` it returns (a presigned S3 URL or a signed farm URL: no key is sent there).
+        ``upload_url`` it returns (a signed farm URL, on S3 storage too: no key is sent there).
         """
         if not isinstance(data, bytes):
             path = Path(data)

@@ -2,27 +2,30 @@
 
 - An owner's uploads (``<owner>/uploads/``) and stored inputs (``<owner>/inputs/``: data URIs and
   fetched LoRA / embedding files) count together against ``upload_quota_bytes``.
-- A file is stored only under the owner's storage lock (:func:`db.locks.lock_owner` on
-  ``<owner>/storage``: a PostgreSQL advisory lock, so it holds across API processes), with the check,
-  so that concurrent uploads cannot pass the quota together.
-- A presigned S3 PUT cannot be capped by S3: before any read of a stored upload its size is taken
-  from the metadata (HEAD / stat) and checked against ``max_upload_bytes`` (an object over it is
-  deleted), and the owner's total against the quota; the read itself stops past the cap, so an
-  object replaced meanwhile is no hole.
+- The bytes they take are a counter in the ledger (:mod:`db.storage_usage`), changed in the transaction
+  that stores or deletes the file, under the owner's storage lock (a PostgreSQL advisory lock, so it
+  holds across API processes), with the check: concurrent uploads cannot pass the quota together, and a
+  check reads one row, never a LIST of the owner's objects.
+- Every upload goes through the farm (a presigned S3 PUT cannot be capped): its size is capped as it
+  is written. A stored upload is still checked by its size (HEAD / stat) before a read, against
+  ``max_upload_bytes`` (an object over it, e.g. after the cap was lowered, is deleted), and the read
+  itself stops past the cap.
 
 The second stage of ``farm.inputs``: imports none of it. Import-light: no FastAPI.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from farm.config import Settings
-from farm.errors import FarmError
+from farm.errors import FarmError, ObjectNotFound
 from farm.storage import Storage
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 PREFIXES = ("uploads/", "inputs/")
 
@@ -45,57 +48,101 @@ _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
 
 
-def used(storage: Storage, owner: str) -> int:
-    """Bytes the owner keeps in storage: uploads and stored inputs."""
+def used(owner: str) -> int:
+    """Bytes the owner keeps in storage (uploads and stored inputs): the ledger's counter, one row."""
+    from db import storage_usage
+    from db.session import session_scope
+
+    with session_scope() as s:
+        return storage_usage.used(s, owner) or 0
+
+
+def listed(storage: Storage, owner: str) -> int:
+    """The owner's bytes by a LIST: only to start the counter of an owner that has none yet."""
     return sum(storage.usage(f"{owner}/{prefix}") for prefix in PREFIXES)
 
 
-def _quota_error(owner: str, total: int, settings: Settings) -> UploadQuotaError:
+def _quota_error(total: int, settings: Settings) -> UploadQuotaError:
     return UploadQuotaError(f"this owner's uploads and stored inputs would take {total} bytes, more than the "
                             f"{settings.upload_quota_bytes} bytes allowed (FARM_UPLOAD_QUOTA_BYTES): delete some "
                             "uploads first")
 
 
-def check_room(storage: Storage, owner: str, settings: Settings, adding: int = 0, replacing: str | None = None) -> None:
-    """Raise UploadQuotaError unless ``adding`` more bytes fit in the owner's quota (0: unless it is full)."""
-    total = used(storage, owner)
-    if replacing is not None:
-        total -= storage.usage(replacing)
-    quota = settings.upload_quota_bytes
-    if total + adding > quota or (adding == 0 and total >= quota):
-        raise _quota_error(owner, total + adding, settings)
+def room(owner: str, settings: Settings, storage: Storage | None = None, replacing: str | None = None) -> int:
+    """Bytes the owner may still store (an object at ``replacing`` given back); UploadQuotaError when none."""
+    total = used(owner) - (_size_or_zero(storage, replacing) if storage is not None and replacing else 0)
+    if total >= settings.upload_quota_bytes:
+        raise _quota_error(total, settings)
+    return settings.upload_quota_bytes - total
+
+
+def check_room(owner: str, settings: Settings) -> None:
+    """Raise UploadQuotaError when the owner's quota is full."""
+    room(owner, settings)
+
+
+def _size_or_zero(storage: Storage, key: str) -> int:
+    try:
+        return storage.size(key)
+    except ObjectNotFound:
+        return 0
+
+
+def store_held(s: Session, storage: Storage, owner: str, key: str, fh: BinaryIO, size: int, content_type: str,
+               settings: Settings) -> None:
+    """Store the file if it fits in the owner's quota, and count it, in ``s``'s transaction under the
+    owner's storage lock (held until it ends). An object already at ``key`` is replaced: its bytes are
+    no longer counted."""
+    from db import storage_usage
+
+    total = storage_usage.hold(s, owner, lambda: listed(storage, owner))
+    old = _size_or_zero(storage, key)
+    if total - old + size > settings.upload_quota_bytes:
+        raise _quota_error(total - old + size, settings)
+    storage.put_file(key, fh, size, content_type)
+    storage_usage.add(s, owner, size - old)
+
+
+def delete_held(s: Session, storage: Storage, owner: str, key: str) -> None:
+    """Delete a stored file of the owner's and stop counting it, in ``s``'s transaction under the lock."""
+    from db import storage_usage
+
+    storage_usage.hold(s, owner, lambda: listed(storage, owner))
+    size = _size_or_zero(storage, key)
+    storage.delete(key)
+    storage_usage.add(s, owner, -size)
 
 
 def store_within_quota(storage: Storage, owner: str, key: str, fh: BinaryIO, size: int, content_type: str,
-                       settings: Settings, replacing: str | None = None) -> None:
-    """Check the quota and store the file as one step under the owner's lock (this process's and the ledger's)."""
-    from db.locks import lock_owner
+                       settings: Settings) -> None:
+    """:func:`store_held` in a transaction of its own, under this process's lock of the owner too."""
     from db.session import session_scope
 
     with _locks_guard:
         lock = _locks.setdefault(owner, threading.Lock())
     with lock, session_scope() as s:
-        # held until this transaction ends, across API processes; a lock of its own ('/' is in no owner's
-        # name), so that an upload being stored never holds up the owner's submits
-        lock_owner(s, f"{owner}/storage")
-        check_room(storage, owner, settings, size, replacing)
-        storage.put_file(key, fh, size, content_type)
+        store_held(s, storage, owner, key, fh, size, content_type, settings)
 
 
 def check_stored(storage: Storage, key: str, settings: Settings) -> int:
     """The size of a stored upload, from its metadata, once it is known to be readable: at most
     ``max_upload_bytes`` and its owner within the quota (UploadTooLargeError / UploadQuotaError).
     An object over the cap can never be used: it is deleted, so that its owner's quota has room again."""
+    from db.session import session_scope
+
     size = storage.size(key)
     cap = settings.max_upload_bytes
-    if size > cap:
-        with contextlib.suppress(Exception):
-            storage.delete(key)
-        raise too_large(size, cap, "; it has been deleted")
     owner = key.split("/", 1)[0]
-    total = used(storage, owner)
+    if size > cap:
+        try:
+            with session_scope() as s:
+                delete_held(s, storage, owner, key)
+        except Exception:  # noqa: S110  (best effort: the object is refused either way)
+            pass
+        raise too_large(size, cap, "; it has been deleted")
+    total = used(owner)
     if total > settings.upload_quota_bytes:
-        raise _quota_error(owner, total, settings)
+        raise _quota_error(total, settings)
     return size
 
 
