@@ -360,17 +360,24 @@ def test_hub_ids_online_are_downloaded_through_the_guard(settings, lora, tls_rec
 
 
 def test_stage_inline_moves_data_uris_to_storage_with_a_total_cap(settings, lora):
+    from db.session import session_scope
+    from farm.inputs import staging
     from farm.storage import get_storage
 
     p = params(loras=[{"path": data_uri(lora)}], embeddings=[{"path": data_uri(b"e" * 100)}])
-    staged, written = inputs.stage_inline(p, "cat", settings)
+    staged, blobs = inputs.stage_inline(p, "cat", settings)
     paths = [staged.loras[0].path, staged.embeddings[0].path]
-    assert all(x.startswith("farm-stored:cat/inputs/") for x in paths) and len(written) == 2
+    assert all(x.startswith("farm-stored:cat/inputs/") for x in paths) and len(blobs) == 2
+    assert get_storage(settings).list("cat/") == []  # stored only in the submit's transaction (staging.held)
+    with session_scope() as s, staging.held(s, "cat", blobs, settings):
+        pass
     assert get_storage(settings).get(paths[0].removeprefix("farm-stored:")) == lora
-    assert inputs.stage_inline(p, "cat", settings)[1] == []  # content-addressed: nothing new
     capped = settings.model_copy(update={"inline_input_max_bytes": len(lora) + 99})
     with pytest.raises(InvalidInputError, match="embeddings.0.path: the request's data URIs hold"):
         inputs.stage_inline(p, "dot", capped)
     assert get_storage(settings).list("dot/") == []
-    inputs.discard(written, settings)
-    assert get_storage(settings).list("cat/inputs/") == []
+    blobs = inputs.stage_inline(params(loras=[{"path": data_uri(b"x" * 10)}]), "cat", settings)[1]
+    with pytest.raises(RuntimeError), session_scope() as s, staging.held(s, "cat", blobs, settings):
+        assert get_storage(settings).exists(next(iter(blobs)))
+        raise RuntimeError("refused")  # the submit is refused: the blob it stored goes, the others stay
+    assert len(get_storage(settings).list("cat/inputs/")) == 2

@@ -1,10 +1,12 @@
 """Staging a request's file inputs at submit: data URIs move to storage, URLs and hub ids are listed.
 
-* :func:`stage_inline` moves every base64 ``data:`` URI to storage (content-addressed
-  ``<owner>/inputs/<sha256>.<ext>``) and puts ``farm-stored:<key>`` in its place, so the ledger
-  row holds a key, not megabytes; the decoded bytes of one request's data URIs together are
-  capped by ``inline_input_max_bytes``. Stored inputs count against the owner's
-  ``upload_quota_bytes`` with its uploads (``farm.inputs.quota``), so no tenant fills the disks.
+* :func:`stage_inline` puts ``farm-stored:<key>`` in place of every base64 ``data:`` URI
+  (content-addressed ``<owner>/inputs/<sha256>.<ext>``), so the ledger row holds a key, not
+  megabytes; the decoded bytes of one request's data URIs together are capped by
+  ``inline_input_max_bytes``. :func:`held` stores the blobs in the transaction that records the
+  job, under the owner's storage lock, so a refused submit never deletes a blob that a concurrent
+  admitted one refers to. Stored inputs count against the owner's ``upload_quota_bytes`` with its
+  uploads (``farm.inputs.quota``), so no tenant fills the disks.
 * :func:`pending` lists what the fetch stage (``farm.lifecycle.fetch``) must still get: ``https://``
   URLs and Hugging Face hub ids (``farm.inputs.retrieve``).
 
@@ -15,13 +17,19 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from farm.config import Settings
-from farm.errors import InvalidInputError, StorageError
-from farm.inputs.quota import UploadQuotaError, store_within_quota
+from farm.errors import InvalidInputError
+from farm.inputs.quota import delete_held, listed, store_held
 from farm.inputs.refs import HUB_ID, STORED, _mib, decode_data_uri, kind_of, resolve_weights_path
 from farm.schemas import GenerateInput
 from farm.storage import Storage, get_storage
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 # The file names diffusers looks for first (LORA_WEIGHT_NAME(_SAFE), TEXT_INVERSION_NAME(_SAFE)).
 HUB_FILES = {
@@ -52,59 +60,90 @@ def _suffix(data: bytes) -> str:
     return ".bin"
 
 
+def blob_key(owner: str, data: bytes, prefix: str = "") -> str:
+    """The content-addressed key of ``data`` under ``<owner>/inputs/``."""
+    return f"{owner}/inputs/{prefix}{hashlib.sha256(data).hexdigest()}{_suffix(data)}"
+
+
 def store_blob(owner: str, data: bytes, storage: Storage, settings: Settings, prefix: str = "") -> tuple[str, bool]:
-    """Put ``data`` at its content-addressed key under ``<owner>/inputs/``; (key, newly written). A new blob
-    counts against the owner's ``upload_quota_bytes`` with its uploads (UploadQuotaError, 413, beyond it)."""
-    key = f"{owner}/inputs/{prefix}{hashlib.sha256(data).hexdigest()}{_suffix(data)}"
+    """Put ``data`` at its content-addressed key under ``<owner>/inputs/`` in a transaction of its own; (key,
+    newly written). A new blob counts against the owner's ``upload_quota_bytes`` (UploadQuotaError, 413)."""
+    from db.session import session_scope
+
+    key = blob_key(owner, data, prefix)
+    with session_scope() as s:
+        return key, _put_missing(s, owner, key, data, storage, settings)
+
+
+def _put_missing(s: Session, owner: str, key: str, data: bytes, storage: Storage, settings: Settings) -> bool:
+    """Store the blob unless it is there, under the owner's storage lock held in ``s``; whether it was written."""
+    from db import storage_usage
+
+    storage_usage.hold(s, owner, lambda: listed(storage, owner))  # the lock first: the look below stays true
     if storage.exists(key):
-        return key, False
-    store_within_quota(storage, owner, key, io.BytesIO(data), len(data), "application/octet-stream", settings)
-    return key, True
+        return False
+    store_held(s, storage, owner, key, io.BytesIO(data), len(data), "application/octet-stream", settings)
+    return True
 
 
-def stage_inline(inp: GenerateInput, owner: str, settings: Settings,
-                 storage: Storage | None = None) -> tuple[GenerateInput, list[str]]:
-    """Move the request's data URIs to storage (see the module docstring); the new input and the keys
-    written now (the caller deletes them if the submit is then refused). InvalidInputError names the
-    field where the request's inline bytes pass ``inline_input_max_bytes``."""
+def stage_inline(inp: GenerateInput, owner: str, settings: Settings) -> tuple[GenerateInput, dict[str, bytes]]:
+    """The request's data URIs as ``farm-stored:`` keys (see the module docstring), and the blobs to store
+    under those keys: nothing is stored yet (:func:`held` does, in the submit's transaction).
+    InvalidInputError names the field where the request's inline bytes pass ``inline_input_max_bytes``."""
     inline = [(field, path) for field, path in _fields(inp) if kind_of(path) == "data"]
     if not inline:
-        return inp, []
+        return inp, {}
+    paths: dict[str, str] = {}
     blobs: dict[str, bytes] = {}
     total, cap = 0, settings.inline_input_max_bytes
     for field, path in inline:
         try:
-            blobs[field] = decode_data_uri(path, settings.file_input_max_bytes)
+            data = decode_data_uri(path, settings.file_input_max_bytes)
         except ValueError as exc:
             raise InvalidInputError(field, str(exc)) from None
-        total += len(blobs[field])
+        total += len(data)
         if total > cap:
             raise InvalidInputError(field, f"the request's data URIs hold {_mib(total)} together by here, more than "
                                            f"the {_mib(cap)} allowed inline (FARM_INLINE_INPUT_MAX_BYTES); upload "
                                            "the file (POST /storage/upload) or give an https:// URL")
-    storage = storage or get_storage(settings)
-    paths, written = {}, []
-    try:
-        for field, data in blobs.items():
-            key, new = store_blob(owner, data, storage, settings)
-            paths[field] = STORED + key
-            if new:
-                written.append(key)
-    except (StorageError, UploadQuotaError):
-        discard(written, settings, storage)
-        raise
-    return _with_paths(inp, paths), written
+        key = blob_key(owner, data)
+        paths[field], blobs[key] = STORED + key, data
+    return _with_paths(inp, paths), blobs
 
 
-def discard(keys: list[str], settings: Settings, storage: Storage | None = None) -> None:
-    """Delete blobs :func:`stage_inline` wrote for a submit that was refused."""
-    if not keys:
+@contextmanager
+def held(s: Session, owner: str, blobs: dict[str, bytes], settings: Settings,
+         storage: Storage | None = None) -> Iterator[None]:
+    """Store the submit's blobs that are missing, in ``s``, the transaction that records the jobs naming
+    them, under the owner's storage lock held until it ends; if the block raises (the submit is refused),
+    delete the ones stored here before the lock goes.
+
+    So no blob a live job refers to is ever deleted: a concurrent submit of the same data URI either
+    committed its job before this one took the lock (the blob was there: this submit wrote nothing, and
+    deletes nothing), or waits for the lock and then finds the blob gone and stores it again.
+    UploadQuotaError (413) when a new blob does not fit in the owner's quota."""
+    if not blobs:
+        yield
         return
     storage = storage or get_storage(settings)
+    written: list[str] = []
+    try:
+        for key, data in blobs.items():
+            if _put_missing(s, owner, key, data, storage, settings):
+                written.append(key)
+        yield
+    except BaseException:
+        discard(s, owner, written, storage)
+        raise
+
+
+def discard(s: Session, owner: str, keys: list[str], storage: Storage) -> None:
+    """Delete blobs :func:`held` wrote for a refused submit, under the lock it holds in ``s``; best effort:
+    a content-addressed blob left behind is harmless (it is counted, and used again by the same bytes)."""
     for key in keys:
         try:
-            storage.delete(key)
-        except Exception:  # noqa: S112  (best effort: a content-addressed blob left behind is harmless)
+            delete_held(s, owner=owner, key=key, storage=storage)
+        except Exception:  # noqa: S112
             continue
 
 

@@ -84,14 +84,10 @@ def submit(
     spec = get_model(inp.model_name, settings)
     seed = inp.seed if inp.seed is not None else secrets.randbelow(2**31)
     rid = request_id or inp.request_id or uuid.uuid4().hex
-    inp, staged = staging.stage_inline(inp, owner, settings)  # data URIs to storage: the row holds keys
+    inp, blobs = staging.stage_inline(inp, owner, settings)  # data URIs as storage keys: the row holds keys
     fetch = bool(staging.pending(inp, settings))  # URLs / hub ids: fetched before any worker may claim
-    try:
-        rows, rid, announce_now = _record(inp, spec, seed, rid, owner, lane, source, idempotency_key, webhook_url,
-                                          settings, admit, fetch)
-    except BaseException:
-        staging.discard(staged, settings)  # refused: no blob of it is left behind
-        raise
+    rows, rid, announce_now = _record(inp, spec, seed, rid, owner, lane, source, idempotency_key, webhook_url,
+                                      settings, admit, fetch, blobs)
     if fetch and announce_now:
         schedule_fetch(rid, owner, settings)
     elif announce_now:
@@ -101,9 +97,11 @@ def submit(
 
 def _record(inp: GenerateInput, spec: ModelSpec, seed: int, rid: str, owner: str, lane: Lane, source: str,
             idempotency_key: str | None, webhook_url: str | None, settings: Settings,
-            admit: Callable[[Session, Job, bool], bool] | None, fetch: bool) -> tuple[list[Batch], str, bool]:
-    """submit's transaction: (batches to announce, request id, whether to announce or fetch at all)."""
-    with session_scope() as s:
+            admit: Callable[[Session, Job, bool], bool] | None, fetch: bool,
+            blobs: dict[str, bytes]) -> tuple[list[Batch], str, bool]:
+    """submit's transaction: (batches to announce, request id, whether to announce or fetch at all). The
+    request's data-URI blobs are stored in it (a refused submit deletes only what it stored: staging.held)."""
+    with session_scope() as s, staging.held(s, owner, blobs, settings):
         waiting = None if settings.embedded else unserved(s, spec.name, spec.key, settings)
         if waiting is not None and settings.require_live_worker:
             raise NoLiveWorkerError(waiting.describe().split(": the job waits")[0])
@@ -155,16 +153,12 @@ def submit_many(
     settings = settings or get_settings()
     if not items:
         return []
-    items, staged, fetch_ids = _stage_many(items, owner, settings)
-    try:
-        with session_scope() as s:
-            rows, sizes, created = _record_many(s, items, owner, lane, source, settings)
-            if fetch_ids:  # fetched first (farm.lifecycle.fetch): not claimable, not announced yet
-                ledger_batches.to_fetch(s, fetch_ids)
-                rows = [b for b in rows if b.job_id not in fetch_ids]
-    except BaseException:
-        staging.discard(staged, settings)
-        raise
+    items, blobs, fetch_ids = _stage_many(items, owner, settings)
+    with session_scope() as s, staging.held(s, owner, blobs, settings):
+        rows, sizes, created = _record_many(s, items, owner, lane, source, settings)
+        if fetch_ids:  # fetched first (farm.lifecycle.fetch): not claimable, not announced yet
+            ledger_batches.to_fetch(s, fetch_ids)
+            rows = [b for b in rows if b.job_id not in fetch_ids]
     for rid in fetch_ids:
         schedule_fetch(rid, owner, settings)
     groups: dict[tuple[str, str, str], list[_Queued]] = {}
@@ -189,11 +183,11 @@ def submit_many(
 
 
 def _stage_many(items: list[tuple[GenerateInput, str]], owner: str,
-                settings: Settings) -> tuple[list[tuple[GenerateInput, str]], list[str], set[str]]:
-    """:func:`submit_many`'s inputs with their data URIs in storage (each distinct input staged once), the
-    keys written now, and the request ids whose URL / hub inputs the fetch stage must get first."""
+                settings: Settings) -> tuple[list[tuple[GenerateInput, str]], dict[str, bytes], set[str]]:
+    """:func:`submit_many`'s inputs with their data URIs as storage keys (each distinct input staged once), the
+    blobs to store under them, and the request ids whose URL / hub inputs the fetch stage must get first."""
     out: list[tuple[GenerateInput, str]] = []
-    staged: list[str] = []
+    staged: dict[str, bytes] = {}
     fetch_ids: set[str] = set()
     done: dict[str, tuple[GenerateInput, bool]] = {}
     for inp, rid in items:
@@ -202,8 +196,8 @@ def _stage_many(items: list[tuple[GenerateInput, str]], owner: str,
             continue
         marker = repr([(x.path, x.scale, x.force) for x in inp.loras] + [(x.path, x.tokens) for x in inp.embeddings])
         if marker not in done:
-            new, written = staging.stage_inline(inp, owner, settings)
-            staged += written
+            new, blobs = staging.stage_inline(inp, owner, settings)
+            staged.update(blobs)
             done[marker] = (new, bool(staging.pending(new, settings)))
         new, fetch = done[marker]
         out.append((inp.model_copy(update={"loras": new.loras, "embeddings": new.embeddings}), rid))
