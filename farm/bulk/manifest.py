@@ -32,15 +32,22 @@ Seeds, the documented contract (a sample's metadata regenerates its image alone)
 * a row without one: a sample has seed ``base_seed + index``, ``index`` being its global
   sample number.
 
-Every sample is validated as a ``GenerateInput`` (``num_images=1``). A bad row (bad JSON, empty
-prompt, invalid field, bad seed, template syntax error) yields no sample and consumes no index:
+Caps, checked before the work they bound (issue 20): a template longer than
+``FARM_BULK_MAX_TEMPLATE_CHARS`` is refused before it is parsed; a row expands to at most
+``FARM_BULK_MAX_SAMPLES_PER_ROW`` samples (``variants`` × ``images_per_prompt`` over it is refused
+when the job is created), and its samples are made one at a time as they are consumed, never as one
+list; rows past ``FARM_BULK_MAX_MANIFEST_ROWS`` are not read (one row error says so); a NUL
+character anywhere in a row (PostgreSQL stores none) makes the row bad.
+
+Every sample is validated as a ``GenerateInput`` (``num_images=1``; once per expanded prompt, and
+the row's last seed). A bad row (bad JSON, empty prompt, invalid field, bad seed, template syntax
+error, a cap above) yields no sample and consumes no index:
 its ``RowError`` ("row 7: image_size.width: must be a multiple of 8") goes to ``on_error``, or
 with ``strict=True`` raises ``ManifestError``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -52,13 +59,19 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from dynamicprompts.generators import CombinatorialPromptGenerator, RandomPromptGenerator
-from dynamicprompts.wildcards import WildcardManager
-from dynamicprompts.wildcards.values import WildcardValues
-
 from farm.admission import admit
-from farm.bulk.records import PARQUET_BATCH_ROWS, SOURCES, SUFFIXES, ManifestError, Records, RowProblem
-from farm.config import get_settings
+from farm.bulk.records import (
+    MAX_DEPTH,
+    PARQUET_BATCH_ROWS,
+    SOURCES,
+    SUFFIXES,
+    ManifestError,
+    Records,
+    RowProblem,
+    depth,
+)
+from farm.bulk.templates import Expand, Expander
+from farm.config import Settings, get_settings
 from farm.errors import InvalidInputError
 from farm.schemas import GenerateInput
 
@@ -66,15 +79,25 @@ __all__ = ["PARQUET_BATCH_ROWS", "SUFFIXES", "ManifestError", "RowError", "Sampl
 
 logger = logging.getLogger(__name__)
 
-Expand = Literal["none", "combinatorial", "random"]
-
 FORBIDDEN = ("num_images", "sync_mode", "request_id")  # set by the bulk job, never per row
 
 _PER_SAMPLE = frozenset({"prompt", "negative_prompt", "seed"})
 _NOT_PARAMS = {"prompt", "negative_prompt", "seed", "num_images", "request_id", "sync_mode"}
 _FIELDS = frozenset(GenerateInput.model_fields)
-# characters with a meaning in dynamicprompts' grammar (a tab is expanded to spaces by its parser)
-_TEMPLATE_CHARS = frozenset("{}$%#\t")
+
+
+def _nul_field(record: dict[str, Any]) -> str | None:
+    """The first field of a record holding a NUL character, in a key or any string within it."""
+    stack: list[tuple[str, Any]] = [(str(k), v) for k, v in record.items()]
+    while stack:
+        name, value = stack.pop()
+        if "\x00" in name or (isinstance(value, str) and "\x00" in value):
+            return name.split(".")[0].replace("\x00", "\\0")
+        if isinstance(value, dict):
+            stack.extend((f"{name}.{k}", v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((name, v) for v in value)
+    return None
 
 
 def _is_text(annotation: Any) -> bool:
@@ -107,62 +130,6 @@ class RowError:
 
     row: int
     message: str
-
-
-class _UnknownWildcardError(Exception):
-    pass
-
-
-class _StrictWildcards(WildcardManager):
-    """A WildcardManager that fails on an unknown wildcard instead of repeating it verbatim."""
-
-    def get_values(self, wildcard: str) -> WildcardValues:
-        values = super().get_values(wildcard)
-        if not len(values):
-            raise _UnknownWildcardError(self.to_wildcard(wildcard))
-        return values
-
-
-def _derived_seed(base_seed: int, row: int, k: int) -> int:
-    digest = hashlib.blake2b(f"{base_seed}:{row}:{k}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
-
-
-class _Expander:
-    """Template expansion of one manifest read."""
-
-    def __init__(self, mode: Expand, variants: int, max_combinations: int, base_seed: int,
-                 wildcards: Path | None) -> None:
-        self.mode = mode
-        self.variants = variants
-        self.max_combinations = max_combinations
-        self.base_seed = base_seed
-        manager = _StrictWildcards(wildcards)
-        self._combinatorial = CombinatorialPromptGenerator(wildcard_manager=manager)
-        self._random = RandomPromptGenerator(wildcard_manager=manager)
-
-    def __call__(self, template: str, row: int) -> list[str]:
-        if self.mode == "none":
-            return [template]
-        # no template syntax: dynamicprompts would return the text unchanged, so skip its parser
-        literal = "__" not in template and not _TEMPLATE_CHARS.intersection(template)
-        try:
-            if self.mode == "combinatorial":
-                if literal:
-                    return [template]
-                prompts = self._combinatorial.generate(template, max_prompts=self.max_combinations)
-            else:
-                if literal:
-                    return [template] * self.variants
-                seeds = [_derived_seed(self.base_seed, row, k) for k in range(self.variants)]
-                prompts = self._random.generate(template, self.variants, seeds=seeds)
-        except _UnknownWildcardError as exc:
-            raise RowProblem(f"prompt: unknown wildcard {exc}") from None
-        except Exception as exc:
-            raise RowProblem(f"prompt: invalid template: {exc}") from None
-        if not prompts:
-            raise RowProblem("prompt: the template expands to no prompt")
-        return prompts
 
 
 def _jsonable(value: Any) -> Any:
@@ -214,14 +181,20 @@ def _cell(field: str, value: str) -> Any:
 class _Reader:
     """The per-read settings that turn a record into samples."""
 
-    def __init__(self, defaults: dict[str, Any], images_per_prompt: int, base_seed: int, expander: _Expander) -> None:
+    def __init__(self, defaults: dict[str, Any], images_per_prompt: int, base_seed: int, expander: Expander,
+                 settings: Settings) -> None:
         self.defaults = defaults
         self.images_per_prompt = images_per_prompt
         self.base_seed = base_seed
         self.expander = expander
-        self.settings = get_settings()  # the bounds a sample is admitted with (farm.admission)
+        self.settings = settings  # the bounds a sample is admitted with (farm.admission), and the caps
 
-    def samples(self, row: int, record: dict[str, Any], text: bool, index: int) -> list[Sample]:
+    def samples(self, row: int, record: dict[str, Any], text: bool, index: int) -> tuple[int, Iterator[Sample]]:
+        """How many samples the row yields, and an iterator that makes them one at a time."""
+        if depth(record) > MAX_DEPTH:
+            raise RowProblem(f"input: nested more than {MAX_DEPTH} levels deep")
+        if (bad := _nul_field(record)) is not None:
+            raise RowProblem(f"{bad}: must not contain NUL characters")
         template = record.get("prompt")
         if template is None:
             raise RowProblem("prompt: missing")
@@ -229,6 +202,9 @@ class _Reader:
             raise RowProblem(f"prompt: must be a string (got {type(template).__name__})")
         if not template.strip():
             raise RowProblem("prompt: must not be empty")
+        cap = self.settings.bulk_max_template_chars
+        if len(template) > cap:  # before dynamicprompts parses it: a long template costs seconds
+            raise RowProblem(f"prompt: {len(template)} characters; at most {cap} (FARM_BULK_MAX_TEMPLATE_CHARS)")
         negative = record.get("negative_prompt")
         if negative is None or (text and negative == ""):
             negative = self.defaults.get("negative_prompt")
@@ -250,26 +226,37 @@ class _Reader:
                 raise RowProblem(f"{key}: is set by the bulk job; remove it from the manifest")
             overrides[key] = _cell(key, value) if text else value
 
-        out: list[Sample] = []
-        params: dict[str, Any] | None = None
-        for prompt in self.expander(template, row):
-            for _ in range(self.images_per_prompt):
-                j = len(out)
-                sample_seed = seed + j if seed is not None else self.base_seed + index + j
-                data = {**self.defaults, **overrides, "prompt": prompt, "num_images": 1, "seed": sample_seed}
-                if negative is not None:
-                    data["negative_prompt"] = negative
-                try:
-                    model = admit(data, None, self.settings)
-                except InvalidInputError as exc:
-                    raise RowProblem("; ".join(f"{f}: {r}" for f, r in exc.errors)) from None  # type: ignore[attr-defined]
-                if params is None:
-                    params = model.model_dump(mode="json", exclude=_NOT_PARAMS)
-                out.append(Sample(
-                    index=index + j, row=row, prompt=prompt, template=template, negative_prompt=negative,
-                    seed=sample_seed, params=dict(params), extra=dict(extra),
-                ))
-        return out
+        prompts = self.expander(template, row)
+        count = len(prompts) * self.images_per_prompt
+
+        def seed_of(j: int) -> int:
+            return seed + j if seed is not None else self.base_seed + index + j
+
+        def admitted(prompt: str, sample_seed: int) -> dict[str, Any]:
+            data = {**self.defaults, **overrides, "prompt": prompt, "num_images": 1, "seed": sample_seed}
+            if negative is not None:
+                data["negative_prompt"] = negative
+            try:
+                model = admit(data, None, self.settings)
+            except InvalidInputError as exc:
+                raise RowProblem("; ".join(f"{f}: {r}" for f, r in exc.errors)) from None  # type: ignore[attr-defined]
+            return model.model_dump(mode="json", exclude=_NOT_PARAMS)
+
+        # the row is admitted whole before its first sample: each prompt once (the images of a prompt
+        # differ by their seed only) and the row's last seed (seeds only grow along a row)
+        params = admitted(prompts[0], seed_of(0))
+        for k, prompt in enumerate(prompts[1:], 1):
+            admitted(prompt, seed_of(k * self.images_per_prompt))
+        admitted(prompts[-1], seed_of(count - 1))
+
+        def make() -> Iterator[Sample]:
+            for k, prompt in enumerate(prompts):
+                for i in range(self.images_per_prompt):
+                    j = k * self.images_per_prompt + i
+                    yield Sample(index=index + j, row=row, prompt=prompt, template=template,
+                                 negative_prompt=negative, seed=seed_of(j), params=dict(params), extra=dict(extra))
+
+        return count, make()
 
 
 def _check_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
@@ -318,22 +305,39 @@ def read_manifest(
         raise InvalidInputError("base_seed", f"must be between 0 and 2**62 - 1 (got {base_seed})")
     if wildcards is not None and not Path(wildcards).is_dir():
         raise InvalidInputError("wildcards", f"{wildcards} is not a folder")
+    settings = get_settings()
+    cap = settings.bulk_max_samples_per_row
+    if images_per_prompt > cap:
+        raise InvalidInputError("images_per_prompt", f"must be at most {cap} (FARM_BULK_MAX_SAMPLES_PER_ROW)")
+    if expand == "random" and variants * images_per_prompt > cap:
+        raise InvalidInputError("variants", f"variants × images_per_prompt is {variants * images_per_prompt}; "
+                                f"at most {cap} (FARM_BULK_MAX_SAMPLES_PER_ROW)")
+    # combinatorial: a row's combinations are cut at what the cap leaves room for
+    max_combinations = min(max_combinations, cap // images_per_prompt)
     reader = _Reader(
         _check_defaults(defaults or {}), images_per_prompt, base_seed,
-        _Expander(expand, variants, max_combinations, base_seed, Path(wildcards) if wildcards else None),
+        Expander(expand, variants, max_combinations, base_seed, Path(wildcards) if wildcards else None), settings,
     )
-    return _samples(SOURCES[suffix](path), reader, strict, on_error)
+    return _samples(SOURCES[suffix](path, settings), reader, strict, on_error)
 
 
 def _samples(records: Records, reader: _Reader, strict: bool,
              on_error: Callable[[RowError], None] | None) -> Iterator[Sample]:
     index = 0
+    most = reader.settings.bulk_max_manifest_rows
     with closing(records):
         for row, record, text in records:
+            if row > most:  # the rest is not read
+                message = f"row {row}: the manifest has more than {most} rows (FARM_BULK_MAX_MANIFEST_ROWS)"
+                if strict:
+                    raise ManifestError(message, row)
+                if on_error is not None:
+                    on_error(RowError(row, message))
+                return
             try:
                 if isinstance(record, RowProblem):
                     raise record
-                samples = reader.samples(row, record, text, index)
+                count, samples = reader.samples(row, record, text, index)
             except RowProblem as problem:
                 error = RowError(row, f"row {row}: {problem}")
                 if strict:
@@ -343,5 +347,5 @@ def _samples(records: Records, reader: _Reader, strict: bool,
                 else:
                     logger.warning("manifest %s skipped", error.message)
                 continue
-            index += len(samples)
+            index += count
             yield from samples

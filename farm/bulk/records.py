@@ -4,23 +4,39 @@ Each reads its file a line or a Parquet record batch at a time, never whole; ``r
 1-based line number (CSV: the physical line a record starts on; Parquet: row number + 1).
 A record a source cannot parse comes as a ``RowProblem`` for that row; a file it cannot read
 at all raises ``ManifestError``.
+
+Sizes are checked before the work they would cost (issue 20): a line longer than
+``FARM_BULK_MAX_LINE_BYTES`` is skipped unread (a problem for its row), JSON nested deeper than
+``MAX_DEPTH`` is a problem, not a RecursionError, and a Parquet file is refused at open when its
+metadata shows a row group larger than ``FARM_BULK_MAX_PARQUET_ROW_GROUP_BYTES`` uncompressed or more
+rows than ``FARM_BULK_MAX_MANIFEST_ROWS``. Its text columns are read dictionary-encoded, as they are
+stored, and each row's text is measured before it is decoded: a few bytes of file can repeat one long
+value in every row, and a row over ``FARM_BULK_MAX_LINE_BYTES`` is a problem for that row, never
+decoded. A Parquet file that cannot be read past some row is a ``ManifestError`` for that row (the job
+fails with it: what follows is unknown).
 """
 
 from __future__ import annotations
 
 import csv
+import importlib
 import json
+import logging
 import re
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
 from farm.bulk import arrow
+from farm.config import Settings
 from farm.errors import InvalidInputError
 
+log = logging.getLogger(__name__)
+
 SUFFIXES = (".txt", ".csv", ".jsonl", ".parquet")
-PARQUET_BATCH_ROWS = 1024
+PARQUET_BATCH_ROWS = 256
 _ROW_PREFIX = re.compile(r"^row (\d+): ")
+MAX_DEPTH = 32  # JSON nesting a record may have: deeper is no prompt's metadata, only an attack
 
 
 class ManifestError(InvalidInputError):
@@ -48,13 +64,20 @@ def _open_error(path: Path, exc: OSError) -> ManifestError:
     return ManifestError(f"{path.name}: cannot read the manifest: {exc.strerror or exc}")
 
 
-def _lines(path: Path) -> Generator[tuple[int, str | RowProblem], None, None]:
+def _lines(path: Path, limit: int) -> Generator[tuple[int, str | RowProblem], None, None]:
     try:
         fh = path.open("rb")
     except OSError as exc:
         raise _open_error(path, exc) from None
     with fh:
-        for row, raw in enumerate(fh, 1):
+        row = 0
+        while raw := fh.readline(limit + 1):
+            row += 1
+            if len(raw) > limit and not raw.endswith(b"\n"):  # never held whole: skipped a block at a time
+                while (more := fh.readline(limit)) and not more.endswith(b"\n"):
+                    pass
+                yield row, RowProblem(f"input: the line is longer than {limit} bytes (FARM_BULK_MAX_LINE_BYTES)")
+                continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -63,16 +86,29 @@ def _lines(path: Path) -> Generator[tuple[int, str | RowProblem], None, None]:
             yield row, (line.removeprefix("\ufeff") if row == 1 else line).strip()
 
 
-def _txt_records(path: Path) -> Records:
-    for row, line in _lines(path):
+def _txt_records(path: Path, settings: Settings) -> Records:
+    for row, line in _lines(path, settings.bulk_max_line_bytes):
         if isinstance(line, RowProblem):
             yield row, line, False
         elif line and not line.startswith("#"):
             yield row, {"prompt": line}, False
 
 
-def _jsonl_records(path: Path) -> Records:
-    for row, line in _lines(path):
+def depth(value: Any) -> int:
+    """How deeply ``value`` nests lists and dicts (iterative: a deep value cannot exhaust the stack)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level + 1)
+            if deepest > MAX_DEPTH:
+                return deepest
+            stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _jsonl_records(path: Path, settings: Settings) -> Records:
+    for row, line in _lines(path, settings.bulk_max_line_bytes):
         if isinstance(line, RowProblem):
             yield row, line, False
             continue
@@ -83,13 +119,19 @@ def _jsonl_records(path: Path) -> Records:
         except ValueError as exc:
             yield row, RowProblem(f"input: invalid JSON ({exc})"), False
             continue
+        except RecursionError:  # deeper than the parser's stack allows
+            yield row, RowProblem(f"input: JSON nested more than {MAX_DEPTH} levels deep"), False
+            continue
+        if depth(obj) > MAX_DEPTH:
+            yield row, RowProblem(f"input: JSON nested more than {MAX_DEPTH} levels deep"), False
+            continue
         if isinstance(obj, dict):
             yield row, obj, False
         else:
             yield row, RowProblem(f"input: expected a JSON object, got {type(obj).__name__}"), False
 
 
-def _csv_records(path: Path) -> Records:
+def _csv_records(path: Path, settings: Settings) -> Records:
     try:
         fh = path.open("r", encoding="utf-8-sig", newline="")
     except OSError as exc:
@@ -124,26 +166,86 @@ def _csv_records(path: Path) -> Records:
         raise ManifestError(f"{path.name}: empty CSV; expected a header row with a 'prompt' column")
 
 
-def _parquet_records(path: Path) -> Records:
+def _parquet_records(path: Path, settings: Settings) -> Records:
+    """Checked now, from the file's metadata (its footer), before a row is read; read as it is consumed."""
     pa, pq = arrow.pyarrow(), arrow.parquet()
 
     try:
-        pf = pq.ParquetFile(path)
+        texts = [c.path for c in pq.ParquetFile(path).schema if c.physical_type == "BYTE_ARRAY"]
+        pf = pq.ParquetFile(path, read_dictionary=texts)  # decoded row by row, after measuring (below)
     except (OSError, pa.ArrowException) as exc:
-        raise ManifestError(f"{path.name}: cannot read as Parquet: {exc}") from None
+        log.info("%s: cannot read as Parquet: %s", path, exc)
+        raise ManifestError(f"{path.name}: cannot read as Parquet (not Parquet, corrupt or truncated)") from None
     try:
         if "prompt" not in pf.schema_arrow.names:
             raise ManifestError(f"{path.name}: the Parquet file has no 'prompt' column")
-        row = 0
-        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
-            for record in batch.to_pylist():
+        meta = pf.metadata
+        if meta.num_rows > settings.bulk_max_manifest_rows:
+            raise ManifestError(f"{path.name}: {meta.num_rows} rows; at most {settings.bulk_max_manifest_rows} "
+                                "(FARM_BULK_MAX_MANIFEST_ROWS)")
+        for i in range(meta.num_row_groups):
+            group = meta.row_group(i)
+            size = max(group.total_byte_size,
+                       sum(group.column(c).total_uncompressed_size for c in range(group.num_columns)))
+            if size > settings.bulk_max_parquet_row_group_bytes:
+                raise ManifestError(f"{path.name}: row group {i} holds {size} bytes uncompressed; at most "
+                                    f"{settings.bulk_max_parquet_row_group_bytes} "
+                                    "(FARM_BULK_MAX_PARQUET_ROW_GROUP_BYTES)")
+    except BaseException:
+        pf.close()
+        raise
+    return _parquet_rows(path, pf, pa, settings.bulk_max_line_bytes)
+
+
+def _text_bytes(batch: Any, pa: Any) -> list[int]:
+    """Bytes of text each row of a batch holds in its top-level text columns, measured without decoding
+    a dictionary (its values' lengths, taken by the rows' indices)."""
+    pc = importlib.import_module("pyarrow.compute")
+    total = pa.array([0] * batch.num_rows, pa.int64())
+    for col in batch.columns:
+        if pa.types.is_dictionary(col.type) and _is_text(pa, col.type.value_type):
+            lengths = pc.binary_length(col.dictionary).take(col.indices)
+        elif _is_text(pa, col.type):
+            lengths = pc.binary_length(col)
+        else:
+            continue
+        total = pc.add(total, pc.cast(lengths.fill_null(0), pa.int64()))
+    return [int(n) for n in total.to_pylist()]
+
+
+def _is_text(pa: Any, kind: Any) -> bool:
+    return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
+                or pa.types.is_large_binary(kind))
+
+
+def _parquet_rows(path: Path, pf: Any, pa: Any, limit: int) -> Records:
+    row = 0
+    try:
+        batches = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS)
+        while True:
+            try:
+                batch = next(batches, None)
+                if batch is None:
+                    return
+                sizes = _text_bytes(batch, pa)
+                fits = [n <= limit for n in sizes]
+                records = iter(batch.filter(pa.array(fits)).to_pylist())
+            except (OSError, pa.ArrowException) as exc:
+                log.info("%s: cannot read past row %d: %s", path, row, exc)
+                raise ManifestError(f"row {row + 1}: input: the Parquet file cannot be read from this row on "
+                                    "(corrupt or truncated)", row + 1) from None
+            for size, fit in zip(sizes, fits, strict=True):
                 row += 1
-                yield row, record, False
+                if fit:
+                    yield row, next(records), False
+                else:
+                    yield row, RowProblem(f"input: the row holds {size} bytes of text; at most {limit} "
+                                          "(FARM_BULK_MAX_LINE_BYTES)"), False
     finally:
         pf.close()
 
 
-SOURCES: dict[str, Callable[[Path], Records]] = {
+SOURCES: dict[str, Callable[[Path, Settings], Records]] = {
     ".txt": _txt_records,
     ".csv": _csv_records,
     ".jsonl": _jsonl_records,
