@@ -36,7 +36,9 @@ class BulkJob(Base):
     last_row: Mapped[int] = mapped_column(Integer, default=0)  # manifest row of the last sample recorded
     runner: Mapped[str | None] = mapped_column(String(128))  # the driver running it now (one at a time)
     runner_until: Mapped[datetime | None] = mapped_column(UTCDateTime())  # its lease; renewed while it runs
-    error: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)  # why it FAILED, or why it paused itself (quota)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # runs ended in an error
+    rejections: Mapped[list[str] | None] = mapped_column(JSONType)  # the first rejected rows' reasons
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

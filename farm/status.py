@@ -69,10 +69,13 @@ class DeliveryStatus(StrEnum):
 
 
 class BulkStatus(StrEnum):
-    """A bulk job: running → paused | cancelled | completed | budget reached (a paused or budgeted job resumes)."""
+    """A bulk job: running → paused | cancelled | completed | budget reached | failed (a paused, budgeted or
+    failed job resumes). ``PAUSED`` by the driver itself when the owner's daily GPU-seconds are spent, and
+    ``FAILED`` when its runs keep ending in an error: the job's ``error`` says why."""
 
     RUNNING = "RUNNING"
     PAUSED = "PAUSED"
     CANCELLED = "CANCELLED"
     COMPLETED = "COMPLETED"
     BUDGET_REACHED = "BUDGET_REACHED"
+    FAILED = "FAILED"

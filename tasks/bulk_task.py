@@ -28,7 +28,10 @@ def bulk_job(bulk_id: str | None = None, **options: Any) -> dict[str, Any]:
     settings = get_settings()
     if bulk_id is None:
         bulk_id = create_from_options(options, settings)
-    final = driver.run(bulk_id, settings=settings, max_in_flight=int(options.get("max_in_flight", 256)))
+    # a message never resumes a paused, failed or finished job (a stale one may come after a pause):
+    # a resume sets the job RUNNING first (POST /bulk/{id}/resume)
+    final = driver.run(bulk_id, settings=settings, max_in_flight=int(options.get("max_in_flight", 256)),
+                       resume=False)
     return dataclasses.asdict(final)
 
 

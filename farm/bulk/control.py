@@ -57,6 +57,7 @@ class Progress:
     shards_written: int
     rows_rejected: int
     gpu_seconds: float
+    error: str | None = None  # why it FAILED, or why it paused itself (the daily quota)
 
 
 def create(
@@ -138,7 +139,7 @@ def progress(s: Session, bulk_id: str) -> Progress:
     return Progress(bulk_id=bulk_id, status=BulkStatus(job.status), total=job.ingested if job.manifest_done else None,
                     ingested=job.ingested, done=int(counts.get("done", 0)), failed=int(counts.get("failed", 0)),
                     in_flight=int(counts.get("submitted", 0)), shards_written=int(shards),
-                    rows_rejected=job.rows_rejected, gpu_seconds=gpu_seconds(s, bulk_id))
+                    rows_rejected=job.rows_rejected, gpu_seconds=gpu_seconds(s, bulk_id), error=job.error)
 
 
 def set_status(bulk_id: str, status: BulkStatus, owner: str | None = None,
@@ -153,6 +154,8 @@ def set_status(bulk_id: str, status: BulkStatus, owner: str | None = None,
         if admit is not None and status == BulkStatus.RUNNING and before != BulkStatus.RUNNING:
             admit(s)
         job.status = status
+        if status == BulkStatus.RUNNING and before != BulkStatus.RUNNING:  # resumed: no reason, no failed runs
+            job.error, job.attempts = None, 0
         if status == BulkStatus.CANCELLED:
             job.finished_at = utcnow()
             in_flight = list(s.scalars(select(BulkSample.job_id).where(

@@ -23,7 +23,9 @@ One loop, resumable at any point because every step is recorded in the ledger fi
    once, atomically (``farm.bulk.writers``), and recorded in ``bulk_shards``.
 
 Pause and budget stop submitting, let what is in flight finish, write the complete shards
-and stop; cancel also cancels the farm jobs in flight. ``retry_failed`` puts failed samples
+and stop; so does the owner's daily GPU-second quota, spent while the job runs (it pauses itself,
+with the reason: ``farm.bulk.stops``); cancel also cancels the farm jobs in flight. A run that ends
+in an error is counted, and the job FAILED when that repeats (``farm.bulk.stops``). ``retry_failed`` puts failed samples
 back to pending (their shards are written again, whole, when they complete).
 """
 
@@ -41,9 +43,9 @@ from typing import Any
 from sqlalchemy import String, case, cast, func, insert, literal, null, select, update
 from sqlalchemy.orm import Session
 
-from db.models import BulkJob, BulkSample, BulkShard, Job, utcnow
+from db.models import BulkJob, BulkSample, BulkShard, Job
 from db.session import session_scope
-from farm.bulk import runners
+from farm.bulk import runners, stops
 from farm.bulk.control import (
     BulkSpec,
     Progress,
@@ -56,9 +58,9 @@ from farm.bulk.control import (
 )
 from farm.bulk.manifest import RowError, Sample, read_manifest
 from farm.bulk.shards import ReadAhead, ShardWriter, sample_fields, write_ready_shards
-from farm.bulk.writers import open_destination, sample_key, write_stats
+from farm.bulk.writers import open_destination, sample_key
 from farm.config import Settings, get_settings
-from farm.errors import InvalidInputError, JobNotFoundError
+from farm.errors import ConflictError, InvalidInputError, JobNotFoundError
 from farm.lifecycle import submit as submission
 from farm.schemas import GenerateInput, admitted_input
 from farm.status import BulkStatus, JobStatus, Lane, SampleStatus
@@ -83,20 +85,30 @@ def run(
     max_in_flight: int = 256,
     poll_seconds: float = 0.5,
     settings: Settings | None = None,
+    resume: bool = True,
 ) -> Progress:
-    """Drive a bulk job until it completes, is paused or cancelled, or reaches its budget."""
+    """Drive a bulk job until it completes, is paused or cancelled, reaches its budget, or fails. ``resume``:
+    a job not RUNNING runs again; without it (a ``farm.bulk`` message, maybe stale) it is left as it is."""
     settings = settings or get_settings()
     with runners.driving(bulk_id) as runner:
-        return _run(bulk_id, runner, on_progress, on_row_error, max_in_flight, poll_seconds, settings)
+        try:
+            return _run(bulk_id, runner, on_progress, on_row_error, max_in_flight, poll_seconds, settings, resume)
+        except (ConflictError, JobNotFoundError):  # another driver has it, or it is gone: not its failure
+            raise
+        except Exception as exc:
+            stops.failed_run(bulk_id, exc, settings)  # counted; FAILED when it repeats
+            raise
 
 
 def _run(bulk_id: str, runner: str, on_progress: Callable[[Progress], None] | None,
          on_row_error: Callable[[RowError], None] | None, max_in_flight: int, poll_seconds: float,
-         settings: Settings) -> Progress:
+         settings: Settings, resume: bool) -> Progress:
     with session_scope() as s:
         job = get(s, bulk_id)
-        if job.status in (BulkStatus.PAUSED, BulkStatus.BUDGET_REACHED):
-            job.status = BulkStatus.RUNNING  # running it again resumes it
+        if job.status != BulkStatus.RUNNING and not resume:
+            return progress(s, bulk_id)
+        if job.status in (BulkStatus.PAUSED, BulkStatus.BUDGET_REACHED, BulkStatus.FAILED):
+            job.status, job.error = BulkStatus.RUNNING, None  # running it again resumes it
         spec = BulkSpec(**job.spec)
         manifest, dest_url, fmt, shard_size = Path(job.manifest), job.dest, job.format, job.shard_size
         skip, owner = job.ingested, job.owner
@@ -110,7 +122,7 @@ def _run(bulk_id: str, runner: str, on_progress: Callable[[Progress], None] | No
     rejected: list[RowError] = []  # filled while the manifest is read, applied by _ingest
     if not manifest_done:
         if not manifest.is_file():
-            raise InvalidInputError("manifest", f"no such file: {manifest} (a resumed job reads it again)")
+            raise InvalidInputError("manifest", f"no such file: {manifest.name} (a resumed job reads it again)")
         samples = itertools.islice(
             read_manifest(manifest, defaults={**spec.defaults, "model_name": spec.model_name},
                           images_per_prompt=spec.images_per_prompt, base_seed=spec.base_seed,
@@ -167,6 +179,7 @@ class BulkRun:
         budgeted = self.spec.budget_images is not None or self.spec.budget_gpu_seconds is not None
         renew_at = time.monotonic() + runners.RENEW_SECONDS  # run() has just taken the lease
         lost_check_at = time.monotonic() + LOST_CHECK_SECONDS
+        quota_at = 0.0  # the owner's daily quota is looked at now, then while the run goes on
         wait = POLL_MIN_SECONDS
         while True:
             if runners.leaving():
@@ -183,6 +196,11 @@ class BulkRun:
                 collected = _collect(s, self.bulk_id)
                 snap = _snapshot(s, self.bulk_id, gpu_seconds(s, self.bulk_id) if budgeted else 0.0)
             pending = snap.ingested - snap.done - snap.failed - snap.in_flight
+            if snap.status == BulkStatus.RUNNING and time.monotonic() >= quota_at:
+                quota_at = time.monotonic() + stops.QUOTA_CHECK_SECONDS
+                if (spent := stops.quota_spent(self.owner, self.settings)) is not None:
+                    stops.pause_for(self.bulk_id, spent)  # what is in flight finishes, then it stops
+                    snap.status = BulkStatus.PAUSED
             stopping = snap.status == BulkStatus.PAUSED or (budgeted and _over_budget(snap, self.spec))
             busy = False  # driver-side work that may go on at once: more rows to ingest or to submit
             if not stopping and not self.manifest_done:
@@ -212,7 +230,7 @@ class BulkRun:
                 self.on_progress(snap)
             if finishing:
                 paused = BulkStatus.PAUSED if snap.status == BulkStatus.PAUSED else BulkStatus.BUDGET_REACHED
-                _finish(self.bulk_id, paused if stopping else BulkStatus.COMPLETED, self.dest)
+                stops.finish(self.bulk_id, paused if stopping else BulkStatus.COMPLETED, self.dest)
                 return
             if busy:
                 continue
@@ -288,7 +306,7 @@ def _ingest(bulk_id: str, samples: Iterator[Sample], window: int, shard_size: in
             job.ingested += len(rows)
         for error in rejected:
             if error.row > job.last_row:
-                job.rows_rejected += 1
+                stops.rejected(job, error.message)
                 log.warning("bulk %s: %s", bulk_id, error.message)
                 if on_row_error is not None:
                     on_row_error(error)
@@ -378,22 +396,3 @@ def _over_budget(snap: Progress, spec: BulkSpec) -> bool:
     if spec.budget_images is not None and rendered >= spec.budget_images:
         return True
     return spec.budget_gpu_seconds is not None and snap.gpu_seconds >= spec.budget_gpu_seconds
-
-
-def _finish(bulk_id: str, status: BulkStatus, dest: Any) -> None:
-    with session_scope() as s:
-        job = get(s, bulk_id)
-        if job.status != BulkStatus.CANCELLED:
-            job.status = status
-            job.finished_at = utcnow()
-        snap = progress(s, bulk_id)
-        shards = [sh.stats for sh in s.scalars(select(BulkShard).where(BulkShard.bulk_id == bulk_id)
-                                               .order_by(BulkShard.shard))]
-        stats = {"bulk_id": bulk_id, "status": job.status, "manifest": job.manifest, "format": job.format,
-                 "shard_size": job.shard_size, "total": snap.ingested, "done": snap.done, "failed": snap.failed,
-                 "rows_rejected": snap.rows_rejected, "shards": len(shards), "gpu_seconds": round(snap.gpu_seconds, 3),
-                 "spec": job.spec, "created_at": job.created_at.isoformat(),
-                 "finished_at": (job.finished_at or utcnow()).isoformat()}
-    write_stats(dest, stats)  # rewritten (atomically) at every stop; final when COMPLETED
-    log.info("bulk job %s %s: %d done, %d failed of %d", bulk_id, status.lower(), snap.done, snap.failed,
-             snap.ingested)

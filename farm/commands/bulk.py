@@ -105,6 +105,8 @@ def _drive(bulk_id: str, model_name: str, device: str, max_in_flight: int) -> dr
     click.echo(json.dumps(dataclasses.asdict(final), indent=2))
     if final.status == BulkStatus.CANCELLED:
         raise FarmError(f"bulk job {bulk_id} was cancelled")
+    if final.error:  # it paused itself (the owner's daily quota): say why
+        err.print(f"bulk job {bulk_id} {final.status.lower()}: {final.error}", highlight=False)
     return final
 
 
