@@ -244,7 +244,8 @@ def _fetch_url(url: str, owner: str, storage: Storage, settings: Settings) -> st
     digest = "url-" + hashlib.sha256(url.encode()).hexdigest()
     cached = _cached(folder, digest)  # one download per process and URL while the cache keeps it
     if cached is not None:
-        return store_blob(owner, cached.read_bytes(), storage, settings)[0]
+        with contextlib.suppress(FileNotFoundError):  # evicted meanwhile: downloaded again below
+            return store_blob(owner, cached.read_bytes(), storage, settings)[0]
     with _downloaded(url, folder, settings) as (tmp, head):
         key, _ = store_blob(owner, tmp.read_bytes(), storage, settings)  # the quota first (UploadQuotaError)
         _publish(folder, digest, tmp, head, settings)
