@@ -228,6 +228,22 @@ def test_derived_pipelines_share_the_loaded_weights(renderer: DiffusersRenderer)
     assert pipeline_class_name("sdxl", INPAINTING) == "StableDiffusionXLInpaintPipeline"
 
 
+def test_a_lora_acts_on_image_to_image_and_does_not_leak(renderer: DiffusersRenderer, settings: Settings) -> None:
+    """LoRAs are loaded into the text-to-image pipeline's modules, which the derived pipeline shares."""
+    from tests.test_models import _make_lora
+
+    path = _make_lora(settings)
+
+    def render(**kw: Any) -> list[bytes]:
+        source = prepare_sources(encoded(picture()), strength=0.75)
+        return pngs(renderer.render(params((64, 64), num_images=1, **kw), 2, [0], source=source))
+
+    baseline = render()
+    assert render(loras=[{"path": path, "scale": 1.0}]) != baseline
+    assert renderer.pipe.get_list_adapters() == {}
+    assert render() == baseline
+
+
 def test_deriving_keeps_the_models_dtype(settings: Settings) -> None:
     """diffusers' ``from_pipe`` casts the shared modules to float32 unless told otherwise: a half-precision
     model (bfloat16 here, as fp16 on a GPU) keeps its dtype and its very tensors."""
@@ -327,3 +343,63 @@ def test_errors_name_no_path(tmp_path: Path) -> None:
     bad.write_bytes(b"not a png")
     err = refusal(bad.read_bytes())
     assert str(tmp_path) not in str(err) and "secret" not in str(err)
+
+
+# -- SDXL ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> DiffusersRenderer:
+    """``stabilityai/stable-diffusion-xl-base-1.0``'s spec around random SDXL-shaped weights (the shapes of
+    diffusers' own SDXL fast tests: two text encoders, text-time embeddings), built here, no hub."""
+    import torch
+    from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from models.registry import SDXL_BASE, get_model
+    from models.safety import SafetyCheckers
+    from models.tiny import write_tokenizer_files
+
+    folder = tmp_path_factory.mktemp("sdxl-tokenizer")
+    write_tokenizer_files(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64)
+    vae = AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        norm_num_groups=8)
+    config = CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, hidden_size=32, intermediate_size=37,
+                            num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer), projection_dim=32)
+    pipe: Any = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(config), text_encoder_2=CLIPTextModelWithProjection(config),
+        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=LCMScheduler(), add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return DiffusersRenderer(get_model(SDXL_BASE, settings), "cpu", settings, pipe, SafetyCheckers())
+
+
+@pytest.mark.parametrize("task", [IMAGE_TO_IMAGE, INPAINTING])
+def test_sdxl_family_renders_both_tasks_from_its_pipeline(tiny_sdxl: DiffusersRenderer, task: str) -> None:
+    from models.registry import SDXL_BASE
+
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+
+    def source() -> SourceImages:
+        return prepare_sources(encoded(picture()), encoded(mask) if task == INPAINTING else None, strength=0.5)
+
+    p = params((64, 64), model_name=SDXL_BASE, enable_safety_checker=False, num_images=1)
+    calls: list[int] = []
+    result = tiny_sdxl.render_items([RenderItem(p, 4, 0, source=source())], on_progress=lambda: calls.append(1))
+    assert len(calls) == effective_steps(4, 0.5) + 1
+    assert type(tiny_sdxl.pipes.get(task)).__name__ == pipeline_class_name("sdxl", task)
+    assert tiny_sdxl.pipes.get(task).unet is tiny_sdxl.pipe.unet
+    assert pngs(result) == pngs(tiny_sdxl.render(p, 4, [0], source=source()))
+    if task == INPAINTING:
+        out, src = np.asarray(result.images[0].image).astype(int), np.asarray(source().image).astype(int)
+        assert np.abs(out - src)[np.asarray(mask) == 0].max() == 0
