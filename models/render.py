@@ -194,8 +194,9 @@ def begin(pipe: Any, safety: SafetyCheckers, spec: ModelSpec, settings: Settings
     image ``i`` of a request uses seed ``seed + i``.
 
     At most ``micro_batch`` images go through the pipeline at once (see the module doc). Items of
-    different requests must agree on everything but prompt, negative prompt and seed
-    (``db.batches.compat_key``); the first item's request supplies size, steps, guidance, LoRAs.
+    different requests must agree on everything but prompt, negative prompt, seed and source images
+    (``db.batches.compat_key``; with sources, one task and one step plan, checked here); the first
+    item's request supplies size, steps, guidance, LoRAs.
     ``on_progress`` is called after every denoising step and may raise to abort. Items with source
     images run through ``pipes`` (the derived pipelines of ``pipe``, kept by the renderer).
     """

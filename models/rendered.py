@@ -48,7 +48,9 @@ class RenderItem:
     """One image to render: image ``index`` of the request ``params``, with seed ``seed + index``.
 
     Items of different requests may share a GPU batch when their requests agree on model,
-    size, steps, guidance and LoRAs (``db.batches.compat_key``); ``tag`` says whose it is.
+    size, steps, guidance and LoRAs (``db.batches.compat_key``); ``tag`` says whose it is. With
+    ``source`` images they must also agree on the task and the step plan
+    (``models.source_image.step_plan``); the images themselves and the strength may differ.
     """
 
     params: GenerateInput
