@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Batch, utcnow
 from farm.status import LANES_BY_PRIORITY, BatchStatus, Lane
+from models.source_image import step_plan
 
 FETCHING = BatchStatus.FETCHING
 QUEUED, CLAIMED, DONE, FAILED, CANCELLED = (BatchStatus.QUEUED, BatchStatus.CLAIMED, BatchStatus.DONE,
@@ -51,10 +52,19 @@ def compat_key(input: dict[str, Any], owner: str | None = None) -> str:
 
     With or without a negative prompt never share (SDXL: no negative prompt is not an empty one), and
     inputs with LoRAs or embeddings share only with their ``owner``'s (upload URLs resolve per owner).
+    Image-to-image and inpainting share only with their own task, the same step plan
+    (``models.source_image.step_plan``: the effective steps) and the same source image sized the same way.
     """
     picked = {name: input.get(name) for name in _COMPAT_FIELDS}
     picked["has_negative_prompt"] = bool(input.get("negative_prompt"))
     picked["owner"] = owner if input.get("loras") or input.get("embeddings") else None
+    if input.get("image_url"):  # image-to-image / inpainting: one task, one render size, one step plan
+        plan = step_plan(int(input.get("num_inference_steps") or 1), float(input.get("strength") or 1.0))
+        picked["task"] = "inpainting" if input.get("mask_url") else "image-to-image"
+        picked["steps"] = [plan.pipeline_steps, plan.steps_run]
+        # the render size follows from the source image (no image_size: its own size): only inputs of the same
+        # image, sized the same way, share a batch
+        picked["source"] = [input["image_url"], input.get("preserve_aspect_ratio"), input.get("crop_output")]
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:32]
 
 

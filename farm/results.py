@@ -17,7 +17,8 @@ from sqlalchemy.orm import Session
 from db import ledger
 from db.models import Job
 from farm.config import Settings
-from farm.schemas import GenerateInput, GenerateOutput, Image, admitted_input
+from farm.image_schemas import admitted_input
+from farm.schemas import GenerateInput, GenerateOutput, Image
 from farm.status import JobStatus
 from farm.storage import Storage, data_uri
 from models.prompt import expand_prompt

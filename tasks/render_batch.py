@@ -46,6 +46,7 @@ from tasks.lease import BatchAborted
 from tasks.loaded_model import get_renderer
 from tasks.realtime import gate as realtime_gate
 from tasks.services import WorkerServices, get_services
+from tasks.sources import sources_of
 
 log = logging.getLogger(__name__)
 CLAIM_RETRIES = 8
@@ -120,7 +121,7 @@ def _run_group(app: Celery, claimed: list[Claimed], renderer: Renderer, services
         _fault_hook(claimed, settings)
         realtime_gate.wait_turn(lambda: services.keeper.progress_quietly(ids))  # realtime frames go first
         t1 = time.perf_counter()
-        pending = _render(renderer, claimed, lambda: services.keeper.progress(ids))
+        pending = _render(renderer, claimed, lambda: services.keeper.progress(ids), settings)
         t2 = time.perf_counter()
         count.rendered(renderer.spec.key, len(pending), pending.inference_seconds)
         count.gpu_memory(renderer.spec.key, renderer.device)
@@ -156,9 +157,14 @@ def _fault_hook(claimed: list[Claimed], settings: Settings) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _render(renderer: Renderer, claimed: list[Claimed], on_progress: ProgressHook) -> PendingRender:
-    """Denoise the group's images; on a GPU the batch comes back unfinished (decode queued: models.render)."""
-    items = [RenderItem(c.params, c.seed, i, tag=c.job_id) for c in claimed for i in c.todo]
+def _render(renderer: Renderer, claimed: list[Claimed], on_progress: ProgressHook,
+            settings: Settings) -> PendingRender:
+    """Denoise the group's images; on a GPU the batch comes back unfinished (decode queued: models.render).
+    Image-to-image and inpainting jobs get their source images (tasks.sources), sized, on each item."""
+    items = []
+    for c in claimed:
+        params, source = sources_of(c, settings) if c.todo else (c.params, None)
+        items += [RenderItem(params, c.seed, i, tag=c.job_id, source=source) for i in c.todo]
     if not items:
         return Ready(RenderResult(images=[], prompt="", inference_seconds=0.0))
     with owner_scope(claimed[0].owner):  # upload URLs resolve only for their owner

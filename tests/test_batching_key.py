@@ -69,3 +69,27 @@ def test_realtime_frames_with_and_without_negative_prompt_do_not_share_a_batch(f
     assert _serve({"a": {}, "b": {"negative_prompt": "blurry"}}) == [["a"], ["b"]]
     assert _serve({"a": {}, "b": {"seed": 3}, "c": {"negative_prompt": "x"}, "d": {"negative_prompt": "y"}}) == [
         ["a", "b"], ["c", "d"]]
+
+
+def _image_key(task: str = "image-to-image", **fields: Any) -> str:
+    from farm.image_schemas import admitted_input
+
+    base: dict[str, Any] = {"prompt": "a cat", "model_name": SDXL, "image_url": "farm-stored:alice/inputs/a.bin"}
+    if task == "inpainting":
+        base["mask_url"] = "farm-stored:alice/inputs/m.bin"
+    return compat_key(admitted_input({**base, **fields}).model_dump(mode="json"), "alice")
+
+
+def test_image_tasks_never_share_with_other_tasks_sizes_or_step_plans(farm_env: Path) -> None:
+    text = _key(image_size={"width": 512, "height": 512})
+    i2i = _image_key(image_size={"width": 512, "height": 512}, num_inference_steps=4, strength=0.5)
+    assert len({text, i2i, _image_key("inpainting", image_size={"width": 512, "height": 512},
+                                      num_inference_steps=4, strength=0.5)}) == 3  # one task per batch
+    # effective steps: int(4 * 0.5) = 2 and int(4 * 0.75) = 3 differ; int(4 * 0.6) = 2 is the same plan
+    assert i2i != _image_key(image_size={"width": 512, "height": 512}, num_inference_steps=4, strength=0.75)
+    assert i2i == _image_key(image_size={"width": 512, "height": 512}, num_inference_steps=4, strength=0.6,
+                             prompt="a dog", seed=9)
+    # sizes: another image_size, or another source image (no image_size: the image's own size), never share
+    assert i2i != _image_key(image_size={"width": 512, "height": 768}, num_inference_steps=4, strength=0.5)
+    assert _image_key() != _image_key(image_url="farm-stored:alice/inputs/b.bin")
+    assert _image_key() != _image_key(preserve_aspect_ratio=True, image_size={"width": 512, "height": 512})

@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Query, Request
+from fastapi import APIRouter, Header, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
@@ -26,6 +26,7 @@ from farm.api.fal import APP_ID, CancelResult, QueueStatus, QueueSubmitted, fal_
 from farm.api.job_access import IDEMPOTENCY_HEADER, app_base, get_job, read_output, submit_job
 from farm.config import Settings
 from farm.errors import JobNotFoundError
+from farm.image_schemas import IMAGE_TO_IMAGE, INPAINTING, SUBPATHS, ImageToImageInput, InpaintingInput
 from farm.lifecycle import submit as submission
 from farm.schemas import REQUEST_ID, GenerateInput, GenerateOutput
 from farm.status import Lane
@@ -123,7 +124,24 @@ def queue_router(prefix: str) -> APIRouter:
         job = submit_job(
             inp, tenant, lane=Lane.QUEUE, idempotency_key=idempotency_key, webhook_url=fal_webhook, settings=settings
         )
+        # status, result and cancel live at the app's URLs, without the subpath, as fal's clients build them
         return {**request_urls(base_of(request, settings), job.id), "status": fal_status(job.status)}
+
+    submitted = {**ERROR_RESPONSES, 429: {"model": ErrorBody, "description": "Too many requests in flight."}}
+
+    @router.post(f"/{IMAGE_TO_IMAGE}", response_model=QueueSubmitted, summary="Submit an image-to-image request",
+                 responses=submitted)
+    def submit_image_to_image(inp: ImageToImageInput, request: Request, tenant: TenantDep, settings: SettingsDep,
+                              fal_webhook: WebhookUrl = None, idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
+        """Queue an image-to-image request; its status, result and cancel are at the app's URLs (no subpath)."""
+        return submit(inp, request, tenant, settings, fal_webhook, idempotency_key)
+
+    @router.post(f"/{INPAINTING}", response_model=QueueSubmitted, summary="Submit an inpainting request",
+                 responses=submitted)
+    def submit_inpainting(inp: InpaintingInput, request: Request, tenant: TenantDep, settings: SettingsDep,
+                          fal_webhook: WebhookUrl = None, idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
+        """Queue an inpainting request; its status, result and cancel are at the app's URLs (no subpath)."""
+        return submit(inp, request, tenant, settings, fal_webhook, idempotency_key)
 
     @router.get(
         "/requests/{request_id}/status",
@@ -197,4 +215,14 @@ def queue_router(prefix: str) -> APIRouter:
         body = {"status": outcome, "detail": f"request {request_id!r} not found", "error_type": "not_found"}
         return JSONResponse(body, status_code=404)
 
+    @router.post("/{subpath:path}", include_in_schema=False)
+    def unknown_endpoint(subpath: str) -> None:
+        raise unknown_subpath(subpath)
+
     return router
+
+
+def unknown_subpath(subpath: str) -> HTTPException:
+    """404 for an endpoint of the app that does not exist, naming those that do."""
+    known = ", ".join([APP_ID] + [f"{APP_ID}/{name}" for name in SUBPATHS])
+    return HTTPException(404, f"no endpoint {APP_ID}/{subpath[:64]}; the endpoints are {known}")

@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Header, Request
@@ -29,9 +29,10 @@ from farm.api.error_bodies import ERROR_RESPONSES, FAILED, ErrorBody, RequestTim
 from farm.api.fal import APP_ID, fal_status
 from farm.api.job_access import outcome as job_outcome
 from farm.api.job_access import read_output, submit_job
-from farm.api.routes_queue import IdempotencyKey
+from farm.api.routes_queue import IdempotencyKey, unknown_subpath
 from farm.config import Settings
 from farm.errors import FarmError, JobNotFoundError
+from farm.image_schemas import IMAGE_TO_IMAGE, INPAINTING, ImageToImageInput, InpaintingInput
 from farm.lifecycle import submit as submission
 from farm.schemas import GenerateInput, GenerateOutput
 from farm.status import JobStatus, Lane
@@ -156,18 +157,17 @@ async def _submit(
     return job.id
 
 
-@router.post(
-    "",
-    response_model=GenerateOutput,
-    summary="Run a request and wait for its output",
-    responses={
-        **ERROR_RESPONSES,
-        **FAILED,
-        400: {"model": ErrorBody, "description": "The request was cancelled."},
-        429: {"model": ErrorBody, "description": "Too many requests in flight, or the daily GPU-seconds spent."},
-        504: {"model": ErrorBody, "description": "Did not start (X-Fal-Request-Timeout) or finish in time."},
-    },
-)
+_RUN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    **FAILED,
+    400: {"model": ErrorBody, "description": "The request was cancelled."},
+    429: {"model": ErrorBody, "description": "Too many requests in flight, or the daily GPU-seconds spent."},
+    504: {"model": ErrorBody, "description": "Did not start (X-Fal-Request-Timeout) or finish in time."},
+}
+
+
+@router.post("", response_model=GenerateOutput, summary="Run a request and wait for its output",
+             responses=_RUN_RESPONSES)
 async def run(
     inp: GenerateInput,
     request: Request,
@@ -212,20 +212,19 @@ async def _run_events(
     yield {"event": "output", "data": output.model_dump_json()}
 
 
-@router.post(
-    "/stream",
-    response_class=EventSourceResponse,
-    summary="Run a request and stream its progress, then its output",
-    responses={
-        200: {
-            "description": "Server-sent events: `status` events ({request_id, status}), then one `output` "
-            "event (the output schema) or one `error` event ({detail, error_type}).",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
-        },
-        **ERROR_RESPONSES,
-        429: {"model": ErrorBody, "description": "Too many requests in flight, or the daily GPU-seconds spent."},
+_STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Server-sent events: `status` events ({request_id, status}), then one `output` "
+        "event (the output schema) or one `error` event ({detail, error_type}).",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
     },
-)
+    **ERROR_RESPONSES,
+    429: {"model": ErrorBody, "description": "Too many requests in flight, or the daily GPU-seconds spent."},
+}
+
+
+@router.post("/stream", response_class=EventSourceResponse, responses=_STREAM_RESPONSES,
+             summary="Run a request and stream its progress, then its output")
 async def run_stream(
     inp: GenerateInput,
     request: Request,
@@ -237,4 +236,44 @@ async def run_stream(
     """Like run, as server-sent events (fal_client's `stream()`)."""
     request_id = await _submit(inp, tenant, settings, idempotency_key)
     return EventSourceResponse(_run_events(request_id, tenant.owner, settings, start_timeout), ping=15)
+
+
+@router.post(f"/{IMAGE_TO_IMAGE}", response_model=GenerateOutput, summary="Run an image-to-image request",
+             responses=_RUN_RESPONSES)
+async def run_image_to_image(inp: ImageToImageInput, request: Request, tenant: TenantDep, settings: SettingsDep,
+                             idempotency_key: IdempotencyKey = None,
+                             start_timeout: StartTimeout = None) -> GenerateOutput:
+    """Render from an image and answer the output schema (or the job's error) in one call."""
+    return await run(inp, request, tenant, settings, idempotency_key, start_timeout)
+
+
+@router.post(f"/{INPAINTING}", response_model=GenerateOutput, summary="Run an inpainting request",
+             responses=_RUN_RESPONSES)
+async def run_inpainting(inp: InpaintingInput, request: Request, tenant: TenantDep, settings: SettingsDep,
+                         idempotency_key: IdempotencyKey = None, start_timeout: StartTimeout = None) -> GenerateOutput:
+    """Inpaint and answer the output schema (or the job's error) in one call."""
+    return await run(inp, request, tenant, settings, idempotency_key, start_timeout)
+
+
+@router.post(f"/{IMAGE_TO_IMAGE}/stream", response_class=EventSourceResponse, responses=_STREAM_RESPONSES,
+             summary="Run an image-to-image request and stream its progress, then its output")
+async def run_stream_image_to_image(inp: ImageToImageInput, request: Request, tenant: TenantDep,
+                                    settings: SettingsDep, idempotency_key: IdempotencyKey = None,
+                                    start_timeout: StartTimeout = None) -> EventSourceResponse:
+    """Like run, as server-sent events (fal_client's `stream()`)."""
+    return await run_stream(inp, request, tenant, settings, idempotency_key, start_timeout)
+
+
+@router.post(f"/{INPAINTING}/stream", response_class=EventSourceResponse, responses=_STREAM_RESPONSES,
+             summary="Run an inpainting request and stream its progress, then its output")
+async def run_stream_inpainting(inp: InpaintingInput, request: Request, tenant: TenantDep, settings: SettingsDep,
+                                idempotency_key: IdempotencyKey = None,
+                                start_timeout: StartTimeout = None) -> EventSourceResponse:
+    """Like run, as server-sent events (fal_client's `stream()`)."""
+    return await run_stream(inp, request, tenant, settings, idempotency_key, start_timeout)
+
+
+@router.post("/{subpath:path}", include_in_schema=False)
+def unknown_endpoint(subpath: str) -> None:
+    raise unknown_subpath(subpath)
 

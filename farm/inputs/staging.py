@@ -31,6 +31,7 @@ from farm.storage import Storage, get_storage
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
+IMAGE_FIELDS = ("image_url", "mask_url")  # source images of image-to-image / inpainting (farm.image_schemas)
 # The file names diffusers looks for first (LORA_WEIGHT_NAME(_SAFE), TEXT_INVERSION_NAME(_SAFE)).
 HUB_FILES = {
     "loras": ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin"),
@@ -39,8 +40,10 @@ HUB_FILES = {
 
 
 def _fields(inp: GenerateInput) -> list[tuple[str, str]]:
+    """(field, path) of the input's file references: LoRAs, embeddings, and source images (image_url, mask_url)."""
     return ([(f"loras.{i}.path", x.path) for i, x in enumerate(inp.loras)]
-            + [(f"embeddings.{i}.path", x.path) for i, x in enumerate(inp.embeddings)])
+            + [(f"embeddings.{i}.path", x.path) for i, x in enumerate(inp.embeddings)]
+            + [(name, getattr(inp, name)) for name in IMAGE_FIELDS if isinstance(getattr(inp, name, None), str)])
 
 
 def _with_paths(inp: GenerateInput, paths: dict[str, str]) -> GenerateInput:
@@ -50,7 +53,8 @@ def _with_paths(inp: GenerateInput, paths: dict[str, str]) -> GenerateInput:
     loras = [x.model_copy(update={"path": paths.get(f"loras.{i}.path", x.path)}) for i, x in enumerate(inp.loras)]
     embs = [x.model_copy(update={"path": paths.get(f"embeddings.{i}.path", x.path)})
             for i, x in enumerate(inp.embeddings)]
-    return inp.model_copy(update={"loras": loras, "embeddings": embs})
+    images = {name: paths[name] for name in IMAGE_FIELDS if name in paths}
+    return inp.model_copy(update={"loras": loras, "embeddings": embs, **images})
 
 
 def _suffix(data: bytes) -> str:

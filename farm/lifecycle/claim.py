@@ -4,7 +4,7 @@ The batch named by the message (and those listed with it by ``submit_many``) is 
 statement, which bumps each batch's fencing token; the jobs are started and read in one more.
 If the GPU batch has room, compatible queued batches of other jobs join it (cross-request
 batching), after a bounded wait only while compatible work is arriving. A stored input is not
-validated again (schemas.admitted_input): admission happened once, at submit.
+validated again (image_schemas.admitted_input): admission happened once, at submit.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from db import ledger
 from db.models import Batch, Job, utcnow
 from db.session import session_scope
 from farm.config import Settings
+from farm.image_schemas import admitted_input
 from farm.lifecycle.finish import finish
-from farm.schemas import GenerateInput, admitted_input
+from farm.schemas import GenerateInput
 from farm.status import ACTIVE, BatchStatus, JobStatus
 
 log = logging.getLogger(__name__)

@@ -36,11 +36,11 @@ from db.session import session_scope
 from farm import netguard
 from farm.config import Settings
 from farm.errors import FileDownloadError
+from farm.image_schemas import admitted_input
 from farm.inputs.retrieve import fetch_one
 from farm.inputs.staging import pending
 from farm.lifecycle.announce import announce, messages
 from farm.lifecycle.finish import finish
-from farm.schemas import admitted_input
 from farm.status import JobStatus
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,182 @@
+"""Image-to-image and inpainting through every face of a live farm (issue 21): the unmodified ``fal_client``
+over TLS at the app's subpaths, the HTTP API's refusals of bad images, ``farm generate --image`` and a plain
+Celery ``send_task("farm.generate")`` with an ``image_url``. The tiny model renders on the CPU; the images are
+real PNGs made here with PIL, the bad ones real bad files (a GIF, a PNG header claiming 100000x100000 pixels).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from tests.api_stack import APP, ApiStack, idle_input, tiny_input
+from tests.test_fal_client import run_fal
+
+
+def png(size: tuple[int, int] = (96, 80), colour: tuple[int, int, int] = (200, 40, 40), mode: str = "RGB",
+        fmt: str = "PNG") -> bytes:
+    """A real image file: a gradient, so that image-to-image has something to keep."""
+    image = Image.new(mode, size, colour if mode == "RGB" else 255)
+    for x in range(size[0]):
+        image.putpixel((x, x * size[1] // size[0]), (0, 0, 0) if mode == "RGB" else 0)
+    out = io.BytesIO()
+    image.save(out, fmt)
+    return out.getvalue()
+
+
+def data_uri(data: bytes, kind: str = "image/png") -> str:
+    return f"data:{kind};base64,{base64.b64encode(data).decode()}"
+
+
+def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels over a few bytes of data."""
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def i2i(**extra: Any) -> dict[str, Any]:
+    """An image-to-image request of the tiny model with no image_size: the output takes the input's size."""
+    fields = tiny_input(**{"image_url": data_uri(png()), "strength": 0.5, **extra})
+    fields.pop("image_size")
+    return fields
+
+
+SCRIPT = r'''
+import json, sys, time
+import fal_client
+
+APP, I2I, INPAINT, IDLE, UPLOADED = sys.argv[1], *map(json.loads, sys.argv[2:6])
+out = {}
+
+# submit to the subpath; status (with and without logs) and result at the app's URLs
+handle = fal_client.submit(APP + "/image-to-image", arguments=dict(I2I, seed=11))
+plain = fal_client.status(APP + "/image-to-image", handle.request_id)
+while True:
+    status = fal_client.status(APP + "/image-to-image", handle.request_id, with_logs=True)
+    if isinstance(status, fal_client.Completed):
+        break
+    time.sleep(0.05)
+out["submit"] = {"plain_logs": getattr(plain, "logs", None), "logs": status.logs, "error": status.error,
+                 "result": fal_client.result(APP + "/image-to-image", handle.request_id)}
+
+# run and stream at the subpaths
+out["run"] = fal_client.run(APP + "/inpainting", arguments=dict(INPAINT, seed=12))
+out["stream"] = list(fal_client.stream(APP + "/image-to-image", arguments=dict(I2I, seed=13)))
+out["uploaded"] = fal_client.run(APP + "/image-to-image", arguments=dict(UPLOADED, seed=14))
+
+# cancel one that no worker takes
+queued = fal_client.submit(APP + "/image-to-image", arguments=IDLE)
+fal_client.cancel(APP + "/image-to-image", queued.request_id)
+after = fal_client.status(APP + "/image-to-image", queued.request_id)
+out["cancel"] = {"after": type(after).__name__, "error_type": after.error_type}
+
+# an unknown subpath
+try:
+    fal_client.submit(APP + "/outpainting", arguments=I2I)
+except fal_client.client.FalClientHTTPError as exc:
+    out["unknown"] = {"status_code": exc.status_code, "message": str(exc)}
+print(json.dumps(out))
+'''
+
+
+def upload(stack: ApiStack, key: str, data: bytes, name: str = "source.png") -> str:
+    """The farm's upload route (fal's initiate + PUT): the file's URL."""
+    with stack.client(key) as client:
+        started = client.post("/storage/upload/initiate", json={"content_type": "image/png", "file_name": name})
+        assert started.status_code == 200, started.text
+        target = started.json()
+        stored = client.put(target["upload_url"], content=data, headers={"Content-Type": "image/png"})
+        assert stored.status_code == 200, stored.text
+        return str(target["file_url"])
+
+
+def decoded(url: str) -> Image.Image:
+    assert url.startswith("data:image/")
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+
+
+def test_fal_client_at_the_subpaths(api_stack: ApiStack, tmp_path: Path) -> None:
+    key = api_stack.make_key("i2i-user")
+    env = {"FAL_KEY": key, "FAL_RUN_HOST": f"{api_stack.host}/run", "FAL_QUEUE_RUN_HOST": f"{api_stack.host}/queue"}
+    mask = Image.new("L", (96, 80), 0)
+    mask.paste(255, (0, 0, 48, 80))
+    buf = io.BytesIO()
+    mask.save(buf, "PNG")
+    inpaint = dict(i2i(), mask_url=data_uri(buf.getvalue()), strength=1.0)
+    uploaded = dict(i2i(), image_url=upload(api_stack, key, png((72, 104))))
+    idle = idle_input(image_url=data_uri(png()))
+    out = run_fal(api_stack, tmp_path, SCRIPT, env, APP, *(json.dumps(x) for x in (i2i(), inpaint, idle, uploaded)))
+
+    submitted = out["submit"]
+    assert submitted["error"] is None and submitted["plain_logs"] is None
+    assert submitted["logs"] and submitted["logs"][-1]["message"] == "completed 1 image(s)"
+    result = submitted["result"]
+    assert result["seed"] == 11
+    assert (result["images"][0]["width"], result["images"][0]["height"]) == (96, 80)  # the input's size
+    assert decoded(result["images"][0]["url"]).size == (96, 80)
+
+    run = out["run"]
+    assert run["seed"] == 12 and decoded(run["images"][0]["url"]).size == (96, 80)
+    painted = decoded(run["images"][0]["url"]).convert("RGB")
+    pixel = painted.getpixel((80, 10))
+    assert isinstance(pixel, tuple)
+    # right half unmasked: the source's pixels back (JPEG output: a tolerance of 40 per channel)
+    assert all(abs(a - b) <= 40 for a, b in zip(pixel, (200, 40, 40), strict=True))
+
+    assert out["stream"][-1]["seed"] == 13 and decoded(out["stream"][-1]["images"][0]["url"]).size == (96, 80)
+    assert out["uploaded"]["seed"] == 14 and decoded(out["uploaded"]["images"][0]["url"]).size == (72, 104)
+    assert out["cancel"] == {"after": "Completed", "error_type": "cancelled"}
+    assert out["unknown"]["status_code"] == 404 and f"{APP}/image-to-image" in out["unknown"]["message"]
+
+    rows = api_stack.sql("SELECT input->>'image_url' FROM jobs WHERE owner = 'i2i-user'")
+    assert rows and all(not r[0].startswith("data:") for r in rows)  # data URIs went to storage at submit
+
+
+def test_bad_images_are_refused_naming_the_field(api_stack: ApiStack) -> None:
+    key = api_stack.make_key("i2i-bad")
+    other = upload(api_stack, api_stack.make_key("i2i-other"), png())
+    gif = png(fmt="GIF")
+    cases: list[tuple[dict[str, Any], str, str]] = [
+        (i2i(image_url=data_uri(b"not an image at all")), "image_url", "is not an image"),
+        (i2i(image_url=data_uri(gif, "image/gif")), "image_url", "GIF is not supported"),
+        (i2i(image_url=data_uri(bomb_png())), "image_url", "pixels"),
+        (i2i(image_url="/etc/passwd"), "image_url", "must be an https:// URL"),
+        (i2i(image_url="https://127.0.0.1/x.png"), "image_url", ""),
+        (i2i(image_url=other), "image_url", "no such upload for this owner"),
+        (i2i(strength=0), "strength", "greater than 0"),
+        (i2i(strength=0.01), "strength", "too small"),
+        (dict(i2i(), mask_url=data_uri(png((64, 64)))), "mask_url", "must be the same size"),
+    ]
+    with api_stack.client(key) as client:
+        for fields, field, words in cases:
+            path = f"/{APP}/inpainting" if "mask_url" in fields else f"/{APP}/image-to-image"
+            reply = client.post(path, json=fields)
+            assert reply.status_code == 422, (field, words, reply.text)
+            body = json.dumps(reply.json())
+            assert field in body and words in body, (field, words, body)
+            assert "i2i-other" not in body and "uploads/" not in body  # no key, path or owner of another
+        missing = client.post(f"/run/{APP}/image-to-image", json=tiny_input())
+        assert missing.status_code == 422 and "image_url" in missing.text
+        unknown = client.post(f"/run/{APP}/sketch", json=i2i())
+        assert unknown.status_code == 404 and f"{APP}/inpainting" in unknown.text
+    assert api_stack.sql("SELECT count(*) FROM jobs WHERE owner = 'i2i-bad'") == [(0,)]
+
+
+def test_an_uploaded_file_that_is_not_an_image_is_refused_at_submit(api_stack: ApiStack) -> None:
+    """An upload's bytes are here at submit: read once, refused before anything is recorded."""
+    key = api_stack.make_key("i2i-upl")
+    with api_stack.client(key) as client:
+        bad = client.post(f"/{APP}/image-to-image", json=i2i(image_url=upload(api_stack, key, b"just text", "a.png")))
+    assert bad.status_code == 422 and "image_url" in bad.text and "is not an image" in bad.text
+    assert api_stack.sql("SELECT count(*) FROM jobs WHERE owner = 'i2i-upl'") == [(0,)]
