@@ -14,6 +14,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import pytest
 from PIL import Image
 
 from tests.api_stack import APP, ApiStack, idle_input, tiny_input
@@ -180,3 +181,51 @@ def test_an_uploaded_file_that_is_not_an_image_is_refused_at_submit(api_stack: A
         bad = client.post(f"/{APP}/image-to-image", json=i2i(image_url=upload(api_stack, key, b"just text", "a.png")))
     assert bad.status_code == 422 and "image_url" in bad.text and "is not an image" in bad.text
     assert api_stack.sql("SELECT count(*) FROM jobs WHERE owner = 'i2i-upl'") == [(0,)]
+
+
+def test_farm_generate_with_image_and_mask(api_stack: ApiStack, tmp_path: Path) -> None:
+    source, mask = tmp_path / "source.png", tmp_path / "mask.png"
+    source.write_bytes(png((88, 72)))
+    Image.new("L", (88, 72), 255).save(mask)
+    out = tmp_path / "out"
+    done = api_stack.farm("generate", "a red fox", "--model", "farm/tiny-lcm", "--steps", "2", "--seed", "5",
+                          "--image", str(source), "--strength", "0.5", "--out", str(out), "--format", "png")
+    assert done.returncode == 0, done.stderr
+    saved = [Path(line) for line in done.stdout.split()]
+    assert len(saved) == 1 and Image.open(saved[0]).size == (88, 72)  # no --image-size: the input's size
+    painted = api_stack.farm("generate", "a red fox", "--model", "farm/tiny-lcm", "--steps", "2", "--image",
+                             str(source), "--mask", str(mask), "--image-size", "64x64", "--json")
+    assert painted.returncode == 0, painted.stderr
+    output = json.loads(painted.stdout)
+    assert (output["images"][0]["width"], output["images"][0]["height"]) == (64, 64)
+
+    missing = api_stack.farm("generate", "a red fox", "--model", "farm/tiny-lcm", "--image", str(tmp_path / "nope.png"))
+    assert missing.returncode != 0 and "image_url" in missing.stderr and "cannot read" in missing.stderr
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    bad = api_stack.farm("generate", "a red fox", "--model", "farm/tiny-lcm", "--image", str(text))
+    assert bad.returncode != 0 and "image_url" in bad.stderr and "is not an image" in bad.stderr
+    alone = api_stack.farm("generate", "a red fox", "--model", "farm/tiny-lcm", "--mask", str(mask))
+    assert alone.returncode != 0 and "--mask and --strength need --image" in alone.stderr
+
+
+def test_plain_celery_send_task_with_an_image_url(api_stack: ApiStack) -> None:
+    from celery import Celery
+
+    broker = api_stack.env["FARM_BROKER_URL"]
+    client = Celery("plain", broker=broker, backend=broker)  # knows nothing of lcm-farm
+    try:
+        kwargs = dict(i2i(image_url=data_uri(png((80, 96))), seed=21), sync_mode=True, format="png")
+        result = client.send_task("farm.generate", kwargs=kwargs)
+        output = result.get(timeout=120)
+        assert output["seed"] == 21 and (output["images"][0]["width"], output["images"][0]["height"]) == (80, 96)
+        assert decoded(output["images"][0]["url"]).size == (80, 96)
+        rows = api_stack.sql("SELECT status, source, input->>'strength' FROM jobs WHERE id = :id", id=result.id)
+        assert rows == [("COMPLETED", "celery", "0.5")]
+
+        bad = client.send_task("farm.generate", kwargs=dict(i2i(), mask_url=data_uri(png((8, 8)))))
+        with pytest.raises(Exception, match="mask_url: mask is 8x8, the image is 96x80"):  # rebuilt by Celery
+            bad.get(timeout=60, propagate=True)
+        assert api_stack.sql("SELECT count(*) FROM jobs WHERE id = :id", id=bad.id) == [(0,)]
+    finally:
+        client.close()

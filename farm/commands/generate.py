@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
+import mimetypes
 import time
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,24 @@ def _embedding(value: str) -> dict[str, Any]:
     return {"path": value}
 
 
+def _image_ref(value: str, field: str, settings: Settings) -> str:
+    """``--image`` / ``--mask``: an http(s) URL as given; a local file as a data URI (staged to storage at
+    submit, within FARM_FILE_INPUT_MAX_BYTES and the owner's quota, as LoRA data URIs are)."""
+    if value.lower().startswith(("http://", "https://")):
+        return value
+    path = Path(value).expanduser()
+    try:
+        size = path.stat().st_size
+        if size > settings.file_input_max_bytes:
+            raise InvalidInputError(field, f"the file is {size} bytes, more than the {settings.file_input_max_bytes} "
+                                           "allowed (FARM_FILE_INPUT_MAX_BYTES)")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidInputError(field, f"cannot read {value}: {exc.strerror or exc}") from None
+    kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{kind};base64,{base64.b64encode(data).decode()}"
+
+
 def _is_float(text: str) -> bool:
     try:
         float(text)
@@ -95,6 +115,11 @@ def _is_float(text: str) -> bool:
               help="Record the job under this id (default: a new one); the same id and input again give the same job.")
 @click.option("--lora", "loras", multiple=True, help="PATH[:SCALE], under the files root or a hub id.")
 @click.option("--embedding", "embeddings", multiple=True, help="PATH[:<tok1>,<tok2>].")
+@click.option("--image", "image", default=None,
+              help="PATH or URL of a source image: image-to-image (with --mask: inpainting); PNG, JPEG or WebP.")
+@click.option("--mask", "mask", default=None, help="PATH or URL of the inpainting mask (white is repainted).")
+@click.option("--strength", type=float, default=None,
+              help="With --image: how much is repainted, (0, 1] (0.95); int(steps * strength) steps run.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Save the images into this folder (their paths are printed).")
 @click.option("--json", "as_json", is_flag=True,
@@ -108,10 +133,15 @@ def generate(prompt: str, model_name: str | None, negative_prompt: str | None, i
              guidance_rescale: float | None, num_images: int | None, sync_mode: bool,
              enable_safety_checker: bool | None, safety_checker_version: str | None,
              expand_prompt: bool | None, format_: str | None, request_id: str | None, loras: tuple[str, ...],
-             embeddings: tuple[str, ...], out_dir: Path | None, as_json: bool, lane: str, device: str,
-             timeout: float) -> None:
-    """Render PROMPT through the farm; print each image's path (with --out) or URL, or the output JSON."""
+             embeddings: tuple[str, ...], image: str | None, mask: str | None, strength: float | None,
+             out_dir: Path | None, as_json: bool, lane: str, device: str, timeout: float) -> None:
+    """Render PROMPT through the farm; print each image's path (with --out) or URL, or the output JSON.
+
+    With --image, from that image (image-to-image; with --mask, inpainting), at its size unless --image-size."""
     check_device(device)  # spelled right; the in-process worker checks that this machine has it
+    settings = get_settings()
+    if (mask is not None or strength is not None) and image is None:
+        raise InvalidInputError("image_url", "--mask and --strength need --image")
     fields: dict[str, Any] = {
         "prompt": prompt, "model_name": model_name, "negative_prompt": negative_prompt,
         "image_size": _image_size(image_size) if image_size else None,
@@ -120,8 +150,9 @@ def generate(prompt: str, model_name: str | None, negative_prompt: str | None, i
         "enable_safety_checker": enable_safety_checker, "safety_checker_version": safety_checker_version,
         "expand_prompt": expand_prompt, "format": format_, "request_id": request_id,
         "loras": [_lora(v) for v in loras] or None, "embeddings": [_embedding(v) for v in embeddings] or None,
+        "image_url": _image_ref(image, "image_url", settings) if image else None,
+        "mask_url": _image_ref(mask, "mask_url", settings) if mask else None, "strength": strength,
     }
-    settings = get_settings()
     inp = admit({k: v for k, v in fields.items() if v is not None}, None, settings)
     ensure_schema()
     from tasks.celery_app import get_app
