@@ -205,6 +205,15 @@ class Settings(BaseSettings):
         "API processes on several hosts must share it"
     )
     realtime_token_max_seconds: int = Field(3600, ge=1, description="Longest token_expiration of POST /tokens/")
+    realtime_max_frame_bytes: int = Field(
+        2 * 2**20, ge=1024, description="Largest realtime frame (one websocket message): a bigger one closes the "
+        "socket with 1009 naming the limit (`farm api` gives it to uvicorn: the frame is never read whole)"
+    )
+    realtime_buffering_cap: int = Field(8, ge=1, le=60, description="Largest max_buffering a realtime client may ask")
+    realtime_owner_max_bytes: int = Field(
+        32 * 2**20, ge=1024, description="Per owner and API process: bytes of the realtime frames waiting or at a "
+        "worker; past it a connection's oldest waiting frames go first, then new frames get an error frame"
+    )
     # File inputs (LoRA / embedding URLs, hub ids, data URIs): fetched before any GPU worker sees them.
     inline_input_max_bytes: int = Field(
         16 * 2**20, ge=0, description="Per request: decoded bytes of all its data: URI inputs together"

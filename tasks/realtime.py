@@ -6,6 +6,15 @@ compatible inputs render as one batch, through the same renderer as batches; eac
 at once and the reply, images inline, is published on the API process's channel. No job row, no
 upload. A frame past its expiry (its API answered a timeout) is dropped unrendered.
 
+A frame's data URIs ride in the frame: the renderer decodes each into the worker's input cache
+(``farm.inputs.retrieve.materialise``), and the copy is deleted once the frame's group is rendered,
+so nothing a frame brought outlives it (HTTP and bulk jobs never hand a worker a data URI: theirs are
+stored at submit and cached by key, so no batch shares these files).
+
+An error reply says what the farm's own errors say (written for users: bad input, unreadable weights);
+anything else (an OSError, a storage or library error may name paths, keys, hosts) gets a fixed
+sentence, and the detail goes to this worker's log, once.
+
 Priority: :class:`Gate`. The batch loop (``tasks.render_batch``) waits at the gate before each
 batch while frames are waiting or rendering, so a frame waits at most for the batch being rendered
 when it arrived; a batch that waits keeps its lease alive meanwhile.
@@ -13,6 +22,8 @@ when it arrived; a batch that waits keeps its lease alive meanwhile.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import threading
 import time
@@ -22,6 +33,8 @@ from typing import Any, cast
 
 from db.batches import compat_key
 from farm.config import Settings
+from farm.errors import BrokerUnavailableError, FarmError, StorageError
+from farm.inputs.refs import decode_data_uri, kind_of
 from farm.inputs.retrieve import owner_scope
 from farm.realtime.lane import Frame, Reply, lane_key
 from farm.realtime.wire import pack
@@ -33,6 +46,31 @@ from models.rendered import RenderItem
 
 log = logging.getLogger(__name__)
 WAIT_SECONDS = 1  # BLMPOP timeout: how often the thread looks at its stop flag
+FAILED = "the frame could not be rendered (an internal error; the worker's log has the details)"
+INVALID = "the frame's input could not be read by the worker (the worker's log has the details)"
+
+
+def public_reason(exc: BaseException) -> str:
+    """What the frame's client is told: the farm's own errors as they are, a fixed sentence otherwise."""
+    if isinstance(exc, FarmError) and not isinstance(exc, StorageError | BrokerUnavailableError):
+        return str(exc) or FAILED
+    return FAILED
+
+
+def forget_inline(inputs: list[GenerateInput], settings: Settings) -> None:
+    """Delete the worker's copies of these inputs' data URIs (``materialise`` names them by content hash)."""
+    folder = settings.data_dir / "inputs"
+    for inp in inputs:
+        for path in [x.path for x in inp.loras] + [x.path for x in inp.embeddings]:
+            if kind_of(path) != "data":
+                continue
+            try:
+                digest = hashlib.sha256(decode_data_uri(path, settings.file_input_max_bytes)).hexdigest()
+            except ValueError:
+                continue  # never decoded, so never written
+            with contextlib.suppress(OSError):  # gone already, or the cache is no folder (a fault)
+                for copy in folder.glob(f"{digest}.*"):
+                    copy.unlink()
 
 
 class Gate:
@@ -124,14 +162,18 @@ class RealtimeServer:
                 continue  # its API answered a timeout already
             try:
                 frames.append((frame, admitted_input(frame.input)))
-            except Exception as exc:
-                replies.append((frame.reply, Reply(frame.id, error="invalid_input", reason=str(exc))))
+            except Exception as exc:  # the API admitted it: a version skew; the text may quote megabytes
+                log.warning("realtime frame %s: unreadable input: %s", frame.id, str(exc)[:500])
+                replies.append((frame.reply, Reply(frame.id, error="invalid_input", reason=INVALID)))
         groups: dict[str, list[tuple[Frame, GenerateInput]]] = {}
         for frame, inp in frames:
             groups.setdefault(compat_key(inp.model_dump(mode="json"), frame.owner), []).append((frame, inp))
         with gate.frames():
             for group in groups.values():
-                replies.extend(self._render(group))
+                try:
+                    replies.extend(self._render(group))
+                finally:
+                    forget_inline([inp for _, inp in group], self.settings)
         if replies:
             pipe = self.redis.pipeline(transaction=False)
             for channel, reply in replies:
@@ -146,11 +188,9 @@ class RealtimeServer:
                 result = self.renderer.render_items(items)
             gpu = time.perf_counter() - t0
         except Exception as exc:
-            from farm.errors import FarmError
-
             error = exc.error_type if isinstance(exc, FarmError) else "render_error"
-            log.warning("realtime frame(s) %s failed: %s", [f.id for f, _ in group], exc)
-            return [(f.reply, Reply(f.id, error=error, reason=str(exc) or type(exc).__name__)) for f, _ in group]
+            log.warning("realtime frame(s) %s failed: %s: %s", [f.id for f, _ in group], type(exc).__name__, exc)
+            return [(f.reply, Reply(f.id, error=error, reason=public_reason(exc))) for f, _ in group]
         by_frame: dict[str, list[Any]] = {}
         for image in result.images:
             by_frame.setdefault(image.tag, []).append(image)

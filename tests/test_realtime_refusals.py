@@ -72,7 +72,8 @@ def test_every_refusal_answers_at_once_every_time(api_stack: ApiStack) -> None:
     _refused_every_time(api_stack, (4001, "invalid realtime token (bad signature)"), query=f"?fal_jwt_token={forged}")
     _refused_every_time(api_stack, (4003, "the realtime token belongs to another owner"),
                         query=f"?fal_jwt_token={token}", key=bob)
-    _refused_every_time(api_stack, (4022, "max_buffering: must be an integer between 1 and 60 (got '0')"),
+    _refused_every_time(api_stack, (4022, "max_buffering: must be an integer between 1 and 8 (got '0'; "
+                                          "FARM_REALTIME_BUFFERING_CAP)"),
                         query="?max_buffering=0", key=alice)
 
 

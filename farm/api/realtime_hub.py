@@ -3,7 +3,11 @@
 One hub per API process (made at the first realtime connection): one Redis client, one pub/sub
 subscription to the process's reply channel, and a future per frame in flight. A frame costs one
 round trip to push (``RPUSH`` + trim + expiry, pipelined); its reply arrives on the channel. A
-reply whose frame was given up (timeout, hang-up) is dropped.
+reply whose frame was given up (timeout, hang-up) is dropped. The session forgets each frame's
+future however its wait ends, so ``waiting`` holds only frames a connection still waits for
+(``farm_realtime_frames_waiting``), and takes a frame no one waits for off the lane. The hub also
+keeps what each owner's frames hold in this process (``hold`` / ``release``), for
+``FARM_REALTIME_OWNER_MAX_BYTES`` and the upload quota.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from farm.realtime.lane import LANE_MAX, LANE_TTL_SECONDS, Frame, Reply, connections_key, lane_key, reply_channel
+from farm.metrics.defs import REALTIME_WAITING
+from farm.realtime.lane import LANE_MAX, LANE_TTL_SECONDS, Reply, connections_key, lane_key, reply_channel
 
 log = logging.getLogger("farm.api.realtime")
 CONNECTION_TTL_SECONDS = 30.0  # an open connection's entry in the owner's set lives this long unless refreshed
 SUBSCRIBE_TIMEOUT_SECONDS = 5.0
+UNREACHABLE = "the realtime lane (Redis) is unreachable"  # the cause (a host, a port) goes to the log only
 
 
 class LaneUnavailableError(Exception):
@@ -35,8 +41,10 @@ class Hub:
         self.process_id = uuid.uuid4().hex
         self.channel = reply_channel(self.process_id)
         self.waiting: dict[str, asyncio.Future[Reply]] = {}
+        self.held: dict[str, list[int]] = {}  # owner → [frame bytes, inline input bytes] of its frames held here
         self._subscribed = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
+        self._chores: set[asyncio.Task[None]] = set()  # frames being withdrawn from the lane
 
     async def start(self) -> None:
         if self._reader is None:
@@ -44,7 +52,7 @@ class Hub:
         try:
             await asyncio.wait_for(self._subscribed.wait(), SUBSCRIBE_TIMEOUT_SECONDS)
         except TimeoutError:
-            raise LaneUnavailableError("the realtime lane (Redis) is unreachable") from None
+            raise LaneUnavailableError(UNREACHABLE) from None
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -83,29 +91,74 @@ class Hub:
             log.warning("realtime replies: undecodable reply dropped (%s)", exc)
             return
         fut = self.waiting.pop(reply.id, None)
+        REALTIME_WAITING.set(len(self.waiting))
         if fut is not None and not fut.done():
             fut.set_result(reply)
 
-    async def submit(self, model_key: str, frame: Frame) -> asyncio.Future[Reply]:
-        """Push ``frame`` onto the model's realtime lane; the future gets its reply."""
+    async def submit(self, model_key: str, frame_id: str, encoded: bytes) -> asyncio.Future[Reply]:
+        """Push a frame (``Frame.encode()``) onto the model's realtime lane; the future gets its reply."""
         if not self._subscribed.is_set():
-            raise LaneUnavailableError("the realtime lane (Redis) is unreachable")
+            raise LaneUnavailableError(UNREACHABLE)
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self.waiting[frame.id] = fut
+        self.waiting[frame_id] = fut
+        REALTIME_WAITING.set(len(self.waiting))
         key = lane_key(model_key)
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.rpush(key, frame.encode())
+                pipe.rpush(key, encoded)
                 pipe.ltrim(key, -LANE_MAX, -1)
                 pipe.expire(key, LANE_TTL_SECONDS)
                 await pipe.execute()
-        except Exception as exc:
-            self.waiting.pop(frame.id, None)
-            raise LaneUnavailableError(f"the realtime lane (Redis) is unreachable: {exc}") from exc
+        except BaseException as exc:  # cancelled (the client left) too: nothing waits for this frame
+            self.forget(frame_id)
+            if not isinstance(exc, Exception):
+                raise
+            log.warning("realtime lane %s: %s", key, exc)  # the detail (hosts, ports) stays in this log
+            raise LaneUnavailableError(UNREACHABLE) from exc
         return fut
 
     def forget(self, frame_id: str) -> None:
+        """Stop waiting for ``frame_id`` (answered, timed out, superseded, or its connection went)."""
         self.waiting.pop(frame_id, None)
+        REALTIME_WAITING.set(len(self.waiting))
+
+    def withdraw(self, model_key: str, encoded: bytes) -> None:
+        """Take a frame no one waits for any more (timed out, superseded, hung up) off the lane, in the
+        background and best effort: else it would stay in Redis, whole, until a worker takes it or the
+        lane expires (each push renews the expiry)."""
+        task = asyncio.create_task(self._withdraw(lane_key(model_key), encoded), name="farm-realtime-withdraw")
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
+
+    async def _withdraw(self, key: str, encoded: bytes) -> None:
+        try:
+            async with asyncio.timeout(SUBSCRIBE_TIMEOUT_SECONDS):
+                await self.redis.lrem(key, 1, encoded)
+        except Exception as exc:  # Redis is away: the lane's expiry and the workers' expiry check remain
+            log.debug("realtime lane %s: a frame could not be withdrawn: %s", key, exc)
+
+    def hold(self, owner: str, size: int, inline: int, limit: int) -> bool:
+        """Count a frame of ``size`` bytes (``inline`` of them data-URI inputs) for ``owner``, if its frames
+        held in this process stay within ``limit`` bytes; False (nothing counted) if not."""
+        held = self.held.setdefault(owner, [0, 0])
+        if held[0] + size > limit:
+            return False
+        held[0] += size
+        held[1] += inline
+        return True
+
+    def release(self, owner: str, size: int, inline: int) -> None:
+        held = self.held.get(owner)
+        if held is None:
+            return
+        held[0] -= size
+        held[1] -= inline
+        if held[0] <= 0:
+            del self.held[owner]
+
+    def inline_held(self, owner: str) -> int:
+        """Bytes of data-URI inputs ``owner``'s frames hold in this process (they count against its quota)."""
+        return self.held.get(owner, [0, 0])[1]
 
     async def admit(self, owner: str, conn_id: str, limit: int) -> int | None:
         """Count connection ``conn_id`` for ``owner``; None if admitted, else how many are open already."""

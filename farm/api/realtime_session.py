@@ -11,15 +11,22 @@ dropped and the one at a worker is no longer waited for (a model without workers
 the next model's frames behind its timeouts). A third task, every ``FARM_REALTIME_USAGE_SECONDS``
 and at close, adds the frames answered and their GPU seconds to the owner's usage (one upsert),
 keeps the connection counted in the owner's limit, and closes the socket if the key was revoked.
+
+Caps, cheapest first, so that frames cost what HTTP requests cost: a frame over
+``FARM_REALTIME_MAX_FRAME_BYTES`` closes the socket (1009, naming the limit; ``farm api`` has uvicorn
+stop reading it there); a big frame is decoded and admitted off the event loop; its data URIs together
+are capped by ``FARM_INLINE_INPUT_MAX_BYTES`` and, while held, count against the owner's
+``FARM_UPLOAD_QUOTA_BYTES`` with its uploads; and an owner's frames held in this process (waiting or at
+a worker) stay within ``FARM_REALTIME_OWNER_MAX_BYTES``: the connection's oldest waiting frames go
+first (latest wins), else the new frame gets an error frame. A frame's bytes are released however
+its wait ends (answered, timed out, superseded, dropped, hung up).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import random
 import time
 from collections import deque
 from typing import Any
@@ -28,20 +35,20 @@ from fastapi import WebSocket
 from fastapi.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from farm import admission
 from farm.accounting import check_quota
 from farm.api.deps import Tenant
+from farm.api.realtime_frames import OFF_LOOP_BYTES, FrameError, Waiting, decode, quota_room, request_id, take
 from farm.api.realtime_hub import Hub, LaneUnavailableError
 from farm.config import Settings
-from farm.errors import FarmError, InvalidInputError
+from farm.errors import FarmError
 from farm.realtime.lane import Frame
 from farm.realtime.wire import (
     CLOSE_OVER_LIMIT,
+    CLOSE_TOO_BIG,
     CLOSE_UNAUTHORIZED,
     CLOSE_UNAVAILABLE,
     close_reason,
     error_frame,
-    unpack,
 )
 from farm.schemas import GenerateInput
 from models.registry import get_model
@@ -53,37 +60,6 @@ class Superseded(Exception):
     """Set on the reply future of a frame at a worker when a frame for another model arrives."""
 
 
-class FrameError(Exception):
-    """Raised when a frame cannot be admitted: ``error`` and ``reason`` go to the client."""
-
-    def __init__(self, error: str, reason: str, field: str | None = None) -> None:
-        super().__init__(reason)
-        self.error, self.reason, self.field = error, reason, field
-
-
-def _request_id(data: Any) -> str | None:
-    rid = data.get("request_id") if isinstance(data, dict) else None
-    return rid if isinstance(rid, str) and rid else None
-
-
-def admit(data: Any, tenant: Tenant, settings: Settings) -> GenerateInput:
-    """The frame's input, validated as an HTTP request would be, plus the realtime bounds."""
-    if not isinstance(data, dict):
-        raise FrameError("invalid_input", f"a frame must be a map of input fields (got {type(data).__name__})",
-                         "input")
-    try:  # the fields, their bounds, file references and upload owners (farm.admission)
-        inp = admission.admit(data, tenant.owner, settings)
-    except InvalidInputError as exc:
-        raise FrameError("invalid_input", str(exc), exc.field) from None
-    cap = min(settings.realtime_max_images, tenant.max_images or settings.realtime_max_images)
-    if inp.num_images > cap:
-        raise FrameError("invalid_input", f"num_images: at most {cap} per realtime frame (got {inp.num_images})",
-                         "num_images")
-    if inp.seed is None:
-        inp.seed = random.randrange(2**31)  # the reply says which
-    return inp
-
-
 class RealtimeSession:
     def __init__(self, ws: WebSocket, hub: Hub, tenant: Tenant, settings: Settings, conn_id: str,
                  buffering: int) -> None:
@@ -92,7 +68,7 @@ class RealtimeSession:
         self.tenant = tenant
         self.settings = settings
         self.conn_id = conn_id
-        self.pending: deque[tuple[GenerateInput, str | None]] = deque(maxlen=buffering)
+        self.pending: deque[Waiting] = deque(maxlen=buffering)
         self.loop = asyncio.get_running_loop()
         self.wake = asyncio.Event()
         self.check_key = asyncio.Event()
@@ -116,6 +92,8 @@ class RealtimeSession:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            while self.pending:
+                self._release(self.pending.popleft())
             await self._flush_usage()
             try:
                 await self.hub.leave(self.tenant.owner, self.conn_id)
@@ -138,6 +116,7 @@ class RealtimeSession:
                 await self.ws.close(code, close_reason(reason))
 
     async def _read(self) -> None:
+        limit = self.settings.realtime_max_frame_bytes
         while True:
             try:
                 message = await self.ws.receive()
@@ -145,42 +124,73 @@ class RealtimeSession:
                 return
             if message["type"] == "websocket.disconnect":
                 return
+            payload = message["bytes"] if message.get("bytes") is not None else message.get("text") or ""
+            size = len(payload)  # uvicorn stops reading at the same limit under `farm api`; this holds elsewhere
+            if size > limit:
+                await self.close(CLOSE_TOO_BIG, f"frame of {size} bytes: more than the {limit} allowed "
+                                 "(FARM_REALTIME_MAX_FRAME_BYTES)")
+                return
+            off_loop = size > OFF_LOOP_BYTES
             data: Any = None
             try:
-                if message.get("bytes") is not None:
-                    data = unpack(message["bytes"])
-                else:
-                    data = json.loads(message.get("text") or "")
+                data = await run_in_threadpool(decode, payload) if off_loop else decode(payload)
             except Exception:
                 await self._send_text(error_frame("invalid_frame", "a frame must be a msgpack map (binary) or JSON "
                                                   "(text)", field="input"))
                 continue
+            del payload, message
+            rid = request_id(data)
             try:
-                if isinstance(data, dict) and (data.get("loras") or data.get("embeddings")):
-                    # file references are checked on the file system: off the event loop
-                    inp = await run_in_threadpool(admit, data, self.tenant, self.settings)
+                if off_loop or (isinstance(data, dict) and (data.get("loras") or data.get("embeddings"))):
+                    # file references are checked on the file system, data URIs decoded: off the event loop
+                    inp, inline = await run_in_threadpool(take, data, self.tenant, self.settings)
                 else:
-                    inp = admit(data, self.tenant, self.settings)
+                    inp, inline = take(data, self.tenant, self.settings)
+                del data
+                if inline:  # what the owner's frames hold already counts too (what this one would drop does not)
+                    dropping = self.pending[0].inline if len(self.pending) == self.pending.maxlen else 0
+                    adding = self.hub.inline_held(self.tenant.owner) + inline - dropping
+                    await run_in_threadpool(quota_room, self.tenant.owner, adding, self.settings)
+                self._supersede(inp.model_name)
+                self._hold(Waiting(inp, rid, size, inline))
             except FrameError as exc:
                 extra: dict[str, Any] = {"field": exc.field} if exc.field else {}
-                if (rid := _request_id(data)) is not None:
+                if rid is not None:
                     extra["request_id"] = rid
                 await self._send_text(error_frame(exc.error, exc.reason, **extra))
                 continue
-            self._supersede(inp.model_name)
-            if len(self.pending) == self.pending.maxlen:
-                self.dropped += 1
-            self.pending.append((inp, _request_id(data)))
             self.wake.set()
+
+    def _hold(self, frame: Waiting) -> None:
+        """Queue ``frame``, counted in the owner's bytes: the oldest waiting frames go first if need be
+        (latest wins); FrameError if it still does not fit (the owner's other connections hold the rest)."""
+        if len(self.pending) == self.pending.maxlen:
+            self._drop(self.pending.popleft())
+        cap = self.settings.realtime_owner_max_bytes
+        while not self.hub.hold(self.tenant.owner, frame.size, frame.inline, cap):
+            if not self.pending:
+                raise FrameError("over_limit", f"this owner's realtime frames held now and this one's {frame.size} "
+                                 f"bytes would pass the {cap} allowed (FARM_REALTIME_OWNER_MAX_BYTES); send it "
+                                 "again once frames were answered")
+            self._drop(self.pending.popleft())
+        self.pending.append(frame)
+
+    def _drop(self, frame: Waiting) -> None:
+        self._release(frame)
+        self.dropped += 1
+
+    def _release(self, frame: Waiting) -> None:
+        self.hub.release(self.tenant.owner, frame.size, frame.inline)
 
     def _supersede(self, model: str) -> None:
         """A frame for ``model`` arrived: frames of other models, waiting or at a worker, are stale."""
-        stale = sum(1 for inp, _ in self.pending if inp.model_name != model)
+        stale = [w for w in self.pending if w.inp.model_name != model]
         if stale:
-            kept = [item for item in self.pending if item[0].model_name == model]
+            kept = [w for w in self.pending if w.inp.model_name == model]
             self.pending.clear()
             self.pending.extend(kept)
-            self.dropped += stale
+            for frame in stale:
+                self._drop(frame)
         if self.inflight is not None and self.inflight[0] != model and not self.inflight[1].done():
             self.inflight[1].set_exception(Superseded())
 
@@ -190,42 +200,56 @@ class RealtimeSession:
                 self.wake.clear()
                 await self.wake.wait()
                 continue
-            inp, request_id = self.pending.popleft()
-            await self._one(inp, request_id)
+            await self._one(self.pending.popleft())
 
-    async def _one(self, inp: GenerateInput, request_id: str | None) -> None:
+    async def _one(self, waiting: Waiting) -> None:
+        """Send one frame to the lane and its reply to the client. However this ends (a hang-up cancels
+        it while it waits), its bytes and its future are let go, and a frame not answered is taken off
+        the lane."""
         self.seq += 1
-        timeout = self.settings.realtime_frame_timeout
+        inp, timeout = waiting.inp, self.settings.realtime_frame_timeout
         frame = Frame(id=f"{self.conn_id}:{self.seq}", reply=self.hub.channel, owner=self.tenant.owner,
                       input=inp.model_dump(mode="json"), expires=time.time() + timeout)
-        extra = {"request_id": request_id} if request_id else {}
+        encoded, model_key = frame.encode(), get_model(inp.model_name).key
+        answered = False
         try:
-            fut = await self.hub.submit(get_model(inp.model_name).key, frame)
+            answered = await self._exchange(frame.id, model_key, encoded, inp, waiting.request_id)
+        finally:
+            self.inflight = None
+            self.hub.forget(frame.id)
+            self._release(waiting)
+            if not answered:
+                self.hub.withdraw(model_key, encoded)
+
+    async def _exchange(self, frame_id: str, model_key: str, encoded: bytes, inp: GenerateInput,
+                        rid: str | None) -> bool:
+        """Whether a worker answered (its reply, or its error, was sent on to the client)."""
+        timeout = self.settings.realtime_frame_timeout
+        extra = {"request_id": rid} if rid else {}
+        try:
+            fut = await self.hub.submit(model_key, frame_id, encoded)
         except LaneUnavailableError as exc:
             await self._send_text(error_frame("unavailable", str(exc), **extra))
-            return
+            return False
         self.inflight = (inp.model_name, fut)
         try:
             reply = await asyncio.wait_for(fut, timeout)
         except Superseded:  # a frame for another model came: this one's answer is not wanted any more
-            self.hub.forget(frame.id)
             self.dropped += 1
-            return
+            return False
         except TimeoutError:
-            self.hub.forget(frame.id)
             await self._send_text(error_frame(
                 "timeout", f"no worker of {inp.model_name} answered within {timeout:g} s", **extra))
-            return
-        finally:
-            self.inflight = None
+            return False
         if reply.error:
             await self._send_text(error_frame(reply.error, reply.reason, **extra))
-            return
+            return True
         await self._send_bytes(reply.body)
         self.frames += 1
         counted = self.usage.setdefault(reply.model or inp.model_name, [0, 0.0])
         counted[0] += 1
         counted[1] += reply.gpu_seconds
+        return True
 
     async def _maintain(self) -> None:
         interval = self.settings.realtime_usage_seconds

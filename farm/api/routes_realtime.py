@@ -25,7 +25,7 @@ from farm import events
 from farm.api.deps import SettingsDep, Tenant, TenantDep, tenant_for
 from farm.api.error_bodies import ERROR_RESPONSES
 from farm.api.fal import APP_ALIAS, APP_ID
-from farm.api.realtime_hub import Hub, LaneUnavailableError, get_hub
+from farm.api.realtime_hub import Hub, get_hub
 from farm.api.realtime_session import RealtimeSession, quota_spent
 from farm.config import Settings
 from farm.errors import FarmError
@@ -46,6 +46,7 @@ _sessions: set[RealtimeSession] = set()
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # the lane is Redis lists and pub/sub (redis-py's URLs)
 ADMIT_SECONDS = 10.0  # credentials, lane, limit and quota checks of a new connection, in all
 CLOSE_SECONDS = 5.0  # sending a refusal, uncounting a connection
+LANE_DOWN = "realtime is unavailable: the realtime lane (Redis) is unreachable; try again"
 NO_REDIS = "realtime is unavailable: it needs a Redis broker (FARM_BROKER_URL=redis://…) and this farm has none"
 
 
@@ -105,15 +106,18 @@ router.add_api_route("/tokens", create_token, methods=["POST"], response_model=s
 
 
 def _buffering(ws: WebSocket, settings: Settings) -> int:
+    """The client's ``max_buffering``, at most ``realtime_buffering_cap`` (each waiting frame is memory)."""
+    cap = settings.realtime_buffering_cap
     raw = ws.query_params.get("max_buffering")
     if raw is None:
-        return settings.realtime_max_buffering
+        return min(settings.realtime_max_buffering, cap)
     try:
         value = int(raw)
     except ValueError:
         value = 0
-    if not 1 <= value <= 60:
-        raise Refused(CLOSE_BAD_REQUEST, f"max_buffering: must be an integer between 1 and 60 (got {raw!r})")
+    if not 1 <= value <= cap:
+        raise Refused(CLOSE_BAD_REQUEST, f"max_buffering: must be an integer between 1 and {cap} (got "
+                      f"{raw[:20]!r}; FARM_REALTIME_BUFFERING_CAP)")
     return value
 
 
@@ -169,10 +173,9 @@ async def _admit(ws: WebSocket, settings: Settings, conn_id: str) -> tuple[int, 
         hub = await get_hub(ws.app.state, settings.broker_url or "", settings.publish_timeout)
         limit = min(settings.realtime_max_connections, tenant.max_in_flight)
         over = await hub.admit(tenant.owner, conn_id, limit)
-    except (LaneUnavailableError, OSError, ConnectionError) as exc:
-        raise Refused(CLOSE_UNAVAILABLE, f"realtime is unavailable: {exc}") from None
-    except Exception as exc:  # redis raises its own types for a dead server
-        raise Refused(CLOSE_UNAVAILABLE, f"realtime is unavailable: {exc}") from None
+    except Exception as exc:  # redis raises its own types for a dead server; they name hosts: the log only
+        log.warning("realtime %s: the lane is unavailable: %s", conn_id, exc)
+        raise Refused(CLOSE_UNAVAILABLE, LANE_DOWN) from None
     if over is not None:
         raise Refused(CLOSE_OVER_LIMIT, f"owner {tenant.owner} has {over} realtime connection(s) open: the "
                       f"limit is {limit}")

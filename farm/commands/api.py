@@ -59,4 +59,5 @@ def api(
         log_level=(log_level or settings.log_level).lower(),
         access_log=False,
         timeout_graceful_shutdown=10,
+        ws_max_size=settings.realtime_max_frame_bytes,  # a bigger frame closes 1009 before it is read whole
     )

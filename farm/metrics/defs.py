@@ -15,6 +15,8 @@ HTTP_REQUESTS = Counter("farm_http_requests_total", "HTTP requests answered, by 
 HTTP_LATENCY = Histogram("farm_http_request_duration_seconds",
                          "Time from request to response headers, by route template", ["method", "route"],
                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+REALTIME_WAITING = Gauge("farm_realtime_frames_waiting", "Realtime frames the API waits a worker's reply for "
+                         "(farm.api.realtime_hub)", multiprocess_mode="livesum")
 
 # workers (farm.lifecycle.store, tasks.render_batch, tasks.loaded_model)
 IMAGES = Counter("farm_images_total", "Images stored, by model and owner", ["model", "owner"])

@@ -8,7 +8,8 @@ What fal's clients expect (``fal_client._decode_realtime_message``, fal-js ``rea
   demos' ``nsfw_content_detected``), ``prompt`` and the client's ``request_id`` when it sent one;
 - server → client, an error: a text frame ``{"type": "x-fal-error", "error", "reason"}`` (here
   also ``field`` for bad input, and ``request_id``); the connection stays open.
-- A refusal (key, token, limits) closes the socket with a 4xxx code and a reason.
+- A refusal (key, token, limits) closes the socket with a 4xxx code and a reason; a frame over
+  ``FARM_REALTIME_MAX_FRAME_BYTES`` closes it with 1009 and a reason naming the limit.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ CLOSE_FORBIDDEN = 4003
 CLOSE_BAD_REQUEST = 4022
 CLOSE_OVER_LIMIT = 4029
 CLOSE_UNAVAILABLE = 1013  # "try again later"
+CLOSE_TOO_BIG = 1009  # RFC 6455 "message too big": a frame over FARM_REALTIME_MAX_FRAME_BYTES
 CLOSE_REASON_BYTES = 123  # the most a close frame's reason may hold
 
 
