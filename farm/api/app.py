@@ -87,6 +87,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app; ``settings`` default to the process's (``FARM_*`` environment)."""
     from farm.api import log_redact
+    from farm.api.cdn_upload import router as cdn_upload_router
     from farm.api.docs import router as docs_router
     from farm.api.files import router as files_router
     from farm.api.playground import router as playground_router
@@ -125,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(docs_router)
     app.include_router(uploads_router)  # before files_router: /storage/upload/initiate is not an upload
     app.include_router(files_router)
+    app.include_router(cdn_upload_router)  # before the queue routes: /{owner}/{alias} would match /files/upload
     app.include_router(bulk_router)  # before the queue routes: /{owner}/{alias} would match /bulk/…
     app.include_router(webhook_router)
     app.include_router(realtime_router)  # before the queue routes, like bulk

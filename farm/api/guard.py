@@ -5,10 +5,13 @@ A pure ASGI middleware, outside every route:
 - a request that carries a body (``POST``, ``PUT``, ``PATCH``) must show a valid key
   (``Authorization: Key <id>:<secret>``) before a byte of it is read: a missing, malformed,
   unknown or revoked key answers 401 at once (the client's upload is cut off there); the one
-  exception is a signed upload URL (``PUT /storage/upload/signed/…``, fal's upload protocol),
-  whose route checks the signature and expiry before it reads a byte;
+  exceptions are a signed upload URL (``PUT /storage/upload/signed/…``, fal's upload protocol),
+  whose route checks the signature and expiry before it reads a byte, and fal_client's
+  ``POST /files/upload[/multipart]`` (farm.api.cdn_upload), whose route checks its upload token
+  (``Authorization: Bearer``) before it reads a byte;
 - a body may be at most ``max_body_bytes`` (``FARM_MAX_BODY_BYTES``, JSON routes) or, on
-  ``POST /storage/upload``, ``max_upload_bytes`` plus a little multipart framing. A declared
+  ``POST /storage/upload``, ``max_upload_bytes`` plus a little multipart framing (on a signed
+  upload PUT and ``POST /files/upload``: ``max_upload_bytes``). A declared
   ``Content-Length`` beyond it answers 413 before reading; a body sent without one (chunked)
   is counted as it streams and answers 413 as soon as it passes the limit.
 
@@ -29,6 +32,7 @@ from farm.config import Settings
 
 UPLOAD_PATH = "/storage/upload"
 SIGNED_UPLOAD_PREFIX = "/storage/upload/signed/"  # fal's upload protocol: the signed URL is the credential
+CDN_UPLOAD_PATHS = frozenset({"/files/upload", "/files/upload/multipart"})  # fal_client's: token-checked
 MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around an uploaded file
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 STATE_KEY = "farm_key"  # request.state.farm_key: (token, KeyInfo) verified at the door
@@ -42,7 +46,7 @@ def body_limit(path: str, settings: Settings) -> tuple[int, str]:
     """The most bytes a body on ``path`` may have, and the setting that says so."""
     if path.rstrip("/") == UPLOAD_PATH:
         return settings.max_upload_bytes + MULTIPART_SLACK, "FARM_MAX_UPLOAD_BYTES"
-    if path.startswith(SIGNED_UPLOAD_PREFIX):
+    if path.startswith(SIGNED_UPLOAD_PREFIX) or path in CDN_UPLOAD_PATHS:
         return settings.max_upload_bytes, "FARM_MAX_UPLOAD_BYTES"
     return settings.max_body_bytes, "FARM_MAX_BODY_BYTES"
 
@@ -74,8 +78,10 @@ class BodyGuard:
         method = scope.get("method", "GET")
         limit, setting = body_limit(scope.get("path", ""), self.settings)
         has_body = method in BODY_METHODS  # other methods' bodies are never read (a declared one is capped)
-        # a signed upload URL carries no key: the route checks its signature before reading the body
-        keyless = scope.get("path", "").startswith(SIGNED_UPLOAD_PREFIX)
+        # a signed upload URL, or fal_client's upload with its token, carries no key: the route checks
+        # the signature or token before reading the body
+        path = scope.get("path", "")
+        keyless = path.startswith(SIGNED_UPLOAD_PREFIX) or (method == "POST" and path in CDN_UPLOAD_PATHS)
         if has_body and self.settings.auth_enabled and not keyless:
             problem = await self._check_key(scope, headers.get(b"authorization"))
             if problem is not None:

@@ -107,14 +107,14 @@ def sign(settings: Settings, key: str, expires: int) -> str:
     return hmac.new(signing_key(settings), message, hashlib.sha256).hexdigest()
 
 
-def _upload_key(owner: str, upload_id: str, name: str) -> str:
+def upload_object_key(owner: str, upload_id: str, name: str) -> str:
     return f"{owner}/uploads/{upload_id}/{name}"
 
 
 # -- routes ---------------------------------------------------------------------------------------
 
 
-def _base(request: Request, settings: Settings) -> str:
+def public_base(request: Request, settings: Settings) -> str:
     return (settings.public_url or str(request.base_url)).rstrip("/")
 
 
@@ -134,8 +134,8 @@ async def initiate(
     """A URL to PUT the file to, and the URL the file will have. The owner's quota must have room."""
     await run_in_threadpool(check_room, tenant.owner, settings)
     name, upload_id = safe_name(body.file_name), uuid.uuid4().hex
-    key = _upload_key(tenant.owner, upload_id, name)
-    base = _base(request, settings)
+    key = upload_object_key(tenant.owner, upload_id, name)
+    base = public_base(request, settings)
     owner_q = quote(tenant.owner, safe="")
     file_url = f"{base}/storage/files/{owner_q}/uploads/{upload_id}/{quote(name)}"
     expires = int(time.time()) + settings.upload_url_expiry_seconds
@@ -162,11 +162,24 @@ async def put_signed(
     """The URL is its own credential: no Authorization header (fal's client sends none here)."""
     if not _ID.fullmatch(upload_id) or safe_name(name) != name or "/" in owner:
         raise UploadUrlError("not an upload URL made by POST /storage/upload/initiate")
-    key = _upload_key(owner, upload_id, name)
+    key = upload_object_key(owner, upload_id, name)
     if not hmac.compare_digest(sign(settings, key, expires), signature):
         raise UploadUrlError("the upload URL's signature does not match (altered or made with another key)")
     if time.time() > expires:
         raise UploadUrlError("the upload URL has expired: initiate the upload again")
+    size = await store_streamed(request, settings, owner, key)
+    base = public_base(request, settings)
+    file_url = f"{base}/storage/files/{quote(owner, safe='')}/uploads/{upload_id}/{quote(name)}"
+    return StoredUpload(file_url=file_url, file_size=size)
+
+
+async def store_streamed(request: Request, settings: Settings, owner: str, key: str) -> int:
+    """Store the request's body at ``key`` for ``owner``, capped as it streams; its size.
+
+    Refused with 413 past ``max_upload_bytes`` or the owner's room (an object already at ``key``
+    given back), before storing anything: the body is spooled (on disk beyond SPOOL_BYTES, never
+    held whole in memory), and stored under the owner's lock only once it is whole.
+    """
     limit = settings.max_upload_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
@@ -176,7 +189,6 @@ async def put_signed(
     if declared.isdigit() and int(declared) > left:
         raise _over_quota(int(declared), left)
     content_type = request.headers.get("content-type", "application/octet-stream")
-    # spooled (on disk beyond SPOOL_BYTES) and streamed to storage: never held whole in memory
     with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
         size = 0
         async for chunk in request.stream():
@@ -189,9 +201,7 @@ async def put_signed(
         spool.seek(0)
         await run_in_threadpool(store_within_quota, storage, owner, key, spool, size,  # type: ignore[arg-type]
                                 content_type, settings)
-    base = _base(request, settings)
-    file_url = f"{base}/storage/files/{quote(owner, safe='')}/uploads/{upload_id}/{quote(name)}"
-    return StoredUpload(file_url=file_url, file_size=size)
+    return size
 
 
 def _over_quota(size: int, left: int) -> UploadQuotaError:
