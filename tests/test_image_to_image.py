@@ -229,3 +229,19 @@ def test_plain_celery_send_task_with_an_image_url(api_stack: ApiStack) -> None:
         assert api_stack.sql("SELECT count(*) FROM jobs WHERE id = :id", id=bad.id) == [(0,)]
     finally:
         client.close()
+
+
+def test_farm_client_subscribe_and_run_at_the_subpaths(api_stack: ApiStack) -> None:
+    from farm.client import Completed, SyncClient
+
+    key = api_stack.make_key("i2i-client")
+    with SyncClient(api_stack.base_url, key=key, verify=str(api_stack.ca_path), app=f"{APP}/image-to-image") as farm:
+        updates: list[object] = []
+        polled = farm.subscribe(i2i(seed=31), with_logs=True, on_queue_update=updates.append, poll_interval=0.02)
+        assert polled.seed == 31 and (polled.images[0].width, polled.images[0].height) == (96, 80)
+        assert isinstance(updates[-1], Completed) and updates[-1].logs
+        streamed = farm.subscribe(i2i(seed=32), use_stream=True)
+        assert streamed.seed == 32 and decoded(streamed.images[0].url).size == (96, 80)
+        source = farm.upload(png((64, 80)), content_type="image/png", file_name="source.png")
+        ran = farm.run(i2i(image_url=source, seed=33))
+        assert ran.seed == 33 and decoded(ran.images[0].url).size == (64, 80)

@@ -130,7 +130,10 @@ class Endpoint:
         return f"{self.base_url}/run/{self.app}"
 
     def request_url(self, request_id: str, suffix: str = "") -> str:
-        return f"{self.base_url}/{self.app}/requests/{quote(request_id, safe='')}{suffix}"
+        """Status, result and cancel live at the app's ``owner/alias`` URLs, without an endpoint's subpath
+        (``…/image-to-image`` submits there, its requests are read at the app's), as fal's clients build them."""
+        owner_alias = "/".join(self.app.split("/")[:2])
+        return f"{self.base_url}/{owner_alias}/requests/{quote(request_id, safe='')}{suffix}"
 
     @property
     def upload_url(self) -> str:
