@@ -68,6 +68,9 @@ EXEMPT = {
     "js-clients": "JavaScript under Node or in a browser (tests/test_js_clients.py runs these calls)",
     "bulk-dataset-listing": "a listing of the result, not a command (the bulk worked-example test checks it)",
     "development": "`make lint` and `make test` run this suite itself",
+    "image-inputs": "placeholder URLs and data (tests/test_image_to_image.py makes these calls with real images: "
+                    "fal_client, farm.client and send_task)",
+    "image-inputs-cli": "placeholder files (tests/test_image_to_image.py runs farm generate --image/--mask)",
 }
 
 
