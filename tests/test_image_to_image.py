@@ -245,3 +245,18 @@ def test_farm_client_subscribe_and_run_at_the_subpaths(api_stack: ApiStack) -> N
         source = farm.upload(png((64, 80)), content_type="image/png", file_name="source.png")
         ran = farm.run(i2i(image_url=source, seed=33))
         assert ran.seed == 33 and decoded(ran.images[0].url).size == (64, 80)
+
+
+def test_images_do_not_depend_on_how_a_job_is_split(api_stack: ApiStack) -> None:
+    """Image i of a request uses seed + i whatever batch renders it: the second image of a two-image job is the
+    only image of a one-image job at the next seed (PNG, compared pixel for pixel)."""
+    key = api_stack.make_key("i2i-split")
+    with api_stack.client(key) as client:
+        both = client.post(f"/run/{APP}/image-to-image", json=i2i(seed=40, num_images=2, format="png"))
+        second = client.post(f"/run/{APP}/image-to-image", json=i2i(seed=41, format="png"))
+    assert both.status_code == 200 and second.status_code == 200, (both.text, second.text)
+    assert both.json()["seed"] == 40 and second.json()["seed"] == 41
+    pair = [decoded(image["url"]) for image in both.json()["images"]]
+    alone = decoded(second.json()["images"][0]["url"])
+    assert pair[0].tobytes() != pair[1].tobytes()  # the seeds differ, so do the images
+    assert pair[1].tobytes() == alone.tobytes()
