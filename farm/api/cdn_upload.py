@@ -30,7 +30,7 @@ import re
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
@@ -51,7 +51,6 @@ from farm.storage import get_storage
 
 router = APIRouter(tags=["files"])
 
-STORAGE_TYPE = "fal-cdn-v3"
 SALT = "lcm-farm fal-cdn-v3 upload token v1"
 SIGNER = {"digest_method": hashlib.sha256}  # itsdangerous' default is SHA-1
 TOKEN_TYPE = "Bearer"
@@ -134,11 +133,11 @@ async def token(
     request: Request,
     tenant: TenantDep,
     settings: SettingsDep,
-    storage_type: Annotated[str, Query(description="Must be `fal-cdn-v3`.")] = STORAGE_TYPE,
+    storage_type: Annotated[Literal["fal-cdn-v3"], Query(description="Only fal's `fal-cdn-v3` is served.")] = (
+        "fal-cdn-v3"
+    ),
 ) -> CdnToken:
     """The owner's quota must have room; the token is good for ``upload_url_expiry_seconds``."""
-    if storage_type != STORAGE_TYPE:
-        raise HTTPException(422, f"storage_type: only '{STORAGE_TYPE}' is served, not {storage_type[:40]!r}")
     await run_in_threadpool(check_room, tenant.owner, settings)
     value, expires = await run_in_threadpool(issue_token, settings, tenant.owner, tenant.key_id,
                                              settings.upload_url_expiry_seconds)  # fmt: skip
@@ -199,7 +198,7 @@ async def fetch(
     if not _ID.fullmatch(upload_id) or safe_name(name) != name or "/" in owner:
         raise HTTPException(404, "no such file")
     key = upload_object_key(owner, upload_id, name)
-    if not hmac.compare_digest(link_signature(settings, key, expires), signature):
+    if not hmac.compare_digest(link_signature(settings, key, expires).encode(), signature.encode()):
         raise HTTPException(403, "the link's signature does not match (altered or made with another key)")
     if time.time() > expires:
         raise HTTPException(403, "the link has expired")
