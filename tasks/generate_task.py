@@ -1,5 +1,9 @@
 """``farm.generate``: the public task. kwargs: the input schema; result: the output schema.
 
+The fields pick the endpoint, as :func:`farm.admission.admit` reads them: ``image_url`` makes an
+image-to-image request, ``image_url`` with ``mask_url`` an inpainting one (``farm.image_schemas``),
+else text-to-image; so no second task name is needed.
+
 It arrives on the dispatch queue from any plain Celery client, records the job in the
 ledger under the task's own id, fans the job out to the model's queue and returns
 without a result. Whatever way the job ends (completed, failed, cancelled), the one finish
