@@ -11,6 +11,12 @@ A frame's data URIs ride in the frame: the renderer decodes each into the worker
 so nothing a frame brought outlives it (HTTP and bulk jobs never hand a worker a data URI: theirs are
 stored at submit and cached by key, so no batch shares these files).
 
+Image-to-image and inpainting frames (fal's sketch demo) carry their image as a data URI (the API made
+it from ``image_bytes``): it is decoded in memory, checked and sized (``tasks.sources.prepared``, as a
+job's are) and rendered as the frame's source; a bad one is answered with an error naming the field
+the client sent. Frames are grouped by the batching key of jobs (``db.batches.compat_key``): tasks,
+sizes, step plans and source images never share a render.
+
 An error reply says what the farm's own errors say (written for users: bad input, unreadable weights);
 anything else (an OSError, a storage or library error may name paths, keys, hosts) gets a fixed
 sentence, and the detail goes to this worker's log, once.
@@ -33,16 +39,18 @@ from typing import Any, cast
 
 from db.batches import compat_key
 from farm.config import Settings
-from farm.errors import BrokerUnavailableError, FarmError, StorageError
+from farm.errors import BrokerUnavailableError, FarmError, InvalidInputError, StorageError
+from farm.image_schemas import admitted_input
 from farm.inputs.refs import decode_data_uri, kind_of
 from farm.inputs.retrieve import owner_scope
 from farm.realtime.lane import Frame, Reply, lane_key
 from farm.realtime.wire import pack
-from farm.schemas import GenerateInput, admitted_input
+from farm.schemas import GenerateInput
 from models.encode import encode_image
 from models.prompt import expand_prompt
 from models.protocol import Renderer
 from models.rendered import RenderItem
+from tasks.sources import prepared
 
 log = logging.getLogger(__name__)
 WAIT_SECONDS = 1  # BLMPOP timeout: how often the thread looks at its stop flag
@@ -180,8 +188,28 @@ class RealtimeServer:
                 pipe.publish(channel, reply.encode())
             pipe.execute()
 
+    def _sources(self, group: list[tuple[Frame, GenerateInput]]) -> tuple[list[RenderItem], list[tuple[str, Reply]]]:
+        """The group's render items, each frame's source images prepared; an error reply for each frame whose
+        images cannot be (naming the client's field)."""
+        items, errors = [], []
+        for frame, inp in group:
+            try:
+                params, source = prepared(inp, frame.owner, self.settings, frame.names)
+            except InvalidInputError as exc:  # the API read the header; this is the rest of the file
+                errors.append((frame.reply, Reply(frame.id, error="invalid_input", reason=str(exc), field=exc.field)))
+                continue
+            except FarmError as exc:
+                errors.append((frame.reply, Reply(frame.id, error=exc.error_type, reason=public_reason(exc))))
+                continue
+            items += [RenderItem(params, inp.seed or 0, i, tag=frame.id, source=source) for i in range(inp.num_images)]
+        return items, errors
+
     def _render(self, group: list[tuple[Frame, GenerateInput]]) -> list[tuple[str, Reply]]:
-        items = [RenderItem(inp, inp.seed or 0, i, tag=frame.id) for frame, inp in group for i in range(inp.num_images)]
+        items, errors = self._sources(group)
+        failed = {reply.id for _, reply in errors}
+        group = [(frame, inp) for frame, inp in group if frame.id not in failed]
+        if not group:
+            return errors
         try:
             t0 = time.perf_counter()
             with owner_scope(group[0][0].owner):
@@ -190,12 +218,12 @@ class RealtimeServer:
         except Exception as exc:
             error = exc.error_type if isinstance(exc, FarmError) else "render_error"
             log.warning("realtime frame(s) %s failed: %s: %s", [f.id for f, _ in group], type(exc).__name__, exc)
-            return [(f.reply, Reply(f.id, error=error, reason=public_reason(exc))) for f, _ in group]
+            return errors + [(f.reply, Reply(f.id, error=error, reason=public_reason(exc))) for f, _ in group]
         by_frame: dict[str, list[Any]] = {}
         for image in result.images:
             by_frame.setdefault(image.tag, []).append(image)
         total = max(1, len(items))
-        out = []
+        out = errors
         for frame, inp in group:
             images = by_frame.get(frame.id, [])
             share = gpu * len(images) / total

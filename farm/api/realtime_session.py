@@ -37,10 +37,21 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from farm.accounting import check_quota
 from farm.api.deps import Tenant
-from farm.api.realtime_frames import OFF_LOOP_BYTES, FrameError, Waiting, decode, quota_room, request_id, take
+from farm.api.realtime_frames import (
+    FILE_FIELDS,
+    OFF_LOOP_BYTES,
+    FrameError,
+    Waiting,
+    decode,
+    quota_room,
+    raw_names,
+    request_id,
+    take,
+)
 from farm.api.realtime_hub import Hub, LaneUnavailableError
 from farm.config import Settings
 from farm.errors import FarmError
+from farm.image_schemas import TEXT_TO_IMAGE
 from farm.realtime.lane import Frame
 from farm.realtime.wire import (
     CLOSE_OVER_LIMIT,
@@ -62,8 +73,9 @@ class Superseded(Exception):
 
 class RealtimeSession:
     def __init__(self, ws: WebSocket, hub: Hub, tenant: Tenant, settings: Settings, conn_id: str,
-                 buffering: int) -> None:
+                 buffering: int, task: str = TEXT_TO_IMAGE) -> None:
         self.ws = ws
+        self.task = task  # the socket's endpoint: text-to-image (the app's root), image-to-image or inpainting
         self.hub = hub
         self.tenant = tenant
         self.settings = settings
@@ -139,20 +151,21 @@ class RealtimeSession:
                                                   "(text)", field="input"))
                 continue
             del payload, message
-            rid = request_id(data)
+            rid, names = request_id(data), raw_names(data)
             try:
-                if off_loop or (isinstance(data, dict) and (data.get("loras") or data.get("embeddings"))):
-                    # file references are checked on the file system, data URIs decoded: off the event loop
-                    inp, inline = await run_in_threadpool(take, data, self.tenant, self.settings)
+                if off_loop or (isinstance(data, dict) and any(data.get(f) for f in FILE_FIELDS)):
+                    # file references are checked on the file system or in storage, images and data URIs
+                    # decoded: off the event loop
+                    inp, inline = await run_in_threadpool(take, data, self.tenant, self.settings, self.task)
                 else:
-                    inp, inline = take(data, self.tenant, self.settings)
+                    inp, inline = take(data, self.tenant, self.settings, self.task)
                 del data
                 if inline:  # what the owner's frames hold already counts too (what this one would drop does not)
                     dropping = self.pending[0].inline if len(self.pending) == self.pending.maxlen else 0
                     adding = self.hub.inline_held(self.tenant.owner) + inline - dropping
                     await run_in_threadpool(quota_room, self.tenant.owner, adding, self.settings)
                 self._supersede(inp.model_name)
-                self._hold(Waiting(inp, rid, size, inline))
+                self._hold(Waiting(inp, rid, size, inline, names or None))
             except FrameError as exc:
                 extra: dict[str, Any] = {"field": exc.field} if exc.field else {}
                 if rid is not None:
@@ -209,7 +222,7 @@ class RealtimeSession:
         self.seq += 1
         inp, timeout = waiting.inp, self.settings.realtime_frame_timeout
         frame = Frame(id=f"{self.conn_id}:{self.seq}", reply=self.hub.channel, owner=self.tenant.owner,
-                      input=inp.model_dump(mode="json"), expires=time.time() + timeout)
+                      input=inp.model_dump(mode="json"), expires=time.time() + timeout, names=waiting.names or {})
         encoded, model_key = frame.encode(), get_model(inp.model_name).key
         answered = False
         try:
@@ -242,7 +255,8 @@ class RealtimeSession:
                 "timeout", f"no worker of {inp.model_name} answered within {timeout:g} s", **extra))
             return False
         if reply.error:
-            await self._send_text(error_frame(reply.error, reply.reason, **extra))
+            field = {"field": reply.field} if reply.field else {}
+            await self._send_text(error_frame(reply.error, reply.reason, **field, **extra))
             return True
         await self._send_bytes(reply.body)
         self.frames += 1

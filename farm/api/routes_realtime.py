@@ -1,6 +1,9 @@
 """fal's realtime mode: ``wss://{run host}/fal-ai/fast-lcm-diffusion/realtime`` and ``POST /tokens/``.
 
-The socket is served under ``/run`` and at the root, like the other routes. Credentials, either:
+The socket is served under ``/run`` and at the root, like the other routes, for each endpoint of the app:
+text-to-image at ``…/fast-lcm-diffusion/realtime``, and ``…/image-to-image/realtime`` and
+``…/inpainting/realtime`` (fal's sketch demo; frames carry ``image_bytes``, see ``farm.api.realtime_frames``).
+Credentials, either:
 ``Authorization: Key <id>:<secret>`` on the upgrade (``fal_client.realtime(app, use_jwt=False)``),
 or ``?fal_jwt_token=`` with a token from ``POST /tokens/`` (fal's JavaScript clients). Both given:
 they must belong to the same owner. A refusal accepts the upgrade and closes at once with a 4xxx
@@ -29,6 +32,7 @@ from farm.api.realtime_hub import Hub, get_hub
 from farm.api.realtime_session import RealtimeSession, quota_spent
 from farm.config import Settings
 from farm.errors import FarmError
+from farm.image_schemas import SUBPATHS, TEXT_TO_IMAGE
 from farm.realtime import tokens
 from farm.realtime.wire import (
     CLOSE_BAD_REQUEST,
@@ -209,7 +213,7 @@ async def _refuse(ws: WebSocket, conn_id: str, code: int, reason: str) -> None:
         log.debug("realtime %s: the refusal could not be sent: %s", conn_id, exc)
 
 
-async def realtime(ws: WebSocket) -> None:
+async def realtime(ws: WebSocket, task: str = TEXT_TO_IMAGE) -> None:
     """Frames in, results out (see ``farm.api.realtime_session``).
 
     The upgrade is accepted first, then the connection is admitted within ``ADMIT_SECONDS`` (credentials,
@@ -233,7 +237,7 @@ async def realtime(ws: WebSocket) -> None:
         log.exception("realtime %s: admission failed", conn_id)
         await _refuse(ws, conn_id, CLOSE_UNAVAILABLE, "realtime is unavailable: an internal error; try again")
         return
-    session = RealtimeSession(ws, hub, tenant, settings, conn_id, buffering)
+    session = RealtimeSession(ws, hub, tenant, settings, conn_id, buffering, task)
     log.info("realtime %s (%s): open, max_buffering %d", conn_id, tenant.owner, buffering)
     _sessions.add(session)
     try:
@@ -250,5 +254,16 @@ def _key_changed(_key_id: str | None) -> None:
 
 events.on_key_change(_key_changed)
 
+def _endpoint(task: str) -> Callable[[WebSocket], Any]:
+    """The socket of one endpoint (a closure: FastAPI would read a ``task`` parameter as a query field)."""
+
+    async def endpoint(ws: WebSocket) -> None:
+        await realtime(ws, task)
+
+    return endpoint
+
+
 for prefix in ("/run", ""):
-    router.add_api_websocket_route(f"{prefix}/{APP_ID}/realtime", realtime)
+    router.add_api_websocket_route(f"{prefix}/{APP_ID}/realtime", _endpoint(TEXT_TO_IMAGE))
+    for subpath in SUBPATHS:
+        router.add_api_websocket_route(f"{prefix}/{APP_ID}/{subpath}/realtime", _endpoint(subpath))

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from farm.realtime.wire import pack, unpack
@@ -42,15 +42,17 @@ class Frame:
     owner: str
     input: dict[str, Any]
     expires: float  # Unix time: a worker drops the frame after this (the API has answered a timeout)
+    names: dict[str, str] = field(default_factory=dict)  # input field → the client's (image_url → image_bytes)
 
     def encode(self) -> bytes:
         return pack({"id": self.id, "reply": self.reply, "owner": self.owner, "input": self.input,
-                     "expires": self.expires})  # fmt: skip
+                     "expires": self.expires, "names": self.names})  # fmt: skip
 
     @classmethod
     def decode(cls, data: bytes) -> Frame:
         d = unpack(data)
-        return cls(str(d["id"]), str(d["reply"]), str(d["owner"]), dict(d["input"]), float(d["expires"]))
+        return cls(str(d["id"]), str(d["reply"]), str(d["owner"]), dict(d["input"]), float(d["expires"]),
+                   {str(k): str(v) for k, v in (d.get("names") or {}).items()})
 
 
 @dataclass(frozen=True)
@@ -63,13 +65,14 @@ class Reply:
     gpu_seconds: float = 0.0
     error: str = ""
     reason: str = ""
+    field: str = ""  # the input field a bad-input error names
 
     def encode(self) -> bytes:
         return pack({"id": self.id, "body": self.body, "model": self.model, "gpu": self.gpu_seconds,
-                     "error": self.error, "reason": self.reason})  # fmt: skip
+                     "error": self.error, "reason": self.reason, "field": self.field})  # fmt: skip
 
     @classmethod
     def decode(cls, data: bytes) -> Reply:
         d = unpack(data)
         return cls(str(d["id"]), bytes(d.get("body") or b""), str(d.get("model") or ""), float(d.get("gpu") or 0),
-                   str(d.get("error") or ""), str(d.get("reason") or ""))  # fmt: skip
+                   str(d.get("error") or ""), str(d.get("reason") or ""), str(d.get("field") or ""))  # fmt: skip

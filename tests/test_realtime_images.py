@@ -1,0 +1,87 @@
+"""Realtime image-to-image and inpainting, as fal's sketch demo sends it: the unmodified
+``fal_client.realtime`` at ``fal-ai/fast-lcm-diffusion/image-to-image`` and ``/inpainting`` over TLS
+against the session's live API and tiny-model worker (``tests/api_stack.py``), frames carrying raw
+``image_bytes`` / ``mask_bytes`` (msgpack bin), or ``image_url`` as a data URI (older demos).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.api_stack import ApiStack, tiny_input
+from tests.test_fal_client import run_fal
+from tests.test_realtime import _env, _stored_objects
+
+SCRIPT = r'''
+import base64, io, json, sys
+import fal_client
+from PIL import Image
+
+APP, TINY = sys.argv[1], json.loads(sys.argv[2])
+TINY.pop("image_size")  # no image_size: the input image's size
+
+
+def png(size, colour, mode="RGB"):
+    buf = io.BytesIO()
+    Image.new(mode, size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def outcome(conn, frame):
+    conn.send(frame)
+    try:
+        result = conn.recv()
+    except fal_client.client.RealtimeError as exc:
+        return {"error": exc.error, "reason": exc.reason, "field": exc.payload.get("field")}
+    image = result["images"][0]
+    picture = Image.open(io.BytesIO(image["content"]))
+    return {"size": list(picture.size), "seed": result["seed"], "content": base64.b64encode(image["content"]).decode()}
+
+
+sketch = png((64, 96), (200, 40, 40))
+frame = dict(TINY, image_bytes=sketch, num_inference_steps=4, strength=0.5, seed=42)
+out = {}
+with fal_client.realtime(f"{APP}/image-to-image", use_jwt=False) as conn:
+    out["bytes"] = outcome(conn, frame)
+    data_uri = "data:image/png;base64," + base64.b64encode(sketch).decode()
+    out["data_uri"] = outcome(conn, dict(TINY, image_url=data_uri, num_inference_steps=4, strength=0.5, seed=42))
+    out["not_image"] = outcome(conn, dict(frame, image_bytes=b"this is no image"))
+    out["missing"] = outcome(conn, dict(TINY, seed=1))
+    out["after_bad"] = outcome(conn, dict(frame, seed=7))
+with fal_client.realtime(f"{APP}/inpainting", use_jwt=False) as conn:
+    mask = png((64, 96), 0, "L")
+    out["inpaint"] = outcome(conn, dict(frame, mask_bytes=mask))
+    out["bad_mask"] = outcome(conn, dict(frame, mask_bytes=png((32, 32), 255, "L")))
+print(json.dumps(out))
+'''
+
+
+def test_fal_client_realtime_image_to_image_and_inpainting_with_image_bytes(api_stack: ApiStack,
+                                                                            tmp_path: Path) -> None:
+    key = api_stack.make_key("rt-sketch")
+    objects_before = _stored_objects(api_stack)
+    out = run_fal(api_stack, tmp_path, SCRIPT, _env(api_stack, key, f"{api_stack.host}/run"),
+                  "fal-ai/fast-lcm-diffusion", json.dumps(tiny_input()))
+
+    assert out["bytes"].get("size") == [64, 96], out["bytes"]  # the input's size; the seed kept
+    assert out["bytes"]["seed"] == 42
+    # the same image as a data URI (older demos) renders the same image: same seed, same input
+    assert out["data_uri"]["content"] == out["bytes"]["content"]
+    assert out["after_bad"]["size"] == [64, 96] and out["after_bad"]["seed"] == 7  # the socket goes on
+    assert out["after_bad"]["content"] != out["bytes"]["content"]  # another seed, another image
+
+    bad = out["not_image"]
+    assert bad["error"] == "invalid_input" and bad["field"] == "image_bytes", bad
+    assert bad["reason"].startswith("image_bytes: ") and "not an image" in bad["reason"]
+    assert out["missing"]["field"] == "image_bytes" and "required" in out["missing"]["reason"]
+
+    assert out["inpaint"].get("size") == [64, 96] and out["inpaint"]["seed"] == 42, out["inpaint"]
+    # an all-black mask keeps every pixel: the result is not the image-to-image render of the same frame
+    assert out["inpaint"]["content"] != out["bytes"]["content"]
+    assert out["bad_mask"]["field"] == "mask_bytes" and "same size" in out["bad_mask"]["reason"], out["bad_mask"]
+
+    # nothing of a frame is stored, no job row written
+    assert api_stack.sql("SELECT count(*) FROM jobs WHERE owner = 'rt-sketch'") == [(0,)]
+    new_objects = _stored_objects(api_stack) - objects_before
+    assert not any(k.startswith("rt-sketch/") for k in new_objects), sorted(new_objects)
