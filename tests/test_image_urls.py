@@ -73,3 +73,28 @@ def test_a_1024_input_with_no_size_renders_1024(settings: Settings, tiny_rendere
     with inputs.owner_scope("ann"):
         result = tiny_renderer.render_items([RenderItem(params, 3, 0, source=source)])
     assert result.images[0].image.size == (1024, 1024)
+
+
+def test_source_images_count_against_the_caps_and_quota_of_file_inputs(settings: Settings) -> None:  # noqa: F811
+    """The caps LoRA files have: FARM_FILE_INPUT_MAX_BYTES per data URI (at admission), FARM_INLINE_INPUT_MAX_BYTES
+    per request (at staging), and the owner's FARM_UPLOAD_QUOTA_BYTES when the blob is stored."""
+    import base64
+
+    from farm.admission import admit
+    from farm.inputs import UploadQuotaError
+    from farm.inputs.staging import stage_inline, store_blob
+    from farm.storage import get_storage
+
+    data = picture((256, 256))
+    fields = {"model_name": TINY_MODEL, "prompt": "a red fox",
+              "image_url": "data:image/png;base64," + base64.b64encode(data).decode()}
+    with pytest.raises(InvalidInputError, match="^image_url: data URI holds"):
+        admit(fields, "ann", settings.model_copy(update={"file_input_max_bytes": len(data) - 1}))
+    inp = admit(fields, "ann", settings)
+    with pytest.raises(InvalidInputError, match="^image_url: the request's data URIs hold"):
+        stage_inline(inp, "ann", settings.model_copy(update={"inline_input_max_bytes": len(data) - 1}))
+    staged, blobs = stage_inline(inp, "ann", settings)
+    assert staged.model_dump()["image_url"].startswith("farm-stored:ann/inputs/") and list(blobs.values()) == [data]
+    with pytest.raises(UploadQuotaError):
+        store_blob("quota-owner", data, get_storage(settings),
+                   settings.model_copy(update={"upload_quota_bytes": len(data) - 1}))
