@@ -7,11 +7,14 @@ at ``wss://fal.run``, which the script points at the farm. The script is ``tests
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from tests.api_stack import APP, ApiStack, idle_input, tiny_input
 from tests.node import node_project, run_node
@@ -24,9 +27,16 @@ def js() -> Path:
     return node_project()
 
 
+def _sketch() -> str:
+    """A 64x96 PNG, base64: the sketch the scripts send as image bytes."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 96), (30, 30, 160)).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 def _env(api_stack: ApiStack, key: str) -> dict[str, str]:
     return {"FARM_URL": api_stack.base_url, "FAL_KEY": key, "APP": APP, "NODE_EXTRA_CA_CERTS": str(api_stack.ca_path),
-            "TINY": json.dumps(tiny_input()), "IDLE": json.dumps(idle_input())}  # fmt: skip
+            "TINY": json.dumps(tiny_input()), "IDLE": json.dumps(idle_input()), "SKETCH": _sketch()}  # fmt: skip
 
 
 def _check_images(output: Any, count: int = 1) -> None:
@@ -74,6 +84,13 @@ def test_fal_client_through_proxy_url(api_stack: ApiStack, js: Path) -> None:
     _check_upload(out["upload"], api_stack, key)
     token = out["token"]
     assert isinstance(token, str) and token.count(".") >= 1, token  # a JSON string, as fal's REST API gives
+    # image-to-image through the queue at the subpath, status and result at the app's URLs
+    i2i = out["imageToImage"]
+    assert "error" not in i2i and i2i["seen"][-1] == "COMPLETED", i2i
+    (image,) = i2i["result"]["images"]
+    assert (image["width"], image["height"]) == (64, 96) and i2i["result"]["seed"] == 16, i2i  # the input's size
+    rows = api_stack.sql("SELECT owner, status FROM jobs WHERE id = :id", id=i2i["requestId"])
+    assert [tuple(r) for r in rows] == [("js-client", "COMPLETED")]
 
 
 def test_serverless_client_through_request_middleware(api_stack: ApiStack, js: Path) -> None:
@@ -86,7 +103,8 @@ def test_serverless_client_through_request_middleware(api_stack: ApiStack, js: P
 @pytest.mark.parametrize("mode", ["realtime-client", "realtime-serverless"])
 def test_realtime_from_both_clients(api_stack: ApiStack, js: Path, mode: str) -> None:
     key = api_stack.make_key(f"js-{mode}")
-    out = run_node(["--experimental-websocket", "clients.mjs", mode], _env(api_stack, key))["realtime"]
+    out_all = run_node(["--experimental-websocket", "clients.mjs", mode], _env(api_stack, key))
+    out = out_all["realtime"]
     assert "error" not in out, out
     assert out["sockets"] == ["closed"], out  # one socket for the whole session, closed by close()
     assert [e["status"] for e in out["afterClose"]] in ([], [1005]), out  # the echo of a code-less close
@@ -99,6 +117,18 @@ def test_realtime_from_both_clients(api_stack: ApiStack, js: Path, mode: str) ->
     assert [r["seed"] for r in results] == [20, 21, 22, 30]
     (bad,) = errors
     assert bad["body"]["type"] == "x-fal-error" and "num_inference_steps" in json.dumps(bad["body"]), bad
+    if mode == "realtime-client":  # fal's sketch demo: image_bytes at image-to-image
+        sketch = out_all["sketch"]
+        assert "error" not in sketch, sketch
+        # three strokes within the throttle: the first and the latest are sent (fal's leading throttle)
+        assert 1 <= len(sketch["results"]) <= 2 and sketch["results"][-1]["prompt"].endswith(" 2"), sketch
+        for drawn in sketch["results"]:
+            (image,) = drawn["images"]
+            assert (image["width"], image["height"]) == (64, 96) and drawn["seed"] == 6252023, drawn
+            assert image["size"] > 100 and image["head"][:3] in (PNG[:3], JPEG), drawn
+        (bad,) = sketch["errors"][:1]
+        assert bad["body"]["type"] == "x-fal-error" and bad["body"]["field"] == "image_bytes", bad
+        assert api_stack.sql("SELECT count(*) FROM jobs WHERE owner = :o", o=f"js-{mode}") == [(0,)]
 
 
 def test_proxy_refuses_what_it_cannot_serve(api_stack: ApiStack) -> None:

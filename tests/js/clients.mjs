@@ -4,13 +4,15 @@
 //   node --experimental-websocket clients.mjs realtime-client|realtime-serverless
 //
 // Environment: FARM_URL (https://127.0.0.1:PORT), FAL_KEY, APP, TINY and IDLE (JSON inputs),
-// NODE_EXTRA_CA_CERTS (the test CA). Prints one JSON object with what each call returned.
+// SKETCH (a 64x96 PNG, base64), NODE_EXTRA_CA_CERTS (the test CA). Prints one JSON object with what each
+// call returned.
 import { createRequire } from "node:module";
 
 const require = createRequire(import.meta.url);
 const { FARM_URL, FAL_KEY, APP } = process.env;
 const TINY = JSON.parse(process.env.TINY);
 const IDLE = JSON.parse(process.env.IDLE);
+const SKETCH = Buffer.from(process.env.SKETCH ?? "", "base64");
 const out = {};
 
 async function attempt(name, fn) {
@@ -114,7 +116,7 @@ function summary(result) {
     size: image.content?.length ?? 0,
     head: Array.from((image.content ?? []).slice(0, 4)),
   }));
-  return { request_id: result.request_id, seed: result.seed, images, timings: result.timings };
+  return { request_id: result.request_id, seed: result.seed, prompt: result.prompt, images, timings: result.timings };
 }
 
 async function realtime(fal) {
@@ -160,6 +162,48 @@ async function realtime(fal) {
   return { results, errors: errors.slice(0, answered), afterClose: errors.slice(answered), sockets };
 }
 
+// fal's sketch demo (fal-js apps/demo-nextjs-app-router/app/realtime/page.tsx) at image-to-image: each
+// stroke sends the canvas as raw `image_bytes` (a Uint8Array: msgpack bin), throttled to 128 ms (the
+// client's default), and draws `result.images[0].content`
+async function sketch(fal) {
+  const results = [];
+  const errors = [];
+  let wake = () => {};
+  const connection = fal.realtime.connect(`${APP}/image-to-image`, {
+    onResult: (result) => {
+      results.push(summary(result));
+      wake();
+    },
+    onError: (error) => {
+      errors.push({ message: String(error?.message ?? error), status: error?.status, body: error?.body });
+      wake();
+    },
+  });
+  const until = (what, done) =>
+    new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`no ${what} within 60 s`)), 60000);
+      wake = () => {
+        if (done()) {
+          clearTimeout(timer);
+          resolve();
+        }
+      };
+      wake();
+    });
+  const { image_size, ...defaults } = TINY; // no image_size: the sketch's own size
+  const frame = { ...defaults, num_inference_steps: 4, strength: 0.5, seed: 6252023 };
+  for (let stroke = 0; stroke < 3; stroke++) {
+    // strokes faster than the throttle: the first and the latest are sent
+    connection.send({ ...frame, prompt: `a moon in the night sky ${stroke}`, image_bytes: new Uint8Array(SKETCH) });
+  }
+  await until("answer to the latest stroke", () => results.some((r) => r.prompt?.endsWith(" 2")) || errors.length);
+  connection.send({ ...frame, image_bytes: new TextEncoder().encode("no image at all") });
+  await until("error", () => errors.length > 0);
+  connection.close();
+  await socketsClosed();
+  return { results, errors };
+}
+
 const mode = process.argv[2];
 if (mode === "client") {
   // @fal-ai/client 1.x: fal's proxy convention, nothing else changed
@@ -174,6 +218,14 @@ if (mode === "client") {
     const { createConfig } = require(`${src}config.js`);
     const config = createConfig({ credentials: FAL_KEY, proxyUrl: { url: `${FARM_URL}/fal/proxy`, when: "always" } });
     return await getTemporaryAuthToken(APP, config);
+  });
+  await attempt("imageToImage", async () => {
+    const { image_size, ...defaults } = TINY;
+    const input = { ...defaults, image_url: `data:image/png;base64,${SKETCH.toString("base64")}`, seed: 16 };
+    const { request_id: requestId } = await fal.queue.submit(`${APP}/image-to-image`, { input });
+    const { seen } = await untilCompleted(() => fal.queue.status(`${APP}/image-to-image`, { requestId }));
+    const result = await fal.queue.result(`${APP}/image-to-image`, { requestId });
+    return { requestId, seen, result: result.data ?? result };
   });
 } else if (mode === "serverless") {
   // @fal-ai/serverless-client 0.15 (the client fal's model page shows): a requestMiddleware
@@ -194,6 +246,8 @@ if (mode === "client") {
   const { createFalClient } = require("@fal-ai/client");
   const fal = createFalClient({ credentials: FAL_KEY, proxyUrl: { url: `${FARM_URL}/fal/proxy`, when: "always" } });
   await attempt("realtime", () => realtime(fal));
+  sockets.length = 0;
+  await attempt("sketch", () => sketch(fal));
 } else if (mode === "realtime-serverless") {
   pointWebSocketsAtTheFarm();
   const fal = require("@fal-ai/serverless-client");
