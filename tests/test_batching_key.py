@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from db.batches import compat_key
+from farm.config import get_settings
 from farm.realtime.lane import Frame
 from farm.schemas import GenerateInput
 from tasks.realtime import RealtimeServer
@@ -58,6 +59,7 @@ class _Redis:
 def _serve(frames: dict[str, dict[str, Any]]) -> list[list[str]]:
     server = RealtimeServer.__new__(RealtimeServer)  # no Redis connection: serve() is given the frames
     server.renderer, server.redis, server.key = _Renderer(), _Redis(), "test"
+    server.settings = get_settings()
     raw = [Frame(fid, "reply", "alice", {"prompt": "a cat", "model_name": SDXL, **fields}, time.time() + 60).encode()
            for fid, fields in frames.items()]
     server.serve(raw)
