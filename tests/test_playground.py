@@ -162,3 +162,51 @@ def test_switching_from_a_model_without_workers_draws_at_once(api_stack: ApiStac
     dead_sent = [e for e in events[:first] if e["kind"] == "sent" and e["model"] == IDLE_MODEL]
     answered = [e for e in events[:first] if e["kind"] != "sent"]
     assert dead_sent and answered == [], events  # drawn while every frame of the dead model was outstanding
+
+
+PIXELS = """(id) => {
+    const c = document.querySelector(id);
+    const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    let dark = 0, distinct = new Set();
+    for (let i = 0; i < px.length; i += 4) {
+        if (px[i] < 128) dark++;
+        distinct.add((px[i] << 16) | (px[i + 1] << 8) | px[i + 2]);
+    }
+    return {w: c.width, h: c.height, dark, colours: distinct.size};
+}"""
+
+
+def test_sketch_mode_draws_the_image_from_your_strokes(api_stack: ApiStack, browser: Any) -> None:
+    """Sketch mode: strokes drawn with the mouse on the sketch canvas go, as PNG bytes, through fal.realtime to
+    ``…/image-to-image`` (fal's sketch demo); the image that comes back is drawn. No job row is written."""
+    key = api_stack.make_key("playground-sketch")
+    with _page(browser, f"{api_stack.base_url}/playground?steps=2&seed=9") as (page, console):
+        page.select_option("#mode", "sketch")
+        assert page.is_visible("#sketch") and page.is_visible("#strength")
+        blank = page.evaluate(PIXELS, "#sketch")
+        assert (blank["w"], blank["h"]) == (64, 64) and blank["dark"] == 0, blank  # the tiny model's size, white
+        assert page.evaluate(PIXELS, "#image")["colours"] == 1  # nothing drawn yet
+        page.fill("#key", key)
+        for stroke in range(3):  # strokes with the mouse, across the canvas
+            page.locator("#sketch").scroll_into_view_if_needed()  # the mouse acts inside the viewport only
+            box = page.locator("#sketch").bounding_box()
+            assert box is not None
+            y = box["y"] + box["height"] * (0.25 + 0.25 * stroke)
+            page.mouse.move(box["x"] + 20, y)
+            page.mouse.down()
+            for step in range(1, 9):
+                page.mouse.move(box["x"] + 20 + (box["width"] - 40) * step / 8, y + 10 * (step % 2))
+            page.mouse.up()
+        wait_for(page, f"() => ({FRAMES})() >= 1", console=console)
+        sketched = page.evaluate(PIXELS, "#sketch")
+        strokes = page.eval_on_selector("#sketch", "c => c.dataset.strokes")
+        drawn = page.evaluate(PIXELS, "#image")
+        events = page.evaluate("() => window.playgroundEvents.map(e => ({...e}))")
+        shown = page.text_content("#status") or ""
+    assert strokes == "3" and sketched["dark"] > 50, sketched  # the strokes are on the sketch
+    assert (drawn["w"], drawn["h"]) == (64, 64) and drawn["colours"] > 16, (drawn, console)  # an image came
+    assert "seed 9" in shown, (shown, console)
+    sent = [e for e in events if e["kind"] == "sent"]
+    assert sent and all(e["mode"] == "sketch" for e in sent), events
+    assert any(e["kind"] == "result" for e in events) and not any(e["kind"] == "error" for e in events), events
+    assert api_stack.sql("SELECT count(*) FROM jobs WHERE owner = 'playground-sketch'") == [(0,)]

@@ -63,8 +63,11 @@ class Refused(Exception):
 
 
 def _app_of(name: str) -> str | None:
-    """The app a token request names, normalised (fal-js sends the alias, newer ones the realtime path)."""
+    """The app a token request names, normalised (fal-js sends the alias, newer ones the realtime path, an
+    endpoint's too: ``…/image-to-image/realtime``); a token opens every endpoint of its app, as fal's do."""
     name = name.strip().strip("/").removesuffix("/realtime")
+    for subpath in SUBPATHS:
+        name = name.removesuffix(f"/{subpath}")
     return APP_ID if name in (APP_ALIAS, APP_ID) else None
 
 
