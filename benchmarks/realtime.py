@@ -1,6 +1,7 @@
 """Latency the realtime socket adds around a render: one connection, frames one after another.
 
     python benchmarks/realtime.py [--frames 500] [--warmup 20] [--steps 2] [--tls] [--safety-checker]
+                                  [--task text-to-image|image-to-image]
 
 Starts its own private Redis, PostgreSQL and S3 (SeaweedFS) servers, ``farm db upgrade``, one
 ``farm worker --model farm/tiny-lcm`` on the CPU and ``farm api`` on 127.0.0.1 (plain ``ws://``
@@ -12,6 +13,12 @@ overhead = round trip (send → result decoded) − ``timings.render`` of the re
 renderer call (the denoising loop and decode, and the safety check when on). What remains is the
 farm's frame path: msgpack, the socket, admission in the API, the Redis lane and reply channel,
 the worker's wake-up, JPEG encoding. ``timings.inference`` (the pipeline alone) is reported too.
+
+``--task image-to-image`` (fal's sketch demo): each frame also carries a 512x512 JPEG as ``image_bytes``
+to ``…/image-to-image/realtime`` (strength 0.5, still rendered at 64x64), so the overhead adds the
+frame's bytes on the wire and in Redis, the API's header check and the worker's decode and resize. The
+same connection count and frames are measured for text-to-image first, on the same stack, and both
+figures are reported (``text_to_image`` and ``image_to_image``).
 
 All clocks are this machine's. The last line is one JSON object with ``p50_overhead_ms`` and
 ``p99_overhead_ms``.
@@ -43,6 +50,7 @@ from tests.services import free_port, wait_for  # noqa: E402
 from tests.workers import FARM, WorkerProcess  # noqa: E402
 
 TINY = "farm/tiny-lcm"
+APP = "fal-ai/fast-lcm-diffusion"
 
 
 def pct(values: list[float], q: float) -> float:
@@ -116,13 +124,27 @@ class Stack(ServerStack):
             engine.dispose()
 
 
-def measure(stack: Stack, frames: int, warmup: int, payload: dict[str, Any]) -> dict[str, Any]:
+def sketch_jpeg() -> bytes:
+    """A 512x512 JPEG with detail (a gradient and noise: not a trivially small file), as a sketch frame carries."""
+    import io
+
+    from PIL import Image
+
+    noise = Image.effect_noise((512, 512), 64).convert("RGB")
+    gradient = Image.linear_gradient("L").resize((512, 512)).convert("RGB")
+    buf = io.BytesIO()
+    Image.blend(noise, gradient, 0.5).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def measure(stack: Stack, frames: int, warmup: int, payload: dict[str, Any], app: str = APP) -> dict[str, Any]:
     from farm.client import SyncClient
 
     rtt: list[float] = []
     render: list[float] = []
     inference: list[float] = []
-    with SyncClient(stack.url, key=stack.key, verify=stack.context) as farm, farm.realtime(max_buffering=1) as conn:
+    with SyncClient(stack.url, key=stack.key, app=app, verify=stack.context) as farm, \
+            farm.realtime(max_buffering=1) as conn:
         for i in range(warmup + frames):
             t0 = time.perf_counter()
             conn.send({**payload, "seed": i, "request_id": f"f{i}"})
@@ -156,6 +178,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--tls", action="store_true", help="wss:// with a test CA (default: ws:// on loopback)")
     parser.add_argument("--safety-checker", action="store_true", help="run the (tiny) safety checker per frame")
+    parser.add_argument("--task", choices=["text-to-image", "image-to-image"], default="text-to-image",
+                        help="image-to-image: a 512x512 JPEG in each frame, measured beside text-to-image")
     args = parser.parse_args()
     if args.frames < 1 or args.warmup < 0:
         parser.error("need --frames >= 1 and --warmup >= 0")
@@ -166,7 +190,13 @@ def main() -> None:
     try:
         stack.start()
         load_before = os.getloadavg()
-        result = measure(stack, args.frames, args.warmup, payload)
+        result = text = measure(stack, args.frames, args.warmup, payload)
+        sketch: dict[str, Any] | None = None
+        if args.task == "image-to-image":
+            jpeg = sketch_jpeg()
+            frame = {**payload, "image_bytes": jpeg, "strength": 0.5}
+            result = sketch = measure(stack, args.frames, args.warmup, frame, f"{APP}/image-to-image")
+            sketch["jpeg_bytes"] = len(jpeg)
         load_after = os.getloadavg()
         time.sleep(0.5)
         usage = stack.usage()
@@ -176,14 +206,21 @@ def main() -> None:
     print(f"{result['frames']} frames over one {'wss' if args.tls else 'ws'} connection: round trip p50 "
           f"{result['p50_round_trip_ms']} ms, render p50 {result['p50_render_ms']} ms; overhead p50 "
           f"{result['p50_overhead_ms']} ms, p90 {result['p90_overhead_ms']} ms, p99 {result['p99_overhead_ms']} ms")
+    if sketch is not None:
+        print(f"  text-to-image beside it: overhead p50 {text['p50_overhead_ms']} ms, p99 {text['p99_overhead_ms']} "
+              f"ms; image-to-image ({sketch['jpeg_bytes']} byte 512x512 JPEG per frame): overhead p50 "
+              f"{sketch['p50_overhead_ms']} ms, p99 {sketch['p99_overhead_ms']} ms")
     print(f"usage ledger after close: {usage}")
     report = {
         "benchmark": "realtime",
+        "task": args.task,
         **result,
+        **({"text_to_image": text, "image_to_image": sketch} if sketch is not None else {}),
         "warmup_frames": args.warmup,
         "transport": f"{'wss (TLS)' if args.tls else 'ws'} on 127.0.0.1",
         "model": TINY,
-        "image": f"64x64, {args.steps} steps, 1 image, jpeg, safety checker {'on' if args.safety_checker else 'off'}",
+        "image": f"64x64, {args.steps} steps, 1 image, jpeg, safety checker {'on' if args.safety_checker else 'off'}"
+                 + (", image-to-image from a 512x512 JPEG (image_bytes), strength 0.5" if sketch is not None else ""),
         "usage_rows": usage,
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in load_after],
