@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import urllib.error
 import urllib.request
 import uuid
@@ -115,3 +116,19 @@ def test_the_s3_server_refuses_a_wrong_key(s3_server: S3Server, tmp_path) -> Non
         urllib.request.urlopen(f"{s3_server.url}/{bucket}/p/o/r/0.png", timeout=10)
     assert anonymous.value.code == 403
     assert good.list("o/r/") == ["o/r/0.png"]
+
+
+def test_the_s3_server_restarts_on_its_data(s3_server: S3Server, tmp_path) -> None:
+    """What the fault harness does to S3 (``stop()`` kills weed, ``start()`` starts it again on the same ports
+    and data directory): objects stored before are there after, and the same client stores again."""
+    store = make_storage(Settings(storage_url=f"s3://t-{uuid.uuid4().hex[:8]}/p", s3_endpoint=s3_server.url,
+                                  s3_access_key=s3_server.access_key, s3_secret_key=s3_server.secret_key,
+                                  data_dir=tmp_path))
+    store.put("o/r/0.png", b"\x89PNG-before", "image/png")
+    s3_server.stop()
+    with pytest.raises(ConnectionRefusedError):  # really down
+        socket.create_connection(("127.0.0.1", s3_server.port), timeout=5).close()
+    s3_server.start()
+    assert store.get("o/r/0.png") == b"\x89PNG-before"
+    store.put("o/r/1.png", b"\x89PNG-after", "image/png")
+    assert store.list("o/r/") == ["o/r/0.png", "o/r/1.png"]
