@@ -1,4 +1,5 @@
-"""``/playground``: a small realtime page (key, prompt, seed; the image follows the typing).
+"""``/playground``: a small realtime page (key, prompt, seed; the image follows the typing; in sketch mode it
+follows the strokes drawn on a canvas, sent as ``image_bytes`` to ``…/image-to-image``, as fal's sketch demo).
 
 It runs fal's own JavaScript client (``@fal-ai/client``, bundled for the browser into
 ``static/fal-client.js`` by ``npm run build:playground`` in ``tests/js``; nothing comes from a
