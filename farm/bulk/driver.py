@@ -45,24 +45,16 @@ from sqlalchemy.orm import Session
 
 from db.models import BulkJob, BulkSample, BulkShard, Job
 from db.session import session_scope
-from farm.bulk import runners, stops
-from farm.bulk.control import (
-    BulkSpec,
-    Progress,
-    create,
-    get,
-    gpu_seconds,
-    progress,
-    retry_failed,
-    set_status,
-)
+from farm.bulk import image_column, runners, stops
+from farm.bulk.control import BulkSpec, Progress, create, get, gpu_seconds, progress, retry_failed, set_status
 from farm.bulk.manifest import RowError, Sample, read_manifest
 from farm.bulk.shards import ReadAhead, ShardWriter, sample_fields, write_ready_shards
 from farm.bulk.writers import open_destination, sample_key
 from farm.config import Settings, get_settings
 from farm.errors import ConflictError, InvalidInputError, JobNotFoundError
+from farm.image_schemas import admitted_input
 from farm.lifecycle import submit as submission
-from farm.schemas import GenerateInput, admitted_input
+from farm.schemas import GenerateInput
 from farm.status import BulkStatus, JobStatus, Lane, SampleStatus
 from farm.storage import get_storage
 
@@ -128,7 +120,7 @@ def _run(bulk_id: str, runner: str, on_progress: Callable[[Progress], None] | No
                           images_per_prompt=spec.images_per_prompt, base_seed=spec.base_seed,
                           expand=spec.expand,  # type: ignore[arg-type]
                           variants=spec.variants, wildcards=Path(spec.wildcards) if spec.wildcards else None,
-                          strict=spec.strict, on_error=rejected.append),
+                          strict=spec.strict, on_error=rejected.append, owner=owner),
             skip, None)
     # shards are fetched and written by a thread of their own, so that the rounds go on meanwhile
     # (collecting, submitting: the pool is kept fed while thousands of images are read back)
@@ -331,11 +323,16 @@ def _submit(bulk_id: str, owner: str, spec: BulkSpec, room: int, snap: Progress,
                          .order_by(BulkSample.idx).limit(room)).all()
     batch: list[tuple[GenerateInput, str]] = []
     invalid: dict[int, str] = {}
+    inline = 0  # bytes of source image files read for this submit
     for idx, tries, params, prompt, negative_prompt, seed in rows:
-        try:
-            batch.append((admitted_input(sample_fields(params, prompt, negative_prompt, seed)),
-                          f"{bulk_id}-{idx}-{tries}"))
-        except ValueError as exc:  # admitted when the manifest was read; only a malformed row gets here
+        if inline > image_column.SUBMIT_BYTES:  # the rest wait for the next round
+            break
+        try:  # a file under the bulk root goes inline, or fails if gone or changed since the manifest was read
+            fields = sample_fields(params, prompt, negative_prompt, seed)
+            fields, read = image_column.submitted(fields, params, settings)
+            inline += read
+            batch.append((admitted_input(fields), f"{bulk_id}-{idx}-{tries}"))
+        except (ValueError, InvalidInputError) as exc:  # else admitted when the manifest was read: a malformed row
             invalid[idx] = str(exc).splitlines()[0]
     # never fails on the broker: the jobs wait in the ledger and the sweeper announces them
     rids = submission.submit_many(batch, owner=owner, lane=Lane.BULK, source="bulk", settings=settings)

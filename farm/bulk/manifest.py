@@ -14,9 +14,12 @@ on, the header being line 1; Parquet: row number + 1).
 Optional columns: ``negative_prompt``, ``seed`` (an integer) and any ``GenerateInput`` field,
 which overrides the job defaults for that row; ``num_images``, ``sync_mode`` and
 ``request_id`` are set by the bulk job and make a row bad. Other columns are kept as
-``Sample.extra`` metadata. A CSV cell of a non-text field is parsed as JSON (``4``, ``1.5``,
-``true``, ``{"width": 512, "height": 512}``), else kept as text (a named size like
-``square``); an empty cell, or a JSON/Parquet null, means "not given".
+``Sample.extra`` metadata. An ``image`` column (and ``mask``) makes the row image-to-image (inpainting):
+a URL or a file under the bulk root (``farm.bulk.image_column``); ``strength``, ``crop_output`` and
+``preserve_aspect_ratio`` are then fields too, and a job default of one applies to image rows only.
+A CSV cell of a non-text field is parsed as JSON (``4``, ``1.5``, ``true``,
+``{"width": 512, "height": 512}``), else kept as text (a named size like ``square``); an empty
+cell, or a JSON/Parquet null, means "not given".
 
 Prompts are dynamicprompts templates (``{red|green}``, ``__wildcard__`` read from the
 ``wildcards`` folder; an unknown wildcard is an error). ``expand="combinatorial"`` yields every
@@ -60,6 +63,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from farm.admission import admit
+from farm.bulk import image_column
 from farm.bulk.records import (
     MAX_DEPTH,
     PARQUET_BATCH_ROWS,
@@ -73,7 +77,7 @@ from farm.bulk.records import (
 from farm.bulk.templates import Expand, Expander
 from farm.config import Settings, get_settings
 from farm.errors import InvalidInputError
-from farm.schemas import GenerateInput
+from farm.image_schemas import INPUT_CLASSES, TEXT_TO_IMAGE, task_of_fields
 
 __all__ = ["PARQUET_BATCH_ROWS", "SUFFIXES", "ManifestError", "RowError", "Sample", "read_manifest"]
 
@@ -83,7 +87,8 @@ FORBIDDEN = ("num_images", "sync_mode", "request_id")  # set by the bulk job, ne
 
 _PER_SAMPLE = frozenset({"prompt", "negative_prompt", "seed"})
 _NOT_PARAMS = {"prompt", "negative_prompt", "seed", "num_images", "request_id", "sync_mode"}
-_FIELDS = frozenset(GenerateInput.model_fields)
+_MODEL_FIELDS = {name: f for cls in INPUT_CLASSES.values() for name, f in cls.model_fields.items()}
+_FIELDS = frozenset(_MODEL_FIELDS) - set(image_column.COLUMNS)  # any task's fields; images come from take()
 
 
 def _nul_field(record: dict[str, Any]) -> str | None:
@@ -107,7 +112,7 @@ def _is_text(annotation: Any) -> bool:
 
 
 # fields whose CSV cell is taken as text; any other field's cell is parsed as JSON first
-_TEXT_FIELDS = frozenset(name for name, f in GenerateInput.model_fields.items() if _is_text(f.annotation))
+_TEXT_FIELDS = frozenset(name for name, f in _MODEL_FIELDS.items() if _is_text(f.annotation))
 
 
 @dataclass(frozen=True)
@@ -182,12 +187,13 @@ class _Reader:
     """The per-read settings that turn a record into samples."""
 
     def __init__(self, defaults: dict[str, Any], images_per_prompt: int, base_seed: int, expander: Expander,
-                 settings: Settings) -> None:
+                 settings: Settings, owner: str | None = None) -> None:
         self.defaults = defaults
         self.images_per_prompt = images_per_prompt
         self.base_seed = base_seed
         self.expander = expander
         self.settings = settings  # the bounds a sample is admitted with (farm.admission), and the caps
+        self.owner = owner  # upload URLs in a row must be this owner's (None: not checked here)
 
     def samples(self, row: int, record: dict[str, Any], text: bool, index: int) -> tuple[int, Iterator[Sample]]:
         """How many samples the row yields, and an iterator that makes them one at a time."""
@@ -211,6 +217,16 @@ class _Reader:
         elif not isinstance(negative, str):
             raise RowProblem(f"negative_prompt: must be a string (got {type(negative).__name__})")
         seed = _row_seed(record.get("seed"), text)
+        record = dict(record)
+        try:
+            source = image_column.take(record, text, self.settings)  # the image columns, out of the record
+        except image_column.ColumnProblem as exc:
+            raise RowProblem(str(exc)) from None
+        refs = source.refs if source else {}
+        # job-wide defaults of the row's task only (a job's strength is no text-to-image row's field)
+        task = task_of_fields(refs)
+        task_fields = INPUT_CLASSES[task].model_fields
+        defaults = {k: v for k, v in self.defaults.items() if k in task_fields}
 
         overrides: dict[str, Any] = {}
         extra: dict[str, Any] = {}
@@ -226,6 +242,8 @@ class _Reader:
                 raise RowProblem(f"{key}: is set by the bulk job; remove it from the manifest")
             overrides[key] = _cell(key, value) if text else value
 
+        if odd := sorted(set(overrides) - set(task_fields)):  # strength on a row without an image …
+            raise RowProblem(f"{odd[0]}: not an input of {task} (an image column makes image-to-image)")
         prompts = self.expander(template, row)
         count = len(prompts) * self.images_per_prompt
 
@@ -233,14 +251,21 @@ class _Reader:
             return seed + j if seed is not None else self.base_seed + index + j
 
         def admitted(prompt: str, sample_seed: int) -> dict[str, Any]:
-            data = {**self.defaults, **overrides, "prompt": prompt, "num_images": 1, "seed": sample_seed}
+            data = {**defaults, **overrides, **refs, "prompt": prompt, "num_images": 1, "seed": sample_seed}
             if negative is not None:
                 data["negative_prompt"] = negative
             try:
-                model = admit(data, None, self.settings)
+                model = admit(data, self.owner, self.settings)
             except InvalidInputError as exc:
-                raise RowProblem("; ".join(f"{f}: {r}" for f, r in exc.errors)) from None  # type: ignore[attr-defined]
-            return model.model_dump(mode="json", exclude=_NOT_PARAMS)
+                named = source.columns if source else {}  # an error names the column the row gave
+                errors = getattr(exc, "errors", [(exc.field, exc.reason)])  # all of them, or the one (images)
+                raise RowProblem("; ".join(f"{named.get(f, f)}: {r}" for f, r in errors)) from None
+            params = model.model_dump(mode="json", exclude=_NOT_PARAMS)
+            if source:  # the ledger keeps the image as given (a path, not its bytes) and a local file's hash
+                params.update(source.given)
+                if source.sha256:
+                    params[image_column.SHA256] = source.sha256
+            return params
 
         # the row is admitted whole before its first sample: each prompt once (the images of a prompt
         # differ by their seed only) and the row's last seed (seeds only grow along a row)
@@ -260,11 +285,16 @@ class _Reader:
 
 
 def _check_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
-    for name in ("prompt", "seed", *FORBIDDEN):
+    for name in ("prompt", "seed", *FORBIDDEN, *image_column.COLUMNS):
         if name in defaults:
-            why = "comes from the manifest" if name == "prompt" else "is set per sample by the bulk job"
+            why = "is set per sample by the bulk job"
+            if name == "prompt" or name in image_column.COLUMNS:
+                why = "comes from the manifest"
             raise InvalidInputError(name, f"{why}; not allowed in the job defaults")
-    admit({**defaults, "prompt": "defaults"}, None, get_settings())  # raises InvalidInputError naming the field
+    check = {**defaults, "prompt": "defaults"}
+    if set(defaults) - set(INPUT_CLASSES[TEXT_TO_IMAGE].model_fields):  # strength …: checked as image-to-image's
+        check["image_url"] = "https://example.com/defaults.png"  # a stand-in, never fetched
+    admit(check, None, get_settings())  # raises InvalidInputError naming the field
     return dict(defaults)
 
 
@@ -280,12 +310,14 @@ def read_manifest(
     wildcards: Path | None = None,
     strict: bool = False,
     on_error: Callable[[RowError], None] | None = None,
+    owner: str | None = None,
 ) -> Iterator[Sample]:
     """Stream the samples of the manifest at ``path`` (see the module docstring for the rules).
 
     Arguments, defaults and the format are checked now; the file is read as the iterator is
-    consumed. Raises ManifestError (unreadable file, unknown format, no ``prompt`` column, and
-    with ``strict`` the first bad row) and InvalidInputError (a bad default or argument).
+    consumed. ``owner``: upload URLs must be this owner's. Raises ManifestError (unreadable file, unknown
+    format, no ``prompt`` column, and with ``strict`` the first bad row) and InvalidInputError (a bad
+    default or argument).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -317,6 +349,7 @@ def read_manifest(
     reader = _Reader(
         _check_defaults(defaults or {}), images_per_prompt, base_seed,
         Expander(expand, variants, max_combinations, base_seed, Path(wildcards) if wildcards else None), settings,
+        owner,
     )
     return _samples(SOURCES[suffix](path, settings), reader, strict, on_error)
 

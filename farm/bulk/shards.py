@@ -15,10 +15,13 @@ from sqlalchemy import func, select
 
 from db.models import BulkSample, BulkShard, Image, utcnow
 from db.session import session_scope
+from farm.bulk import image_column
 from farm.bulk.control import BulkSpec, get
 from farm.bulk.writers import Destination, ShardSample, write_shard
 from farm.status import SampleStatus
 from farm.storage import Storage, object_key
+
+_NOT_INPUT = ("template", image_column.SHA256)  # params kept beside a sample's input
 
 
 def sample_input(row: BulkSample) -> dict[str, Any]:
@@ -27,7 +30,7 @@ def sample_input(row: BulkSample) -> dict[str, Any]:
 
 def sample_fields(params: dict[str, Any], prompt: str, negative_prompt: str | None, seed: int) -> dict[str, Any]:
     """The farm job input of a sample, from its ``bulk_samples`` columns."""
-    fields = {k: v for k, v in params.items() if k != "template"}
+    fields = {k: v for k, v in params.items() if k not in _NOT_INPUT}
     return {**fields, "prompt": prompt, "negative_prompt": negative_prompt or "", "seed": seed,
             "num_images": 1, "sync_mode": False}
 
@@ -133,7 +136,8 @@ class ReadAhead:
 
 
 def _meta(row: BulkSample, spec: BulkSpec, image: Image | None) -> dict[str, Any]:
-    """Per-sample metadata: every input parameter (rendered alone with these, the image is the same)."""
+    """Per-sample metadata: every input parameter (rendered alone with these, the image is the same), with an
+    image-to-image sample's source image and mask as given (``image_url``, ``mask_url``) and their hashes."""
     fields = sample_input(row)
     fields.pop("sync_mode", None)
     return {
@@ -147,6 +151,8 @@ def _meta(row: BulkSample, spec: BulkSpec, image: Image | None) -> dict[str, Any
         "row": row.row,
         "index": row.idx,
         "extra": row.extra,
+        # a source image given as a file: its bytes' sha256 (image_url / mask_url hold the path as given)
+        **{f"{name.removesuffix('_url')}_sha256": sha for name, sha in row.params.get(image_column.SHA256, {}).items()},
     }
 
 

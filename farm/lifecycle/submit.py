@@ -189,18 +189,22 @@ def _stage_many(items: list[tuple[GenerateInput, str]], owner: str,
     out: list[tuple[GenerateInput, str]] = []
     staged: dict[str, bytes] = {}
     fetch_ids: set[str] = set()
-    done: dict[str, tuple[GenerateInput, bool]] = {}
+    done: dict[tuple[str, tuple[Any, ...]], tuple[GenerateInput, bool]] = {}
     for inp, rid in items:
-        if not inp.loras and not inp.embeddings:
+        images = tuple(getattr(inp, name, None) for name in staging.IMAGE_FIELDS)  # image-to-image's sources
+        if not inp.loras and not inp.embeddings and images == (None, None):
             out.append((inp, rid))
             continue
-        marker = repr([(x.path, x.scale, x.force) for x in inp.loras] + [(x.path, x.tokens) for x in inp.embeddings])
+        marker = (repr([(x.path, x.scale, x.force) for x in inp.loras] + [(x.path, x.tokens) for x in inp.embeddings]),
+                  images)
         if marker not in done:
             new, blobs = staging.stage_inline(inp, owner, settings)
             staged.update(blobs)
             done[marker] = (new, bool(staging.pending(new, settings)))
         new, fetch = done[marker]
-        out.append((inp.model_copy(update={"loras": new.loras, "embeddings": new.embeddings}), rid))
+        sources = {name: getattr(new, name) for name, value in zip(staging.IMAGE_FIELDS, images, strict=True)
+                   if value is not None}
+        out.append((inp.model_copy(update={"loras": new.loras, "embeddings": new.embeddings, **sources}), rid))
         if fetch:
             fetch_ids.add(rid)
     return out, staged, fetch_ids
