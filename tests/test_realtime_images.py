@@ -48,6 +48,14 @@ with fal_client.realtime(f"{APP}/image-to-image", use_jwt=False) as conn:
     out["data_uri"] = outcome(conn, dict(TINY, image_url=data_uri, num_inference_steps=4, strength=0.5, seed=42))
     out["not_image"] = outcome(conn, dict(frame, image_bytes=b"this is no image"))
     out["missing"] = outcome(conn, dict(TINY, seed=1))
+    buf = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(buf, "PNG")  # 25 Mpx in a small file: refused from its header
+    out["bomb"] = outcome(conn, dict(frame, image_bytes=buf.getvalue()))
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "GIF")
+    out["gif"] = outcome(conn, dict(frame, image_bytes=buf.getvalue()))
+    out["not_bytes"] = outcome(conn, dict(frame, image_bytes="a string"))
+    out["url"] = outcome(conn, dict(TINY, image_url="https://example.com/sketch.png"))
     out["after_bad"] = outcome(conn, dict(frame, seed=7))
 with fal_client.realtime(f"{APP}/inpainting", use_jwt=False) as conn:
     mask = png((64, 96), 0, "L")
@@ -75,6 +83,11 @@ def test_fal_client_realtime_image_to_image_and_inpainting_with_image_bytes(api_
     assert bad["error"] == "invalid_input" and bad["field"] == "image_bytes", bad
     assert bad["reason"].startswith("image_bytes: ") and "not an image" in bad["reason"]
     assert out["missing"]["field"] == "image_bytes" and "required" in out["missing"]["reason"]
+    assert out["bomb"]["field"] == "image_bytes" and "5000x5000" in out["bomb"]["reason"], out["bomb"]
+    assert "FARM_MAX_INPUT_PIXELS" in out["bomb"]["reason"]
+    assert out["gif"]["field"] == "image_bytes" and "GIF is not supported" in out["gif"]["reason"], out["gif"]
+    assert out["not_bytes"]["field"] == "image_bytes" and "bytes" in out["not_bytes"]["reason"], out["not_bytes"]
+    assert out["url"]["field"] == "image_url" and "not an https:// URL" in out["url"]["reason"], out["url"]
 
     assert out["inpaint"].get("size") == [64, 96] and out["inpaint"]["seed"] == 42, out["inpaint"]
     # an all-black mask keeps every pixel: the result is not the image-to-image render of the same frame
