@@ -146,7 +146,7 @@ def test_proxy_refuses_what_it_cannot_serve(api_stack: ApiStack) -> None:
             reply = c.post("/fal/proxy", json=tiny_input(), headers=headers)
             assert reply.status_code == status and words in reply.json()["detail"], (target, reply.text)
         # a proxied request is the request itself: the caller's key still decides
-        target = {"x-fal-target-url": f"https://queue.fal.run/{APP}"}
+        proxied = {"x-fal-target-url": f"https://queue.fal.run/{APP}"}
         with api_stack.client() as anonymous:
-            assert anonymous.post("/api/fal/proxy", json=tiny_input(), headers=target).status_code == 401
-        assert c.post("/api/fal/proxy", json=tiny_input(), headers=target).json()["request_id"]
+            assert anonymous.post("/api/fal/proxy", json=tiny_input(), headers=proxied).status_code == 401
+        assert c.post("/api/fal/proxy", json=tiny_input(), headers=proxied).json()["request_id"]
