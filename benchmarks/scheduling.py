@@ -136,14 +136,14 @@ class Stack(ServerStack):
 
 def run_job(env: dict[str, str], images: int, seed: int) -> tuple[str, float]:
     """Submit one N-image farm/hold job (``farm.lifecycle.submit``); (request id, submit start Unix time)."""
-    from farm.lifecycle import submit
+    from farm.lifecycle import submit as submission
     from farm.schemas import GenerateInput
 
     inp = GenerateInput(model_name=HOLD, prompt="scheduling benchmark", num_images=images, seed=seed,
                         image_size={"width": 64, "height": 64}, sync_mode=False,
                         enable_safety_checker=False)  # fmt: skip
     t0 = time.time()
-    return submit(inp, owner="bench", source="cli"), t0
+    return submission.submit(inp, owner="bench", source="cli"), t0
 
 
 def wait_done(rid: str, timeout: float) -> None:
