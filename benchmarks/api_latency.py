@@ -178,20 +178,20 @@ def one_request(url: str, key: str, mode: str, payload: dict[str, Any]) -> dict[
 def run_stream(client: Any, payload: dict[str, Any], seen: dict[str, float]) -> Any:
     """``POST /run/{app}/stream`` as ``fal_client.stream()`` does: status events, then the output event."""
     import httpx
+    from httpx_sse import EventSource
 
-    from farm.client._common import SSEParser
+    from farm.client._common import status_event
     from farm.schemas import GenerateOutput
 
     url = client.endpoint.run_url + "/stream"
-    parser = SSEParser()
     # the SyncClient's own connection pool and key header, as the run mode uses
     with client._http.stream("POST", url, json=payload, headers={"Accept": "text/event-stream"},
                              timeout=httpx.Timeout(30, read=300)) as response:  # fmt: skip
         if not response.is_success:
             response.read()
             raise SystemExit(f"POST {url}: {response.status_code} {response.text[:500]}")
-        for line in response.iter_lines():
-            event = parser.feed(line)
+        for sse in EventSource(response).iter_sse():  # as farm.client reads a live stream
+            event = status_event(sse)
             if event is None:
                 continue
             if "error_type" in event:
