@@ -120,7 +120,8 @@ def _run(bulk_id: str, runner: str, on_progress: Callable[[Progress], None] | No
                           images_per_prompt=spec.images_per_prompt, base_seed=spec.base_seed,
                           expand=spec.expand,  # type: ignore[arg-type]
                           variants=spec.variants, wildcards=Path(spec.wildcards) if spec.wildcards else None,
-                          strict=spec.strict, on_error=rejected.append, owner=owner),
+                          strict=spec.strict, on_error=rejected.append, owner=owner,
+                          image_root=image_column.root(spec.image_root, settings)),
             skip, None)
     # shards are fetched and written by a thread of their own, so that the rounds go on meanwhile
     # (collecting, submitting: the pool is kept fed while thousands of images are read back)
@@ -329,7 +330,8 @@ def _submit(bulk_id: str, owner: str, spec: BulkSpec, room: int, snap: Progress,
             break
         try:  # a file under the bulk root goes inline, or fails if gone or changed since the manifest was read
             fields = sample_fields(params, prompt, negative_prompt, seed)
-            fields, read = image_column.submitted(fields, params, settings)
+            fields, read = image_column.submitted(fields, params, image_column.root(spec.image_root, settings),
+                                                  settings)
             inline += read
             batch.append((admitted_input(fields), f"{bulk_id}-{idx}-{tries}"))
         except (ValueError, InvalidInputError) as exc:  # else admitted when the manifest was read: a malformed row

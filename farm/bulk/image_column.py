@@ -6,8 +6,9 @@ A row with an ``image`` (or ``image_url``) column renders image-to-image, and wi
 
 * a URL (``https://``, a data URI or the owner's farm upload URL): kept as given; the fetch stage gets
   an ``https://`` one into storage under the SSRF guard and the download deadline, as for LoRA URLs;
-* a path of a file under the bulk root (``FARM_BULK_ROOT``; relative paths are taken from it, and no path
-  may resolve outside it, symlinks included): read when the row is read (size within
+* a path of a file under the job's root (``FARM_BULK_ROOT``; a job started over HTTP: its owner's folder
+  ``<FARM_BULK_ROOT>/tenants/<owner>``, so no tenant names another's files; relative paths are taken from
+  it, and no path may resolve outside it, symlinks included): read when the row is read (size within
   ``FARM_FILE_INPUT_MAX_BYTES``, image and mask together within ``FARM_INLINE_INPUT_MAX_BYTES``, its
   header checked by admission through a data URI) and hashed; the ledger keeps the path and the hash,
   never the bytes. At submit the file is read again (:func:`submitted`) and sent as a data URI, staged to
@@ -80,7 +81,12 @@ def _data_uri(path: Path, data: bytes) -> str:
     return f"data:{kind};base64,{base64.b64encode(data).decode()}"
 
 
-def take(record: dict[str, Any], text: bool, settings: Settings) -> RowSource | None:
+def root(image_root: str | None, settings: Settings) -> Path:
+    """Where a job's image-column files are: its ``image_root`` (over HTTP: the owner's folder), else the bulk root."""
+    return Path(image_root).resolve() if image_root else settings.effective_bulk_root
+
+
+def take(record: dict[str, Any], text: bool, root: Path, settings: Settings) -> RowSource | None:
     """Pop the image columns out of ``record``; the row's sources, or None for a text-to-image row.
     ColumnProblem for a bad cell (see the module docstring)."""
     source = RowSource()
@@ -99,7 +105,7 @@ def take(record: dict[str, Any], text: bool, settings: Settings) -> RowSource | 
         if kind_of(value) is not None:
             source.refs[name] = value  # vetted by admission
             continue
-        path = _local(value, column, settings.effective_bulk_root)
+        path = _local(value, column, root)
         data = _read(path, column, settings)
         inline += len(data)
         if inline > settings.inline_input_max_bytes:
@@ -112,7 +118,8 @@ def take(record: dict[str, Any], text: bool, settings: Settings) -> RowSource | 
     return source if source.given else None
 
 
-def submitted(fields: dict[str, Any], params: dict[str, Any], settings: Settings) -> tuple[dict[str, Any], int]:
+def submitted(fields: dict[str, Any], params: dict[str, Any], root: Path,
+              settings: Settings) -> tuple[dict[str, Any], int]:
     """A sample's input as submitted, and the bytes of files read for it: its local files (``params``
     holds their hashes) as data URIs, checked against the hashes they were read with; InvalidInputError
     naming the field when one is gone, outside the root or changed."""
@@ -121,7 +128,7 @@ def submitted(fields: dict[str, Any], params: dict[str, Any], settings: Settings
     for name in sha256:
         value = str(fields.get(name))
         try:
-            path = _local(value, name, settings.effective_bulk_root)
+            path = _local(value, name, root)
             data = _read(path, name, settings)
         except ColumnProblem as exc:
             raise InvalidInputError(str(exc)) from None

@@ -187,13 +187,14 @@ class _Reader:
     """The per-read settings that turn a record into samples."""
 
     def __init__(self, defaults: dict[str, Any], images_per_prompt: int, base_seed: int, expander: Expander,
-                 settings: Settings, owner: str | None = None) -> None:
+                 settings: Settings, owner: str | None = None, image_root: Path | None = None) -> None:
         self.defaults = defaults
         self.images_per_prompt = images_per_prompt
         self.base_seed = base_seed
         self.expander = expander
         self.settings = settings  # the bounds a sample is admitted with (farm.admission), and the caps
         self.owner = owner  # upload URLs in a row must be this owner's (None: not checked here)
+        self.image_root = (image_root or settings.effective_bulk_root).resolve()  # image-column files only here
 
     def samples(self, row: int, record: dict[str, Any], text: bool, index: int) -> tuple[int, Iterator[Sample]]:
         """How many samples the row yields, and an iterator that makes them one at a time."""
@@ -219,7 +220,7 @@ class _Reader:
         seed = _row_seed(record.get("seed"), text)
         record = dict(record)
         try:
-            source = image_column.take(record, text, self.settings)  # the image columns, out of the record
+            source = image_column.take(record, text, self.image_root, self.settings)  # popped out of the record
         except image_column.ColumnProblem as exc:
             raise RowProblem(str(exc)) from None
         refs = source.refs if source else {}
@@ -311,11 +312,13 @@ def read_manifest(
     strict: bool = False,
     on_error: Callable[[RowError], None] | None = None,
     owner: str | None = None,
+    image_root: Path | None = None,
 ) -> Iterator[Sample]:
     """Stream the samples of the manifest at ``path`` (see the module docstring for the rules).
 
     Arguments, defaults and the format are checked now; the file is read as the iterator is
-    consumed. ``owner``: upload URLs must be this owner's. Raises ManifestError (unreadable file, unknown
+    consumed. ``owner``: upload URLs must be this owner's; ``image_root``: where image-column paths resolve
+    (default: the bulk root). Raises ManifestError (unreadable file, unknown
     format, no ``prompt`` column, and with ``strict`` the first bad row) and InvalidInputError (a bad
     default or argument).
     """
@@ -349,7 +352,7 @@ def read_manifest(
     reader = _Reader(
         _check_defaults(defaults or {}), images_per_prompt, base_seed,
         Expander(expand, variants, max_combinations, base_seed, Path(wildcards) if wildcards else None), settings,
-        owner,
+        owner, image_root or settings.effective_bulk_root,
     )
     return _samples(SOURCES[suffix](path, settings), reader, strict, on_error)
 
