@@ -71,6 +71,7 @@ EXEMPT = {
     "image-inputs": "placeholder URLs and data (tests/test_image_to_image.py makes these calls with real images: "
                     "fal_client, farm.client and send_task)",
     "image-inputs-cli": "placeholder files (tests/test_image_to_image.py runs farm generate --image/--mask)",
+    "bulk-image-column": "placeholder photos (tests/test_bulk_images.py runs such a manifest through farm bulk run)",
     "realtime-image-to-image": "a placeholder sketch file (tests/test_realtime_images.py sends image_bytes "
                                "with fal_client.realtime)",
 }
