@@ -6,10 +6,18 @@ against the session's live API and tiny-model worker (``tests/api_stack.py``), f
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from pathlib import Path
 
-from tests.api_stack import ApiStack, tiny_input
+import msgpack
+import pytest
+from PIL import Image
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+from tests.api_stack import APP, ApiStack, tiny_input
 from tests.test_fal_client import run_fal
 from tests.test_realtime import _env, _stored_objects
 
@@ -98,3 +106,39 @@ def test_fal_client_realtime_image_to_image_and_inpainting_with_image_bytes(api_
     assert api_stack.sql("SELECT count(*) FROM jobs WHERE owner = 'rt-sketch'") == [(0,)]
     new_objects = _stored_objects(api_stack) - objects_before
     assert not any(k.startswith("rt-sketch/") for k in new_objects), sorted(new_objects)
+
+
+def _png(size: tuple[int, int], colour: int | tuple[int, int, int], mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_endpoint_sockets_at_the_root_with_a_token_for_the_endpoint(api_stack: ApiStack) -> None:
+    """The queue host's paths (no ``/run``), opened with a token asked for the endpoint's realtime path (what
+    fal-js's ``tokenProvider`` gets): inpainting with ``mask_bytes`` and image-to-image with an ``image_url``
+    data URI (older demos); an unknown endpoint's socket is not served."""
+    key = api_stack.make_key("rt-root-sketch")
+    with api_stack.client(key) as c:
+        reply = c.post("/tokens/", json={"allowed_apps": [f"{APP}/inpainting/realtime"], "token_expiration": 60})
+    assert reply.status_code == 200, reply.text
+    token = reply.json()
+    frame = dict(tiny_input(), num_inference_steps=2, seed=3)
+    del frame["image_size"]
+    got = {}
+    for endpoint, extra in [("inpainting", {"image_bytes": _png((64, 64), (9, 99, 9)),
+                                            "mask_bytes": _png((64, 64), 255, "L")}),
+                            ("image-to-image", {"image_url": "data:image/png;base64,"
+                                                + base64.b64encode(_png((96, 64), (9, 9, 99))).decode()})]:
+        url = f"wss://{api_stack.host}/{APP}/{endpoint}/realtime?fal_jwt_token={token}"
+        with connect(url, ssl=api_stack.ssl_context, open_timeout=30) as ws:
+            ws.send(msgpack.packb({**frame, **extra, "request_id": endpoint}, use_bin_type=True))
+            reply_frame = ws.recv(timeout=60)
+        assert isinstance(reply_frame, bytes), reply_frame
+        result = msgpack.unpackb(reply_frame, raw=False)
+        got[endpoint] = (result["request_id"], Image.open(io.BytesIO(result["images"][0]["content"])).size)
+    assert got == {"inpainting": ("inpainting", (64, 64)), "image-to-image": ("image-to-image", (96, 64))}
+    url = f"wss://{api_stack.host}/{APP}/upscale/realtime?fal_jwt_token={token}"
+    with pytest.raises((InvalidStatus, ConnectionClosed)), connect(url, ssl=api_stack.ssl_context,
+                                                                    open_timeout=30) as ws:
+        ws.recv(timeout=30)
