@@ -10,6 +10,7 @@ import base64
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -126,10 +127,12 @@ def test_endpoint_sockets_at_the_root_with_a_token_for_the_endpoint(api_stack: A
     frame = dict(tiny_input(), num_inference_steps=2, seed=3)
     del frame["image_size"]
     got = {}
-    for endpoint, extra in [("inpainting", {"image_bytes": _png((64, 64), (9, 99, 9)),
-                                            "mask_bytes": _png((64, 64), 255, "L")}),
-                            ("image-to-image", {"image_url": "data:image/png;base64,"
-                                                + base64.b64encode(_png((96, 64), (9, 9, 99))).decode()})]:
+    sketch = "data:image/png;base64," + base64.b64encode(_png((96, 64), (9, 9, 99))).decode()
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("inpainting", {"image_bytes": _png((64, 64), (9, 99, 9)), "mask_bytes": _png((64, 64), 255, "L")}),
+        ("image-to-image", {"image_url": sketch}),
+    ]
+    for endpoint, extra in cases:
         url = f"wss://{api_stack.host}/{APP}/{endpoint}/realtime?fal_jwt_token={token}"
         with connect(url, ssl=api_stack.ssl_context, open_timeout=30) as ws:
             ws.send(msgpack.packb({**frame, **extra, "request_id": endpoint}, use_bin_type=True))
