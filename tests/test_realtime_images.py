@@ -145,3 +145,23 @@ def test_endpoint_sockets_at_the_root_with_a_token_for_the_endpoint(api_stack: A
     with pytest.raises((InvalidStatus, ConnectionClosed)), connect(url, ssl=api_stack.ssl_context,
                                                                     open_timeout=30) as ws:
         ws.recv(timeout=30)
+
+
+def test_farm_client_realtime_at_the_endpoint(api_stack: ApiStack) -> None:
+    """``farm.client`` with the endpoint as its app: a token for it, a sketch frame answered at its size,
+    a bad one raising RealtimeError naming ``image_bytes``."""
+    from farm.client import RealtimeError, SyncClient
+
+    key = api_stack.make_key("rt-farm-client-sketch")
+    frame = dict(tiny_input(), num_inference_steps=2, seed=5, image_bytes=_png((72, 64), (200, 200, 20)))
+    del frame["image_size"]
+    farm = SyncClient(api_stack.base_url, key=key, app=f"{APP}/image-to-image", verify=api_stack.ssl_context)
+    with farm, farm.realtime(use_token=True) as conn:
+        conn.send(frame)
+        result = conn.recv(timeout=60)
+        conn.send({**frame, "image_bytes": b"GIF89a no"})
+        with pytest.raises(RealtimeError) as refused:
+            conn.recv(timeout=60)
+    assert result is not None and result["seed"] == 5
+    assert Image.open(io.BytesIO(result["images"][0]["content"])).size == (72, 64)
+    assert refused.value.field == "image_bytes", refused.value
