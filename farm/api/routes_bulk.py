@@ -148,7 +148,7 @@ async def start(req: BulkRequest, tenant: TenantDep, settings: SettingsDep) -> B
             bulk_id = create_from_options(options, settings, owner=tenant.owner, manifest=manifest,
                                           key_max_in_flight=tenant.max_in_flight,
                                           admit=lambda s: _admit(s, tenant.owner, settings),
-                                          image_root=settings.effective_bulk_root / "tenants" / tenant.owner)
+                                          image_root=f"tenants/{tenant.owner}")
         except BaseException:
             if written:
                 manifest.unlink(missing_ok=True)  # refused: nothing is left behind

@@ -40,7 +40,7 @@ class BulkSpec:
     budget_images: int | None = None
     budget_gpu_seconds: float | None = None
     max_in_flight: int | None = None  # the owner's key's limit on jobs in flight (a job started over HTTP)
-    image_root: str | None = None  # where image-column paths resolve (over HTTP: the owner's folder); None: bulk root
+    image_root: str | None = None  # image-column paths resolve in this folder of the bulk root (over HTTP: the owner's)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -82,8 +82,13 @@ def _data_uri(path: Path, data: bytes) -> str:
 
 
 def root(image_root: str | None, settings: Settings) -> Path:
-    """Where a job's image-column files are: its ``image_root`` (over HTTP: the owner's folder), else the bulk root."""
-    return Path(image_root).resolve() if image_root else settings.effective_bulk_root
+    """Where a job's image-column files are: its ``image_root`` folder of the bulk root (over HTTP: the owner's),
+    else the bulk root itself; never outside it."""
+    bulk = settings.effective_bulk_root
+    folder = (bulk / image_root).resolve() if image_root else bulk
+    if not folder.is_relative_to(bulk):
+        raise InvalidInputError("image_root", "must be inside the bulk root (FARM_BULK_ROOT)")
+    return folder
 
 
 def take(record: dict[str, Any], text: bool, root: Path, settings: Settings) -> RowSource | None:

@@ -25,12 +25,13 @@ def inside(root: Path, value: str, field: str) -> Path:
 
 def create_from_options(options: dict[str, Any], settings: Settings, owner: str | None = None,
                         manifest: Path | None = None, key_max_in_flight: int | None = None,
-                        admit: Callable[[Session], None] | None = None, image_root: Path | None = None) -> str:
+                        admit: Callable[[Session], None] | None = None, image_root: str | None = None) -> str:
     """Record a bulk job from JSON options (the Celery task's and the API's); its id.
 
     ``key_max_in_flight`` (the API key's limit) caps the job's farm jobs in flight; ``admit`` may
     refuse a new job in its transaction (``farm.bulk.control.create``); ``image_root`` (the owner's folder
-    over HTTP; never an option, which a caller could aim anywhere) holds the files an image column names."""
+    over HTTP, relative to the bulk root: the job's report names no server path; never an option, which a
+    caller could aim anywhere) holds the files an image column names."""
     from farm.bulk import driver
 
     root = settings.effective_bulk_root
@@ -56,7 +57,7 @@ def create_from_options(options: dict[str, Any], settings: Settings, owner: str 
         expand=str(options.get("expand", "combinatorial")), variants=int(options.get("variants", 1)),
         strict=bool(options.get("strict", False)), budget_images=options.get("budget_images"),
         budget_gpu_seconds=options.get("budget_gpu_seconds"), max_in_flight=key_max_in_flight,
-        image_root=str(image_root) if image_root is not None else None,
+        image_root=image_root,
     )
     return driver.create(manifest=manifest, dest=out, fmt=str(options.get("format", "webdataset")),
                          shard_size=int(options.get("shard_size", 1000)), spec=spec,
