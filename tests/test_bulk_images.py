@@ -118,3 +118,19 @@ def test_over_http_an_image_column_reads_only_the_owners_folder(api_stack, tmp_p
         assert (meta["image_url"], meta["strength"], meta["width"]) == ("photos/boat.png", 0.5, 64)
     finally:
         _stop_bulk_worker(driver, driver_log)
+
+
+def test_source_images_past_the_owners_upload_quota_pause_the_job_with_the_reason(stack, tmp_path):  # noqa: F811
+    root = tmp_path / "bulk-root"
+    root.mkdir()
+    (root / "big.png").write_bytes(png((256, 256)))
+    manifest = root / "quota.jsonl"
+    manifest.write_text(json.dumps({"prompt": "a red boat", "image": "big.png"}) + "\n")
+    env = dict(stack["env"], FARM_BULK_ROOT=str(root), FARM_UPLOAD_QUOTA_BYTES="100")  # less than the image
+    _start_tiny(stack, env, "tiny@bulk-quota.test")
+    paused = run_farm(["bulk", "run", str(manifest), "--out", str(tmp_path / "ds"), "--model", TINY, "--steps", "1",
+                       "--job-id", "quota1"], env, timeout=120)
+    final = json.loads(paused.stdout)
+    assert (final["status"], final["done"], final["failed"]) == ("PAUSED", 0, 0), paused.stderr[-2000:]
+    assert "source images:" in final["error"] and "upload" in final["error"]
+    assert _ledger(stack, "SELECT count(*) FROM jobs WHERE id LIKE 'quota1-%'") == [(0,)]  # nothing submitted

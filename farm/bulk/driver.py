@@ -23,10 +23,10 @@ One loop, resumable at any point because every step is recorded in the ledger fi
    once, atomically (``farm.bulk.writers``), and recorded in ``bulk_shards``.
 
 Pause and budget stop submitting, let what is in flight finish, write the complete shards
-and stop; so does the owner's daily GPU-second quota, spent while the job runs (it pauses itself,
-with the reason: ``farm.bulk.stops``); cancel also cancels the farm jobs in flight. A run that ends
-in an error is counted, and the job FAILED when that repeats (``farm.bulk.stops``). ``retry_failed`` puts failed samples
-back to pending (their shards are written again, whole, when they complete).
+and stop; so does the owner's daily GPU-second quota, spent while the job runs, or a storage quota
+too full for the source images to submit (it pauses itself, with the reason: ``farm.bulk.stops``);
+cancel also cancels the farm jobs in flight. A run that ends in an error is counted, and the job FAILED
+when that repeats. ``retry_failed`` puts failed samples back to pending (shards rewritten, whole).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from farm.bulk.writers import open_destination, sample_key
 from farm.config import Settings, get_settings
 from farm.errors import ConflictError, InvalidInputError, JobNotFoundError
 from farm.image_schemas import admitted_input
+from farm.inputs.quota import UploadQuotaError
 from farm.lifecycle import submit as submission
 from farm.schemas import GenerateInput
 from farm.status import BulkStatus, JobStatus, Lane, SampleStatus
@@ -324,20 +325,23 @@ def _submit(bulk_id: str, owner: str, spec: BulkSpec, room: int, snap: Progress,
                          .order_by(BulkSample.idx).limit(room)).all()
     batch: list[tuple[GenerateInput, str]] = []
     invalid: dict[int, str] = {}
-    inline = 0  # bytes of source image files read for this submit
+    inline, root = 0, image_column.root(spec.image_root, settings)  # bytes of source files read for this submit
     for idx, tries, params, prompt, negative_prompt, seed in rows:
         if inline > image_column.SUBMIT_BYTES:  # the rest wait for the next round
             break
         try:  # a file under the bulk root goes inline, or fails if gone or changed since the manifest was read
             fields = sample_fields(params, prompt, negative_prompt, seed)
-            fields, read = image_column.submitted(fields, params, image_column.root(spec.image_root, settings),
-                                                  settings)
+            fields, read = image_column.submitted(fields, params, root, settings)
             inline += read
             batch.append((admitted_input(fields), f"{bulk_id}-{idx}-{tries}"))
         except (ValueError, InvalidInputError) as exc:  # else admitted when the manifest was read: a malformed row
             invalid[idx] = str(exc).splitlines()[0]
     # never fails on the broker: the jobs wait in the ledger and the sweeper announces them
-    rids = submission.submit_many(batch, owner=owner, lane=Lane.BULK, source="bulk", settings=settings)
+    try:
+        rids = submission.submit_many(batch, owner=owner, lane=Lane.BULK, source="bulk", settings=settings)
+    except UploadQuotaError as exc:  # source images past the owner's storage quota: paused until room is made
+        stops.pause_for(bulk_id, f"source images: {exc}")
+        return 0
     idxs = [int(rid.rsplit("-", 2)[1]) for rid in rids]
     with session_scope() as s:
         if idxs:  # the job id is the deterministic <bulk id>-<idx>-<tries>, as submitted
@@ -351,8 +355,7 @@ def _submit(bulk_id: str, owner: str, spec: BulkSpec, room: int, snap: Progress,
         for idx, error in invalid.items():
             s.execute(update(BulkSample).where(BulkSample.bulk_id == bulk_id, BulkSample.idx == idx)
                       .values(status=SampleStatus.FAILED, error=error))
-    if invalid:
-        snap.failed += len(invalid)
+    snap.failed += len(invalid)
     return len(idxs)
 
 
