@@ -8,12 +8,16 @@ import base64
 import hashlib
 import io
 import json
+import ssl
 import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
+from tests.receivers import Receiver
+from tests.services import free_port
 from tests.test_bulk import TINY, _start_tiny, _stop_bulk_worker
 from tests.test_image_to_image import png
 from tests.test_stack import _ledger, builtin_dir, stack  # noqa: F401  (fixtures)
@@ -134,3 +138,37 @@ def test_source_images_past_the_owners_upload_quota_pause_the_job_with_the_reaso
     assert (final["status"], final["done"], final["failed"]) == ("PAUSED", 0, 0), paused.stderr[-2000:]
     assert "source images:" in final["error"] and "upload" in final["error"]
     assert _ledger(stack, "SELECT count(*) FROM jobs WHERE id LIKE 'quota1-%'") == [(0,)]  # nothing submitted
+
+
+def test_an_image_url_row_goes_through_the_fetch_stage(stack, tmp_path):  # noqa: F811
+    """A URL is fetched by the fetch stage under the SSRF guard (an allow-listed TLS server here); a URL whose
+    server is down fails its sample naming image_url, and the job completes."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(ctx)
+    closed = free_port()
+    root = tmp_path / "bulk-root"
+    root.mkdir()
+    with Receiver(tls=ctx) as rx:
+        rx.default = (200, {"Content-Type": "image/png"}, png((96, 64)))
+        url, down = rx.url("/boat.png", host="localhost"), f"https://localhost:{closed}/boat.png"
+        manifest = root / "urls.jsonl"
+        manifest.write_text(json.dumps({"prompt": "a red boat", "image": url, "seed": 2}) + "\n"
+                            + json.dumps({"prompt": "a red boat", "image": down}) + "\n")
+        env = dict(stack["env"], FARM_BULK_ROOT=str(root), SSL_CERT_FILE=str(tmp_path / "ca.pem"),
+                   FARM_WEBHOOK_ALLOWLIST=json.dumps([f"localhost:{rx.port}", f"localhost:{closed}"]))
+        _start_tiny(stack, env, "tiny@bulk-urls.test")
+        out = tmp_path / "ds"
+        done = run_farm(["bulk", "run", str(manifest), "--out", str(out), "--model", TINY, "--steps", "2",
+                         "--dataset-format", "imagefolder", "--job-id", "urls1"], env, timeout=180)
+        assert [r.path for r in rx.requests] == ["/boat.png"]
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = json.loads(done.stdout)
+    assert (final["status"], final["done"], final["failed"]) == ("COMPLETED", 1, 1)
+    [meta] = [json.loads(x) for x in (out / "00000" / "metadata.jsonl").read_text().splitlines()]
+    assert (meta["image_url"], meta["width"], meta["height"]) == (url, 96, 64)  # the URL as given, its size
+    assert "image_sha256" not in meta
+    [(error,)] = _ledger(stack, "SELECT error FROM bulk_samples WHERE bulk_id = 'urls1' AND status = 'failed'")
+    assert error.startswith("image_url:"), error

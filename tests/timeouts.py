@@ -26,6 +26,7 @@ LONG_SECONDS: dict[str, int] = {
     "tests/test_bulk.py::test_bulk_task_from_plain_celery_with_a_bulk_worker": 420,  # 300 s result
     "tests/test_bulk.py::test_bulk_job_over_http_for_its_owner_only": 300,  # 180 s
     "tests/test_bulk_images.py::test_a_manifest_with_an_image_column_renders_image_to_image_and_inpainting": 240,
+    "tests/test_bulk_images.py::test_an_image_url_row_goes_through_the_fetch_stage": 240,  # 180 s
     "tests/test_bulk_images.py::test_over_http_an_image_column_reads_only_the_owners_folder": 300,  # 180 s
     "tests/test_unserved.py::test_a_job_whose_last_worker_leaves_mid_job_is_told_and_farm_generate_says_so": 420,
     "tests/test_worker_process.py::test_missing_weights_say_where_and_how_to_download_and_the_pool_tries_once": 360,
