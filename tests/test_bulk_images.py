@@ -55,7 +55,7 @@ def test_a_manifest_with_an_image_column_renders_image_to_image_and_inpainting(s
 
     out = tmp_path / "dataset"
     done = run_farm(["bulk", "run", str(manifest), "--out", str(out), "--model", TINY, "--steps", "2",
-                     "--set", "strength=0.6", "--format", "png", "--dataset-format", "imagefolder",
+                     "--strength", "0.6", "--format", "png", "--dataset-format", "imagefolder",
                      "--job-id", "augment1"], env, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     final = json.loads(done.stdout)

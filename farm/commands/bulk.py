@@ -128,6 +128,8 @@ def bulk() -> None:
 @click.option("--negative-prompt", default=None, help="Default negative prompt (a row's column wins).")
 @click.option("--format", "image_format", type=click.Choice(["jpeg", "png"]), default=None)
 @click.option("--safety-checker/--no-safety-checker", "enable_safety_checker", default=None)
+@click.option("--strength", type=float, default=None,
+              help="Default strength of the rows with an image column (a row's strength column wins).")
 @click.option("--set", "sets", multiple=True, help="FIELD=VALUE default for any input field (VALUE as JSON).")
 @click.option("--images-per-prompt", type=int, default=1, show_default=True)
 @click.option("--seed", "base_seed", type=int, default=0, show_default=True,
@@ -146,7 +148,7 @@ def bulk() -> None:
 @click.option("--device", default="cpu", show_default=True, help="Device of the in-process worker (embedded mode).")
 def run(manifest: Path, dest: str, fmt: str, shard_size: int, model_name: str, image_size: str | None,
         num_inference_steps: int | None, guidance_scale: float | None, negative_prompt: str | None,
-        image_format: str | None, enable_safety_checker: bool | None, sets: tuple[str, ...],
+        image_format: str | None, enable_safety_checker: bool | None, strength: float | None, sets: tuple[str, ...],
         images_per_prompt: int, base_seed: int, expand: str, variants: int, wildcards: Path | None, strict: bool,
         budget_images: int | None, budget_gpu_seconds: float | None, bulk_id: str | None, retry_failed: bool,
         max_in_flight: int, device: str) -> None:
@@ -156,7 +158,7 @@ def run(manifest: Path, dest: str, fmt: str, shard_size: int, model_name: str, i
     defaults: dict[str, Any] = {
         "image_size": _size(image_size) if image_size else None, "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale, "negative_prompt": negative_prompt, "format": image_format,
-        "enable_safety_checker": enable_safety_checker,
+        "enable_safety_checker": enable_safety_checker, "strength": strength,
     }
     defaults = {k: v for k, v in defaults.items() if v is not None} | _set(sets)
     spec = driver.BulkSpec(model_name=model_name, defaults=defaults, images_per_prompt=images_per_prompt,
