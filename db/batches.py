@@ -51,20 +51,22 @@ def compat_key(input: dict[str, Any], owner: str | None = None) -> str:
     share a GPU batch (same model, size, steps, guidance, LoRAs; ``input`` as ``model_dump(mode="json")``).
 
     With or without a negative prompt never share (SDXL: no negative prompt is not an empty one), and
-    inputs with LoRAs or embeddings share only with their ``owner``'s (upload URLs resolve per owner).
-    Image-to-image and inpainting share only with their own task, the same step plan
-    (``models.source_image.step_plan``: the effective steps) and the same source image sized the same way.
+    inputs with LoRAs, embeddings or source images share only with their ``owner``'s (upload URLs and
+    stored inputs resolve per owner). Image-to-image and inpainting share only with their own task, the
+    same step plan (``models.source_image.step_plan``: the effective steps) and the same source image and
+    mask, sized the same way.
     """
     picked = {name: input.get(name) for name in _COMPAT_FIELDS}
     picked["has_negative_prompt"] = bool(input.get("negative_prompt"))
-    picked["owner"] = owner if input.get("loras") or input.get("embeddings") else None
+    picked["owner"] = owner if input.get("loras") or input.get("embeddings") or input.get("image_url") else None
     if input.get("image_url"):  # image-to-image / inpainting: one task, one render size, one step plan
         plan = step_plan(int(input.get("num_inference_steps") or 1), float(input.get("strength") or 1.0))
         picked["task"] = "inpainting" if input.get("mask_url") else "image-to-image"
         picked["steps"] = [plan.pipeline_steps, plan.steps_run]
         # the render size follows from the source image (no image_size: its own size): only inputs of the same
         # image, sized the same way, share a batch
-        picked["source"] = [input["image_url"], input.get("preserve_aspect_ratio"), input.get("crop_output")]
+        picked["source"] = [input["image_url"], input.get("mask_url"), input.get("preserve_aspect_ratio"),
+                            input.get("crop_output")]
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -39,9 +39,10 @@ from farm.lifecycle.claim import Claimed, claim_group, claim_next_group, describ
 from farm.lifecycle.retry import abort, give_back
 from farm.lifecycle.store import store
 from farm.metrics import count
+from farm.schemas import GenerateInput
 from farm.storage import get_storage
 from models.protocol import Renderer
-from models.rendered import PendingRender, ProgressHook, Ready, RenderItem, RenderResult
+from models.rendered import PendingRender, ProgressHook, Ready, RenderItem, RenderResult, SourceImages
 from tasks.lease import BatchAborted
 from tasks.loaded_model import get_renderer
 from tasks.realtime import gate as realtime_gate
@@ -120,8 +121,11 @@ def _run_group(app: Celery, claimed: list[Claimed], renderer: Renderer, services
     try:
         _fault_hook(claimed, settings)
         realtime_gate.wait_turn(lambda: services.keeper.progress_quietly(ids))  # realtime frames go first
+        claimed, sources = _prepare(claimed, services, settings)
+        if not claimed:
+            return True
         t1 = time.perf_counter()
-        pending = _render(renderer, claimed, lambda: services.keeper.progress(ids), settings)
+        pending = _render(renderer, claimed, sources, lambda: services.keeper.progress(ids), settings)
         t2 = time.perf_counter()
         count.rendered(renderer.spec.key, len(pending), pending.inference_seconds)
         count.gpu_memory(renderer.spec.key, renderer.device)
@@ -157,13 +161,30 @@ def _fault_hook(claimed: list[Claimed], settings: Settings) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _render(renderer: Renderer, claimed: list[Claimed], on_progress: ProgressHook,
-            settings: Settings) -> PendingRender:
+def _prepare(claimed: list[Claimed], services: WorkerServices,
+             settings: Settings) -> tuple[list[Claimed], dict[int, tuple[GenerateInput, SourceImages | None]]]:
+    """Each job's params and source images (tasks.sources), job by job: a job whose own input fails here
+    (a fetched image that is no image, a mask of another size) is given back alone, with its own error,
+    and the other requests of the GPU batch render on."""
+    kept, sources = [], {}
+    for c in claimed:
+        try:
+            sources[c.batch_id] = sources_of(c, settings) if c.todo else (c.params, None)
+        except Exception as exc:
+            give_back([c], exc, settings)
+            services.keeper.drop([c.batch_id])
+            continue
+        kept.append(c)
+    return kept, sources
+
+
+def _render(renderer: Renderer, claimed: list[Claimed], sources: dict[int, tuple[GenerateInput, SourceImages | None]],
+            on_progress: ProgressHook, settings: Settings) -> PendingRender:
     """Denoise the group's images; on a GPU the batch comes back unfinished (decode queued: models.render).
-    Image-to-image and inpainting jobs get their source images (tasks.sources), sized, on each item."""
+    Image-to-image and inpainting jobs carry their prepared source images on each item (``_prepare``)."""
     items = []
     for c in claimed:
-        params, source = sources_of(c, settings) if c.todo else (c.params, None)
+        params, source = sources[c.batch_id]
         items += [RenderItem(params, c.seed, i, tag=c.job_id, source=source) for i in c.todo]
     if not items:
         return Ready(RenderResult(images=[], prompt="", inference_seconds=0.0))

@@ -95,3 +95,14 @@ def test_image_tasks_never_share_with_other_tasks_sizes_or_step_plans(farm_env: 
     assert i2i != _image_key(image_size={"width": 512, "height": 768}, num_inference_steps=4, strength=0.5)
     assert _image_key() != _image_key(image_url="farm-stored:alice/inputs/b.bin")
     assert _image_key() != _image_key(preserve_aspect_ratio=True, image_size={"width": 512, "height": 512})
+
+
+def test_source_images_share_a_batch_only_within_one_owner_and_one_mask(farm_env: Path) -> None:
+    """A GPU batch fails or succeeds together: a job's source image and mask are its own input, so two
+    owners' jobs on one public image, or one owner's jobs with other masks, never share a batch."""
+    base = {"model_name": "farm/tiny-lcm", "prompt": "p", "num_inference_steps": 4, "strength": 0.5,
+            "image_url": "https://example.com/cat.png"}
+    masked = {**base, "mask_url": "https://example.com/mask-a.png"}
+    assert compat_key(base, "alice") == compat_key(dict(base), "alice")
+    assert compat_key(base, "alice") != compat_key(base, "bob")
+    assert compat_key(masked, "alice") != compat_key({**masked, "mask_url": "https://example.com/mask-b.png"}, "alice")
