@@ -201,6 +201,10 @@ class RealtimeServer:
             except FarmError as exc:
                 errors.append((frame.reply, Reply(frame.id, error=exc.error_type, reason=public_reason(exc))))
                 continue
+            except Exception:  # storage, cache or ledger trouble reading its images: this frame fails alone
+                log.exception("realtime frame %s: its source images could not be read", frame.id)
+                errors.append((frame.reply, Reply(frame.id, error="render_error", reason=FAILED)))
+                continue
             items += [RenderItem(params, inp.seed or 0, i, tag=frame.id, source=source) for i in range(inp.num_images)]
         return items, errors
 

@@ -98,7 +98,8 @@ def test_signed_url_refuses_tampering_expiry_and_keys(api: tuple[TestClient, dic
     other_owner = parts.path.replace("/signed/ben/", "/signed/ann/") + "?" + parts.query
     later = parts.path + "?" + urlencode({**query, "expires": int(query["expires"]) + 3600})
     forged = parts.path + "?" + urlencode({**query, "signature": "0" * 64})
-    for url in (other_owner, later, forged):
+    not_ascii = parts.path + "?" + urlencode({**query, "signature": "é" * 32})  # a 403 too, not a 500
+    for url in (other_owner, later, forged, not_ascii):
         reply = client.put(url, content=b"x")
         assert reply.status_code == 403 and reply.json()["error_type"] == "invalid_upload_url", reply.text
         assert "signature" in reply.json()["detail"]

@@ -46,7 +46,7 @@ from farm.api.uploads import public_base, signing_key, store_streamed, upload_ob
 from farm.api_keys import active_key
 from farm.config import Settings
 from farm.errors import FarmError, ObjectNotFound
-from farm.inputs.quota import UploadTooLargeError, check_room, stream
+from farm.inputs.quota import UploadQuotaError, UploadTooLargeError, check_room, stream
 from farm.storage import get_storage
 
 router = APIRouter(tags=["files"])
@@ -206,6 +206,8 @@ async def fetch(
         chunks = await run_in_threadpool(stream, get_storage(settings), key, settings)
     except ObjectNotFound:
         raise HTTPException(404, "no such file") from None
+    except UploadQuotaError:  # the owner is over its quota: a link holder is told nothing of its usage
+        raise HTTPException(403, "this file cannot be served") from None
     media = mimetypes.guess_type(name)[0] or "application/octet-stream"
     return StreamingResponse(chunks, media_type=media, headers={
         "Content-Disposition": f'attachment; filename="{name}"', "X-Content-Type-Options": "nosniff"})

@@ -163,7 +163,7 @@ async def put_signed(
     if not _ID.fullmatch(upload_id) or safe_name(name) != name or "/" in owner:
         raise UploadUrlError("not an upload URL made by POST /storage/upload/initiate")
     key = upload_object_key(owner, upload_id, name)
-    if not hmac.compare_digest(sign(settings, key, expires), signature):
+    if not hmac.compare_digest(sign(settings, key, expires).encode(), signature.encode()):  # any text: no 500
         raise UploadUrlError("the upload URL's signature does not match (altered or made with another key)")
     if time.time() > expires:
         raise UploadUrlError("the upload URL has expired: initiate the upload again")
