@@ -1,6 +1,7 @@
-"""A user's file inputs (LoRA and embedding weights), in stages whose imports run one way:
+"""A user's file inputs (LoRA and embedding weights, source images and masks), in stages whose imports run one way:
 ``refs`` (parse and vet a reference) → ``quota`` (what an owner may keep in storage) →
-``staging`` (data URIs to storage at submit) → ``retrieve`` (URLs and hub ids into storage; the local cache).
+``staging`` (data URIs to storage at submit) → ``retrieve`` (URLs and hub ids into storage; the local cache)
+→ ``images`` (source images and masks vetted from their header at submit).
 
 This package may import ``farm.config``, ``farm.errors``, ``farm.netguard``, ``farm.schemas``, ``farm.storage``
 and ``db.locks``, ``db.session``, ``db.storage_usage``; nothing of it imports the HTTP API or
