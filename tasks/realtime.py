@@ -28,8 +28,6 @@ when it arrived; a batch that waits keeps its lease alive meanwhile.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import threading
 import time
@@ -41,8 +39,7 @@ from db.batches import compat_key
 from farm.config import Settings
 from farm.errors import BrokerUnavailableError, FarmError, InvalidInputError, StorageError
 from farm.image_schemas import admitted_input
-from farm.inputs.refs import decode_data_uri, kind_of
-from farm.inputs.retrieve import owner_scope
+from farm.inputs.retrieve import forget, owner_scope
 from farm.realtime.lane import Frame, Reply, lane_key
 from farm.realtime.wire import pack
 from farm.schemas import GenerateInput
@@ -66,19 +63,10 @@ def public_reason(exc: BaseException) -> str:
 
 
 def forget_inline(inputs: list[GenerateInput], settings: Settings) -> None:
-    """Delete the worker's copies of these inputs' data URIs (``materialise`` names them by content hash)."""
-    folder = settings.data_dir / "inputs"
+    """Delete the worker's copies of these inputs' data URIs (``farm.inputs.retrieve.forget``)."""
     for inp in inputs:
         for path in [x.path for x in inp.loras] + [x.path for x in inp.embeddings]:
-            if kind_of(path) != "data":
-                continue
-            try:
-                digest = hashlib.sha256(decode_data_uri(path, settings.file_input_max_bytes)).hexdigest()
-            except ValueError:
-                continue  # never decoded, so never written
-            with contextlib.suppress(OSError):  # gone already, or the cache is no folder (a fault)
-                for copy in folder.glob(f"{digest}.*"):
-                    copy.unlink()
+            forget(path, settings)
 
 
 class Gate:

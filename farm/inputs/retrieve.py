@@ -166,6 +166,20 @@ def _download(url: str, folder: Path, digest: str, settings: Settings) -> Path:
         return _publish(folder, digest, tmp, head, settings)
 
 
+def forget(value: str, settings: Settings) -> None:
+    """Delete this process's cached copy of a data-URI input (``materialise`` names it by content hash), once
+    it served its one use (a realtime frame's): no file of a frame outlives it."""
+    if kind_of(value) != "data":
+        return
+    try:
+        digest = hashlib.sha256(decode_data_uri(value, settings.file_input_max_bytes)).hexdigest()
+    except ValueError:
+        return  # never decoded, so never written
+    with contextlib.suppress(OSError):  # gone already, or the cache is no folder (a fault)
+        for copy in (settings.data_dir / "inputs").glob(f"{digest}.*"):
+            copy.unlink()
+
+
 def materialise(kind: Kind, value: str, settings: Settings) -> Path:
     """A local file holding the input: ValueError for a refused input, ConnectionError /
     TimeoutError / StorageError for a (possibly passing) failure to get it."""
