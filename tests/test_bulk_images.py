@@ -1,6 +1,8 @@
 """Bulk manifests with an image column (issue 21, item 4), on the real stack: Redis, PostgreSQL, S3, a real
-tiny-model worker and the ``farm bulk run`` CLI. The source images are real PNGs made here with PIL, the bad
-one a real text file, and one row names a file outside the bulk root."""
+tiny-model worker, the ``farm bulk run`` CLI and, over HTTP, a ``farm bulk worker``. The source images are real
+PNGs made here with PIL, the bad one a real text file; one row names a file outside the bulk root, one another
+owner's file; URLs are served by a real allow-listed TLS server or by a port nobody listens on; the quota is a
+real FARM_UPLOAD_QUOTA_BYTES below the image's size."""
 
 from __future__ import annotations
 
