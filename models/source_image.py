@@ -83,6 +83,10 @@ def effective_steps(num_inference_steps: int, strength: float) -> int:
     return step_plan(num_inference_steps, strength).steps_run
 
 
+_MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+_ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
 def _signature(data: bytes) -> str | None:
     """The accepted format ``data`` starts like, if any (to tell a cut-off image from something else)."""
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -94,8 +98,13 @@ def _signature(data: bytes) -> str | None:
     return None
 
 
-def _open(data: bytes, field: str, max_pixels: int) -> Image.Image:
-    """Open ``data`` lazily, check format and header size, then decode it (pixels read here, not later)."""
+def media_type(data: bytes) -> str:
+    """The media type of an accepted image format ``data`` starts like (for a data URI); else octet-stream."""
+    return _MEDIA_TYPES.get(_signature(data) or "", "application/octet-stream")
+
+
+def _header(data: bytes, field: str, max_pixels: int) -> Image.Image:
+    """``data`` opened lazily (the header read, no pixel), its format and size checked; errors name ``field``."""
     if not data:
         raise InvalidInputError(field, "is empty, not an image")
     try:
@@ -114,6 +123,21 @@ def _open(data: bytes, field: str, max_pixels: int) -> Image.Image:
     if width < 1 or height < 1 or width * height > max_pixels:
         raise InvalidInputError(
             field, f"image is {width}x{height}: more than {max_pixels} pixels (FARM_MAX_INPUT_PIXELS)")
+    return image
+
+
+def header_size(data: bytes, field: str, max_pixels: int) -> tuple[int, int]:
+    """The upright (width, height) of an image from its header alone (format and pixel cap checked, no pixel
+    decoded: a decompression bomb costs a header read); InvalidInputError naming ``field``."""
+    with _header(data, field, max_pixels) as image:
+        width, height = image.size
+        orientation = image.getexif().get(0x0112)
+    return (height, width) if orientation in _ROTATED else (width, height)
+
+
+def _open(data: bytes, field: str, max_pixels: int) -> Image.Image:
+    """Open ``data`` lazily, check format and header size, then decode it (pixels read here, not later)."""
+    image = _header(data, field, max_pixels)
     try:
         image.load()  # the first frame only
         oriented = ImageOps.exif_transpose(image)

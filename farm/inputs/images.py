@@ -13,38 +13,15 @@ job with an error naming the field. Errors name the field, never a path, bucket 
 
 from __future__ import annotations
 
-import io
-
-from PIL import Image, UnidentifiedImageError
-
 from farm.config import Settings
 from farm.errors import InvalidInputError
 from farm.image_schemas import image_fields
 from farm.inputs.refs import check_input, decode_data_uri, kind_of, upload_key, upload_owner
 from farm.inputs.retrieve import materialise, owner_scope
 from farm.schemas import GenerateInput
-from models.source_image import ACCEPTED_FORMATS, step_plan
+from models.source_image import header_size, step_plan
 
 FORMS = "must be an https:// URL, a base64 data: URI or a farm upload URL"
-_ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
-
-
-def header_size(data: bytes, field: str, max_pixels: int) -> tuple[int, int]:
-    """The upright (width, height) of an image from its header alone; InvalidInputError naming ``field``."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            fmt, (width, height) = image.format, image.size
-            orientation = image.getexif().get(0x0112)
-    except Image.DecompressionBombError:
-        raise InvalidInputError(field, f"image has more than {max_pixels} pixels (a decompression bomb?)") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
-        raise InvalidInputError(field, "is not an image (PNG, JPEG or WebP expected)") from None
-    if fmt not in ACCEPTED_FORMATS:
-        raise InvalidInputError(field, f"image format {fmt} is not supported (PNG, JPEG or WebP)")
-    if width < 1 or height < 1 or width * height > max_pixels:
-        raise InvalidInputError(field, f"image is {width}x{height}: more than {max_pixels} pixels "
-                                "(FARM_MAX_INPUT_PIXELS)")
-    return (height, width) if orientation in _ROTATED else (width, height)
 
 
 def _bytes_here(field: str, ref: str, owner: str | None, settings: Settings) -> bytes | None:
