@@ -1,5 +1,6 @@
 """Uploads: ``POST /storage/upload`` stores a file and returns a URL usable as a LoRA or
-embedding input by the same owner; ``GET /storage/files/…`` reads it back.
+embedding input by the same owner; ``GET /storage/files/…`` reads it back, ``DELETE`` on the same URL
+deletes it (its bytes leave the owner's quota).
 
 The body is either ``multipart/form-data`` with one file field (``file``), or the raw bytes
 with their ``Content-Type`` (name them with ``?file_name=``). Objects are kept under
@@ -30,7 +31,7 @@ from farm.api.deps import SettingsDep, TenantDep
 from farm.api.error_bodies import ERROR_RESPONSES, NOT_FOUND, ErrorBody
 from farm.api.guard import MULTIPART_SLACK
 from farm.errors import ObjectNotFound
-from farm.inputs.quota import store_within_quota, stream
+from farm.inputs.quota import delete_upload, store_within_quota, stream
 from farm.storage import get_storage
 
 router = APIRouter(tags=["files"])
@@ -163,6 +164,13 @@ async def upload(
     return UploadResult(url=url, content_type=content_type, file_name=name, file_size=size)
 
 
+def _own_key(owner: str, upload_id: str, name: str, tenant_owner: str) -> str:
+    """The storage key of the tenant's own upload; 404 for anyone else's (no existence oracle) or a bad name."""
+    if owner != tenant_owner or not re.fullmatch(r"[0-9a-f]{32}", upload_id) or safe_name(name) != name:
+        raise HTTPException(404, "no such file")
+    return f"{owner}/uploads/{upload_id}/{name}"
+
+
 @router.get(
     "/storage/files/{owner}/uploads/{upload_id}/{name}",
     summary="Download an uploaded file",
@@ -172,9 +180,7 @@ async def upload(
 )
 async def download(owner: str, upload_id: str, name: str, tenant: TenantDep, settings: SettingsDep) -> Response:
     """The bytes of an upload; only its owner may read it (anyone else gets 404)."""
-    if owner != tenant.owner or not re.fullmatch(r"[0-9a-f]{32}", upload_id) or safe_name(name) != name:
-        raise HTTPException(404, "no such file")
-    key = f"{owner}/uploads/{upload_id}/{name}"
+    key = _own_key(owner, upload_id, name, tenant.owner)
     try:  # size and quota from metadata, then streamed: never held whole (a presigned S3 PUT is not capped)
         chunks = await run_in_threadpool(stream, get_storage(settings), key, settings)
     except ObjectNotFound:
@@ -183,3 +189,19 @@ async def download(owner: str, upload_id: str, name: str, tenant: TenantDep, set
     # served as a download, never rendered by a browser as a page of this origin
     return StreamingResponse(chunks, media_type=media, headers={
         "Content-Disposition": f'attachment; filename="{name}"', "X-Content-Type-Options": "nosniff"})
+
+
+@router.delete(
+    "/storage/files/{owner}/uploads/{upload_id}/{name}",
+    summary="Delete an uploaded file",
+    status_code=204,
+    responses={**ERROR_RESPONSES, **NOT_FOUND},
+    response_class=Response,
+)
+async def delete(owner: str, upload_id: str, name: str, tenant: TenantDep, settings: SettingsDep) -> Response:
+    """Delete an upload; only its owner may (anyone else gets 404). Its bytes no longer count against the
+    owner's ``upload_quota_bytes``. A job already holding its URL fails if it has not read it yet."""
+    key = _own_key(owner, upload_id, name, tenant.owner)
+    if not await run_in_threadpool(delete_upload, get_storage(settings), owner, key):
+        raise HTTPException(404, "no such file")
+    return Response(status_code=204)

@@ -100,7 +100,7 @@ def quota_room(owner: str, adding: int, settings: Settings) -> None:
         raise FrameError(UploadQuotaError.error_type, f"this owner's uploads and stored inputs would pass the "
                          f"{settings.upload_quota_bytes} bytes allowed (FARM_UPLOAD_QUOTA_BYTES) with the {adding} "
                          "bytes of data URIs its realtime frames would hold: upload the file once and send its "
-                         "URL, or delete some uploads")
+                         "URL, or delete some uploads (DELETE on an upload's URL)")
 
 
 def take(data: Any, tenant: Tenant, settings: Settings, task: str = TEXT_TO_IMAGE) -> tuple[GenerateInput, int]:

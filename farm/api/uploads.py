@@ -206,4 +206,5 @@ async def store_streamed(request: Request, settings: Settings, owner: str, key: 
 
 def _over_quota(size: int, left: int) -> UploadQuotaError:
     return UploadQuotaError(f"the file has at least {size} bytes, more than the {left} bytes left of this owner's "
-                            "upload quota (FARM_UPLOAD_QUOTA_BYTES): delete some uploads first")
+                            "upload quota (FARM_UPLOAD_QUOTA_BYTES): delete some uploads first (DELETE on an "
+                            "upload's URL)")

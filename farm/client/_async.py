@@ -325,3 +325,8 @@ class AsyncClient:
         if response.is_success:
             return str(target["file_url"])
         raise error_from_response(response)
+
+    async def delete_upload(self, url: str) -> None:
+        """Delete one of this key's uploads by the URL upload returned (``DELETE`` on it: 204); its bytes leave
+        the owner's quota. FarmClientError (404) when there is no such upload of this key's owner."""
+        await self._request("DELETE", self.endpoint.file_url(url), retry=False)

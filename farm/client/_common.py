@@ -143,6 +143,15 @@ class Endpoint:
     def initiate_upload_url(self) -> str:
         return f"{self.base_url}/storage/upload/initiate"
 
+    def file_url(self, url: str) -> str:
+        """This farm's ``/storage/files/<owner>/uploads/<id>/<name>`` URL of an upload's URL (as upload
+        returned it, or its signed ``/cdn/…`` form); ValueError for any other URL."""
+        path = httpx.URL(url).raw_path.split(b"?", 1)[0].decode("ascii")
+        start = path.find("/storage/files/")
+        if start < 0 or "/uploads/" not in path[start:]:
+            raise ValueError(f"not an upload URL of this farm: {url!r}")
+        return self.base_url + path[start:]
+
 
 def upload_fields(file_name: str | None, content_type: str | None) -> dict[str, str]:
     """The body of ``POST /storage/upload/initiate`` (fal's upload protocol)."""

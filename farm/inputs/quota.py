@@ -65,7 +65,8 @@ def listed(storage: Storage, owner: str) -> int:
 def _quota_error(total: int, settings: Settings) -> UploadQuotaError:
     return UploadQuotaError(f"this owner's uploads and stored inputs would take {total} bytes, more than the "
                             f"{settings.upload_quota_bytes} bytes allowed (FARM_UPLOAD_QUOTA_BYTES): delete some "
-                            "uploads first")
+                            "uploads first (DELETE on an upload's URL); inputs the farm stored for jobs go when "
+                            "the jobs end")
 
 
 def room(owner: str, settings: Settings, storage: Storage | None = None, replacing: str | None = None) -> int:
@@ -111,6 +112,21 @@ def delete_held(s: Session, storage: Storage, owner: str, key: str) -> None:
     size = _size_or_zero(storage, key)
     storage.delete(key)
     storage_usage.add(s, owner, -size)
+
+
+def delete_upload(storage: Storage, owner: str, key: str) -> bool:
+    """Delete one of the owner's uploads in a transaction of its own, under its storage lock; False when
+    there is none at ``key``."""
+    from db.session import session_scope
+
+    with session_scope() as s:
+        from db import storage_usage
+
+        storage_usage.hold(s, owner, lambda: listed(storage, owner))
+        if not storage.exists(key):
+            return False
+        delete_held(s, storage, owner, key)
+        return True
 
 
 def store_within_quota(storage: Storage, owner: str, key: str, fh: BinaryIO, size: int, content_type: str,
