@@ -30,18 +30,22 @@ from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from db import batches as ledger_batches
-from db import ledger
+from db import ledger, storage_usage
 from db.models import Batch, Job, utcnow
 from db.session import session_scope
 from farm import netguard
 from farm.config import Settings
 from farm.errors import FileDownloadError
 from farm.image_schemas import admitted_input
+from farm.inputs.quota import listed
+from farm.inputs.refs import STORED
 from farm.inputs.retrieve import fetch_one
 from farm.inputs.staging import pending
 from farm.lifecycle.announce import announce, messages
 from farm.lifecycle.finish import finish
+from farm.schemas import GenerateInput
 from farm.status import JobStatus
+from farm.storage import get_storage
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +132,26 @@ def fetch_job(job_id: str, settings: Settings) -> bool:
     inp = admitted_input(data)
     todo = pending(inp, settings)
     paths: dict[str, str] = {}
+    for _ in range(2):  # a second pass gets again what was deleted meanwhile (see _recorded)
+        if not _fetch_missing(job_id, owner, todo, paths, settings):
+            return False
+        rows = _recorded(job_id, owner, inp, paths, todo, settings)
+        if rows is not None:
+            break
+    else:
+        return False  # deleted meanwhile twice: the job stays fetching, a sweeper takes it again
+    if rows:
+        announce(messages(rows), settings)
+    return bool(rows)
+
+
+def _fetch_missing(job_id: str, owner: str, todo: list[tuple[str, str]], paths: dict[str, str],
+                   settings: Settings) -> bool:
+    """Fetch each input of ``todo`` not in ``paths`` yet into it; False (the job failed, naming the field) when one
+    is refused or not got in time."""
     for field, path in todo:
+        if field in paths:
+            continue
         with session_scope() as s:
             ledger.add_log(s, job_id, f"fetching {field} ({netguard.redact(path)})", source="fetcher")
         try:
@@ -140,17 +163,31 @@ def fetch_job(job_id: str, settings: Settings) -> bool:
                        error_type=FileDownloadError.error_type, source="fetcher", settings=settings)
             log.warning("job %s of %s: input not fetched: %s", job_id, owner, reason)
             return False
+    return True
+
+
+def _recorded(job_id: str, owner: str, inp: GenerateInput, paths: dict[str, str], todo: list[tuple[str, str]],
+              settings: Settings) -> list[Batch] | None:
+    """Queue the job with its fetched inputs, under the owner's storage lock; None (and ``paths`` without
+    them) when some were deleted since they were stored (the last job naming the same bytes ended:
+    farm.inputs.retention), so that they are got again. Under the lock, the job's input names them from
+    the commit on, and no release deletes them."""
     from farm.inputs.staging import _with_paths
 
-    fetched = _with_paths(inp, paths).model_dump(mode="json")
-    with session_scope() as s:  # the lock order everywhere: batches, then jobs
+    storage = get_storage(settings)
+    with session_scope() as s:  # the lock order everywhere: the storage lock, batches, then jobs
+        storage_usage.hold(s, owner, lambda: listed(storage, owner))
+        gone = [f for f, p in paths.items() if not storage.exists(p.removeprefix(STORED))]
+        if gone:
+            for f in gone:
+                del paths[f]
+            return None
         rows = ledger_batches.fetched(s, job_id, holder())
         if rows:  # still ours (not cancelled, no lease lost): the job renders what was fetched
+            fetched = _with_paths(inp, paths).model_dump(mode="json")
             s.execute(update(Job).where(Job.id == job_id).values(input=fetched))
             ledger.add_log(s, job_id, f"fetched {', '.join(f for f, _ in todo)}; queued", source="fetcher")
-    if rows:
-        announce(messages(rows), settings)
-    return bool(rows)
+    return rows
 
 
 def sweep(settings: Settings, *, owner: str | None = None, limit: int = 20) -> int:

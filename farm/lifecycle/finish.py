@@ -13,7 +13,9 @@ bulk job, a broker-side failure). It
 4. enqueues the webhook (the outbox row commits with the outcome);
 5. for a ``farm.generate`` job, stores the Celery result once committed, so a plain
    ``send_task`` caller gets an answer for every outcome;
-6. wakes the waiters: the ledger's change notification (farm.events, sent on commit).
+6. wakes the waiters: the ledger's change notification (farm.events, sent on commit);
+7. once committed, deletes the jobs' stored inputs that no live job of their owner names any more
+   (farm.inputs.retention: best effort, so the owner's upload quota is not held by ended jobs).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from db.models import Job, JobLog, utcnow
 from db.session import after_commit, session_scope
 from farm import events
 from farm.config import Settings, get_settings
+from farm.inputs.retention import release
 from farm.metrics import count
 from farm.status import BatchStatus, JobStatus
 from farm.webhooks import outbox
@@ -120,6 +123,7 @@ def finish_all(s: Session, endings: Sequence[Ending], settings: Settings, *, loc
             after_commit(s, partial(_store_celery_result, e.job_id, settings))
     if applied:
         after_commit(s, partial(count.jobs_finished, [e.status for e in applied]))
+        after_commit(s, partial(release, [e.job_id for e in applied], settings))
     return [e.job_id for e in applied]
 
 
