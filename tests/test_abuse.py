@@ -347,10 +347,10 @@ def test_inline_inputs_count_against_the_upload_quota(guarded: ApiStack) -> None
         small = "data:application/octet-stream;base64," + base64.b64encode(b"s" * 1000).decode()
         ok = c.post(f"/{APP}", json=idle_input(loras=[{"path": small}]))
         assert ok.status_code == 200, ok.text
-        c.put(f"/{APP}/requests/{ok.json()['request_id']}/cancel")
-        # the stored input counts too: the upload that fitted beside the first one no longer does
+        # the stored input counts too, while its job lives: the upload that fitted beside the first one no longer does
         full = c.post("/storage/upload", params={"file_name": "b.bin"}, content=b"v" * (QUOTA - MiB))
         assert full.status_code == 413 and full.json()["error_type"] == "upload_quota_exceeded", full.text
+        c.put(f"/{APP}/requests/{ok.json()['request_id']}/cancel")
 
 
 def test_bulk_resume_keeps_the_running_cap_and_the_daily_quota(guarded: ApiStack) -> None:
