@@ -198,3 +198,46 @@ def _no_job_left_running(guarded: ApiStack) -> Any:  # noqa: F811
     yield
     for (bulk_id,) in guarded.sql("SELECT id FROM bulk_jobs WHERE status = 'RUNNING' AND owner LIKE 'abuse-bulk-%'"):
         run_farm(["bulk", "cancel", bulk_id], guarded.env)
+
+
+def test_a_driver_killed_soon_after_each_start_fails_the_job(guarded: ApiStack) -> None:  # noqa: F811
+    """A driver that dies without an exception (SIGKILL, as the out-of-memory killer or a native crash in a
+    Parquet reader would end it) leaves its lease behind; the next driver counts that run when it died
+    within ten minutes of its start, so a job whose driver keeps dying is FAILED at FARM_BULK_MAX_ATTEMPTS
+    instead of being sent again forever."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.workers import FARM
+
+    owner = f"abuse-bulk-crash-{uuid.uuid4().hex[:6]}"
+    env = {**guarded.env, "FARM_BULK_MAX_ATTEMPTS": "2"}
+    lines = "".join(f"a kite number {i}\n" for i in range(400)).encode()
+    with guarded.client(guarded.make_key(owner)) as c:
+        bulk_id = _start(c, _body(lines, "txt", "crash", budget_images=400))
+    for run in range(2):
+        proc = subprocess.Popen([FARM, "bulk", "resume", bulk_id, "--max-in-flight", "1"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            for _ in range(600):  # until this driver holds the job's lease (bounded: 60 s)
+                rows = guarded.sql("SELECT runner FROM bulk_jobs WHERE id = :id", id=bulk_id)
+                if rows and rows[0][0] and f":{proc.pid}:" in rows[0][0]:
+                    break
+                assert proc.poll() is None, f"run {run}: the driver ended before it was killed"
+                time.sleep(0.1)
+            else:
+                raise AssertionError(f"run {run}: the driver never took the job")
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        assert guarded.sql("SELECT status, attempts FROM bulk_jobs WHERE id = :id", id=bulk_id) == [
+            ("RUNNING", run)], run  # the kill itself is counted by the next driver
+    code, final, stderr = _resume(guarded, bulk_id, FARM_BULK_MAX_ATTEMPTS="2")
+    assert final is not None and final["status"] == "FAILED", (code, stderr[-2000:])
+    with guarded.client(guarded.make_key(owner)) as c:
+        snap = c.get(f"/bulk/{bulk_id}").json()
+    assert snap["status"] == "FAILED" and "without finishing" in snap["error"], snap
+    assert guarded.sql("SELECT count(*) FROM bulk_samples WHERE bulk_id = :id AND status = 'submitted'",
+                       id=bulk_id) == [(0,)]  # its farm jobs in flight were cancelled

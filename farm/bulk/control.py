@@ -143,6 +143,12 @@ def progress(s: Session, bulk_id: str) -> Progress:
                     rows_rejected=job.rows_rejected, gpu_seconds=gpu_seconds(s, bulk_id), error=job.error)
 
 
+def progress_of(bulk_id: str) -> Progress:
+    """:func:`progress` in a session of its own."""
+    with session_scope() as s:
+        return progress(s, bulk_id)
+
+
 def set_status(bulk_id: str, status: BulkStatus, owner: str | None = None,
                admit: Callable[[Session], None] | None = None) -> BulkStatus:
     """Pause, resume or cancel; returns the status the job had. ``admit`` (over HTTP: the owner's running

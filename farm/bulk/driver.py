@@ -22,12 +22,10 @@ One loop, resumable at any point because every step is recorded in the ledger fi
 4. **Shards**: a shard whose samples are all done or failed is written to the destination
    once, atomically (``farm.bulk.writers``), and recorded in ``bulk_shards``.
 
-Pause and budget stop submitting, let what is in flight finish, write the complete shards
-and stop; so does the owner's daily GPU-second quota, spent while the job runs, or a storage quota
-too full for the source images to submit (it pauses itself, with the reason: ``farm.bulk.stops``);
-cancel also cancels the farm jobs in flight. A run that ends in an error is counted, and the job FAILED
-when that repeats. ``retry_failed`` puts failed samples back to pending (shards rewritten, whole).
-"""
+Pause, budget, the owner's daily GPU-second quota spent or a storage quota too full for the source images
+stop submitting, let what is in flight finish, write the complete shards and stop (``farm.bulk.stops``);
+cancel also cancels the farm jobs in flight. A run that ends in an error, or dies soon after its start, is
+counted: the job is FAILED when that repeats. ``retry_failed`` puts failed samples back to pending."""
 
 from __future__ import annotations
 
@@ -45,7 +43,7 @@ from sqlalchemy.orm import Session
 
 from db.models import BulkJob, BulkSample, BulkShard, Job
 from db.session import session_scope
-from farm.bulk import image_column, runners, stops
+from farm.bulk import control, image_column, runners, stops
 from farm.bulk.control import BulkSpec, Progress, create, get, gpu_seconds, progress, retry_failed, set_status
 from farm.bulk.manifest import RowError, Sample, read_manifest
 from farm.bulk.shards import ReadAhead, ShardWriter, sample_fields, write_ready_shards
@@ -83,14 +81,17 @@ def run(
     """Drive a bulk job until it completes, is paused or cancelled, reaches its budget, or fails. ``resume``:
     a job not RUNNING runs again; without it (a ``farm.bulk`` message, maybe stale) it is left as it is."""
     settings = settings or get_settings()
-    with runners.driving(bulk_id) as runner:
-        try:
-            return _run(bulk_id, runner, on_progress, on_row_error, max_in_flight, poll_seconds, settings, resume)
-        except (ConflictError, JobNotFoundError):  # another driver has it, or it is gone: not its failure
-            raise
-        except Exception as exc:
-            stops.failed_run(bulk_id, exc, settings)  # counted; FAILED when it repeats
-            raise
+    try:
+        with runners.driving(bulk_id) as runner:
+            try:
+                return _run(bulk_id, runner, on_progress, on_row_error, max_in_flight, poll_seconds, settings, resume)
+            except (ConflictError, JobNotFoundError):  # another driver has it, or it is gone: not its failure
+                raise
+            except Exception as exc:
+                stops.failed_run(bulk_id, exc, settings)  # counted; FAILED when it repeats
+                raise
+    except runners.BulkFailedError:  # its earlier runs kept dying: FAILED now, logged where counted
+        return control.progress_of(bulk_id)
 
 
 def _run(bulk_id: str, runner: str, on_progress: Callable[[Progress], None] | None,
@@ -142,8 +143,7 @@ def _run(bulk_id: str, runner: str, on_progress: Callable[[Progress], None] | No
                   on_row_error=on_row_error)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulk-shards") as writer:
         run.rounds(ShardWriter(writer, write_and_read_ahead, write))
-    with session_scope() as s:
-        return progress(s, bulk_id)
+    return control.progress_of(bulk_id)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -23,13 +24,23 @@ from sqlalchemy import or_, update
 
 from db.models import BulkJob, utcnow
 from db.session import session_scope
+from farm.bulk import stops
 from farm.bulk.control import get
-from farm.errors import ConflictError
+from farm.config import get_settings
+from farm.errors import ConflictError, FarmError
 
 log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 60.0
 RENEW_SECONDS = 5.0  # how often a driver renews its lease
+
+
+class BulkFailedError(FarmError):
+    """Raised when a driver finds that the job's earlier runs kept dying, and the job is FAILED now."""
+
+    http_status = 409
+    error_type = "bulk_failed"
+
 
 _leaving = threading.Event()
 
@@ -46,7 +57,7 @@ def leaving() -> bool:
 @contextlib.contextmanager
 def driving(bulk_id: str) -> Iterator[str]:
     """Hold the job's lease (ConflictError if another driver does) and give it back on the way out."""
-    runner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    runner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}:{int(time.time())}"  # host:pid:id:start
     take(bulk_id, runner)
     try:
         yield runner
@@ -61,7 +72,12 @@ def take(bulk_id: str, runner: str) -> None:
     now = utcnow()
     until = now + timedelta(seconds=LEASE_SECONDS)
     with session_scope() as s:
-        get(s, bulk_id)
+        left = get(s, bulk_id)
+        crashed = left.runner if left.runner and left.runner != runner and (
+            left.runner_until is None or left.runner_until < now or _dead_here(left.runner)) else None
+    if crashed and stops.crashed_run(bulk_id, crashed, get_settings()):  # its last run died, as it keeps doing
+        raise BulkFailedError(f"bulk job {bulk_id} has FAILED: its driver's runs keep dying")
+    with session_scope() as s:
         taken = s.execute(
             update(BulkJob)
             .where(BulkJob.id == bulk_id,

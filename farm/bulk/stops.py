@@ -5,7 +5,9 @@ daily GPU-seconds are spent while it runs (it pauses itself and says why: :func:
 Every job ends (issue 20). An error that repeats used to end the task but not the job: the sweeper sent it
 again every 30 s, forever, while it held one of the owner's running slots. Now each such run is counted in
 the ledger (``bulk_jobs.attempts``); at ``FARM_BULK_MAX_ATTEMPTS`` the job is FAILED, and at once for bad
-input (a strict manifest's bad row, a Parquet file unreadable midway), which no retry mends. A FAILED job
+input (a strict manifest's bad row, a Parquet file unreadable midway), which no retry mends. A run whose
+process was killed (out of memory, a native crash on a hostile file) raises nothing: the next driver finds its
+lease left behind and counts it (:func:`crashed_run`) if it died within ten minutes of its start. A FAILED job
 frees its running slot (only RUNNING jobs count), cancels its farm jobs in flight, and its ``error`` says
 why, in words that name no path, bucket or key (an unexpected error by its type only; the log has the rest).
 """
@@ -13,6 +15,7 @@ why, in words that name no path, bucket or key (an unexpected error by its type 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ from farm.status import BulkStatus, SampleStatus
 log = logging.getLogger(__name__)
 
 QUOTA_CHECK_SECONDS = 1.0  # a running job looks at its owner's usage at most this often (and at its start)
+CRASH_WINDOW_SECONDS = 600  # a run killed sooner than this after its start counts as a failed run
 REJECTIONS_KEPT = 100  # rejected rows whose reason the job keeps for its report (all are counted)
 
 
@@ -58,24 +62,43 @@ def pause_for(bulk_id: str, reason: str) -> None:
 def failed_run(bulk_id: str, exc: Exception, settings: Settings) -> bool:
     """Count a run of the job that ended in ``exc``; whether the job is FAILED now (see the module doc)."""
     bad_input = isinstance(exc, InvalidInputError)
+    return _count(bulk_id, repr(exc), settings, at_once=bad_input,
+                  error=str(exc) if bad_input else f"the bulk driver failed {{n}} times ({type(exc).__name__}; "
+                  f"FARM_BULK_MAX_ATTEMPTS is {settings.bulk_max_attempts})")
+
+
+def crashed_run(bulk_id: str, runner: str, settings: Settings) -> bool:
+    """Count a run that never ended (its process was killed, or crashed in native code: no exception to
+    catch) if it died within ``CRASH_WINDOW_SECONDS`` of its start, as a crash loop would; whether the job
+    is FAILED now. A run that lasted longer (a worker restarted by a deploy after hours) is not a failure,
+    as Kubernetes resets a container's crash back-off after ten minutes of running."""
+    started = runner.rsplit(":", 1)[-1]
+    if not started.isdigit() or time.time() - int(started) > CRASH_WINDOW_SECONDS:
+        return False
+    return _count(bulk_id, f"its driver {runner} died", settings, at_once=False,
+                  error="the bulk driver's run ended {n} times without finishing (killed or crashed within "
+                  f"{CRASH_WINDOW_SECONDS // 60} minutes of its start; FARM_BULK_MAX_ATTEMPTS is "
+                  f"{settings.bulk_max_attempts})")
+
+
+def _count(bulk_id: str, what: str, settings: Settings, *, at_once: bool, error: str) -> bool:
+    """One more failed run of a RUNNING job; FAILED (``error``, ``{n}``: the runs) at the limit or ``at_once``."""
     with session_scope() as s:
         job = get(s, bulk_id)
         if job.status != BulkStatus.RUNNING:  # paused or cancelled meanwhile: nothing to fail
             return False
         job.attempts += 1
-        if not bad_input and job.attempts < settings.bulk_max_attempts:
-            log.warning("bulk %s: run %d of at most %d ended in %r; it runs again", bulk_id, job.attempts,
-                        settings.bulk_max_attempts, exc)
+        if not at_once and job.attempts < settings.bulk_max_attempts:
+            log.warning("bulk %s: run %d of at most %d ended (%s); it runs again", bulk_id, job.attempts,
+                        settings.bulk_max_attempts, what)
             return False
         job.status, job.finished_at = BulkStatus.FAILED, utcnow()
-        job.error = str(exc) if bad_input else (
-            f"the bulk driver failed {job.attempts} times ({type(exc).__name__}; "
-            f"FARM_BULK_MAX_ATTEMPTS is {settings.bulk_max_attempts})")
+        job.error = error.replace("{n}", str(job.attempts))
         in_flight = [j for j in s.scalars(select(BulkSample.job_id).where(
             BulkSample.bulk_id == bulk_id, BulkSample.status == SampleStatus.SUBMITTED)) if j]
     for job_id in in_flight:
         submission.cancel(job_id)
-    log.error("bulk %s FAILED: %r", bulk_id, exc)
+    log.error("bulk %s FAILED: %s", bulk_id, what)
     return True
 
 
