@@ -281,3 +281,17 @@ def test_memory_stays_flat_over_a_long_manifest(tmp_path):
         tracemalloc.stop()
     assert count == 30_000
     assert peak < size // 20, f"peak {peak} bytes for a {size}-byte manifest"
+
+
+def test_csv_lines_and_rows_past_the_line_cap_are_rejected_unread(tmp_path):
+    """A CSV row is capped like a .txt or .jsonl line (FARM_BULK_MAX_LINE_BYTES, 64 KiB by default): a line
+    past it is skipped a block at a time, a quoted record spread over many short lines is measured whole,
+    and the rows around them are read as usual."""
+    long_line = "a wide " + "x" * (70 * 1024) + ",1\n"
+    tall_record = '"' + "y\n" * (40 * 1024) + '",2\n'
+    path = write(tmp_path / "m.csv", "prompt,seed\ngood one,5\n" + long_line + tall_record + "good two,6\n")
+    samples, errors = read_all(path)
+    assert [(s.prompt, s.seed) for s in samples] == [("good one", 5), ("good two", 6)]
+    assert [e.row for e in errors] == [3, 4]
+    assert "the line is longer than 65536 bytes (FARM_BULK_MAX_LINE_BYTES)" in errors[0].message
+    assert "the row is longer than 65536 bytes" in errors[1].message

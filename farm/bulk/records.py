@@ -25,7 +25,7 @@ import logging
 import re
 from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from farm.bulk import arrow
 from farm.config import Settings
@@ -60,6 +60,10 @@ Record = tuple[int, dict[str, Any] | RowProblem, bool]
 Records = Generator[Record, None, None]
 
 
+def _too_long(what: str, limit: int) -> RowProblem:
+    return RowProblem(f"input: the {what} is longer than {limit} bytes (FARM_BULK_MAX_LINE_BYTES)")
+
+
 def _open_error(path: Path, exc: OSError) -> ManifestError:
     return ManifestError(f"{path.name}: cannot read the manifest: {exc.strerror or exc}")
 
@@ -76,7 +80,7 @@ def _lines(path: Path, limit: int) -> Generator[tuple[int, str | RowProblem], No
             if len(raw) > limit and not raw.endswith(b"\n"):  # never held whole: skipped a block at a time
                 while (more := fh.readline(limit)) and not more.endswith(b"\n"):
                     pass
-                yield row, RowProblem(f"input: the line is longer than {limit} bytes (FARM_BULK_MAX_LINE_BYTES)")
+                yield row, _too_long("line", limit)
                 continue
             try:
                 line = raw.decode("utf-8")
@@ -131,37 +135,81 @@ def _jsonl_records(path: Path, settings: Settings) -> Records:
             yield row, RowProblem(f"input: expected a JSON object, got {type(obj).__name__}"), False
 
 
+class _LineTooLong(Exception):
+    def __init__(self, line: int) -> None:
+        super().__init__(line)
+        self.line = line
+
+
+class _CappedLines:
+    """A CSV file's physical lines for ``csv.reader``, each at most ``limit`` bytes: a longer one is never
+    held whole (skipped a block at a time) and raises :class:`_LineTooLong`; reading goes on after it."""
+
+    def __init__(self, fh: IO[bytes], limit: int) -> None:
+        self.fh, self.limit, self.line = fh, limit, 0
+
+    def __iter__(self) -> _CappedLines:
+        return self
+
+    def __next__(self) -> str:
+        raw = self.fh.readline(self.limit + 1)
+        if not raw:
+            raise StopIteration
+        self.line += 1
+        if len(raw) > self.limit and not raw.endswith(b"\n"):
+            while (more := self.fh.readline(self.limit)) and not more.endswith(b"\n"):
+                pass
+            raise _LineTooLong(self.line)
+        text = raw.decode("utf-8")  # UnicodeDecodeError: the caller's
+        return text.removeprefix("\ufeff") if self.line == 1 else text
+
+
 def _csv_records(path: Path, settings: Settings) -> Records:
+    """Rows of a CSV file with a header; a row whose line passes ``FARM_BULK_MAX_LINE_BYTES`` is rejected
+    unread, as in the other text formats (the csv module alone would read any line whole)."""
     try:
-        fh = path.open("r", encoding="utf-8-sig", newline="")
+        fh = path.open("rb")
     except OSError as exc:
         raise _open_error(path, exc) from None
+    limit = settings.bulk_max_line_bytes
     with fh:
-        reader = csv.reader(fh)
+        lines = _CappedLines(fh, limit)
         header: list[str] | None = None
         consumed = 0  # physical lines read so far
-        try:
-            for cells in reader:
-                start, consumed = consumed + 1, reader.line_num
-                if not any(c.strip() for c in cells):
-                    continue
+        while True:
+            reader = csv.reader(lines)  # a new one after a line too long: the record it cut is dropped
+            try:
+                for cells in reader:
+                    start, consumed = consumed + 1, lines.line
+                    if not any(c.strip() for c in cells):
+                        continue
+                    if header is None:
+                        header = [c.strip() for c in cells]
+                        if "prompt" not in header:
+                            raise ManifestError(f"row {start}: the CSV header has no 'prompt' column", start)
+                        dupes = sorted({h for h in header if h and header.count(h) > 1})
+                        if dupes:
+                            raise ManifestError(f"row {start}: the CSV header repeats {', '.join(dupes)}", start)
+                        continue
+                    if len(cells) > len(header):
+                        problem = RowProblem(f"input: {len(cells)} fields, but the header has {len(header)}")
+                        yield start, problem, True
+                        continue
+                    if sum(len(c) for c in cells) > limit:  # a quoted record over many lines
+                        yield start, _too_long("row", limit), True
+                        continue
+                    yield start, {k: v for k, v in zip(header, cells, strict=False) if k}, True
+                break
+            except _LineTooLong as exc:
                 if header is None:
-                    header = [c.strip() for c in cells]
-                    if "prompt" not in header:
-                        raise ManifestError(f"row {start}: the CSV header has no 'prompt' column", start)
-                    dupes = sorted({h for h in header if h and header.count(h) > 1})
-                    if dupes:
-                        raise ManifestError(f"row {start}: the CSV header repeats {', '.join(dupes)}", start)
-                    continue
-                if len(cells) > len(header):
-                    problem = RowProblem(f"input: {len(cells)} fields, but the header has {len(header)}")
-                    yield start, problem, True
-                    continue
-                yield start, {k: v for k, v in zip(header, cells, strict=False) if k}, True
-        except csv.Error as exc:
-            raise ManifestError(f"row {consumed + 1}: input: {exc}", consumed + 1) from None
-        except UnicodeDecodeError:
-            raise ManifestError(f"row {consumed + 1}: input: not valid UTF-8", consumed + 1) from None
+                    raise ManifestError(f"row {exc.line}: the CSV header is longer than {limit} bytes",
+                                        exc.line) from None
+                consumed = exc.line
+                yield exc.line, _too_long("line", limit), True
+            except csv.Error as exc:
+                raise ManifestError(f"row {consumed + 1}: input: {exc}", consumed + 1) from None
+            except UnicodeDecodeError:
+                raise ManifestError(f"row {consumed + 1}: input: not valid UTF-8", consumed + 1) from None
     if header is None:
         raise ManifestError(f"{path.name}: empty CSV; expected a header row with a 'prompt' column")
 
