@@ -13,6 +13,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,18 @@ class ApiStack:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+    @contextmanager
+    def beside(self, log_path: Path, db_url: str | None = None, **env: str) -> Iterator[ApiStack]:
+        """Another ``farm api`` on this stack's ledger (or ``db_url``), storage, Redis and worker, with ``env``
+        over this one's (other limits), started; stopped on the way out."""
+        other = ApiStack(env={**self.env, **env}, db_url=db_url or self.db_url, bucket=self.bucket, port=free_port(),
+                         ca_path=self.ca_path, log_path=log_path, worker=self.worker)
+        try:
+            other.start()
+            yield other
+        finally:
+            other.stop()
 
 
 def _write_certs(folder: Path) -> Path:

@@ -35,16 +35,10 @@ QUOTA = MiB + MiB // 2
 def guarded(api_stack: ApiStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiStack]:
     """A second ``farm api`` on the same ledger and storage, with small limits."""
     root = tmp_path_factory.mktemp("abuse")
-    env = {**api_stack.env, "FARM_MAX_UPLOAD_BYTES": str(UPLOAD_CAP), "FARM_UPLOAD_QUOTA_BYTES": str(QUOTA),
-           "FARM_MAX_STREAMS_PER_OWNER": "2", "FARM_MAX_BULK_RUNNING": "1", "FARM_MAX_BULK_IMAGES": "1000",
-           "FARM_OWNER_DAILY_GPU_SECONDS": '{"abuse-spent": 1}'}
-    stack = ApiStack(env=env, db_url=api_stack.db_url, bucket=api_stack.bucket, port=free_port(),
-                     ca_path=api_stack.ca_path, log_path=root / "api.log", worker=api_stack.worker)
-    stack.start()
-    try:
+    with api_stack.beside(root / "api.log", FARM_MAX_UPLOAD_BYTES=str(UPLOAD_CAP), FARM_UPLOAD_QUOTA_BYTES=str(QUOTA),
+                          FARM_MAX_STREAMS_PER_OWNER="2", FARM_MAX_BULK_RUNNING="1", FARM_MAX_BULK_IMAGES="1000",
+                          FARM_OWNER_DAILY_GPU_SECONDS='{"abuse-spent": 1}') as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 def _rss(pid: int) -> int:

@@ -19,7 +19,6 @@ from minio import Minio
 from tests import test_abuse
 from tests.api_stack import APP, ApiStack, idle_input
 from tests.receivers import Receiver
-from tests.services import free_port
 
 guarded = test_abuse.guarded  # module fixture: a second farm api with small limits (one for this module)
 
@@ -184,17 +183,12 @@ def fetching(api_stack: ApiStack, tmp_path_factory: pytest.TempPathFactory) -> I
     ca.cert_pem.write_to_path(str(root / "files-ca.pem"))
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("localhost").configure_cert(tls)
-    with Receiver(tls=tls) as files:
-        env = {**api_stack.env, "FARM_DATA_DIR": str(root / "data"), "SSL_CERT_FILE": str(root / "files-ca.pem"),
-               "FARM_WEBHOOK_ALLOWLIST": json.dumps([f"localhost:{files.port}"]),
-               "FARM_INPUT_CACHE_MAX_BYTES": str(CACHE_CAP), "FARM_UPLOAD_QUOTA_BYTES": str(4 * LORA)}
-        stack = ApiStack(env=env, db_url=api_stack.db_url, bucket=api_stack.bucket, port=free_port(),
-                         ca_path=api_stack.ca_path, log_path=root / "api.log", worker=api_stack.worker)
-        stack.start()
-        try:
-            yield stack, files
-        finally:
-            stack.stop()
+    with Receiver(tls=tls) as files, api_stack.beside(root / "api.log", FARM_DATA_DIR=str(root / "data"),
+                          SSL_CERT_FILE=str(root / "files-ca.pem"),
+                          FARM_WEBHOOK_ALLOWLIST=json.dumps([f"localhost:{files.port}"]),
+                          FARM_INPUT_CACHE_MAX_BYTES=str(CACHE_CAP),
+                          FARM_UPLOAD_QUOTA_BYTES=str(4 * LORA)) as stack:
+        yield stack, files
 
 
 def _fetched(stack: ApiStack, rid: str) -> str:

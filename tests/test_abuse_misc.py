@@ -28,7 +28,6 @@ import pytest
 
 from tests.api_stack import APP, ApiStack, idle_input
 from tests.receivers import Receiver
-from tests.services import free_port
 from tests.workers import clean_env
 
 OTHER_BROKER_DB = "12"  # a Redis database of its own: the session worker never sees lonely's messages
@@ -86,21 +85,16 @@ def lonely(api_stack: ApiStack, postgres_server: Any, blackhole: Blackhole, hook
     root = tmp_path_factory.mktemp("abuse-misc")
     db_url = postgres_server.new_database(f"misc_{uuid.uuid4().hex[:10]}")
     broker = api_stack.env["FARM_BROKER_URL"].rsplit("/", 1)[0] + f"/{OTHER_BROKER_DB}"
-    env = {**api_stack.env, "FARM_DATABASE_URL": db_url, "FARM_BROKER_URL": broker,
+    env = {"FARM_DATABASE_URL": db_url, "FARM_BROKER_URL": broker,
            "FARM_DATA_DIR": str(root / "data"),
            "FARM_DNS_SERVERS": json.dumps([f"127.0.0.1:{blackhole.port}"]),
            "FARM_WEBHOOK_ALLOWLIST": json.dumps([f"127.0.0.1:{hook_receiver.port}"]),
            "FARM_WEBHOOK_TIMEOUT_SECONDS": "3", "FARM_WEBHOOK_MAX_ATTEMPTS": "1",
            "FARM_INPUT_FETCH_DEADLINE_SECONDS": "3", "FARM_METRICS_OPEN": "true"}
-    done = run_farm(["db", "upgrade"], env)
+    done = run_farm(["db", "upgrade"], {**api_stack.env, **env})
     assert done.returncode == 0, done.stderr
-    stack = ApiStack(env=env, db_url=db_url, bucket=api_stack.bucket, port=free_port(),
-                     ca_path=api_stack.ca_path, log_path=root / "api.log", worker=api_stack.worker)
-    stack.start()
-    try:
+    with api_stack.beside(root / "api.log", db_url, **env) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 # -- 9: a name server that never answers ----------------------------------------------------------------

@@ -25,7 +25,6 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from tests.api_stack import APP, IDLE_MODEL, ApiStack, idle_input, tiny_input
-from tests.services import free_port
 
 KiB = 1024
 FRAME_CAP = 512 * KiB
@@ -42,18 +41,13 @@ WAIT = 60.0  # one answer; the tiny model renders in milliseconds
 def rt_guarded(api_stack: ApiStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiStack]:
     """A second ``farm api`` on the session stack's ledger, storage, Redis and worker, with small realtime limits."""
     root = tmp_path_factory.mktemp("abuse-realtime")
-    env = {**api_stack.env, "FARM_REALTIME_MAX_FRAME_BYTES": str(FRAME_CAP),
-           "FARM_REALTIME_BUFFERING_CAP": str(BUFFERING_CAP), "FARM_REALTIME_OWNER_MAX_BYTES": str(OWNER_HELD),
-           "FARM_INLINE_INPUT_MAX_BYTES": str(INLINE_CAP), "FARM_UPLOAD_QUOTA_BYTES": str(QUOTA),
-           "FARM_MAX_UPLOAD_BYTES": str(QUOTA), "FARM_REALTIME_TOKEN_SECRET": SECRET,
-           "FARM_METRICS_TOKEN": METRICS_TOKEN, "FARM_REALTIME_FRAME_TIMEOUT": "600"}  # fmt: skip
-    stack = ApiStack(env=env, db_url=api_stack.db_url, bucket=api_stack.bucket, port=free_port(),
-                     ca_path=api_stack.ca_path, log_path=root / "api.log", worker=api_stack.worker)
-    stack.start()
-    try:
+    limits = {"FARM_REALTIME_MAX_FRAME_BYTES": str(FRAME_CAP), "FARM_REALTIME_BUFFERING_CAP": str(BUFFERING_CAP),
+              "FARM_REALTIME_OWNER_MAX_BYTES": str(OWNER_HELD), "FARM_INLINE_INPUT_MAX_BYTES": str(INLINE_CAP),
+              "FARM_UPLOAD_QUOTA_BYTES": str(QUOTA), "FARM_MAX_UPLOAD_BYTES": str(QUOTA),
+              "FARM_REALTIME_TOKEN_SECRET": SECRET, "FARM_METRICS_TOKEN": METRICS_TOKEN,
+              "FARM_REALTIME_FRAME_TIMEOUT": "600"}  # fmt: skip
+    with api_stack.beside(root / "api.log", **limits) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 def _socket(stack: ApiStack, query: str = "", key: str | None = None) -> ClientConnection:
