@@ -183,13 +183,28 @@ def test_cancel_stops_a_running_job_within_one_batch(farm):
     assert submission.cancel(rid) == "ALREADY_COMPLETED"
 
 
+def _png_data_uri() -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 120, 40)).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
 def test_split_does_not_change_images_one_worker_against_three(farm):
-    """Image i uses seed + i however the job is cut: 1 worker, 1 batch vs 3 workers, batches of 2."""
+    """Image i uses seed + i however the job is cut: 1 worker, 1 batch vs 3 workers, batches of 2; for
+    text-to-image and image-to-image alike."""
     job = {"image_size": {"width": 64, "height": 64}, "num_inference_steps": 2, "seed": 77}
     farm["configure"](FARM_BATCH_SIZE="8", FARM_BATCH_WAIT_MS="0")
     first = farm["start"](TINY, "tiny@s0.test")
     alone = _submit(TINY, "a lighthouse", 8, **job)
+    i2i = {**job, "image_url": _png_data_uri(), "strength": 0.5}  # image-to-image: image i uses seed + i too
+    alone_i2i = _submit(TINY, "a lighthouse at dusk", 8, **i2i)
     _wait(lambda: _status(alone) == JobStatus.COMPLETED, 120, "the one-worker job")
+    _wait(lambda: _status(alone_i2i) == JobStatus.COMPLETED, 120, "the one-worker image-to-image job")
     assert _ledger(farm, "SELECT count(*), min(worker) FROM batches WHERE job_id = :id", id=alone) == [
         (1, "tiny@s0.test")]
 
@@ -197,13 +212,19 @@ def test_split_does_not_change_images_one_worker_against_three(farm):
     farm["start"](TINY, "tiny@s1.test")
     farm["start"](TINY, "tiny@s2.test")
     spread = _submit(TINY, "a lighthouse", 8, **job)
+    spread_i2i = _submit(TINY, "a lighthouse at dusk", 8, **i2i)
     _wait(lambda: _status(spread) == JobStatus.COMPLETED, 120, "the three-worker job")
+    _wait(lambda: _status(spread_i2i) == JobStatus.COMPLETED, 120, "the three-worker image-to-image job")
     workers = {w for (w,) in _ledger(farm, "SELECT worker FROM batches WHERE job_id = :id", id=spread)}
     assert _ledger(farm, "SELECT count(*) FROM batches WHERE job_id = :id", id=spread) == [(6,)]  # 2,2,1,1,1,1
     assert len(workers) >= 2, workers  # the batches spread over the pool
 
     a, b = _digests(farm, alone), _digests(farm, spread)
     assert len(a) == 8 and a == b
+    i2i_workers = {w for (w,) in _ledger(farm, "SELECT worker FROM batches WHERE job_id = :id", id=spread_i2i)}
+    assert len(i2i_workers) >= 2, i2i_workers
+    c, d = _digests(farm, alone_i2i), _digests(farm, spread_i2i)
+    assert len(c) == 8 and c == d and set(c.values()).isdisjoint(a.values())
     # warmed up before ready, and no reload in steady state
     assert first.output.index("ready on cpu") < first.output.index("farm worker ready")
     assert _ledger(farm, "SELECT DISTINCT loads FROM workers") == [(1,)]
