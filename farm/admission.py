@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from farm.config import Settings, get_settings
 from farm.errors import InvalidInputError
-from farm.image_schemas import INPUT_CLASSES, task_of_fields
+from farm.image_schemas import INPUT_CLASSES, task_of_fields, weight_refs
 from farm.inputs.images import check_images
 from farm.inputs.refs import check_owner, resolve_weights_path
 from farm.schemas import FieldError, GenerateInput, field_errors
@@ -36,11 +36,6 @@ def refused(errors: list[FieldError]) -> InvalidInputError:
     err = InvalidInputError(field, reason)
     err.errors = errors  # type: ignore[attr-defined]
     return err
-
-
-def _references(inp: GenerateInput) -> list[tuple[str, str]]:
-    return ([(f"loras.{i}.path", x.path) for i, x in enumerate(inp.loras)]
-            + [(f"embeddings.{i}.path", x.path) for i, x in enumerate(inp.embeddings)])
 
 
 def admit(fields: Mapping[str, Any] | GenerateInput, owner: str | None, settings: Settings,
@@ -61,7 +56,7 @@ def admit(fields: Mapping[str, Any] | GenerateInput, owner: str | None, settings
     except ValidationError as exc:
         raise refused(field_errors(exc)) from None
     errors: list[FieldError] = []
-    for field, path in _references(inp):
+    for field, path in weight_refs(inp):
         try:
             resolve_weights_path(path, settings)
         except ValueError as exc:

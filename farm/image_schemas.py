@@ -82,6 +82,17 @@ def image_fields(inp: GenerateInput) -> list[tuple[str, str]]:
             if isinstance(value := getattr(inp, name, None), str)]
 
 
+def weight_refs(inp: GenerateInput) -> list[tuple[str, str]]:
+    """(field, path) of the input's LoRA and embedding weight files."""
+    return ([(f"loras.{i}.path", x.path) for i, x in enumerate(inp.loras)]
+            + [(f"embeddings.{i}.path", x.path) for i, x in enumerate(inp.embeddings)])
+
+
+def file_refs(inp: GenerateInput) -> list[tuple[str, str]]:
+    """(field, reference) of every file the input names: weights, then source images."""
+    return weight_refs(inp) + image_fields(inp)
+
+
 def admitted_input(data: Mapping[str, Any]) -> GenerateInput:
     """An input read back from the ledger, of the task its fields name (see :func:`farm.schemas.admitted_input`)."""
     return INPUT_CLASSES[task_of_fields(data)].model_validate(data, context=ADMITTED)

@@ -38,7 +38,7 @@ from typing import Any, cast
 from db.batches import compat_key
 from farm.config import Settings
 from farm.errors import BrokerUnavailableError, FarmError, InvalidInputError, StorageError
-from farm.image_schemas import admitted_input
+from farm.image_schemas import admitted_input, weight_refs
 from farm.inputs.retrieve import forget, owner_scope
 from farm.realtime.lane import Frame, Reply, lane_key
 from farm.realtime.wire import pack
@@ -65,7 +65,7 @@ def public_reason(exc: BaseException) -> str:
 def forget_inline(inputs: list[GenerateInput], settings: Settings) -> None:
     """Delete the worker's copies of these inputs' data URIs (``farm.inputs.retrieve.forget``)."""
     for inp in inputs:
-        for path in [x.path for x in inp.loras] + [x.path for x in inp.embeddings]:
+        for _, path in weight_refs(inp):
             forget(path, settings)
 
 

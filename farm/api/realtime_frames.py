@@ -27,7 +27,7 @@ from farm import admission
 from farm.api.deps import Tenant
 from farm.config import Settings
 from farm.errors import InvalidInputError
-from farm.image_schemas import TEXT_TO_IMAGE, image_fields
+from farm.image_schemas import TEXT_TO_IMAGE, file_refs
 from farm.inputs.refs import decode_data_uri, kind_of
 from farm.realtime.wire import unpack
 from farm.schemas import GenerateInput
@@ -70,8 +70,7 @@ def decode(payload: bytes | str) -> Any:
 
 def inline_bytes(inp: GenerateInput, settings: Settings) -> int:
     """Decoded bytes of the frame's data-URI inputs together; FrameError past ``inline_input_max_bytes``."""
-    refs = ([(f"loras.{i}.path", x.path) for i, x in enumerate(inp.loras)]
-            + [(f"embeddings.{i}.path", x.path) for i, x in enumerate(inp.embeddings)] + image_fields(inp))
+    refs = file_refs(inp)
     total, cap = 0, settings.inline_input_max_bytes
     for field, path in refs:
         if kind_of(path) != "data":

@@ -3,8 +3,9 @@
 ``staging`` (data URIs to storage at submit) → ``retrieve`` (URLs and hub ids into storage; the local cache)
 → ``images`` (source images and masks vetted from their header at submit).
 
-This package may import ``farm.config``, ``farm.errors``, ``farm.netguard``, ``farm.schemas``, ``farm.storage``
-and ``db.locks``, ``db.session``, ``db.storage_usage``; nothing of it imports the HTTP API or
+This package may import ``farm.config``, ``farm.errors``, ``farm.netguard``, ``farm.schemas``,
+``farm.image_schemas``, ``farm.storage`` and ``db.locks``, ``db.session``, ``db.storage_usage``; nothing of it
+imports the HTTP API or
 ``farm.lifecycle``. The names below are its public face; code of the farm imports them from their stage.
 """
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from farm.config import Settings
 from farm.errors import InvalidInputError
+from farm.image_schemas import file_refs
 from farm.inputs.quota import delete_held, listed, store_held
 from farm.inputs.refs import HUB_ID, STORED, _mib, decode_data_uri, kind_of, resolve_weights_path
 from farm.schemas import GenerateInput
@@ -37,13 +38,6 @@ HUB_FILES = {
     "loras": ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin"),
     "embeddings": ("learned_embeds.safetensors", "learned_embeds.bin"),
 }
-
-
-def _fields(inp: GenerateInput) -> list[tuple[str, str]]:
-    """(field, path) of the input's file references: LoRAs, embeddings, and source images (image_url, mask_url)."""
-    return ([(f"loras.{i}.path", x.path) for i, x in enumerate(inp.loras)]
-            + [(f"embeddings.{i}.path", x.path) for i, x in enumerate(inp.embeddings)]
-            + [(name, getattr(inp, name)) for name in IMAGE_FIELDS if isinstance(getattr(inp, name, None), str)])
 
 
 def _with_paths(inp: GenerateInput, paths: dict[str, str]) -> GenerateInput:
@@ -94,7 +88,7 @@ def stage_inline(inp: GenerateInput, owner: str, settings: Settings) -> tuple[Ge
     """The request's data URIs as ``farm-stored:`` keys (see the module docstring), and the blobs to store
     under those keys: nothing is stored yet (:func:`held` does, in the submit's transaction).
     InvalidInputError names the field where the request's inline bytes pass ``inline_input_max_bytes``."""
-    inline = [(field, path) for field, path in _fields(inp) if kind_of(path) == "data"]
+    inline = [(field, path) for field, path in file_refs(inp) if kind_of(path) == "data"]
     if not inline:
         return inp, {}
     paths: dict[str, str] = {}
@@ -154,7 +148,7 @@ def discard(s: Session, owner: str, keys: list[str], storage: Storage) -> None:
 def pending(inp: GenerateInput, settings: Settings) -> list[tuple[str, str]]:
     """(field, path) of each input the fetch stage must get: URLs and hub ids."""
     out = []
-    for field, path in _fields(inp):
+    for field, path in file_refs(inp):
         kind = kind_of(path)
         if kind == "url" or (kind is None and HUB_ID.match(path) and _is_hub(path, settings)):
             out.append((field, path))
