@@ -5,8 +5,8 @@
 
 This package may import ``farm.config``, ``farm.errors``, ``farm.netguard``, ``farm.schemas``,
 ``farm.image_schemas``, ``farm.storage`` and ``db.locks``, ``db.session``, ``db.storage_usage``; nothing of it
-imports the HTTP API or
-``farm.lifecycle``. The names below are its public face; code of the farm imports them from their stage.
+imports the HTTP API or ``farm.lifecycle``. The names below are its public face; code of the farm imports
+them from their stage.
 """
 
 from farm.inputs.quota import UploadQuotaError, UploadTooLargeError, check_room, check_stored, store_within_quota
