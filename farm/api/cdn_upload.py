@@ -35,19 +35,17 @@ from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
 from itsdangerous import BadSignature, URLSafeSerializer
 from pydantic import BaseModel, Field
 
 from farm.api.deps import SettingsDep, TenantDep
 from farm.api.error_bodies import ERROR_RESPONSES, NOT_FOUND, ErrorBody
-from farm.api.files import safe_name
-from farm.api.uploads import public_base, signing_key, store_streamed, upload_object_key
+from farm.api.files import safe_name, serve_upload, upload_object_key
+from farm.api.uploads import public_base, signing_key, store_streamed
 from farm.api_keys import active_key
 from farm.config import Settings
 from farm.errors import FarmError, ObjectNotFound
-from farm.inputs.quota import UploadQuotaError, UploadTooLargeError, check_room, stream
-from farm.storage import get_storage
+from farm.inputs.quota import UploadQuotaError, UploadTooLargeError, check_room
 
 router = APIRouter(tags=["files"])
 
@@ -202,12 +200,9 @@ async def fetch(
         raise HTTPException(403, "the link's signature does not match (altered or made with another key)")
     if time.time() > expires:
         raise HTTPException(403, "the link has expired")
-    try:  # size and quota from metadata, then streamed
-        chunks = await run_in_threadpool(stream, get_storage(settings), key, settings)
+    try:
+        return await serve_upload(key, name, settings)
     except ObjectNotFound:
         raise HTTPException(404, "no such file") from None
     except UploadQuotaError:  # the owner is over its quota: a link holder is told nothing of its usage
         raise HTTPException(403, "this file cannot be served") from None
-    media = mimetypes.guess_type(name)[0] or "application/octet-stream"
-    return StreamingResponse(chunks, media_type=media, headers={
-        "Content-Disposition": f'attachment; filename="{name}"', "X-Content-Type-Options": "nosniff"})

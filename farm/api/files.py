@@ -30,6 +30,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from farm.api.deps import SettingsDep, TenantDep
 from farm.api.error_bodies import ERROR_RESPONSES, NOT_FOUND, ErrorBody
 from farm.api.guard import MULTIPART_SLACK
+from farm.config import Settings
 from farm.errors import ObjectNotFound
 from farm.inputs.quota import delete_upload, store_within_quota, stream
 from farm.storage import get_storage
@@ -154,21 +155,40 @@ async def upload(
         if not size:
             raise HTTPException(400, "the file is empty")
         name = safe_name(file_name)
-        key = f"{tenant.owner}/uploads/{uuid.uuid4().hex}/{name}"
+        upload_id = uuid.uuid4().hex
+        key = upload_object_key(tenant.owner, upload_id, name)
         await run_in_threadpool(store_within_quota, get_storage(settings), tenant.owner, key, fh, size, content_type,
                                 settings)
     finally:
         fh.close()
-    base = (settings.public_url or str(request.base_url)).rstrip("/")
-    url = f"{base}/storage/files/{quote(tenant.owner, safe='')}/uploads/{key.split('/')[2]}/{quote(name)}"
+    url = file_url((settings.public_url or str(request.base_url)).rstrip("/"), tenant.owner, upload_id, name)
     return UploadResult(url=url, content_type=content_type, file_name=name, file_size=size)
+
+
+def upload_object_key(owner: str, upload_id: str, name: str) -> str:
+    """The storage key of an upload (``<owner>/uploads/<id>/<name>``)."""
+    return f"{owner}/uploads/{upload_id}/{name}"
+
+
+def file_url(base: str, owner: str, upload_id: str, name: str) -> str:
+    """The URL an upload is read (and deleted) at, and named by as an input: ``{base}/storage/files/…``."""
+    return f"{base}/storage/files/{quote(owner, safe='')}/uploads/{upload_id}/{quote(name)}"
+
+
+async def serve_upload(key: str, name: str, settings: Settings) -> StreamingResponse:
+    """An upload's bytes, streamed (size and the owner's quota checked from its metadata first) as a download
+    that a browser never renders as a page of this origin; ObjectNotFound (and UploadQuotaError) the caller's."""
+    chunks = await run_in_threadpool(stream, get_storage(settings), key, settings)
+    media = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    return StreamingResponse(chunks, media_type=media, headers={
+        "Content-Disposition": f'attachment; filename="{name}"', "X-Content-Type-Options": "nosniff"})
 
 
 def _own_key(owner: str, upload_id: str, name: str, tenant_owner: str) -> str:
     """The storage key of the tenant's own upload; 404 for anyone else's (no existence oracle) or a bad name."""
     if owner != tenant_owner or not re.fullmatch(r"[0-9a-f]{32}", upload_id) or safe_name(name) != name:
         raise HTTPException(404, "no such file")
-    return f"{owner}/uploads/{upload_id}/{name}"
+    return upload_object_key(owner, upload_id, name)
 
 
 @router.get(
@@ -181,14 +201,10 @@ def _own_key(owner: str, upload_id: str, name: str, tenant_owner: str) -> str:
 async def download(owner: str, upload_id: str, name: str, tenant: TenantDep, settings: SettingsDep) -> Response:
     """The bytes of an upload; only its owner may read it (anyone else gets 404)."""
     key = _own_key(owner, upload_id, name, tenant.owner)
-    try:  # size and quota from metadata, then streamed: never held whole (a presigned S3 PUT is not capped)
-        chunks = await run_in_threadpool(stream, get_storage(settings), key, settings)
+    try:
+        return await serve_upload(key, name, settings)
     except ObjectNotFound:
         raise HTTPException(404, "no such file") from None
-    media = mimetypes.guess_type(name)[0] or "application/octet-stream"
-    # served as a download, never rendered by a browser as a page of this origin
-    return StreamingResponse(chunks, media_type=media, headers={
-        "Content-Disposition": f'attachment; filename="{name}"', "X-Content-Type-Options": "nosniff"})
 
 
 @router.delete(

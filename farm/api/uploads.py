@@ -35,7 +35,7 @@ from pydantic import BaseModel, Field
 
 from farm.api.deps import SettingsDep, TenantDep
 from farm.api.error_bodies import ERROR_RESPONSES, ErrorBody
-from farm.api.files import SPOOL_BYTES, safe_name
+from farm.api.files import SPOOL_BYTES, file_url, safe_name, upload_object_key
 from farm.config import Settings
 from farm.errors import FarmError
 from farm.inputs.quota import UploadQuotaError, check_room, room, store_within_quota, too_large
@@ -107,10 +107,6 @@ def sign(settings: Settings, key: str, expires: int) -> str:
     return hmac.new(signing_key(settings), message, hashlib.sha256).hexdigest()
 
 
-def upload_object_key(owner: str, upload_id: str, name: str) -> str:
-    return f"{owner}/uploads/{upload_id}/{name}"
-
-
 # -- routes ---------------------------------------------------------------------------------------
 
 
@@ -136,12 +132,10 @@ async def initiate(
     name, upload_id = safe_name(body.file_name), uuid.uuid4().hex
     key = upload_object_key(tenant.owner, upload_id, name)
     base = public_base(request, settings)
-    owner_q = quote(tenant.owner, safe="")
-    file_url = f"{base}/storage/files/{owner_q}/uploads/{upload_id}/{quote(name)}"
     expires = int(time.time()) + settings.upload_url_expiry_seconds
     query = urlencode({"expires": expires, "signature": await run_in_threadpool(sign, settings, key, expires)})
-    upload_url = f"{base}/storage/upload/signed/{owner_q}/{upload_id}/{quote(name)}?{query}"
-    return InitiatedUpload(upload_url=upload_url, file_url=file_url)
+    upload_url = f"{base}/storage/upload/signed/{quote(tenant.owner, safe='')}/{upload_id}/{quote(name)}?{query}"
+    return InitiatedUpload(upload_url=upload_url, file_url=file_url(base, tenant.owner, upload_id, name))
 
 
 @router.put(
@@ -169,8 +163,7 @@ async def put_signed(
         raise UploadUrlError("the upload URL has expired: initiate the upload again")
     size = await store_streamed(request, settings, owner, key)
     base = public_base(request, settings)
-    file_url = f"{base}/storage/files/{quote(owner, safe='')}/uploads/{upload_id}/{quote(name)}"
-    return StoredUpload(file_url=file_url, file_size=size)
+    return StoredUpload(file_url=file_url(base, owner, upload_id, name), file_size=size)
 
 
 async def store_streamed(request: Request, settings: Settings, owner: str, key: str) -> int:
