@@ -16,6 +16,7 @@ The second stage of ``farm.inputs``: imports none of it. Import-light: no FastAP
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, BinaryIO
@@ -23,6 +24,8 @@ from typing import TYPE_CHECKING, BinaryIO
 from farm.config import Settings
 from farm.errors import FarmError, ObjectNotFound
 from farm.storage import Storage
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -153,8 +156,8 @@ def check_stored(storage: Storage, key: str, settings: Settings) -> int:
         try:
             with session_scope() as s:
                 delete_held(s, storage, owner, key)
-        except Exception:  # noqa: S110  (best effort: the object is refused either way)
-            pass
+        except Exception as exc:  # best effort: the object is refused either way
+            log.warning("an upload over the cap could not be deleted (it stays, unserved): %s", exc)
         raise too_large(size, cap, "; it has been deleted")
     total = used(owner)
     if total > settings.upload_quota_bytes:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -28,6 +29,8 @@ from farm.inputs.quota import delete_held, listed, store_held
 from farm.inputs.refs import HUB_ID, STORED, _mib, decode_data_uri, kind_of, resolve_weights_path
 from farm.schemas import GenerateInput
 from farm.storage import Storage, get_storage
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -137,12 +140,14 @@ def held(s: Session, owner: str, blobs: dict[str, bytes], settings: Settings,
 
 def discard(s: Session, owner: str, keys: list[str], storage: Storage) -> None:
     """Delete blobs :func:`held` wrote for a refused submit, under the lock it holds in ``s``; best effort:
-    a content-addressed blob left behind is harmless (it is counted, and used again by the same bytes)."""
+    a blob left behind (its delete failed, logged here) is used again by the same bytes, and deleted with
+    the last job that names it (``farm.inputs.retention``); its count may be rolled back with the refused
+    submit's transaction, so the owner's counter can then be short by its size."""
     for key in keys:
         try:
             delete_held(s, owner=owner, key=key, storage=storage)
-        except Exception:  # noqa: S112
-            continue
+        except Exception as exc:
+            log.warning("a refused submit's stored input could not be deleted (it stays): %s", exc)
 
 
 def pending(inp: GenerateInput, settings: Settings) -> list[tuple[str, str]]:
