@@ -303,10 +303,12 @@ def test_run_answers_the_output_directly(api_stack: ApiStack) -> None:
 def test_unknown_apps_and_routes_are_404_and_openapi_documents_every_route(api_stack: ApiStack) -> None:
     key = api_stack.make_key("explorer")
     with api_stack.client(key) as c:
-        for method, path in (("POST", "/fal-ai/flux"), ("POST", f"/{APP}/image-to-image"),
+        for method, path in (("POST", "/fal-ai/flux"), ("POST", f"/{APP}/upscale"),
                              ("GET", "/fal-ai/flux/requests/x/status"), ("POST", "/run/fal-ai/flux")):  # fmt: skip
             r = c.request(method, path, json=tiny_input())
             assert r.status_code == 404 and r.json()["error_type"] == "not_found", (method, path)
+        unknown = c.post(f"/{APP}/upscale", json=tiny_input()).json()["detail"]  # names the endpoints that exist
+        assert f"{APP}/image-to-image" in unknown and f"{APP}/inpainting" in unknown, unknown
         spec = c.get("/openapi.json").json()
     ops = {(m.upper(), p): op for p, item in spec["paths"].items() for m, op in item.items()}
     for prefix in ("", "/queue"):

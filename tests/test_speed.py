@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from db import workers as batches
+from db import worker_registry as batches
 from farm.config import Settings, reset_settings
 from farm.schemas import GenerateInput
 from models.decode import Decoder
