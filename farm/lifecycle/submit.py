@@ -83,19 +83,19 @@ def submit(
     settings = settings or get_settings()
     spec = get_model(inp.model_name, settings)
     seed = inp.seed if inp.seed is not None else secrets.randbelow(2**31)
-    rid = request_id or inp.request_id or uuid.uuid4().hex
+    request_id = request_id or inp.request_id or uuid.uuid4().hex
     inp, blobs = staging.stage_inline(inp, owner, settings)  # data URIs as storage keys: the row holds keys
     fetch = bool(staging.pending(inp, settings))  # URLs / hub ids: fetched before any worker may claim
-    rows, rid, announce_now = _record(inp, spec, seed, rid, owner, lane, source, idempotency_key, webhook_url,
-                                      settings, admit, fetch, blobs)
+    rows, request_id, announce_now = _record(inp, spec, seed, request_id, owner, lane, source, idempotency_key,
+                                             webhook_url, settings, admit, fetch, blobs)
     if fetch and announce_now:
-        schedule_fetch(rid, owner, settings)
+        schedule_fetch(request_id, owner, settings)
     elif announce_now:
         announce(messages(rows), settings, background=background)
-    return rid
+    return request_id
 
 
-def _record(inp: GenerateInput, spec: ModelSpec, seed: int, rid: str, owner: str, lane: Lane, source: str,
+def _record(inp: GenerateInput, spec: ModelSpec, seed: int, request_id: str, owner: str, lane: Lane, source: str,
             idempotency_key: str | None, webhook_url: str | None, settings: Settings,
             admit: Callable[[Session, Job, bool], bool] | None, fetch: bool,
             blobs: dict[str, bytes]) -> tuple[list[Batch], str, bool]:
@@ -106,29 +106,29 @@ def _record(inp: GenerateInput, spec: ModelSpec, seed: int, rid: str, owner: str
         if waiting is not None and settings.require_live_worker:
             raise NoLiveWorkerError(waiting.describe().split(": the job waits")[0])
         job, created = ledger.create_job(
-            s, request_id=rid, owner=owner, model_name=spec.name, model_key=spec.key, lane=lane.value,
+            s, request_id=request_id, owner=owner, model_name=spec.name, model_key=spec.key, lane=lane.value,
             source=source, input=inp.model_dump(mode="json"), seed=seed, num_images=inp.num_images,
             idempotency_key=idempotency_key, webhook_url=webhook_url,
         )  # fmt: skip
-        rid = job.id
+        request_id = job.id
         if admit is not None and not admit(s, job, created):
-            return [], rid, False
+            return [], request_id, False
         if created:
             # one image is one batch whatever the pool (plan_batches gives [[0]]): no look at the pool
             chunks = [[0]] if inp.num_images == 1 else split_job(s, spec.name, inp.num_images, settings)
             compat = compat_key(inp.model_dump(mode="json"), owner)
-            rows = ledger_batches.create_batches(s, rid, spec.key, lane.value, compat, chunks, fetching=fetch)
-            ledger.add_log(s, rid, f"queued {inp.num_images} image(s) in {len(chunks)} batch(es) on "
+            rows = ledger_batches.create_batches(s, request_id, spec.key, lane.value, compat, chunks, fetching=fetch)
+            ledger.add_log(s, request_id, f"queued {inp.num_images} image(s) in {len(chunks)} batch(es) on "
                            f"{render_queue(spec.key, lane)}" + ("; file inputs are fetched first" if fetch else ""),
                            source="coordinator")
             if waiting is not None:
-                ledger.add_log(s, rid, waiting.describe(), level="WARNING", source="coordinator")
+                ledger.add_log(s, request_id, waiting.describe(), level="WARNING", source="coordinator")
         elif JobStatus(job.status).is_terminal:
-            return [], rid, False
+            return [], request_id, False
         else:
-            rows = [b for b in ledger_batches.get_batches(s, rid) if b.status == ledger_batches.QUEUED]
+            rows = [b for b in ledger_batches.get_batches(s, request_id) if b.status == ledger_batches.QUEUED]
             fetch = False  # a repeat: its fetch, if any, is under way (or left to the sweepers)
-    return rows, rid, True
+    return rows, request_id, True
 
 
 def submit_many(
@@ -159,8 +159,8 @@ def submit_many(
         if fetch_ids:  # fetched first (farm.lifecycle.fetch): not claimable, not announced yet
             ledger_batches.to_fetch(s, fetch_ids)
             rows = [b for b in rows if b.job_id not in fetch_ids]
-    for rid in fetch_ids:
-        schedule_fetch(rid, owner, settings)
+    for request_id in fetch_ids:
+        schedule_fetch(request_id, owner, settings)
     groups: dict[tuple[str, str, str], list[_Queued]] = {}
     for b in rows:
         groups.setdefault((b.model_key, b.lane, b.compat), []).append(b)
@@ -179,7 +179,7 @@ def submit_many(
     announce(grouped, settings)
     log.debug("submitted %d %s job(s) (%d new) on the %s lane: %d batch(es) announced in %d message(s)",
              len(items), source, created, lane.value, len(rows), len(grouped))
-    return [rid for _, rid in items]
+    return [request_id for _, request_id in items]
 
 
 def _stage_many(items: list[tuple[GenerateInput, str]], owner: str,
@@ -190,10 +190,10 @@ def _stage_many(items: list[tuple[GenerateInput, str]], owner: str,
     staged: dict[str, bytes] = {}
     fetch_ids: set[str] = set()
     done: dict[tuple[str, tuple[Any, ...]], tuple[GenerateInput, bool]] = {}
-    for inp, rid in items:
+    for inp, request_id in items:
         images = tuple(getattr(inp, name, None) for name in staging.IMAGE_FIELDS)  # image-to-image's sources
         if not inp.loras and not inp.embeddings and images == (None, None):
-            out.append((inp, rid))
+            out.append((inp, request_id))
             continue
         marker = (repr([(x.path, x.scale, x.force) for x in inp.loras] + [(x.path, x.tokens) for x in inp.embeddings]),
                   images)
@@ -204,9 +204,9 @@ def _stage_many(items: list[tuple[GenerateInput, str]], owner: str,
         new, fetch = done[marker]
         sources = {name: getattr(new, name) for name, value in zip(staging.IMAGE_FIELDS, images, strict=True)
                    if value is not None}
-        out.append((inp.model_copy(update={"loras": new.loras, "embeddings": new.embeddings, **sources}), rid))
+        out.append((inp.model_copy(update={"loras": new.loras, "embeddings": new.embeddings, **sources}), request_id))
         if fetch:
-            fetch_ids.add(rid)
+            fetch_ids.add(request_id)
     return out, staged, fetch_ids
 
 
@@ -234,8 +234,8 @@ def _record_many(s: Session, items: list[tuple[GenerateInput, str]], owner: str,
     pools: dict[str, list[Worker]] = {}  # one look at each model's pool per call
     jobs: dict[str, dict[str, Any]] = {}
     plans: dict[str, tuple[ModelSpec, str, list[list[int]]]] = {}  # by request id: spec, compat, chunks
-    for inp, rid in items:
-        if rid in jobs:  # listed twice: recorded once
+    for inp, request_id in items:
+        if request_id in jobs:  # listed twice: recorded once
             continue
         spec = specs.get(inp.model_name)
         if spec is None:
@@ -244,13 +244,15 @@ def _record_many(s: Session, items: list[tuple[GenerateInput, str]], owner: str,
             pools[spec.key] = live_workers(s, spec.key, settings.lease_seconds)
         fields = inp.model_dump(mode="json")
         seed = inp.seed if inp.seed is not None else secrets.randbelow(2**31)
-        jobs[rid] = {"id": rid, "owner": owner, "model_name": spec.name, "model_key": spec.key, "lane": lane.value,
-                     "source": source, "input": fields, "seed": seed, "num_images": inp.num_images}
+        jobs[request_id] = {"id": request_id, "owner": owner, "model_name": spec.name, "model_key": spec.key,
+                            "lane": lane.value, "source": source, "input": fields, "seed": seed,
+                            "num_images": inp.num_images}
         chunks = plan_batches(pools[spec.key], inp.num_images, _configured(spec, settings))
-        plans[rid] = (spec, compat_key(fields, owner), chunks)
+        plans[request_id] = (spec, compat_key(fields, owner), chunks)
     created, existing = ledger.create_jobs(s, list(jobs.values()))
-    new = {(rid, k): _Queued(0, rid, k, list(chunk), spec.key, lane.value, compat)
-           for rid, (spec, compat, chunks) in plans.items() if rid in created for k, chunk in enumerate(chunks)}
+    new = {(request_id, k): _Queued(0, request_id, k, list(chunk), spec.key, lane.value, compat)
+           for request_id, (spec, compat, chunks) in plans.items() if request_id in created
+           for k, chunk in enumerate(chunks)}
     ids = ledger.insert_batches(s, [{"job_id": b.job_id, "k": b.k, "indices": b.indices, "model_key": b.model_key,
                                      "lane": b.lane, "compat": b.compat} for b in new.values()])
     rows = [dataclasses.replace(new[(job_id, k)], id=i) for i, job_id, k in ids]
@@ -258,13 +260,13 @@ def _record_many(s: Session, items: list[tuple[GenerateInput, str]], owner: str,
     if waiting:
         rows += [_Queued.of(b) for b in s.scalars(select(Batch).where(Batch.job_id.in_(waiting),
                                                                       Batch.status == ledger_batches.QUEUED))]
-    order = {rid: i for i, rid in enumerate(jobs)}
+    order = {request_id: i for i, request_id in enumerate(jobs)}
     rows.sort(key=lambda b: (order[b.job_id], b.k))  # announced in the order they were listed
     sizes = {spec.key: pool_max_batch(pools[spec.key], _configured(spec, settings)) for spec in specs.values()}
     return rows, sizes, len(created)
 
 
-def cancel(rid: str, owner: str | None = None, source: str = "api", reason: str | None = None) -> str:
+def cancel(request_id: str, owner: str | None = None, source: str = "api", reason: str | None = None) -> str:
     """Cancel a job: ``CANCELLATION_REQUESTED``, ``ALREADY_COMPLETED`` or ``NOT_FOUND``.
 
     A queued job never starts (its batches are closed, its messages find nothing to claim); a
@@ -273,8 +275,8 @@ def cancel(rid: str, owner: str | None = None, source: str = "api", reason: str 
     request (a time limit passed, the caller hung up …), is the job's log line and its error.
     """
     with session_scope() as s:
-        if ledger.get_job(s, rid, owner=owner) is None:
+        if ledger.get_job(s, request_id, owner=owner) is None:
             return "NOT_FOUND"
-    done = finish_now(rid, JobStatus.CANCELLED, message=reason or "cancellation requested", owner=owner,
+    done = finish_now(request_id, JobStatus.CANCELLED, message=reason or "cancellation requested", owner=owner,
                       source=source, error=reason or "cancelled by request", error_type="cancelled")
     return "CANCELLATION_REQUESTED" if done else "ALREADY_COMPLETED"
